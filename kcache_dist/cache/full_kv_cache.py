@@ -1,0 +1,40 @@
+"""Full-KV mode: K and V of every layer in paged device memory, dense attention."""
+
+from __future__ import annotations
+
+import torch
+
+from ..forward_context import ForwardContext
+from ..layers.paged_attention import decode_attention, gather_context, prefill_attention, write_to_cache
+
+
+class FullKVCache:
+    """Per layer a K and a V pool of shape [num_blocks, num_kv_heads, block_size, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        self.k_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               ctx: ForwardContext) -> torch.Tensor:
+        """Store the new k, v [T, Hkv, D]; return attention of q [T, Hq, D] over each context."""
+        k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
+        write_to_cache(k_cache, k, ctx.slot_mapping)
+        write_to_cache(v_cache, v, ctx.slot_mapping)
+        out = torch.empty_like(q)
+        nd = ctx.num_decodes
+        if nd:
+            out[:nd] = decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.seq_lens[:nd], scale)
+        for i in range(nd, ctx.num_seqs):
+            start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
+            length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
+            out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length),
+                                               gather_context(v_cache, table, length), scale)
+        return out

@@ -1,0 +1,171 @@
+"""Engine configuration: frozen dataclasses, also loadable from a JSON file in ds_configs/.
+
+The JSON file mirrors the dataclasses exactly: the top-level keys are `EngineConfig` fields, and
+the nested objects "kcache" and "parallel" hold `KCacheConfig` and `ParallelConfig` fields:
+
+    {"dtype": "bfloat16", "max_model_len": 32768,
+     "kcache": {"mode": "kcache", "top_n": 256},
+     "parallel": {"tensor_parallel_size": 2}}
+
+Unknown keys and invalid values raise `ValueError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+DEVICE_NAMES = ("auto", "cpu", "cuda")
+KCACHE_MODES = ("full", "kcache")
+GROUP_REDUCES = ("max", "sum")
+
+
+def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid value for '{key}': {value!r}; allowed: {allowed}")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class KCacheConfig:
+    """How attention keeps its cache.
+
+    mode: "full" keeps K and V of every layer in device memory and runs dense attention;
+    "kcache" keeps K in device memory and V of the sparse layers in host memory, and each decode
+    step attends to the sink, the recent window and the `top_n` highest-scoring other positions.
+    """
+
+    mode: str = "full"
+    top_n: int = 256
+    dense_layers: int = 2
+    sink_tokens: int = 4
+    recent_window: int = 128
+    renormalize: bool = True
+    group_reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        _require(self.mode in KCACHE_MODES, "kcache.mode", self.mode, " | ".join(KCACHE_MODES))
+        _require(is_int(self.top_n) and self.top_n >= 1, "kcache.top_n", self.top_n, "an integer >= 1")
+        _require(is_int(self.dense_layers) and self.dense_layers >= 0, "kcache.dense_layers",
+                 self.dense_layers, "an integer >= 0")
+        _require(is_int(self.sink_tokens) and self.sink_tokens >= 0, "kcache.sink_tokens",
+                 self.sink_tokens, "an integer >= 0")
+        _require(is_int(self.recent_window) and self.recent_window >= 0, "kcache.recent_window",
+                 self.recent_window, "an integer >= 0")
+        _require(isinstance(self.renormalize, bool), "kcache.renormalize", self.renormalize, "true | false")
+        _require(self.group_reduce in GROUP_REDUCES, "kcache.group_reduce", self.group_reduce,
+                 " | ".join(GROUP_REDUCES))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is spread over processes: heads sharded over `tensor_parallel_size` ranks."""
+
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
+                 "parallel.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. `model=None` means the embedded default model.
+
+    max_model_len: longest sequence (prompt + output) in tokens; None takes the model's own limit.
+    max_num_seqs: most sequences running at once; max_num_batched_tokens: token budget per step
+    (long prompts are prefilled in chunks of at most this many tokens).
+    block_size: tokens per cache block. num_kv_blocks: fixed number of cache blocks (None sizes
+    the cache from memory: `gpu_memory_utilization` of the GPU, or `cpu_kv_cache_gb` on CPU).
+    """
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 4.0
+    seed: int = 0
+    kcache: KCacheConfig = field(default_factory=KCacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("model", "tokenizer"):
+            value = getattr(self, key)
+            _require(value is None or (isinstance(value, str) and value != ""), key, value,
+                     "null or a non-empty path")
+        dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        _require(dtype in DTYPE_NAMES, "dtype", self.dtype,
+                 " | ".join(DTYPE_NAMES + tuple(DTYPE_ALIASES)))
+        object.__setattr__(self, "dtype", dtype)
+        _require(self.device in DEVICE_NAMES, "device", self.device, " | ".join(DEVICE_NAMES))
+        _require(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 2),
+                 "max_model_len", self.max_model_len, "null or an integer >= 2")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, key)
+            _require(is_int(value) and value >= 1, key, value, "an integer >= 1")
+        _require(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
+                 "num_kv_blocks", self.num_kv_blocks, "null or an integer >= 1")
+        _require(is_number(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1,
+                 "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
+        _require(is_number(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0, "cpu_kv_cache_gb",
+                 self.cpu_kv_cache_gb, "a number > 0")
+        _require(is_int(self.seed), "seed", self.seed, "an integer")
+        _require(isinstance(self.kcache, KCacheConfig), "kcache", self.kcache, "a KCacheConfig")
+        _require(isinstance(self.parallel, ParallelConfig), "parallel", self.parallel, "a ParallelConfig")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
+        """Build from plain data (nested dicts for "kcache" and "parallel"), rejecting unknown keys."""
+        return _dataclass_from_dict(cls, values, "")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **overrides: Any) -> "EngineConfig":
+        """Load a ds_configs JSON file; keyword `overrides` replace top-level fields of the file."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level must be a JSON object, got {type(values).__name__}")
+        config = cls.from_dict(values)
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_NESTED_TYPES = {"kcache": KCacheConfig, "parallel": ParallelConfig}
+
+
+def _dataclass_from_dict(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"invalid value for '{prefix.rstrip('.') or cls.__name__}': expected an object, "
+                         f"got {values!r}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in allowed:
+            raise ValueError(f"unknown key '{prefix}{key}' in {cls.__name__}; allowed keys: {', '.join(allowed)}")
+    kwargs = {}
+    for key, value in values.items():
+        nested = _NESTED_TYPES.get(key) if cls is EngineConfig else None
+        kwargs[key] = _dataclass_from_dict(nested, value, f"{key}.") if nested else value
+    return cls(**kwargs)

@@ -1,0 +1,51 @@
+"""Incremental detokenization and stop-string handling for one sequence."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# Prompt tokens kept as left context, so that the first output token decodes with the spacing it
+# has in the running text (sentencepiece drops a leading space at the start of a decode).
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete characters."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes ('' while a character is incomplete)."""
+        self.ids.append(token_id)
+        return self._advance(hold_incomplete=True)
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end), for a finished sequence."""
+        return self._advance(hold_incomplete=False)
+
+    def _advance(self, hold_incomplete: bool) -> str:
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or (hold_incomplete and new_text.endswith("\ufffd")):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+def find_stop(text: str, num_new_chars: int, stops: tuple[str, ...]) -> Optional[tuple[int, str]]:
+    """Earliest stop string that the last `num_new_chars` characters of `text` completed:
+    (its start index in text, the string), or None."""
+    best: Optional[tuple[int, str]] = None
+    for stop in stops:
+        index = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
+        if index >= 0 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best

@@ -1,0 +1,188 @@
+"""The engine: requests in, a step at a time, outputs out.
+
+Owns the tokenizer, the scheduler and the model runner. `add_request` validates and queues;
+`step` runs one scheduled forward, samples, detokenizes and reports the sequences that finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+from transformers import AutoTokenizer
+
+from ..cache.block_manager import BlockManager
+from ..config import EngineConfig
+from ..models.model_config import ModelConfig, load_model_config
+from ..outputs import CompletionOutput, RequestOutput
+from ..parallel import world_size
+from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer, find_stop
+from .model_runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[int]]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, checkpoint_dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """'auto': float32 on CPU; on a GPU the checkpoint's 16-bit dtype, else bfloat16."""
+    if name != "auto":
+        return _TORCH_DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(checkpoint_dtype or "", torch.bfloat16)
+
+
+def resolve_max_model_len(requested: Optional[int], mc: ModelConfig) -> int:
+    if requested is not None and requested > mc.max_position_embeddings:
+        raise ValueError(f"max_model_len={requested} exceeds the model's max_position_embeddings="
+                         f"{mc.max_position_embeddings}")
+    max_len = requested or mc.max_position_embeddings
+    if mc.sliding_window is not None and max_len > mc.sliding_window:
+        raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={mc.sliding_window}; "
+                         f"sliding-window attention is not supported: set max_model_len <= {mc.sliding_window}")
+    return max_len
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        if config.kcache.mode != "full":
+            raise ValueError(f"kcache.mode={config.kcache.mode!r} is not available in this version; use 'full'")
+        if config.parallel.tensor_parallel_size != world_size():
+            raise ValueError(f"tensor_parallel_size={config.parallel.tensor_parallel_size} needs that many "
+                             f"processes; this job has {world_size()}")
+        self.config = config
+        if config.model is None:
+            from ..default_model import default_model_dir
+            model_dir = default_model_dir()
+        else:
+            model_dir = config.model
+            if not os.path.isdir(model_dir):
+                raise FileNotFoundError(f"model directory '{model_dir}' does not exist (give a local Hugging Face "
+                                        "checkpoint directory, or no model for the embedded default)")
+        self.model_dir = model_dir
+        self.model_config = load_model_config(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(config, model_dir, self.model_config, self.max_model_len, self.device, self.dtype)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._seq_ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._by_request: dict[str, Sequence] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        """(prompt text or None, prompt token ids), validated against the model."""
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("prompt is empty: give at least one token")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        return None, list(prompt)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self.tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens long but max_model_len is {self.max_model_len} "
+                             "(the prompt and at least one generated token must fit)")
+        seq_id = next(self._seq_ids)
+        request_id = str(seq_id) if request_id is None else request_id
+        if request_id in self._by_request:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(seq_id, request_id, text, token_ids, params)
+        self._seqs[seq_id] = seq
+        self._by_request[request_id] = seq
+        self._detokenizers[seq_id] = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._by_request.get(request_id)
+        if seq is not None and not seq.finished:
+            seq.finish_reason = "abort"
+            self._release(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; return the outputs of the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        logits = self.runner.execute(plan)
+        sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
+        tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)
+        for sid, n in zip(plan.seq_ids, plan.num_new_tokens):
+            self._seqs[sid].num_computed_tokens += n
+        finished = []
+        for seq, token in zip(sampled_seqs, tokens):
+            self._append_token(seq, token)
+            if seq.finish_reason is not None:
+                finished.append(self._release(seq))
+        return finished
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        seq.token_ids.append(token)
+        detok = self._detokenizers[seq.seq_id]
+        delta = detok.add(token)
+        seq.output_text += delta
+        if params.stop:
+            hit = find_stop(seq.output_text, len(delta), params.stop)
+            if hit is not None:
+                seq.output_text = seq.output_text[:hit[0]]
+                seq.finish_reason, seq.stop_reason = "stop", hit[1]
+                return
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.output_text += detok.flush()
+
+    def _release(self, seq: Sequence) -> RequestOutput:
+        self.scheduler.finish(seq)
+        del self._seqs[seq.seq_id]
+        del self._detokenizers[seq.seq_id]
+        del self._by_request[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
+            outputs=[CompletionOutput(0, seq.output_text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)],
+            finished=True)

@@ -1,0 +1,41 @@
+"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling.
+
+A request with a seed samples from its own generator, so its tokens do not depend on what else
+runs in the batch; the others share the engine's generator.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..sampling_params import SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [V] float32 -> temperature-scaled logits with tokens outside top-k / top-p at -inf."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+        drop_sorted = mass_before >= params.top_p  # keeps the smallest set reaching top_p (never empty)
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[Optional[torch.Generator]], default_generator: torch.Generator) -> list[int]:
+    """logits [S, V] float32 (any device) -> one token id per row."""
+    logits = logits.float().cpu()
+    tokens = logits.argmax(-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        probs = filter_logits(logits[i], p).softmax(-1)
+        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i] or default_generator))
+    return tokens

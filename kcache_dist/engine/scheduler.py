@@ -1,0 +1,96 @@
+"""Continuous batching: which sequences run each step, under a token budget and the cache blocks.
+
+Each step, running sequences (oldest first) get their next tokens — one for a decode, up to the
+remaining budget for a prompt being prefilled in chunks. When a running sequence needs a block and
+none is free, the newest running sequence is preempted: its blocks are freed and it goes back to
+the front of the queue, to be recomputed from its prompt and the tokens it already produced.
+Waiting sequences are admitted, oldest first, while the budget, `max_num_seqs` and free blocks
+allow (a sequence is admitted only when blocks for all its known tokens are free).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from ..cache.block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+from .step_plan import StepPlan
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Optional[StepPlan]:
+        """The next step's plan, or None when nothing is waiting or running."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            self.block_manager.grow(seq.block_table, seq.num_computed_tokens + n)
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_grow(seq.block_table, seq.num_tokens):
+                break
+            self.block_manager.grow(seq.block_table, seq.num_tokens)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            scheduled.append((seq, n))
+            budget -= n
+        if not scheduled:
+            return None
+        scheduled.sort(key=lambda item: item[1] != 1)  # stable: one-token sequences first
+        return StepPlan(
+            seq_ids=[s.seq_id for s, _ in scheduled],
+            num_new_tokens=[n for _, n in scheduled],
+            num_computed_tokens=[s.num_computed_tokens for s, _ in scheduled],
+            token_ids=[t for s, n in scheduled for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n]],
+            block_tables=[list(s.block_table) for s, _ in scheduled],
+            sample=[s.num_computed_tokens + n == s.num_tokens for s, n in scheduled],
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,31 @@
+"""The scheduler's decision for one step, in plain data so that rank 0 can send it to every rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepPlan:
+    """Sequences to run this step, those with one new token first.
+
+    For sequence i: `num_new_tokens[i]` tokens starting at position `num_computed_tokens[i]`, whose
+    ids are its slice of `token_ids` (flat, in sequence order); its cache blocks are
+    `block_tables[i]`; `sample[i]` says whether the step ends its known tokens, so a next token is
+    sampled from the logits of its last new token.
+    """
+
+    seq_ids: list[int]
+    num_new_tokens: list[int]
+    num_computed_tokens: list[int]
+    token_ids: list[int]
+    block_tables: list[list[int]]
+    sample: list[bool]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.num_new_tokens if n == 1)

@@ -1,0 +1,36 @@
+"""What one forward pass needs besides the token ids: positions, where new K/V go in the cache,
+and each sequence's context. Built by the model runner from a step plan; read by attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """Sequences of the step, decodes first. T = new tokens of all sequences, B = sequences.
+
+    positions [T] int64: position of each new token in its sequence.
+    slot_mapping [T] int64: cache slot of each new token (block_id * block_size + offset).
+    block_tables [B, max_blocks] int32: each sequence's cache blocks, padded with 0.
+    seq_lens [B] int64 (on the model's device) and seq_lens_list: context length after this step.
+    query_start_loc: B + 1 offsets of each sequence's new tokens in the T rows (Python ints).
+    num_decodes: the first `num_decodes` sequences have exactly one new token.
+    kv_cache: the cache object whose `attend(layer_idx, q, k, v, ctx)` runs attention.
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    seq_lens_list: list[int]
+    query_start_loc: list[int]
+    num_decodes: int
+    kv_cache: Any
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)

@@ -1,0 +1,56 @@
+"""Dense attention over a paged K/V cache: the pure-torch reference used by full-KV mode.
+
+Cache layout (one layer): [num_blocks, num_kv_heads, block_size, head_dim], so that the rows of
+one (sequence, KV head) within a block are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [NB, H, bs, D], block_table [>= ceil(length / bs)] -> one sequence's [H, length, D]."""
+    block_size = cache.shape[2]
+    blocks = cache[block_table[: -(-length // block_size)].long()]  # [nb, H, bs, D]
+    return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
+
+
+def write_to_cache(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store x [T, H, D] at cache slots slot_mapping [T] (block_id * block_size + offset)."""
+    block_size = cache.shape[2]
+    cache[slot_mapping // block_size, :, slot_mapping % block_size] = x
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last n positions of one sequence over its whole context.
+
+    q [n, Hq, D]; k, v [Hkv, L, D] with L >= n (the queries are positions L - n .. L - 1).
+    Returns [n, Hq, D].
+    """
+    n, length = q.shape[0], k.shape[1]
+    query_pos = torch.arange(length - n, length, device=q.device)
+    mask = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [n, L]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[0])
+    return out.transpose(0, 1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new token per sequence attending to its whole context.
+
+    q [B, Hq, D]; caches [NB, Hkv, bs, D]; block_tables [B, max_blocks]; seq_lens [B].
+    Returns [B, Hq, D].
+    """
+    blocks = block_tables.long()
+    k = k_cache[blocks].transpose(1, 2).flatten(2, 3)  # [B, Hkv, max_blocks * bs, D]
+    v = v_cache[blocks].transpose(1, 2).flatten(2, 3)
+    valid = (torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None])[:, None, :, None]
+    # Slots past a sequence's end hold whatever the memory held (NaN included): zero them, since a
+    # mask alone does not stop NaN * 0 from spreading.
+    k, v = k.masked_fill(~valid, 0), v.masked_fill(~valid, 0)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid.transpose(-1, -2), scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.squeeze(2)

@@ -1,0 +1,85 @@
+"""The offline Python API, in vLLM's conventions:
+
+    from kcache_dist import LLM, SamplingParams
+    llm = LLM()                                   # the embedded default model
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    print(out[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence, Union
+
+from .config import EngineConfig, KCacheConfig, ParallelConfig
+from .engine.llm_engine import LLMEngine, Prompt
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    """An engine for offline batches.
+
+    LLM(model=None, dtype=None, kcache=KCacheConfig(...), tensor_parallel_size=None, config=None, **kwargs):
+    `kwargs` are `EngineConfig` fields; `config` names a ds_configs JSON file whose values the
+    keyword arguments override; an argument left at None keeps the file's (or the default) value.
+    """
+
+    def __init__(self, model: Optional[str] = None, dtype: Optional[str] = None, kcache: Optional[KCacheConfig] = None,
+                 tensor_parallel_size: Optional[int] = None, config: Optional[str] = None, **kwargs: Any):
+        base = EngineConfig.from_json(config) if config is not None else EngineConfig()
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise ValueError(f"unknown LLM argument(s) {', '.join(unknown)}; allowed: model, dtype, kcache, "
+                             f"tensor_parallel_size, config, {', '.join(sorted(fields - {'model', 'dtype', 'kcache'}))}")
+        overrides = dict(kwargs)
+        if model is not None:
+            overrides["model"] = model
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        if kcache is not None:
+            overrides["kcache"] = kcache
+        if tensor_parallel_size is not None:
+            overrides["parallel"] = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+        self.config = dataclasses.replace(base, **overrides)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:
+        """Run every prompt (a string or a list of token ids) to completion; outputs in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
+            else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        for p in prompts:  # validate every prompt before queueing any
+            self.engine.tokenize(p)
+        request_ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                results[out.request_id] = out
+        return [results[r] for r in request_ids]
+
+    def chat(self, messages: Union[list[Message], list[list[Message]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.engine.tokenizer
+        prompts = [tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+                   for conv in conversations]
+        token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outputs = self.generate(token_ids, sampling_params)
+        for out, text in zip(outputs, prompts):
+            out.prompt = text
+        return outputs

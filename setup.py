@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kcache_dist",
+    version="0.1.0",
+    description="Tensor-parallel LLM serving with KCache attention: K cache in GPU memory, V cache in host memory",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kcache_dist", "kcache_dist.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=4.56",
+        "tokenizers",
+        "safetensors",
+        "gguf>=0.10",  # reads the embedded default model's GGUF file once, to convert it
+        "numpy",
+        "deepspeed",
+        "mpi4py",
+        "nvidia-ml-py",
+    ],
+    extras_require={
+        # accelerate: transformers' own GGUF loading, the reference in the conversion test;
+        # mpich: an MPI runtime for mpi4py on machines without one.
+        "test": ["pytest", "accelerate", "mpich"],
+    },
+)
