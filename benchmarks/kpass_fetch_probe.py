@@ -102,10 +102,43 @@ def _radix_digit(hist, need):
 
 
 @triton.jit
-def select_kernel(S, MP, LP, CTX, KEYS, IDX, MOUT, LOUT,
+def keys_kernel(S, MP, LP, CTX, KEYS, GH, Cmax, NSPLIT, sink, window,
+                HKV: tl.constexpr, G: tl.constexpr, NSP: tl.constexpr, CHUNK: tl.constexpr,
+                GROUP_SUM: tl.constexpr):
+    """grid (B*HKV, cdiv(Cmax, CHUNK)): group-score keys for one chunk of one row + the row's top-byte
+    histogram GH [B*HKV, 256] int32 (zeroed by the caller) by atomics. Spreads the HBM-bound read of S
+    over many CTAs; select_kernel(HIST_IN=True) then finishes the radix select from the keys."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // HKV
+    ctx = tl.load(CTX + b)
+    gi = tl.arange(0, G)
+    si = tl.arange(0, NSP)
+    pofs = (row * G + gi)[:, None] * NSPLIT + si[None, :]
+    pm = tl.load(MP + pofs, mask=(si < NSPLIT)[None, :], other=float("-inf"))
+    pl = tl.load(LP + pofs, mask=(si < NSPLIT)[None, :], other=0.0)
+    m = tl.max(pm, 1)
+    inv_l = 1.0 / tl.sum(pl * tl.exp2(pm - m[:, None]), 1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    valid = (offs >= sink) & (offs < ctx - window)
+    s = tl.load(S + (row * G + gi).to(tl.int64)[:, None] * Cmax + offs[None, :], mask=valid[None, :],
+                other=float("-inf")).to(tl.float32)
+    p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+    if GROUP_SUM:
+        gs = tl.sum(p, 0)
+    else:
+        gs = tl.max(p, 0)
+    key = gs.to(tl.int32, bitcast=True)
+    tl.store(KEYS + row.to(tl.int64) * Cmax + offs, key, mask=valid)
+    hist = tl.histogram(key >> 24, 256, mask=valid)
+    tl.atomic_add(GH + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def select_kernel(S, MP, LP, CTX, KEYS, IDX, MOUT, LOUT, GH,
                   Cmax, NSPLIT, top_n, sink, window,
                   HKV: tl.constexpr, G: tl.constexpr, NSP: tl.constexpr, BLOCK: tl.constexpr,
-                  TOPN_P: tl.constexpr, GROUP_SUM: tl.constexpr):
+                  TOPN_P: tl.constexpr, GROUP_SUM: tl.constexpr, HIST_IN: tl.constexpr):
     """One program per row (b*HKV + h). KEYS [B*HKV, Cmax] int32 scratch. IDX [B*HKV, top_n] int32
     (ascending positions, -1 padded). MOUT/LOUT [B*HKV, G] fp32 (log2-domain max, sum of exp2)."""
     row = tl.program_id(0)
@@ -131,6 +164,10 @@ def select_kernel(S, MP, LP, CTX, KEYS, IDX, MOUT, LOUT,
     # pass 1: group score -> fp32 bit pattern keys (monotone for g >= 0), histogram of the top byte
     hist = tl.zeros([256], tl.int32)
     nvalid = 0
+    if HIST_IN:   # keys and histogram already made by keys_kernel
+        hist = tl.load(GH + row * 256 + tl.arange(0, 256))
+        nvalid = tl.sum(hist, 0)
+        hi = lo   # skip the pass below
     for start in range(lo, hi, BLOCK):
         offs = start + ci
         valid = offs < hi
@@ -144,6 +181,7 @@ def select_kernel(S, MP, LP, CTX, KEYS, IDX, MOUT, LOUT,
         tl.store(k_row + offs, key, mask=valid)
         hist += tl.histogram(key >> 24, 256, mask=valid)
         nvalid += tl.sum(valid.to(tl.int32), 0)
+    hi = ctx - window
     need = tl.minimum(top_n, nvalid)
     d, above = _radix_digit(hist, need)
     need = need - above
@@ -274,13 +312,31 @@ def kpass(q, kc, bt, ctx, sh, S, MP, LP, nsplit, split_len, grid=None, BLOCK_N=6
                           num_warps=num_warps, num_stages=num_stages)
 
 
-def select(S, MP, LP, ctx, sh, KEYS, IDX, MOUT, LOUT, BLOCK=1024, num_warps=8, group_sum=False):
+SELECT_CFG = {"mode": "split", "BLOCK": 4096, "num_warps": 16, "CHUNK": 2048, "kw": 8}
+
+
+def select(S, MP, LP, ctx, sh, KEYS, IDX, MOUT, LOUT, group_sum=False, GH=None, cfg=None):
+    """mode 'one': one program per row does all passes; 'split': keys_kernel over (row, chunk) + atomics
+    for the first (HBM-bound) pass, then one program per row for the remaining passes over the keys."""
+    cfg = cfg or SELECT_CFG
     rows = sh.B * sh.Hkv
     nsplit = MP.shape[-1]
-    select_kernel[(rows,)](S, MP, LP, ctx, KEYS, IDX, MOUT, LOUT,
-                           S.shape[-1], nsplit, sh.top_n, sh.sink, sh.window,
-                           HKV=sh.Hkv, G=sh.G, NSP=triton.next_power_of_2(nsplit), BLOCK=BLOCK,
-                           TOPN_P=triton.next_power_of_2(sh.top_n), GROUP_SUM=group_sum, num_warps=num_warps)
+    Cm = S.shape[-1]
+    NSP = triton.next_power_of_2(nsplit)
+    split = cfg["mode"] == "split"
+    if split:
+        if GH is None:
+            GH = torch.zeros(rows, 256, dtype=torch.int32, device=S.device)
+        else:
+            GH.zero_()
+        keys_kernel[(rows, triton.cdiv(Cm, cfg["CHUNK"]))](S, MP, LP, ctx, KEYS, GH, Cm, nsplit, sh.sink, sh.window,
+                                                          HKV=sh.Hkv, G=sh.G, NSP=NSP, CHUNK=cfg["CHUNK"],
+                                                          GROUP_SUM=group_sum, num_warps=cfg["kw"])
+    select_kernel[(rows,)](S, MP, LP, ctx, KEYS, IDX, MOUT, LOUT, GH if split else KEYS,
+                           Cm, nsplit, sh.top_n, sh.sink, sh.window,
+                           HKV=sh.Hkv, G=sh.G, NSP=NSP, BLOCK=cfg["BLOCK"],
+                           TOPN_P=triton.next_power_of_2(sh.top_n), GROUP_SUM=group_sum, HIST_IN=split,
+                           num_warps=cfg["num_warps"])
 
 
 def gather(vp, bt, idx, out, sh, grid, R=32, num_warps=4):
@@ -428,7 +484,9 @@ def smoke():
         IDX = torch.full((rows, sh.top_n), -9, dtype=torch.int32)
         MO = torch.full((rows, sh.G), float("nan"))
         LO = torch.full_like(MO, float("nan"))
-        select(S, MP, LP, ctx, sh, KEYS, IDX, MO, LO, BLOCK=64, group_sum=group_sum)
+        mode = "one" if C in (150, 200) else "split"
+        select(S, MP, LP, ctx, sh, KEYS, IDX, MO, LO, group_sum=group_sum,
+               cfg={"mode": mode, "BLOCK": 64, "num_warps": 4, "CHUNK": 64, "kw": 4})
         lse_err = ((MO + torch.log2(LO)) - (m_ref + torch.log2(l_ref))).abs().max().item()
         g_own, valid = group_keys(S, MO, LO, ctx, sh, group_sum)
         ex_own = compare_sel(IDX, ref_select(g_own, valid, sh), g_own)
@@ -460,7 +518,7 @@ def smoke():
         if ties:   # equal keys: the lowest positions are taken
             exp = torch.arange(sh.sink, sh.sink + sh.top_n, dtype=torch.int32)
             assert all(torch.equal(r, exp) for r in IDX), IDX
-        log(f"smoke bs={bs} C={C} sum={group_sum} top_n={top_n} ties={ties}: scores rel {err:.2e} lse {lse_err:.2e} sel(own S) {ex_own} "
+        log(f"smoke {mode} bs={bs} C={C} sum={group_sum} top_n={top_n} ties={ties}: scores rel {err:.2e} lse {lse_err:.2e} sel(own S) {ex_own} "
             f"sel(ref S) {ex_ref} sorted {sorted_ok} gather {g_ok} sparse_out rel {o_err:.2e}")
         sel_ok = ex_own[3] == 0.0 if ties else ex_own[0] == ex_own[1]   # ties: mismatches only among equal keys
         assert (ties or err < 1e-2) and lse_err < 1e-2 and sel_ok and sorted_ok and g_ok and o_err < 2e-2

@@ -1,0 +1,123 @@
+"""Bad input is refused with a ValueError that says what is wrong, and nothing is queued."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from kcache_dist import LLM, EngineConfig, KCacheConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(model=tiny_llama_dir, max_model_len=64)
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(ValueError, match=r"^prompt is empty: give at least one token$"):
+        llm.generate("", SamplingParams())
+    with pytest.raises(ValueError, match=r"^prompt is empty: give at least one token$"):
+        llm.generate([[]], SamplingParams())
+
+
+def test_prompt_longer_than_context(llm):
+    with pytest.raises(ValueError, match=r"^prompt is 64 tokens long but max_model_len is 64 \(the prompt and "
+                                         r"at least one generated token must fit\)$"):
+        llm.generate([[5] * 64], SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["fine", ""], SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_token_ids_outside_vocabulary(llm):
+    with pytest.raises(ValueError, match=r"^prompt token ids must be in \[0, 400\); got \[400, -1\]$"):
+        llm.generate([[1, 400, -1]], SamplingParams())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
+    ({"temperature": -0.1}, "temperature must be a number >= 0, got -0.1"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"top_k": -2}, r"top_k must be an integer >= -1 \(-1 or 0 disable it\), got -2"),
+    ({"n": 2}, r"n must be 1 \(one completion per request\), got 2"),
+    ({"stop": [""]}, "stop must hold non-empty strings, got ''"),
+    ({"seed": 1.5}, "seed must be an integer or None, got 1.5"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_config_keys():
+    with pytest.raises(ValueError, match=r"^unknown key 'max_batch' in EngineConfig; allowed keys: model, "):
+        EngineConfig.from_dict({"max_batch": 4})
+    with pytest.raises(ValueError, match=r"^unknown key 'kcache.topn' in KCacheConfig; allowed keys: mode, top_n, "):
+        EngineConfig.from_dict({"kcache": {"topn": 4}})
+    with pytest.raises(ValueError, match=r"^unknown LLM argument\(s\) max_batch; allowed: model, dtype, kcache, "):
+        LLM(max_batch=4)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"dtype": "int8"}, "invalid value for 'dtype': 'int8'; allowed: auto | float32 | float16 | bfloat16 | fp32"),
+    ({"kcache": {"mode": "sparse"}}, "invalid value for 'kcache.mode': 'sparse'; allowed: full | kcache"),
+    ({"kcache": {"top_n": 0}}, "invalid value for 'kcache.top_n': 0; allowed: an integer >= 1"),
+    ({"kcache": {"group_reduce": "mean"}}, "invalid value for 'kcache.group_reduce': 'mean'; allowed: max | sum"),
+    ({"gpu_memory_utilization": 1.5}, r"invalid value for 'gpu_memory_utilization': 1.5; allowed: a number in \(0, 1\]"),
+    ({"max_num_seqs": 0}, "invalid value for 'max_num_seqs': 0; allowed: an integer >= 1"),
+    ({"parallel": {"tensor_parallel_size": "2"}},
+     "invalid value for 'parallel.tensor_parallel_size': '2'; allowed: an integer >= 1"),
+    ({"kcache": 3}, "invalid value for 'kcache': expected an object, got 3"),
+])
+def test_invalid_config_values(values, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        EngineConfig.from_dict(values)
+
+
+def test_unsupported_architecture(tiny_llama_dir, tmp_path):
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "gpt2")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"^unsupported architecture 'GPT2LMHeadModel' in .*config.json; "
+                                         r"supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM$"):
+        LLM(model=str(model_dir))
+
+
+def test_missing_files(tiny_llama_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^model directory '.*nowhere' does not exist"):
+        LLM(model=str(tmp_path / "nowhere"))
+    no_config = shutil.copytree(tiny_llama_dir, tmp_path / "no_config")
+    os.remove(no_config / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"^no config.json in model directory '.*no_config' \(found: "
+                                                r".*model.safetensors"):
+        LLM(model=str(no_config))
+    no_weights = shutil.copytree(tiny_llama_dir, tmp_path / "no_weights")
+    os.remove(no_weights / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"^no \*.safetensors files in model directory '.*no_weights' "
+                                                r"\(found: .*config.json"):
+        LLM(model=str(no_weights))
+
+
+def test_model_longer_than_its_positions(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"^max_model_len=1024 exceeds the model's max_position_embeddings=512$"):
+        LLM(model=tiny_llama_dir, max_model_len=1024)
+
+
+def test_cache_too_small_for_one_sequence(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"^the KV cache \(num_kv_blocks\) holds 3 blocks of 16 tokens, fewer than "
+                                         r"the 4 blocks one sequence of max_model_len=64 needs; lower max_model_len "
+                                         r"to at most 48 or give the cache more memory$"):
+        LLM(model=tiny_llama_dir, max_model_len=64, num_kv_blocks=3)
+
+
+def test_kcache_mode_refused_until_available(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"^kcache.mode='kcache' is not available in this version; use 'full'$"):
+        LLM(model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache"))

@@ -1,0 +1,55 @@
+"""Config dataclasses: frozen, JSON round trip, every shipped ds_configs file loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import pytest
+
+from kcache_dist import EngineConfig, KCacheConfig, LLM, ParallelConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+def test_configs_are_frozen():
+    config = EngineConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_num_seqs = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.kcache.top_n = 3
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))))
+def test_shipped_configs_load_and_round_trip(path):
+    config = EngineConfig.from_json(path)
+    with open(path) as f:
+        raw = json.load(f)
+    for key, value in raw.items():
+        got = getattr(config, key)
+        assert (dataclasses.asdict(got) if dataclasses.is_dataclass(got) else got) == \
+            ({**dataclasses.asdict(type(got)()), **value} if dataclasses.is_dataclass(got) else value)
+    assert EngineConfig.from_dict(config.to_dict()) == config
+
+
+def test_json_file_with_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"dtype": "bf16", "kcache": {"mode": "kcache", "top_n": 64},
+                                "parallel": {"tensor_parallel_size": 2}}))
+    config = EngineConfig.from_json(path, max_num_seqs=8)
+    assert config.dtype == "bfloat16" and config.max_num_seqs == 8
+    assert config.kcache == KCacheConfig(mode="kcache", top_n=64)
+    assert config.parallel == ParallelConfig(tensor_parallel_size=2)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"c.json: not valid JSON"):
+        EngineConfig.from_json(path)
+
+
+def test_llm_keywords_override_the_config_file(tiny_llama_dir, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"max_num_seqs": 3, "max_model_len": 100, "dtype": "bfloat16"}))
+    llm = LLM(model=tiny_llama_dir, config=str(path), max_model_len=80)
+    assert (llm.config.max_num_seqs, llm.config.max_model_len, llm.config.dtype) == (3, 80, "bfloat16")
+    assert llm.engine.max_model_len == 80

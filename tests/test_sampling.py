@@ -1,0 +1,110 @@
+"""Sampling: seeded runs repeat whatever shares the batch; filters keep what they should; stop
+strings, stop token ids, EOS and max_tokens end requests exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from helpers import token_ids
+from kcache_dist import LLM, SamplingParams
+from kcache_dist.engine.detokenizer import IncrementalDetokenizer, find_stop
+from kcache_dist.engine.sampler import filter_logits
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(model=tiny_llama_dir)
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=24)
+    alone = llm.generate(PROMPTS[1], params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=24)] * 3  # unseeded neighbours
+    batched = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]], [others[0], params, others[1], others[2]])
+    assert batched[1].outputs[0].token_ids == alone
+    other_seed = llm.generate(PROMPTS[1], SamplingParams(temperature=1.0, top_p=0.95, seed=4321, max_tokens=24))
+    assert other_seed[0].outputs[0].token_ids != alone
+    greedy = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=24))
+    assert greedy[0].outputs[0].token_ids != alone  # temperature 1 really samples
+
+
+def test_engine_seed_makes_unseeded_runs_repeat(tiny_llama_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=16)
+    first = token_ids(LLM(model=tiny_llama_dir, seed=7).generate(PROMPTS, params))
+    again = token_ids(LLM(model=tiny_llama_dir, seed=7).generate(PROMPTS, params))
+    assert first == again
+
+
+def test_top_k_one_is_greedy(llm):
+    greedy = token_ids(llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16)))
+    top1 = token_ids(llm.generate(PROMPTS, SamplingParams(temperature=1.5, top_k=1, max_tokens=16)))
+    assert top1 == greedy
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.randn(50)
+    order = logits.argsort(descending=True)
+    kept = torch.isfinite(filter_logits(logits, SamplingParams(top_k=5)))
+    assert kept.sum() == 5 and kept[order[:5]].all()
+    probs = (logits / 0.7).softmax(-1)
+    top_p = 0.6
+    kept = torch.isfinite(filter_logits(logits, SamplingParams(temperature=0.7, top_p=top_p)))
+    # the smallest set of most likely tokens whose mass reaches top_p
+    mass = probs[order].cumsum(0)
+    expected = int((mass < top_p).sum()) + 1
+    assert kept.sum() == expected and kept[order[:expected]].all()
+    assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=1e-9))).sum() == 1
+
+
+def test_stop_string_cuts_exactly(llm):
+    base = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
+    text = base.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop and stop in text
+    cut = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=32, stop=[stop, "\u2603never"]))[0]
+    out = cut.outputs[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == base.token_ids[: len(out.token_ids)] and len(out.token_ids) < len(base.token_ids)
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    base = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 20
+    target = base.token_ids[5]
+    first = base.token_ids.index(target)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[target]))[0].outputs[0]
+    assert out.token_ids == base.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+
+
+def test_eos_stops_unless_ignored(tiny_llama_dir):
+    llm = LLM(model=tiny_llama_dir)
+    base = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    llm.engine.eos_token_ids = {base.token_ids[3]}  # pretend the model's EOS is the 4th greedy token
+    first = base.token_ids.index(base.token_ids[3])
+    stopped = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert stopped.token_ids == base.token_ids[: first + 1] and stopped.finish_reason == "stop"
+    ignored = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    assert ignored.token_ids == base.token_ids
+
+
+def test_incremental_detokenizer_equals_whole_decode(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    prompt = tok.encode("Words: ")
+    text = "naïve café — 東京 🙂 ok\nnext line"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=True)
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) + detok.flush() == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)  # incomplete characters are held back
+
+
+def test_find_stop_spans_and_earliest():
+    assert find_stop("hello world", 3, ("wor",)) == (6, "wor")  # completed by the last 3 chars
+    assert find_stop("hello world", 1, ("hello",)) is None  # completed earlier: already checked
+    assert find_stop("abcXYZ", 3, ("YZ", "cX")) == (2, "cX")
