@@ -622,7 +622,10 @@ class BatchCopier:
         """dst_ptrs/src_ptrs/sizes: numpy uint64 arrays (kept alive by the caller until the copy ends)."""
         ct = self.ct
         n = len(sizes)
-        attr = self.Attr(1, (2, 0), (1, torch.cuda.current_device()), 1 if prefer_overlap else 0)
+        v = getattr(self, "variant", None)
+        if v is None:
+            v = (1, (2, 0), (1, torch.cuda.current_device()), 1 if prefer_overlap else 0)
+        attr = self.Attr(v[0], v[1], v[2], v[3])
         idxs = (ct.c_size_t * 1)(0)
         vp = ct.c_void_p
         if self.v2:
@@ -762,11 +765,34 @@ def run_point(B, C, dev, base, opts):
                 select(S, MP, LP, ctx, sh, KEYS, IDX.fill_(-5), MO.fill_(float("nan")), LO.fill_(float("nan")))
                 torch.cuda.synchronize()
                 tk = bench(lambda: kpass(q, kc, bt, ctx, sh, S, MP, LP, nsplit, split_len, **kw))
+                if opts.get("select_sweep") and not opts.get("_swept_" + ("bf16" if cfg.get("bf16") else "fp32")):
+                    opts["_swept_" + ("bf16" if cfg.get("bf16") else "fp32")] = True
+                    ref_idx = IDX.clone()
+                    sweep = {}
+                    for scfg in opts["select_sweep"]:
+                        sname = "_".join(f"{k}{v}" for k, v in scfg.items())
+                        try:
+                            select(S, MP, LP, ctx, sh, KEYS, IDX.fill_(-5), MO, LO, cfg=scfg)
+                            torch.cuda.synchronize()
+                            same = bool(torch.equal(IDX, ref_idx))
+                            ts_ = bench(lambda: select(S, MP, LP, ctx, sh, KEYS, IDX, MO, LO, cfg=scfg))
+                            sweep[sname] = {"ms": ts_, "same_idx": same}
+                            log(f"    select {sname} ({'bf16' if cfg.get('bf16') else 'fp32'} S): {ts_:.3f} ms same={same}")
+                            if same and ts_ < sweep.get("_best", (1e9,))[0]:
+                                sweep["_best"] = (ts_, scfg)
+                        except Exception as ex:
+                            log(f"    select {sname} failed: {type(ex).__name__}: {str(ex)[:300]}")
+                            sweep[sname] = {"error": str(ex)[:300]}
+                    if "_best" in sweep:
+                        SELECT_CFG.clear()
+                        SELECT_CFG.update(sweep["_best"][1])
+                        sweep["_best"] = sweep["_best"][1]
+                    sub["select_sweep_" + ("bf16" if cfg.get("bf16") else "fp32")] = sweep
                 tsel = bench(lambda: select(S, MP, LP, ctx, sh, KEYS, IDX, MO, LO))
                 tboth = bench(lambda: (kpass(q, kc, bt, ctx, sh, S, MP, LP, nsplit, split_len, **kw),
                                        select(S, MP, LP, ctx, sh, KEYS, IDX, MO, LO)))
                 extra = S.element_size() * sh.G * int(ctx.sum().item()) * sh.Hkv
-                r = {"kpass_ms": tk, "select_ms": tsel, "kpass_select_ms": tboth,
+                r = {"kpass_ms": tk, "select_ms": tsel, "kpass_select_ms": tboth, "select_cfg": dict(SELECT_CFG),
                      "kpass_GBps": kb / tk / 1e6, "total_GBps": kb / tboth / 1e6,
                      "total_pct_d2d": 100 * kb / tboth / 1e6 / d2d, "kpass_pct_d2d": 100 * kb / tk / 1e6 / d2d,
                      "score_write_bytes": extra, "items": items, "grid": grid or items}
@@ -869,7 +895,13 @@ def run_point(B, C, dev, base, opts):
 
     def kfun(grid_kind, split=None):
         kw = dict(st["kw"])
-        kw["grid"] = {"np": None, "p4": 4 * sm, "p2": 2 * sm, "p1": sm, "pfree16": sm - 16, "phalf": sm // 2}[grid_kind]
+        spec = {"np": (None, {}), "p4": (4 * sm, {}), "p2": (2 * sm, {}), "p1": (sm, {}),
+                "pfree16": (sm - 16, {}), "phalf": (sm // 2, {}),
+                "p116w8": (sm - 16, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4}),
+                "p124w8": (sm - 8, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4}),
+                "p232w4": (2 * (sm - 16), {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4})}[grid_kind]
+        kw["grid"] = spec[0]
+        kw.update(spec[1])
         split_len = split or st["split_len"]
         nsplit = triton.cdiv(sh.max_blocks * sh.bs, split_len)
         MP = torch.empty(rows, sh.G, nsplit, device=dev)
@@ -935,6 +967,23 @@ def run_point(B, C, dev, base, opts):
         sizes = np.full(len(fi), sh.D * 2, dtype=np.uint64)
         strm = torch.cuda.current_stream().cuda_stream
         st["vout"].fill_(float("nan"))
+        tried = []
+        dev_i = torch.cuda.current_device()
+        for v in [(1, (2, 0), (1, dev_i), 1), (1, (2, 0), (1, dev_i), 0), (1, (0, 0), (0, 0), 0),
+                  (3, (0, 0), (0, 0), 0), (2, (0, 0), (0, 0), 0), (1, (1, dev_i), (1, dev_i), 0)]:
+            bc.variant = v
+            for n in (1, 64, len(sizes)):
+                try:
+                    bc.copy(dst[:n].copy(), src[:n].copy(), sizes[:n].copy(), strm)
+                    torch.cuda.synchronize()
+                    tried.append((str(v), n, "ok"))
+                except Exception as ex:
+                    tried.append((str(v), n, str(ex)))
+                    break
+            else:
+                break
+        batch["attr_tries"] = tried
+        log(f"  cuMemcpyBatchAsync attribute tries: {tried}")
         bc.copy(dst, src, sizes, strm)
         torch.cuda.synchronize()
         batch["rows_correct"] = bool(torch.equal(st["vout"].cpu(), vflat[flat_sets[0]]))
@@ -964,7 +1013,8 @@ def run_point(B, C, dev, base, opts):
 
     # overlap matrix: K pass (+select) grid variants x fetch variants
     kgrids = opts["overlap_kgrids"]
-    fetches = {"zc_g16": zc(16), "zc_g32": zc(32), f"zc_g{sm}": zc(sm), "ce_bulk": ce_bulk}
+    fetches = {f"zc_g{g}": zc(g) for g in opts["overlap_gather_grids"]}
+    fetches["ce_bulk"] = ce_bulk
     if "batch" in st:
         bc, dst, src, sizes, dst4, src4, sizes4 = st["batch"]
         fetches["batch_rows256"] = lambda: bc.copy(dst, src, sizes, torch.cuda.current_stream().cuda_stream)
@@ -985,7 +1035,7 @@ def run_point(B, C, dev, base, opts):
                 if fname not in falone:
                     continue
                 for prio in ("same", "fetch_hi", "kfirst"):
-                    if prio != "same" and not fname.startswith("zc"):
+                    if prio != "same" and fname not in ("zc_g16", "zc_g32"):
                         continue
                     sf = s_hi if prio == "fetch_hi" else s2
                     pair = two_streams(kf, ff, s1, sf) if prio == "kfirst" else two_streams(ff, kf, sf, s1)
@@ -1131,19 +1181,28 @@ def main():
         {"grid": "np", "split": 1024, "bn": 64, "w": 4, "st": 3, "bf16": 1},
     ]
     opts = {
-        "block_sizes": [16, 64, 256], "main_bs": 16,
+        "block_sizes": [256, 16, 64], "main_bs": 256,
+        "select_sweep": [
+            {"mode": "one", "BLOCK": 1024, "num_warps": 8, "CHUNK": 0, "kw": 0},
+            {"mode": "one", "BLOCK": 4096, "num_warps": 16, "CHUNK": 0, "kw": 0},
+            {"mode": "split", "BLOCK": 4096, "num_warps": 16, "CHUNK": 2048, "kw": 8},
+            {"mode": "split", "BLOCK": 2048, "num_warps": 8, "CHUNK": 2048, "kw": 8},
+            {"mode": "split", "BLOCK": 8192, "num_warps": 32, "CHUNK": 1024, "kw": 4},
+            {"mode": "split", "BLOCK": 4096, "num_warps": 16, "CHUNK": 4096, "kw": 16},
+        ],
+        "overlap_gather_grids": [8, 16, 32, 66, 132],
         "kpass_cfgs": main_cfgs,
         "kpass_cfgs_other_bs": [main_cfgs[0], main_cfgs[2]],
         "try_bf16": True,
-        "gather_grids": [16, 66, 132, 264],
-        "overlap_kgrids": ["np", "p4", "pfree16", "phalf"],
+        "gather_grids": [8, 16, 32, 66, 132, 264],
+        "overlap_kgrids": ["np", "p4", "pfree16", "p116w8", "p124w8", "p232w4"],
         "cpu_threads": 16,
         "fused": True,
     }
     points = [(32, 32768), (16, 32768), (32, 8192)]
     if quick:
         points = [(4, 8192)]
-        opts.update({"block_sizes": [16], "kpass_cfgs": main_cfgs[:2] + main_cfgs[-1:], "gather_grids": [132],
+        opts.update({"block_sizes": [256], "kpass_cfgs": main_cfgs[:2] + main_cfgs[-1:], "gather_grids": [132],
                      "overlap_kgrids": ["np"]})
     if os.environ.get("PROBE_POINTS"):
         points = [tuple(int(x) for x in p.split("x")) for p in os.environ["PROBE_POINTS"].split(",")]
@@ -1153,9 +1212,11 @@ def main():
         log(f"[elapsed {time.time() - t0:.0f} s]")
         if points.index((B, C)) == 0:
             # later points: fewer variants (the main point carries the sweep)
-            opts["overlap_kgrids"] = ["np", "pfree16"]
+            opts["overlap_kgrids"] = ["np", "p116w8"]
+            opts["overlap_gather_grids"] = [16, 32, 132]
             opts["fused"] = False
-            opts["block_sizes"] = [16]
+            opts["block_sizes"] = [256]
+            opts["select_sweep"] = None
         out_dir = os.environ.get("OUT")
         if out_dir:
             with open(os.path.join(out_dir, "kpass_fetch_probe.json"), "w") as f:

@@ -88,7 +88,8 @@ class EngineConfig:
     max_num_seqs: most sequences running at once; max_num_batched_tokens: token budget per step
     (long prompts are prefilled in chunks of at most this many tokens).
     block_size: tokens per cache block. num_kv_blocks: fixed number of cache blocks (None sizes
-    the cache from memory: `gpu_memory_utilization` of the GPU, or `cpu_kv_cache_gb` on CPU).
+    the cache from memory: `gpu_memory_utilization` of the GPU, or `cpu_kv_cache_gb` on CPU; in
+    KCache mode also at most `host_memory_gb` of host memory for V).
     """
 
     model: Optional[str] = None
@@ -102,6 +103,7 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 4.0
+    host_memory_gb: float = 32.0
     seed: int = 0
     kcache: KCacheConfig = field(default_factory=KCacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -127,6 +129,8 @@ class EngineConfig:
                  "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
         _require(is_number(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0, "cpu_kv_cache_gb",
                  self.cpu_kv_cache_gb, "a number > 0")
+        _require(is_number(self.host_memory_gb) and self.host_memory_gb > 0, "host_memory_gb",
+                 self.host_memory_gb, "a number > 0")
         _require(is_int(self.seed), "seed", self.seed, "an integer")
         _require(isinstance(self.kcache, KCacheConfig), "kcache", self.kcache, "a KCacheConfig")
         _require(isinstance(self.parallel, ParallelConfig), "parallel", self.parallel, "a ParallelConfig")

@@ -19,6 +19,8 @@ class ForwardContext:
     seq_lens [B] int64 (on the model's device) and seq_lens_list: context length after this step.
     query_start_loc: B + 1 offsets of each sequence's new tokens in the T rows (Python ints).
     num_decodes: the first `num_decodes` sequences have exactly one new token.
+    hot_slots [B] int64 (device) and hot_slots_list: each sequence's row of per-sequence buffers
+    (KCache keeps its sink and recent-window V rows there).
     kv_cache: the cache object whose `attend(layer_idx, q, k, v, ctx)` runs attention.
     """
 
@@ -29,6 +31,8 @@ class ForwardContext:
     seq_lens_list: list[int]
     query_start_loc: list[int]
     num_decodes: int
+    hot_slots: torch.Tensor
+    hot_slots_list: list[int]
     kv_cache: Any
 
     @property

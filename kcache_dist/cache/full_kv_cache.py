@@ -25,16 +25,22 @@ class FullKVCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:
         """Store the new k, v [T, Hkv, D]; return attention of q [T, Hq, D] over each context."""
-        k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
-        write_to_cache(k_cache, k, ctx.slot_mapping)
-        write_to_cache(v_cache, v, ctx.slot_mapping)
-        out = torch.empty_like(q)
-        nd = ctx.num_decodes
-        if nd:
-            out[:nd] = decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.seq_lens[:nd], scale)
-        for i in range(nd, ctx.num_seqs):
-            start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
-            length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
-            out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length),
-                                               gather_context(v_cache, table, length), scale)
-        return out
+        return dense_attend(self.k_caches[layer_idx], self.v_caches[layer_idx], q, k, v, scale, ctx)
+
+
+def dense_attend(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float, ctx: ForwardContext) -> torch.Tensor:
+    """Write k, v [T, Hkv, D] into the paged caches, then dense attention of q [T, Hq, D]: the
+    one-token sequences batched, the others one by one. Returns [T, Hq, D]."""
+    write_to_cache(k_cache, k, ctx.slot_mapping)
+    write_to_cache(v_cache, v, ctx.slot_mapping)
+    out = torch.empty_like(q)
+    nd = ctx.num_decodes
+    if nd:
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.seq_lens[:nd], scale)
+    for i in range(nd, ctx.num_seqs):
+        start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
+        length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
+        out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length),
+                                           gather_context(v_cache, table, length), scale)
+    return out

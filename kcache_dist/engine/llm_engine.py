@@ -63,8 +63,6 @@ def resolve_max_model_len(requested: Optional[int], mc: ModelConfig) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        if config.kcache.mode != "full":
-            raise ValueError(f"kcache.mode={config.kcache.mode!r} is not available in this version; use 'full'")
         if config.parallel.tensor_parallel_size != world_size():
             raise ValueError(f"tensor_parallel_size={config.parallel.tensor_parallel_size} needs that many "
                              f"processes; this job has {world_size()}")

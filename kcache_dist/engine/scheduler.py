@@ -23,6 +23,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self._free_hot_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -60,6 +61,7 @@ class Scheduler:
                 break
             self.block_manager.grow(seq.block_table, seq.num_tokens)
             self.waiting.popleft()
+            seq.hot_slot = self._free_hot_slots.pop()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)
@@ -74,12 +76,13 @@ class Scheduler:
             num_computed_tokens=[s.num_computed_tokens for s, _ in scheduled],
             token_ids=[t for s, n in scheduled for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n]],
             block_tables=[list(s.block_table) for s, _ in scheduled],
+            hot_slots=[s.hot_slot for s, _ in scheduled],
             sample=[s.num_computed_tokens + n == s.num_tokens for s, n in scheduled],
         )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq.block_table)
+        self._release_resources(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -92,5 +95,11 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq.block_table)
+        self._release_resources(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def _release_resources(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        if seq.hot_slot is not None:
+            self._free_hot_slots.append(seq.hot_slot)
+            seq.hot_slot = None

@@ -27,6 +27,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.hot_slot: Optional[int] = None  # row in per-sequence device buffers while running
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.output_text = ""

@@ -11,7 +11,7 @@ class StepPlan:
 
     For sequence i: `num_new_tokens[i]` tokens starting at position `num_computed_tokens[i]`, whose
     ids are its slice of `token_ids` (flat, in sequence order); its cache blocks are
-    `block_tables[i]`; `sample[i]` says whether the step ends its known tokens, so a next token is
+    `block_tables[i]` and its row in per-sequence buffers `hot_slots[i]`; `sample[i]` says whether the step ends its known tokens, so a next token is
     sampled from the logits of its last new token.
     """
 
@@ -20,6 +20,7 @@ class StepPlan:
     num_computed_tokens: list[int]
     token_ids: list[int]
     block_tables: list[list[int]]
+    hot_slots: list[int]
     sample: list[bool]
 
     @property

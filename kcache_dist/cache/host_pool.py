@@ -1,0 +1,73 @@
+"""Host memory for V: page-locked (pinned) and placed on the NUMA node of the rank's GPU.
+
+The buffer is an anonymous mapping bound to the node before its pages are touched, then
+registered with CUDA (cudaHostRegister), which pins it and makes it readable by GPU kernels and
+copy engines. Without CUDA the pool is ordinary memory, said once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+from typing import Optional
+
+import torch
+
+from .numa import bind_to_node, gpu_numa_node
+
+logger = logging.getLogger(__name__)
+GIB = 1 << 30
+_said_unpinned = False
+
+
+class HostPool:
+    """One host buffer, viewed as tensors by `take(shape)` in order. `pinned` says whether CUDA
+    registered it; `numa_node` is the node its pages were bound to (None if unbound)."""
+
+    def __init__(self, num_bytes: int, device: torch.device):
+        global _said_unpinned
+        self.num_bytes = num_bytes
+        self.numa_node: Optional[int] = None
+        self.pinned = False
+        self._offset = 0
+        if device.type != "cuda":
+            if not _said_unpinned:
+                logger.info("no CUDA device: the host V pool is ordinary (unpinned, unbound) memory")
+                _said_unpinned = True
+            self._mapping = None
+            self._buffer = torch.empty(num_bytes, dtype=torch.uint8)
+            return
+        self._mapping = mmap.mmap(-1, max(num_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._buffer = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        address = self._buffer.data_ptr()
+        self.numa_node = gpu_numa_node(device.index if device.index is not None else torch.cuda.current_device())
+        if self.numa_node is not None:
+            bind_to_node(address, num_bytes, self.numa_node)
+        self._buffer.fill_(0)  # first touch: the pages are placed now, under the binding
+        err = torch.cuda.cudart().cudaHostRegister(address, num_bytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"pinning {num_bytes / GIB:.2f} GiB of host memory for the V pool failed "
+                               f"(cudaHostRegister error {int(err)}); lower host_memory_gb, max_num_seqs or "
+                               "max_model_len, or raise the locked-memory limit (ulimit -l)")
+        self.pinned = True
+        logger.info("host V pool: %.2f GiB pinned on NUMA node %s", num_bytes / GIB, self.numa_node)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next `shape` tensor of the buffer (aligned to 4 KiB)."""
+        num_bytes = math.prod(shape) * dtype.itemsize
+        start = -(-self._offset // 4096) * 4096
+        if start + num_bytes > self.num_bytes:
+            raise ValueError(f"host pool of {self.num_bytes} bytes cannot hold another {num_bytes} bytes")
+        self._offset = start + num_bytes
+        return self._buffer[start:start + num_bytes].view(dtype).view(shape)
+
+    @staticmethod
+    def bytes_for(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
+        """Buffer size that `take` needs for these shapes, alignment included."""
+        return sum(-(-math.prod(s) * dtype.itemsize // 4096) * 4096 for s in shapes)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
+            self.pinned = False

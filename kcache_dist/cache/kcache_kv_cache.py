@@ -1,0 +1,91 @@
+"""KCache mode: K of every layer in device memory; V of the sparse layers in host memory.
+
+Layer l < dense_layers keeps K and V in device memory and runs dense attention (as full-KV mode).
+A sparse layer keeps:
+  k pool   [num_blocks, Hkv, bs, D]          device
+  v pool   [num_blocks, Hkv, bs, D]          host (pinned, on the GPU's NUMA node)
+  v hot    [num_slots, Hkv, sink + window, D] device: each running sequence's sink rows and a
+                                              ring of its last `recent_window` rows
+Block ids are shared by all pools, so one block table serves K and V. Prefill runs dense attention
+(earlier chunks' V read back from the host pool); a decode step runs KCache attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..forward_context import ForwardContext
+from ..kcache.decode import kcache_decode
+from ..kcache.selection import SelectionSpec
+from ..layers.paged_attention import gather_context, prefill_attention, write_to_cache
+from .full_kv_cache import dense_attend
+from .host_pool import HostPool
+
+
+class KCacheKVCache:
+    def __init__(self, num_layers: int, dense_layers: int, num_blocks: int, num_slots: int, num_kv_heads: int,
+                 block_size: int, head_dim: int, spec: SelectionSpec, dtype: torch.dtype, device: torch.device):
+        self.dense_layers = dense_layers
+        self.spec = spec
+        self.device = device
+        block_shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        num_sparse = num_layers - dense_layers
+        self.k_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.dense_v_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(dense_layers)]
+        self.host_pool = HostPool(HostPool.bytes_for([block_shape] * num_sparse, dtype), device)
+        self.v_host = [self.host_pool.take(block_shape, dtype) for _ in range(num_sparse)]
+        hot_shape = (num_slots, num_kv_heads, spec.hot_rows, head_dim)
+        self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
+        self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, dense_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
+                        dtype: torch.dtype) -> tuple[int, int]:
+        """(device bytes, host bytes) one block costs: K of all layers + V of dense layers on the
+        device, V of sparse layers on the host."""
+        row_bytes = num_kv_heads * block_size * head_dim * dtype.itemsize
+        return (num_layers + dense_layers) * row_bytes, (num_layers - dense_layers) * row_bytes
+
+    @staticmethod
+    def hot_bytes(num_layers: int, dense_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                  spec: SelectionSpec, dtype: torch.dtype) -> int:
+        return (num_layers - dense_layers) * num_slots * num_kv_heads * spec.hot_rows * head_dim * dtype.itemsize
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               ctx: ForwardContext) -> torch.Tensor:
+        """Store the new k, v [T, Hkv, D]; return attention of q [T, Hq, D] over each context."""
+        k_cache = self.k_caches[layer_idx]
+        if layer_idx < self.dense_layers:
+            return dense_attend(k_cache, self.dense_v_caches[layer_idx], q, k, v, scale, ctx)
+        sparse = layer_idx - self.dense_layers
+        v_host, v_hot = self.v_host[sparse], self.v_hot[sparse]
+        write_to_cache(k_cache, k, ctx.slot_mapping)
+        write_to_cache(v_host, v.to(v_host.device), ctx.slot_mapping.to(v_host.device))
+        self._write_hot(v_hot, v, ctx)
+        out = torch.empty_like(q)
+        nd = ctx.num_decodes
+        if nd:
+            out[:nd], rows = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
+                                           ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
+                                           self.spec, scale)
+            self.v_rows_fetched += rows
+        for i in range(nd, ctx.num_seqs):
+            start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
+            length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
+            earlier = gather_context(v_host, table.to(v_host.device), length - (end - start)).to(q.device)
+            values = torch.cat([earlier, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
+            out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length), values, scale)
+        return out
+
+    def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
+        """Copy new V rows that are sink positions or among the last `recent_window` of their
+        sequence into the sequence's hot rows."""
+        if self.spec.hot_rows == 0:
+            return
+        counts = torch.tensor([ctx.query_start_loc[i + 1] - ctx.query_start_loc[i] for i in range(ctx.num_seqs)],
+                              device=v.device)
+        seq_end = torch.repeat_interleave(ctx.seq_lens, counts)  # [T] length of each token's sequence
+        slot = torch.repeat_interleave(ctx.hot_slots, counts)
+        pos = ctx.positions
+        keep = (pos < self.spec.sink_tokens) | (pos >= seq_end - self.spec.recent_window)
+        v_hot[slot[keep], :, self.spec.hot_row(pos[keep])] = v[keep]

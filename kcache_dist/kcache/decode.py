@@ -1,0 +1,28 @@
+"""KCache decode attention behind one interface: Triton kernels on CUDA, the torch reference elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import kcache_decode_reference
+from .selection import SelectionSpec
+
+
+def far_rows_fetched(seq_lens: list[int], num_kv_heads: int, spec: SelectionSpec) -> int:
+    """V rows a decode batch reads from host memory: min(top_n, far positions) per (sequence, KV head)."""
+    return num_kv_heads * sum(min(spec.top_n, max(0, n - spec.sink_tokens - spec.recent_window)) for n in seq_lens)
+
+
+def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, v_hot: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, hot_slots: torch.Tensor,
+                  seq_lens_list: list[int], hot_slots_list: list[int], spec: SelectionSpec,
+                  scale: float) -> tuple[torch.Tensor, int]:
+    """One decode token per sequence.
+
+    q [B, Hq, D] (device); k_cache [NB, Hkv, bs, D] (device); v_host [NB, Hkv, bs, D] (host memory,
+    pinned when the device is CUDA); v_hot [num_slots, Hkv, sink + window, D] (device);
+    block_tables [B, max_blocks] int32, seq_lens [B] int64, hot_slots [B] int64 (device) and the
+    same lengths and slots as Python lists. Returns (out [B, Hq, D], far V rows read from host).
+    """
+    out = kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec, scale)
+    return out, far_rows_fetched(seq_lens_list, k_cache.shape[1], spec)

@@ -1,0 +1,70 @@
+"""Pure-torch KCache decode attention: the definition that the Triton kernels are tested against.
+
+For one sequence of length L and KV head h with query heads g = 1..G sharing it:
+    s[g, j] = q[g] . k[j] * scale                  for every cached position j (all of K)
+    p[g, j] = softmax_j(s[g, :])                   exact: the denominator covers all L positions
+    r[j]    = max_g p[g, j]   (or sum_g)           one group score, so one V fetch serves all G heads
+    sel     = sink U window U top_n(r over far)    far = positions outside sink and window
+    o[g]    = sum_{j in sel} p[g, j] v[j] / Z      Z = sum_{j in sel} p[g, j] (renormalize) or 1
+With top_n + sink + window >= L, sel is every position and o equals dense attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layers.paged_attention import gather_context
+from .selection import SelectionSpec
+
+
+def select_far_positions(probs: torch.Tensor, sink_end: int, window_start: int, spec: SelectionSpec) -> torch.Tensor:
+    """probs [Hkv, G, L] float32 -> selected far positions [Hkv, n] (ascending), n = min(top_n, far)."""
+    far = probs[..., sink_end:window_start]
+    group_score = far.amax(1) if spec.group_reduce == "max" else far.sum(1)  # [Hkv, F]
+    n = min(spec.top_n, far.shape[-1])
+    return torch.topk(group_score, n, dim=-1).indices.sort(-1).values + sink_end
+
+
+def gather_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """pool [NB, Hkv, bs, D]; positions [Hkv, n] of one sequence -> rows [Hkv, n, D] (pool's device)."""
+    block_size = pool.shape[2]
+    table = block_table.to(pool.device).long()
+    positions = positions.to(pool.device)
+    heads = torch.arange(pool.shape[1], device=pool.device)[:, None].expand_as(positions)
+    return pool[table[positions // block_size], heads, positions % block_size]
+
+
+def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.Tensor, v_hot: torch.Tensor,
+                      block_table: torch.Tensor, seq_len: int, spec: SelectionSpec, scale: float) -> torch.Tensor:
+    """One sequence's decode step.
+
+    q [Hq, D]; k_cache [NB, Hkv, bs, D] (device); v_far_pool [NB, Hkv, bs, D] (host memory);
+    v_hot [Hkv, sink + window, D] this sequence's hot rows (device); block_table [>= blocks].
+    Returns [Hq, D] in q's dtype.
+    """
+    num_kv_heads = k_cache.shape[1]
+    qg = q.view(num_kv_heads, -1, q.shape[-1]).float()  # [Hkv, G, D]
+    keys = gather_context(k_cache, block_table, seq_len).float()  # [Hkv, L, D]
+    probs = torch.softmax(torch.einsum("hgd,hld->hgl", qg, keys) * scale, dim=-1)  # [Hkv, G, L]
+    sink_end, window_start = spec.split(seq_len)
+    hot_pos = torch.cat([torch.arange(sink_end), torch.arange(window_start, seq_len)]).to(q.device)
+    p_sel = probs[..., hot_pos]  # [Hkv, G, nh]
+    v_sel = v_hot[:, spec.hot_row(hot_pos)].float()  # [Hkv, nh, D]
+    if window_start > sink_end:
+        far_pos = select_far_positions(probs, sink_end, window_start, spec)  # [Hkv, n]
+        p_far = probs.gather(-1, far_pos[:, None, :].expand(-1, qg.shape[1], -1))
+        v_far = gather_rows(v_far_pool, block_table, far_pos).to(q.device).float()
+        p_sel, v_sel = torch.cat([p_sel, p_far], -1), torch.cat([v_sel, v_far], 1)
+    out = torch.einsum("hgn,hnd->hgd", p_sel, v_sel)
+    if spec.renormalize:
+        out = out / p_sel.sum(-1, keepdim=True)
+    return out.reshape(q.shape).to(q.dtype)
+
+
+def kcache_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.Tensor, v_hot: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: list[int], hot_slots: list[int],
+                            spec: SelectionSpec, scale: float) -> torch.Tensor:
+    """Batch of decode steps. q [B, Hq, D]; v_hot [num_slots, Hkv, sink + window, D];
+    block_tables [B, max_blocks]; seq_lens, hot_slots: B ints. Returns [B, Hq, D]."""
+    return torch.stack([kcache_decode_one(q[b], k_cache, v_far_pool, v_hot[hot_slots[b]], block_tables[b],
+                                          seq_lens[b], spec, scale) for b in range(q.shape[0])])

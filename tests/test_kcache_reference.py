@@ -1,0 +1,88 @@
+"""The torch KCache reference against an independent dense statement of the method, and against
+dense attention when the budget covers the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kcache_dist.kcache.reference import kcache_decode_reference
+from kcache_dist.kcache.selection import SelectionSpec
+from kcache_dist.layers.paged_attention import decode_attention
+
+
+def paged_inputs(batch, num_kv_heads, group, head_dim, seq_lens, block_size, spec, dtype=torch.float32, seed=None):
+    """Random dense K/V per sequence, scattered into shuffled paged pools; hot rows filled from V."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    max_blocks = max(-(-n // block_size) for n in seq_lens)
+    num_blocks = batch * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[: batch * max_blocks].view(batch, max_blocks).int()
+    k_pool = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=g).to(dtype)
+    v_pool = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=g).to(dtype)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=g).to(dtype) * 2
+    hot_slots = torch.randperm(batch + 2, generator=g)[:batch].tolist()
+    v_hot = torch.full((batch + 2, num_kv_heads, spec.hot_rows, head_dim), float("nan"), dtype=dtype)
+    dense_k, dense_v = [], []
+    for b, n in enumerate(seq_lens):
+        blocks = tables[b, : -(-n // block_size)].long()
+        dense_k.append(k_pool[blocks].transpose(0, 1).flatten(1, 2)[:, :n])
+        dense_v.append(v_pool[blocks].transpose(0, 1).flatten(1, 2)[:, :n])
+        sink_end, window_start = spec.split(n)
+        hot_pos = torch.cat([torch.arange(sink_end), torch.arange(window_start, n)])
+        v_hot[hot_slots[b]][:, spec.hot_row(hot_pos)] = dense_v[-1][:, hot_pos]
+    return q, k_pool, v_pool, v_hot, tables, hot_slots, dense_k, dense_v
+
+
+def independent_kcache(q, k, v, spec, scale):
+    """Straight from the definition with a selection mask; q [Hq, D], k/v [Hkv, L, D] dense."""
+    hkv, length, _ = k.shape
+    qg = q.view(hkv, -1, q.shape[-1]).double()
+    p = torch.softmax(torch.einsum("hgd,hld->hgl", qg, k.double()) * scale, -1)
+    mask = torch.zeros(hkv, length, dtype=torch.bool)
+    mask[:, : spec.sink_tokens] = True
+    if spec.recent_window:
+        mask[:, max(0, length - spec.recent_window):] = True
+    for h in range(hkv):
+        score = p[h].max(0).values if spec.group_reduce == "max" else p[h].sum(0)
+        far = [j for j in range(length) if not mask[h, j]]
+        for j in sorted(far, key=lambda j: -score[j].item())[: spec.top_n]:
+            mask[h, j] = True
+    ps = p * mask[:, None, :]
+    out = torch.einsum("hgl,hld->hgd", ps, v.double())
+    if spec.renormalize:
+        out = out / ps.sum(-1, keepdim=True)
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("spec", [
+    SelectionSpec(top_n=5, sink_tokens=2, recent_window=6, renormalize=True, group_reduce="max"),
+    SelectionSpec(top_n=9, sink_tokens=0, recent_window=3, renormalize=False, group_reduce="sum"),
+    SelectionSpec(top_n=3, sink_tokens=4, recent_window=0, renormalize=True, group_reduce="sum"),
+    SelectionSpec(top_n=1, sink_tokens=0, recent_window=0, renormalize=False, group_reduce="max"),
+])
+def test_reference_matches_the_definition(group, spec):
+    seq_lens = [1, 7, 19, 40, 33]
+    q, k_pool, v_pool, v_hot, tables, slots, dense_k, dense_v = paged_inputs(5, 2, group, 16, seq_lens, 4, spec)
+    out = kcache_decode_reference(q, k_pool, v_pool, v_hot, tables, seq_lens, slots, spec, 0.25)
+    assert not out.isnan().any()
+    for b, n in enumerate(seq_lens):
+        expected = independent_kcache(q[b], dense_k[b], dense_v[b], spec, 0.25)
+        torch.testing.assert_close(out[b].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_full_budget_equals_dense_attention(dtype, tol):
+    seq_lens = [3, 17, 64, 50]
+    spec = SelectionSpec(top_n=40, sink_tokens=4, recent_window=20, renormalize=True, group_reduce="max")
+    q, k_pool, v_pool, v_hot, tables, slots, _, _ = paged_inputs(4, 2, 4, 32, seq_lens, 8, spec, dtype)
+    out = kcache_decode_reference(q, k_pool, v_pool, v_hot, tables, seq_lens, slots, spec, 32 ** -0.5)
+    dense = decode_attention(q, k_pool, v_pool, tables, torch.tensor(seq_lens), 32 ** -0.5)
+    torch.testing.assert_close(out.float(), dense.float(), rtol=tol, atol=tol)
+
+
+def test_hot_row_ring():
+    spec = SelectionSpec(top_n=1, sink_tokens=3, recent_window=4, renormalize=True, group_reduce="max")
+    assert spec.hot_row(torch.arange(12)).tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 3]
+    assert spec.split(2) == (2, 2) and spec.split(10) == (3, 6) and spec.split(5) == (3, 3)
