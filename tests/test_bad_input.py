@@ -118,6 +118,6 @@ def test_cache_too_small_for_one_sequence(tiny_llama_dir):
         LLM(model=tiny_llama_dir, max_model_len=64, num_kv_blocks=3)
 
 
-def test_kcache_mode_refused_until_available(tiny_llama_dir):
-    with pytest.raises(ValueError, match=r"^kcache.mode='kcache' is not available in this version; use 'full'$"):
-        LLM(model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache"))
+def test_kcache_dense_layers_beyond_the_model(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"^kcache.dense_layers=3 exceeds the model's 2 layers$"):
+        LLM(model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache", dense_layers=3))
