@@ -8,6 +8,10 @@ A sparse layer keeps:
                                               ring of its last `recent_window` rows
 Block ids are shared by all pools, so one block table serves K and V. Prefill runs dense attention
 (earlier chunks' V read back from the host pool); a decode step runs KCache attention.
+
+On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
+compute stream does not wait for the write, and a later read of that layer's host pool waits for
+it (on the GPU for kernels that read host memory, on the CPU for host-side reads).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import torch
 
 from ..forward_context import ForwardContext
-from ..kcache.decode import kcache_decode
+from ..kcache.decode import kcache_decode, reads_host_on_device
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention, write_to_cache
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
+from .host_store import store_rows
 
 
 class KCacheKVCache:
@@ -37,6 +42,8 @@ class KCacheKVCache:
         hot_shape = (num_slots, num_kv_heads, spec.hot_rows, head_dim)
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
         self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers
+        self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._offload_done: list[torch.cuda.Event | None] = [None] * num_sparse
 
     @staticmethod
     def bytes_per_block(num_layers: int, dense_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
@@ -60,11 +67,15 @@ class KCacheKVCache:
         sparse = layer_idx - self.dense_layers
         v_host, v_hot = self.v_host[sparse], self.v_hot[sparse]
         write_to_cache(k_cache, k, ctx.slot_mapping)
-        write_to_cache(v_host, v.to(v_host.device), ctx.slot_mapping.to(v_host.device))
         self._write_hot(v_hot, v, ctx)
+        earlier_writes = self._offload_done[sparse]
+        self._offload(sparse, v, ctx.slot_mapping)
         out = torch.empty_like(q)
         nd = ctx.num_decodes
         if nd:
+            # With a recent window the new row is read from v_hot, so only earlier writes must land first.
+            self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
+                                       on_device=reads_host_on_device(q))
             out[:nd], rows = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
                                            ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
                                            self.spec, scale)
@@ -72,10 +83,37 @@ class KCacheKVCache:
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
-            earlier = gather_context(v_host, table.to(v_host.device), length - (end - start)).to(q.device)
+            num_earlier = length - (end - start)
+            if num_earlier:  # a later chunk of a long prompt: read the earlier chunks' V back
+                self._wait_for_host_writes(earlier_writes, on_device=False)
+                earlier = gather_context(v_host, table.to(v_host.device), num_earlier).to(q.device)
+            else:
+                earlier = v.new_empty(v.shape[1], 0, v.shape[2])
             values = torch.cat([earlier, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
             out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length), values, scale)
         return out
+
+    def _offload(self, sparse: int, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write v [T, Hkv, D] to the host pool; on CUDA on the offload stream, after v is ready."""
+        if self.offload_stream is None:
+            store_rows(self.v_host[sparse], v, slot_mapping)
+            return
+        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.offload_stream):
+            store_rows(self.v_host[sparse], v, slot_mapping)
+            done = torch.cuda.Event()
+            done.record(self.offload_stream)
+        v.record_stream(self.offload_stream)  # keep v's memory until the write has read it
+        slot_mapping.record_stream(self.offload_stream)
+        self._offload_done[sparse] = done
+
+    def _wait_for_host_writes(self, done, on_device: bool) -> None:
+        if done is None:
+            return
+        if on_device:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        else:
+            done.synchronize()
 
     def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
         """Copy new V rows that are sink positions or among the last `recent_window` of their

@@ -66,6 +66,8 @@ def gpu_numa_node(device_index: int) -> Optional[int]:
 
 def bind_to_node(address: int, num_bytes: int, node: int) -> None:
     """Ask the kernel to place the (not yet touched) pages of [address, address + num_bytes) on `node`."""
+    if not 0 <= node < 64:
+        raise ValueError(f"NUMA node {node} is outside the 0..63 this binding supports")
     number = _SYS_MBIND.get(platform.machine())
     if number is None:
         logger.warning("mbind: unknown system call number on %s; host pool left unbound", platform.machine())
@@ -73,7 +75,7 @@ def bind_to_node(address: int, num_bytes: int, node: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     mask = ctypes.c_ulong(1 << node)
     result = libc.syscall(number, ctypes.c_void_p(address), ctypes.c_ulong(num_bytes), MPOL_PREFERRED,
-                          ctypes.byref(mask), ctypes.c_ulong(64), 0)
+                          ctypes.byref(mask), ctypes.c_ulong(65), 0)  # the kernel reads maxnode - 1 bits
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mbind of {num_bytes} bytes to NUMA node {node} failed: {os.strerror(err)}")

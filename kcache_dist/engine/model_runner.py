@@ -27,7 +27,7 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.block_size = config.block_size
+        self.block_size = config.resolved_block_size
         with torch.device(device):
             self.model = model_class(model_config.architecture)(model_config, max_model_len, dtype)
         load_weights(self.model, model_dir)

@@ -13,6 +13,12 @@ def far_rows_fetched(seq_lens: list[int], num_kv_heads: int, spec: SelectionSpec
     return num_kv_heads * sum(min(spec.top_n, max(0, n - spec.sink_tokens - spec.recent_window)) for n in seq_lens)
 
 
+def reads_host_on_device(q: torch.Tensor) -> bool:
+    """Whether `kcache_decode` for q reads the host pool from GPU kernels (stream-ordered) rather
+    than from the CPU."""
+    return False
+
+
 def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, v_hot: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, hot_slots: torch.Tensor,
                   seq_lens_list: list[int], hot_slots_list: list[int], spec: SelectionSpec,

@@ -1,7 +1,26 @@
 """Process groups and collectives: the only code that reads launcher environment or touches
-torch.distributed. Model layers call `tp_rank()`, `tp_size()` and the collectives below."""
+torch.distributed / deepspeed.comm / mpi4py. Model layers call `tp_rank()`, `tp_size()` and the
+collectives below; the engine calls `init_parallel` once, before building the model.
 
-from .state import tp_rank, tp_size, world_size
-from .collectives import tp_all_reduce, tp_gather_last_dim
+    from kcache_dist.parallel import exit_on_lost_rank, init_parallel
 
-__all__ = ["tp_rank", "tp_size", "world_size", "tp_all_reduce", "tp_gather_last_dim"]
+    with exit_on_lost_rank():               # a dead peer: message on stderr, exit status 1
+        state = init_parallel(tensor_parallel_size=2, device_type="cuda")
+        ...                                 # build the model, serve
+
+Works under `deepspeed --num_gpus N script.py`, torchrun, `mpirun -np N python script.py` and as
+a plain single process (rank 0 of 1, no process group).
+"""
+
+from .collectives import (all_reduce_min, barrier, dp_gather_objects, tp_all_reduce, tp_broadcast_object,
+                          tp_gather_last_dim)
+from .errors import RankLostError, exit_on_lost_rank
+from .launcher import strip_local_rank_arg
+from .process_group import init_parallel, shutdown_parallel
+from .state import ParallelState, current_state, tp_rank, tp_size, world_size
+
+__all__ = [
+    "init_parallel", "shutdown_parallel", "ParallelState", "current_state", "tp_rank", "tp_size", "world_size",
+    "tp_all_reduce", "tp_gather_last_dim", "tp_broadcast_object", "dp_gather_objects", "all_reduce_min", "barrier",
+    "RankLostError", "exit_on_lost_rank", "strip_local_rank_arg",
+]

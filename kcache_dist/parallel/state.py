@@ -1,22 +1,74 @@
-"""Where this process sits among the ranks. A process started with no launcher is rank 0 of 1."""
+"""Where this process sits among the ranks. Until `init_parallel` runs (or when it finds no
+launcher) the process is rank 0 of 1, and the collectives return their input."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
 class ParallelState:
+    """This rank's coordinates. world_size = dp_size x tp_size; tp_group_ranks are the global ranks
+    of this rank's TP group in TP rank order (rank = dp_rank * tp_size + tp_rank).
+
+    backend: the torch.distributed backend ("gloo", or "cpu:gloo,cuda:nccl" on GPUs), None when no
+    process group exists (world size 1). launcher: "deepspeed", "torchrun", "env", "mpirun" or
+    "single". local_rank / local_world_size count the ranks on this host.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
     tp_rank: int = 0
     tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_group_ranks: tuple[int, ...] = (0,)
+    backend: Optional[str] = None
+    launcher: str = "single"
+    device_type: str = "cpu"
+
+    @property
+    def is_tp_leader(self) -> bool:
+        """True on the first rank of each TP group (the one that speaks for its DP replica)."""
+        return self.tp_rank == 0
+
+
+@dataclass
+class ProcessGroups:
+    """The torch.distributed handles behind a ParallelState (private to this package).
+
+    tp_group / dp_leaders_group: None when this rank is not a member or no group is needed.
+    hostnames / pids: every rank's host name and process id, exchanged at init, so a failed
+    collective can tell which peer process has gone.
+    """
+
+    tp_group: Any = None
+    dp_leaders_group: Any = None
+    timeout_s: float = 60.0
+    hostnames: tuple[str, ...] = ()
+    pids: tuple[int, ...] = ()
+    store: Any = None
+    lost_rank: bool = False  # a collective failed: the groups can no longer be torn down cleanly
 
 
 _state = ParallelState()
+_groups: Optional[ProcessGroups] = None
 
 
 def current_state() -> ParallelState:
     return _state
+
+
+def current_groups() -> Optional[ProcessGroups]:
+    return _groups
+
+
+def _set(state: ParallelState, groups: Optional[ProcessGroups]) -> None:
+    global _state, _groups
+    _state, _groups = state, groups
 
 
 def tp_rank() -> int:

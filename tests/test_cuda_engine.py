@@ -1,0 +1,63 @@
+"""The engine on a CUDA device: full and KCache modes, pinned host V pool. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from helpers import hf_greedy, token_ids
+from kcache_dist import LLM, KCacheConfig, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+COVERING = KCacheConfig(mode="kcache", top_n=64, dense_layers=1, sink_tokens=4, recent_window=32)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_full_mode_on_cuda_matches_transformers(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    llm = LLM(model=model_dir, dtype="float32", device="cuda")
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32))
+    assert token_ids(outputs) == hf_greedy(model_dir, PROMPTS, 32)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir"])
+def test_kcache_on_cuda_equals_full_mode(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    full = token_ids(LLM(model=model_dir, dtype="float32", device="cuda").generate(PROMPTS, GREEDY))
+    llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=COVERING)
+    cache = llm.engine.runner.kv_cache
+    assert cache.host_pool.pinned and cache.v_host[0].is_pinned() and not cache.v_host[0].is_cuda
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == full
+    assert cache.v_rows_fetched > 0
+
+
+def test_kcache_chunked_prefill_and_preemption_on_cuda(tiny_llama_dir):
+    full = token_ids(LLM(model=tiny_llama_dir, dtype="float32", device="cuda").generate(PROMPTS, GREEDY))
+    llm = LLM(model=tiny_llama_dir, dtype="float32", device="cuda", kcache=COVERING, block_size=8,
+              num_kv_blocks=14, max_model_len=112, max_num_batched_tokens=7)
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == full
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_in_both_modes(tiny_llama_dir, dtype):
+    small = KCacheConfig(mode="kcache", top_n=8, dense_layers=1, sink_tokens=2, recent_window=8)
+    for kcache in (KCacheConfig(), small):
+        outputs = LLM(model=tiny_llama_dir, dtype=dtype, device="cuda", kcache=kcache).generate(PROMPTS, GREEDY)
+        assert all(len(o.outputs[0].token_ids) == 64 for o in outputs)
+
+
+def test_host_store_kernel_writes_the_right_slots():
+    from kcache_dist.cache.host_store import store_rows
+
+    pool = torch.full((6, 3, 4, 16), float("nan"), dtype=torch.bfloat16).pin_memory()
+    rows = torch.randn(5, 3, 16, dtype=torch.bfloat16, device="cuda")
+    slots = torch.tensor([0, 5, 23, 9, 14], device="cuda")
+    store_rows(pool, rows, slots)
+    torch.cuda.synchronize()
+    expected = torch.full_like(pool, float("nan"))
+    expected[slots.cpu() // 4, :, slots.cpu() % 4] = rows.cpu()
+    assert torch.equal(pool.isnan(), expected.isnan()) and torch.equal(pool.nan_to_num(), expected.nan_to_num())

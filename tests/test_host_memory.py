@@ -1,0 +1,47 @@
+"""Host-memory placement helpers: the GPU's NUMA node from sysfs, binding and locating pages."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import pytest
+import torch
+
+from kcache_dist.cache.host_pool import HostPool
+from kcache_dist.cache.numa import bind_to_node, node_from_sysfs, pages_per_node
+
+
+def test_node_from_sysfs(tmp_path):
+    dev = tmp_path / "bus/pci/devices/0000:3b:00.0"
+    dev.mkdir(parents=True)
+    (dev / "numa_node").write_text("1\n")
+    assert node_from_sysfs("0000:3b:00.0", str(tmp_path)) == 1
+    (dev / "numa_node").write_text("-1\n")  # one-node machines report -1
+    assert node_from_sysfs("0000:3b:00.0", str(tmp_path)) is None
+    assert node_from_sysfs("0000:00:00.0", str(tmp_path)) is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/devices/system/node/node0"), reason="no NUMA node 0 in sysfs")
+def test_bound_pages_land_on_the_node():
+    size = 64 * mmap.PAGESIZE
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    bind_to_node(address, size, 0)
+    mapping.write(b"\x01" * size)  # first touch places the pages
+    assert pages_per_node(address, size) == {0: 64}
+    with pytest.raises(OSError, match="mbind of 4096 bytes to NUMA node 63 failed"):
+        bind_to_node(address, 4096, 63)  # not a node of this machine
+
+
+def test_cpu_pool_views_are_aligned_and_bounded():
+    shape = (3, 2, 5, 7)
+    pool = HostPool(HostPool.bytes_for([shape, shape], torch.bfloat16), torch.device("cpu"))
+    a, b = pool.take(shape, torch.bfloat16), pool.take(shape, torch.bfloat16)
+    assert a.shape == b.shape == shape and b.data_ptr() - a.data_ptr() == 4096 and not pool.pinned
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert a.sum() == a.numel()
+    with pytest.raises(ValueError, match="host pool of 8192 bytes cannot hold another 420 bytes"):
+        pool.take(shape, torch.bfloat16)
