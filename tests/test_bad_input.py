@@ -13,7 +13,7 @@ from kcache_dist import LLM, EngineConfig, KCacheConfig, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(model=tiny_llama_dir, max_model_len=64)
+    return LLM(device="cpu", model=tiny_llama_dir, max_model_len=64)
 
 
 def test_empty_prompt(llm):
@@ -88,36 +88,36 @@ def test_unsupported_architecture(tiny_llama_dir, tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"^unsupported architecture 'GPT2LMHeadModel' in .*config.json; "
                                          r"supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM$"):
-        LLM(model=str(model_dir))
+        LLM(device="cpu", model=str(model_dir))
 
 
 def test_missing_files(tiny_llama_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^model directory '.*nowhere' does not exist"):
-        LLM(model=str(tmp_path / "nowhere"))
+        LLM(device="cpu", model=str(tmp_path / "nowhere"))
     no_config = shutil.copytree(tiny_llama_dir, tmp_path / "no_config")
     os.remove(no_config / "config.json")
     with pytest.raises(FileNotFoundError, match=r"^no config.json in model directory '.*no_config' \(found: "
                                                 r".*model.safetensors"):
-        LLM(model=str(no_config))
+        LLM(device="cpu", model=str(no_config))
     no_weights = shutil.copytree(tiny_llama_dir, tmp_path / "no_weights")
     os.remove(no_weights / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"^no \*.safetensors files in model directory '.*no_weights' "
                                                 r"\(found: .*config.json"):
-        LLM(model=str(no_weights))
+        LLM(device="cpu", model=str(no_weights))
 
 
 def test_model_longer_than_its_positions(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"^max_model_len=1024 exceeds the model's max_position_embeddings=512$"):
-        LLM(model=tiny_llama_dir, max_model_len=1024)
+        LLM(device="cpu", model=tiny_llama_dir, max_model_len=1024)
 
 
 def test_cache_too_small_for_one_sequence(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"^the KV cache \(num_kv_blocks\) holds 3 blocks of 16 tokens, fewer than "
                                          r"the 4 blocks one sequence of max_model_len=64 needs; lower max_model_len "
                                          r"to at most 48 or give the cache more memory$"):
-        LLM(model=tiny_llama_dir, max_model_len=64, num_kv_blocks=3)
+        LLM(device="cpu", model=tiny_llama_dir, max_model_len=64, num_kv_blocks=3)
 
 
 def test_kcache_dense_layers_beyond_the_model(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"^kcache.dense_layers=3 exceeds the model's 2 layers$"):
-        LLM(model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache", dense_layers=3))
+        LLM(device="cpu", model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache", dense_layers=3))

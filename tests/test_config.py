@@ -50,6 +50,6 @@ def test_json_file_with_overrides(tmp_path):
 def test_llm_keywords_override_the_config_file(tiny_llama_dir, tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"max_num_seqs": 3, "max_model_len": 100, "dtype": "bfloat16"}))
-    llm = LLM(model=tiny_llama_dir, config=str(path), max_model_len=80)
+    llm = LLM(device="cpu", model=tiny_llama_dir, config=str(path), max_model_len=80)
     assert (llm.config.max_num_seqs, llm.config.max_model_len, llm.config.dtype) == (3, 80, "bfloat16")
     assert llm.engine.max_model_len == 80

@@ -15,7 +15,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir):
-    return token_ids(LLM(model=tiny_llama_dir).generate(PROMPTS, GREEDY))
+    return token_ids(LLM(device="cpu", model=tiny_llama_dir).generate(PROMPTS, GREEDY))
 
 
 def assert_all_blocks_free(llm: LLM) -> None:
@@ -24,13 +24,13 @@ def assert_all_blocks_free(llm: LLM) -> None:
 
 
 def test_one_by_one_equals_together(tiny_llama_dir, reference):
-    llm = LLM(model=tiny_llama_dir)
+    llm = LLM(device="cpu", model=tiny_llama_dir)
     assert [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in PROMPTS] == reference
     assert_all_blocks_free(llm)
 
 
 def test_staggered_arrivals_equal_together(tiny_llama_dir, reference):
-    llm = LLM(model=tiny_llama_dir)
+    llm = LLM(device="cpu", model=tiny_llama_dir)
     engine = llm.engine
     results = {}
     pending = list(enumerate(PROMPTS))
@@ -47,14 +47,14 @@ def test_staggered_arrivals_equal_together(tiny_llama_dir, reference):
 
 
 def test_chunked_prefill_equals_whole_prefill(tiny_llama_dir, reference):
-    llm = LLM(model=tiny_llama_dir, max_num_batched_tokens=5)  # prompts span several steps
+    llm = LLM(device="cpu", model=tiny_llama_dir, max_num_batched_tokens=5)  # prompts span several steps
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference
     assert_all_blocks_free(llm)
 
 
 def test_preemption_recomputes_and_completes_every_request(tiny_llama_dir, reference):
     # 4-token blocks; 16 blocks hold one 64-token sequence but not all four prompts with 24 new tokens.
-    llm = LLM(model=tiny_llama_dir, block_size=4, num_kv_blocks=16, max_model_len=64)
+    llm = LLM(device="cpu", model=tiny_llama_dir, block_size=4, num_kv_blocks=16, max_model_len=64)
     outputs = llm.generate(PROMPTS, GREEDY)
     assert llm.engine.scheduler.num_preemptions > 0
     assert token_ids(outputs) == reference
@@ -63,7 +63,7 @@ def test_preemption_recomputes_and_completes_every_request(tiny_llama_dir, refer
 
 
 def test_max_num_seqs_bounds_the_running_batch(tiny_llama_dir, reference):
-    llm = LLM(model=tiny_llama_dir, max_num_seqs=2)
+    llm = LLM(device="cpu", model=tiny_llama_dir, max_num_seqs=2)
     engine = llm.engine
     for i, p in enumerate(PROMPTS):
         engine.add_request(p, GREEDY, request_id=str(i))
@@ -76,14 +76,14 @@ def test_max_num_seqs_bounds_the_running_batch(tiny_llama_dir, reference):
 
 
 def test_garbage_in_unused_cache_slots_does_not_leak(tiny_llama_dir, reference):
-    llm = LLM(model=tiny_llama_dir)
+    llm = LLM(device="cpu", model=tiny_llama_dir)
     for cache in llm.engine.runner.kv_cache.k_caches + llm.engine.runner.kv_cache.v_caches:
         cache.fill_(float("nan"))
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference
 
 
 def test_token_id_prompts_equal_text_prompts(tiny_llama_dir, reference):
-    llm = LLM(model=tiny_llama_dir)
+    llm = LLM(device="cpu", model=tiny_llama_dir)
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     outputs = llm.generate(ids, GREEDY)
     assert token_ids(outputs) == reference
@@ -109,7 +109,7 @@ def test_block_manager_accounting():
 
 
 def test_runs_in_bfloat16(tiny_llama_dir):
-    llm = LLM(model=tiny_llama_dir, dtype="bf16")
+    llm = LLM(device="cpu", model=tiny_llama_dir, dtype="bf16")
     assert llm.engine.dtype == torch.bfloat16
     out = llm.generate(PROMPTS[:2], GREEDY)
     assert all(len(o.outputs[0].token_ids) > 0 for o in out)

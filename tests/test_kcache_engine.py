@@ -19,24 +19,24 @@ COVERING = KCacheConfig(mode="kcache", top_n=64, dense_layers=1, sink_tokens=4, 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir"])
 def test_covering_budget_equals_full_mode(fixture, request):
     model_dir = request.getfixturevalue(fixture)
-    full = token_ids(LLM(model=model_dir).generate(PROMPTS, GREEDY_64))
+    full = token_ids(LLM(device="cpu", model=model_dir).generate(PROMPTS, GREEDY_64))
     for kcache in (COVERING, KCacheConfig(mode="kcache", top_n=100, dense_layers=0, sink_tokens=0,
                                           recent_window=0, group_reduce="sum", renormalize=False)):
-        llm = LLM(model=model_dir, kcache=kcache)
+        llm = LLM(device="cpu", model=model_dir, kcache=kcache)
         assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == full
         assert llm.engine.runner.kv_cache.v_rows_fetched > 0  # the far rows did come from the host pool
 
 
 def test_default_model_covering_budget_equals_full_mode(default_model_dir):
     prompts = ["The capital of France is", "List three uses of a hash map:"]
-    full = token_ids(LLM().generate(prompts, GREEDY_64))
-    llm = LLM(kcache=KCacheConfig(mode="kcache", top_n=96, dense_layers=2, sink_tokens=4, recent_window=32))
+    full = token_ids(LLM(device="cpu").generate(prompts, GREEDY_64))
+    llm = LLM(device="cpu", kcache=KCacheConfig(mode="kcache", top_n=96, dense_layers=2, sink_tokens=4, recent_window=32))
     assert token_ids(llm.generate(prompts, GREEDY_64)) == full
 
 
 def test_small_budget_reads_fewer_rows(tiny_llama_dir):
     small = KCacheConfig(mode="kcache", top_n=4, dense_layers=1, sink_tokens=2, recent_window=4)
-    llm = LLM(model=tiny_llama_dir, kcache=small)
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=small)
     outputs = llm.generate(PROMPTS, GREEDY_64)
     assert all(len(o.outputs[0].token_ids) == 64 for o in outputs)
     # per decode step and sparse layer, at most top_n far rows per KV head
@@ -45,8 +45,8 @@ def test_small_budget_reads_fewer_rows(tiny_llama_dir):
 
 
 def test_chunked_prefill_and_preemption_in_kcache_mode(tiny_llama_dir):
-    reference = token_ids(LLM(model=tiny_llama_dir).generate(PROMPTS, GREEDY_64))
-    llm = LLM(model=tiny_llama_dir, kcache=COVERING, block_size=8, num_kv_blocks=14, max_model_len=112,
+    reference = token_ids(LLM(device="cpu", model=tiny_llama_dir).generate(PROMPTS, GREEDY_64))
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=COVERING, block_size=8, num_kv_blocks=14, max_model_len=112,
               max_num_batched_tokens=7)
     assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == reference
     assert llm.engine.scheduler.num_preemptions > 0
@@ -55,8 +55,8 @@ def test_chunked_prefill_and_preemption_in_kcache_mode(tiny_llama_dir):
 
 
 def test_block_size_defaults_by_mode(tiny_llama_dir):
-    assert LLM(model=tiny_llama_dir).engine.runner.block_size == 16
-    assert LLM(model=tiny_llama_dir, kcache=COVERING).engine.runner.block_size == 256
+    assert LLM(device="cpu", model=tiny_llama_dir).engine.runner.block_size == 16
+    assert LLM(device="cpu", model=tiny_llama_dir, kcache=COVERING).engine.runner.block_size == 256
 
 
 def test_cpu_host_pool_is_said_once_to_be_unpinned(tiny_llama_dir, caplog):
@@ -64,7 +64,7 @@ def test_cpu_host_pool_is_said_once_to_be_unpinned(tiny_llama_dir, caplog):
 
     host_pool._said_unpinned = False
     with caplog.at_level(logging.INFO, logger="kcache_dist.cache.host_pool"):
-        LLM(model=tiny_llama_dir, kcache=COVERING)
-        LLM(model=tiny_llama_dir, kcache=COVERING)
+        LLM(device="cpu", model=tiny_llama_dir, kcache=COVERING)
+        LLM(device="cpu", model=tiny_llama_dir, kcache=COVERING)
     said = [r.message for r in caplog.records if "host V pool" in r.message]
     assert said == ["no CUDA device: the host V pool is ordinary (unpinned, unbound) memory"]

@@ -23,14 +23,14 @@ def test_sharded_checkpoint_with_index_loads_the_same(tiny_llama_dir, tmp_path):
         assert len(set(json.load(f)["weight_map"].values())) > 1
     assert len(safetensors_files(str(sharded))) > 1
     params = SamplingParams(temperature=0, max_tokens=16)
-    assert token_ids(LLM(model=str(sharded)).generate(PROMPTS, params)) == \
-        token_ids(LLM(model=tiny_llama_dir).generate(PROMPTS, params))
+    assert token_ids(LLM(device="cpu", model=str(sharded)).generate(PROMPTS, params)) == \
+        token_ids(LLM(device="cpu", model=tiny_llama_dir).generate(PROMPTS, params))
 
 
 def test_weights_equal_the_checkpoint(tiny_qwen2_dir):
     from safetensors.torch import load_file
 
-    model = LLM(model=tiny_qwen2_dir).engine.runner.model
+    model = LLM(device="cpu", model=tiny_qwen2_dir).engine.runner.model
     ckpt = load_file(os.path.join(tiny_qwen2_dir, "model.safetensors"))
     layer = model.model.layers[1]
     qkv = torch.cat([ckpt[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
@@ -44,7 +44,7 @@ def test_weights_equal_the_checkpoint(tiny_qwen2_dir):
 
 
 def test_chat_applies_the_template(tiny_llama_dir):
-    llm = LLM(model=tiny_llama_dir)
+    llm = LLM(device="cpu", model=tiny_llama_dir)
     messages = [{"role": "user", "content": "Hello there"}]
     params = SamplingParams(temperature=0, max_tokens=8)
     chat = llm.chat(messages, params)[0]

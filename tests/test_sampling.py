@@ -15,7 +15,7 @@ from kcache_dist.engine.sampler import filter_logits
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(model=tiny_llama_dir)
+    return LLM(device="cpu", model=tiny_llama_dir)
 
 
 def test_seeded_sampling_is_reproducible_across_batches(llm):
@@ -32,8 +32,8 @@ def test_seeded_sampling_is_reproducible_across_batches(llm):
 
 def test_engine_seed_makes_unseeded_runs_repeat(tiny_llama_dir):
     params = SamplingParams(temperature=1.0, max_tokens=16)
-    first = token_ids(LLM(model=tiny_llama_dir, seed=7).generate(PROMPTS, params))
-    again = token_ids(LLM(model=tiny_llama_dir, seed=7).generate(PROMPTS, params))
+    first = token_ids(LLM(device="cpu", model=tiny_llama_dir, seed=7).generate(PROMPTS, params))
+    again = token_ids(LLM(device="cpu", model=tiny_llama_dir, seed=7).generate(PROMPTS, params))
     assert first == again
 
 
@@ -56,6 +56,8 @@ def test_filter_logits_top_k_and_top_p():
     expected = int((mass < top_p).sum()) + 1
     assert kept.sum() == expected and kept[order[:expected]].all()
     assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=1e-9))).sum() == 1
+    tied = torch.tensor([1.0, 3.0, 3.0, 3.0, 2.0])
+    assert torch.isfinite(filter_logits(tied, SamplingParams(top_k=2))).sum() == 2  # ties do not widen top-k
 
 
 def test_stop_string_cuts_exactly(llm):
@@ -81,7 +83,7 @@ def test_stop_token_ids_and_max_tokens(llm):
 
 
 def test_eos_stops_unless_ignored(tiny_llama_dir):
-    llm = LLM(model=tiny_llama_dir)
+    llm = LLM(device="cpu", model=tiny_llama_dir)
     base = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
     llm.engine.eos_token_ids = {base.token_ids[3]}  # pretend the model's EOS is the 4th greedy token
     first = base.token_ids.index(base.token_ids[3])

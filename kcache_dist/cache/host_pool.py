@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import weakref
 from typing import Optional
 
 import torch
@@ -51,6 +52,8 @@ class HostPool:
                                f"(cudaHostRegister error {int(err)}); lower host_memory_gb, max_num_seqs or "
                                "max_model_len, or raise the locked-memory limit (ulimit -l)")
         self.pinned = True
+        # Unregister before the mapping goes: a new mapping at the same address could not be registered.
+        self._finalizer = weakref.finalize(self, _unregister, address, self._mapping)
         logger.info("host V pool: %.2f GiB pinned on NUMA node %s", num_bytes / GIB, self.numa_node)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -68,6 +71,11 @@ class HostPool:
         return sum(-(-math.prod(s) * dtype.itemsize // 4096) * 4096 for s in shapes)
 
     def close(self) -> None:
+        """Unpin now (also done when the pool is collected)."""
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
+            self._finalizer()
             self.pinned = False
+
+
+def _unregister(address: int, mapping: mmap.mmap) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)

@@ -16,9 +16,9 @@ from ..sampling_params import SamplingParams
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [V] float32 -> temperature-scaled logits with tokens outside top-k / top-p at -inf."""
     logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if 0 < params.top_k < logits.shape[-1]:  # exactly top_k tokens survive, ties included
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, torch.topk(logits, params.top_k).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)

@@ -30,5 +30,14 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
     block_tables [B, max_blocks] int32, seq_lens [B] int64, hot_slots [B] int64 (device) and the
     same lengths and slots as Python lists. Returns (out [B, Hq, D], far V rows read from host).
     """
+    if q.is_cuda:
+        try:
+            from .triton_kcache import kcache_decode_triton
+        except ImportError:  # no Triton: the torch reference below
+            kcache_decode_triton = None
+        if kcache_decode_triton is not None:
+            out = kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
+                                       max_seq_len=max(seq_lens_list))
+            return out, far_rows_fetched(seq_lens_list, k_cache.shape[1], spec)
     out = kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec, scale)
     return out, far_rows_fetched(seq_lens_list, k_cache.shape[1], spec)

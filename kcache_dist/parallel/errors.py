@@ -26,6 +26,9 @@ from .state import current_groups, current_state
 _PEER_FAILURE = re.compile(r"connection (closed|reset|refused)|broken pipe|timed out|timeout|by peer|"
                            r"NCCL communicator was aborted|remote process exited", re.IGNORECASE)
 
+# The generic advice gloo appends to its socket errors ("This is typically caused by ... GLHF!").
+_GLOO_ADVICE = re.compile(r"\s*This is typically caused by.*$")
+
 # How long to wait for a dead peer's process to finish exiting before naming it (seconds).
 _PEER_EXIT_GRACE_S = 1.0
 
@@ -102,7 +105,7 @@ def rank_lost_error(operation: str, group_ranks: Sequence[int], group_name: str,
     state, groups = current_state(), current_groups()
     timeout_s = groups.timeout_s if groups is not None else float("nan")
     lost = find_lost_ranks(group_ranks)
-    cause_text = " ".join(str(cause).split())
+    cause_text = _GLOO_ADVICE.sub("", " ".join(str(cause).split()))
     where = describe_group(group_ranks, group_name)
     if lost:
         gone = ", ".join(f"rank {r}: process {groups.pids[r]} on host {groups.hostnames[r]!r}" for r in lost)

@@ -1,0 +1,97 @@
+"""Collectives over real process groups (gloo on 127.0.0.1, forkserver ranks), compared with the
+same computation done in one process; plus the single-process fast paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_scripts.multiprocess import run_ranks
+
+
+def _collectives_on_rank(inputs: list[dict]) -> dict:
+    from kcache_dist.parallel import (all_reduce_min, barrier, current_state, dp_gather_objects, tp_all_reduce,
+                                      tp_broadcast_object, tp_gather_last_dim)
+
+    state = current_state()
+    mine = inputs[state.rank]
+    reduced = tp_all_reduce(mine["reduce"].clone())
+    reduced_transposed = tp_all_reduce(mine["reduce"].clone().t())  # not contiguous
+    gathered = tp_gather_last_dim(mine["gather"])
+    plan = tp_broadcast_object({"from_rank": state.rank, "plan": mine["plan"]})
+    replicas = dp_gather_objects({"from_rank": state.rank, "blocks": mine["blocks"]})
+    smallest = all_reduce_min(mine["blocks"])
+    barrier()
+    return {"state": state, "reduced": reduced, "reduced_transposed": reduced_transposed, "gathered": gathered,
+            "plan": plan, "replicas": replicas, "min": smallest}
+
+
+def _random_inputs(world: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh each run
+    return [{"reduce": torch.randn(3, 5, generator=generator),
+             "gather": torch.randn(2, 3, 4, generator=generator),
+             "plan": {"seq_ids": torch.randint(0, 1000, (6,), generator=generator).tolist(),
+                      "positions": torch.randn(3, generator=generator)},
+             "blocks": int(torch.randint(100, 10_000, (), generator=generator))} for _ in range(world)]
+
+
+@pytest.mark.parametrize("world, tp", [(2, 2), (4, 2), (4, 4), (2, 1)])
+def test_collectives_match_single_process(world, tp):
+    inputs = _random_inputs(world)
+    results = run_ranks(_collectives_on_rank, world, tp, args=(inputs,))
+    dp = world // tp
+    leaders = list(range(0, world, tp))
+    for rank, out in enumerate(results):
+        state = out["state"]
+        group = list(range(rank // tp * tp, rank // tp * tp + tp))
+        assert (state.rank, state.world_size, state.tp_rank, state.tp_size, state.dp_rank, state.dp_size) == \
+               (rank, world, rank % tp, tp, rank // tp, dp)
+        assert list(state.tp_group_ranks) == group
+        assert (state.backend, state.launcher, state.local_rank, state.local_world_size) == ("gloo", "env", rank, world)
+        expected_sum = torch.stack([inputs[r]["reduce"] for r in group]).sum(0)
+        torch.testing.assert_close(out["reduced"], expected_sum)
+        torch.testing.assert_close(out["reduced_transposed"], expected_sum.t())
+        torch.testing.assert_close(out["gathered"], torch.cat([inputs[r]["gather"] for r in group], dim=-1))
+        assert out["plan"]["from_rank"] == group[0]
+        assert out["plan"]["plan"]["seq_ids"] == inputs[group[0]]["plan"]["seq_ids"]
+        torch.testing.assert_close(out["plan"]["plan"]["positions"], inputs[group[0]]["plan"]["positions"])
+        if rank == 0:
+            assert out["replicas"] == [{"from_rank": r, "blocks": inputs[r]["blocks"]} for r in leaders]
+        else:
+            assert out["replicas"] is None
+        assert out["min"] == min(i["blocks"] for i in inputs)
+
+
+def test_single_process_collectives_do_not_touch_torch_distributed(monkeypatch):
+    import torch.distributed as dist
+
+    from kcache_dist import parallel
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE",
+                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.distributed was called in a single-process job")
+
+    for name in ("all_reduce", "all_gather", "broadcast_object_list", "gather_object", "barrier", "new_group",
+                 "init_process_group"):
+        monkeypatch.setattr(dist, name, forbidden)
+    state = parallel.init_parallel(1)
+    try:
+        assert state == parallel.ParallelState(launcher="single")
+        assert (parallel.tp_rank(), parallel.tp_size(), parallel.world_size()) == (0, 1, 1)
+        x = torch.randn(4, 6)
+        assert parallel.tp_all_reduce(x) is x
+        assert parallel.tp_gather_last_dim(x) is x
+        plan = {"ids": torch.randint(0, 99, (3,)).tolist()}
+        assert parallel.tp_broadcast_object(plan) is plan
+        assert parallel.dp_gather_objects(plan) == [plan]
+        assert parallel.all_reduce_min(17) == 17
+        parallel.barrier()
+        with pytest.raises(ValueError, match=r"tensor_parallel_size 2 needs 2 processes.*world size 1"):
+            parallel.init_parallel(2)
+    finally:
+        parallel.shutdown_parallel()
+        parallel.shutdown_parallel()  # idempotent
+    assert parallel.current_state() == parallel.ParallelState()

@@ -1,0 +1,94 @@
+"""A rank that dies or hangs makes the others exit non-zero with a message naming it — never hang."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from dist_scripts.multiprocess import describe, run_rank_outcomes
+
+COLLECTIVE_TIMEOUT_S = 10.0
+
+
+def _die_between_collectives(dying_rank: int) -> str:
+    from kcache_dist.parallel import all_reduce_min, current_state, exit_on_lost_rank, tp_all_reduce
+
+    state = current_state()
+    with exit_on_lost_rank():
+        tp_all_reduce(torch.randn(16))
+        all_reduce_min(state.rank)
+        if state.rank == dying_rank:
+            os._exit(9)
+        for _ in range(200):
+            tp_all_reduce(torch.randn(16))
+            all_reduce_min(state.rank)
+            time.sleep(0.01)
+    return "every collective succeeded although a rank had died"
+
+
+@pytest.mark.parametrize("world, tp, dying_rank", [(2, 2, 1), (4, 2, 3)])
+def test_dead_rank_makes_the_others_exit_with_a_message(world, tp, dying_rank):
+    start = time.monotonic()
+    outcomes = run_rank_outcomes(_die_between_collectives, world, tp, args=(dying_rank,), timeout_s=30,
+                                 pg_timeout_s=COLLECTIVE_TIMEOUT_S, stop_on_first_error=False)
+    elapsed = time.monotonic() - start
+    report = describe(outcomes)
+    assert outcomes[dying_rank].exitcode == 9, report
+    survivors = [o for o in outcomes if o.rank != dying_rank]
+    assert all(o.exitcode == 1 for o in survivors), report
+    assert elapsed < COLLECTIVE_TIMEOUT_S, f"took {elapsed:.1f} s\n{report}"
+    tp_peer = outcomes[dying_rank // tp * tp + (1 - dying_rank % tp)]  # the dying rank's TP partner
+    assert f"lost rank(s) [{dying_rank}] of the tensor-parallel group" in tp_peer.output, report
+    for o in survivors:
+        assert "kcache_dist: rank" in o.output and "exiting with status 1" in o.output, report
+
+
+def _hang_between_collectives() -> str:
+    from kcache_dist.parallel import current_state, exit_on_lost_rank, tp_all_reduce
+
+    with exit_on_lost_rank():
+        tp_all_reduce(torch.randn(16))
+        if current_state().rank == 1:
+            time.sleep(60)  # alive but silent: only the collective timeout can tell
+        tp_all_reduce(torch.randn(16))
+    return "the second all-reduce returned without rank 1"
+
+
+def test_silent_rank_makes_the_other_exit_after_the_timeout():
+    timeout_s = 2.0
+    outcomes = run_rank_outcomes(_hang_between_collectives, 2, 2, timeout_s=30, pg_timeout_s=timeout_s)
+    report = describe(outcomes)
+    assert outcomes[0].exitcode == 1, report
+    assert timeout_s <= outcomes[0].seconds < timeout_s + 10, report
+    assert "rank 0: tp_all_reduce over the tensor-parallel group (global ranks [0, 1]) failed" in outcomes[0].output
+    assert "collective timeout of 2 s; rank(s) that may be lost: [1]" in outcomes[0].output, report
+
+
+def _miss_the_rendezvous() -> str:
+    from kcache_dist.parallel import exit_on_lost_rank, init_parallel
+
+    if int(os.environ["RANK"]) == 1:
+        os._exit(9)
+    with exit_on_lost_rank():
+        init_parallel(2, timeout_s=2.0)
+    return "init_parallel returned without rank 1"
+
+
+def test_rank_that_never_joins_is_named():
+    outcomes = run_rank_outcomes(_miss_the_rendezvous, 2, None, timeout_s=30, stop_on_first_error=False)
+    report = describe(outcomes)
+    assert outcomes[0].exitcode == 1, report
+    assert "rank 0: rank(s) [1] of 2 did not join the job within 2 s" in outcomes[0].output, report
+
+
+def test_peer_failure_classification():
+    from kcache_dist.parallel.errors import is_peer_failure
+
+    assert is_peer_failure(RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:21214"))
+    assert is_peer_failure(RuntimeError("[pair.cc:537] Read error [127.0.0.1]:51336: Connection reset by peer"))
+    assert is_peer_failure(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"))
+    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_peer_failure(ValueError("connection reset"))
