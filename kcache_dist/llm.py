@@ -68,7 +68,8 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                results[out.request_id] = out
+                if out.finished:
+                    results[out.request_id] = out
         return [results[r] for r in request_ids]
 
     def chat(self, messages: Union[list[Message], list[list[Message]]],

@@ -40,7 +40,8 @@ def test_staggered_arrivals_equal_together(tiny_llama_dir, reference):
             i, prompt = pending.pop(0)
             engine.add_request(prompt, GREEDY, request_id=str(i))
         for out in engine.step():
-            results[int(out.request_id)] = out.outputs[0].token_ids
+            if out.finished:
+                results[int(out.request_id)] = out.outputs[0].token_ids
         steps += 1
     assert [results[i] for i in range(len(PROMPTS))] == reference
     assert_all_blocks_free(llm)
@@ -70,7 +71,8 @@ def test_max_num_seqs_bounds_the_running_batch(tiny_llama_dir, reference):
     results = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
-            results[int(out.request_id)] = out.outputs[0].token_ids
+            if out.finished:
+                results[int(out.request_id)] = out.outputs[0].token_ids
         assert len(engine.scheduler.running) <= 2
     assert [results[i] for i in range(len(PROMPTS))] == reference
 
@@ -113,3 +115,22 @@ def test_runs_in_bfloat16(tiny_llama_dir):
     assert llm.engine.dtype == torch.bfloat16
     out = llm.generate(PROMPTS[:2], GREEDY)
     assert all(len(o.outputs[0].token_ids) > 0 for o in out)
+
+
+def test_step_outputs_grow_and_abort_frees_blocks(tiny_llama_dir, reference):
+    llm = LLM(device="cpu", model=tiny_llama_dir)
+    engine = llm.engine
+    engine.add_request(PROMPTS[0], GREEDY, request_id="a")
+    engine.add_request(PROMPTS[1], GREEDY, request_id="b")
+    seen = []
+    for _ in range(5):
+        outs = {o.request_id: o for o in engine.step()}
+        seen.append(list(outs["a"].outputs[0].token_ids))
+        assert not outs["a"].finished
+    assert seen == [reference[0][: i + 1] for i in range(5)]  # one more token each step
+    aborted = engine.abort_request("b")
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    assert engine.abort_request("b") is None
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_all_blocks_free(llm)

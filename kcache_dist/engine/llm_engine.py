@@ -129,18 +129,23 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request and free its blocks; its final output (finish_reason "abort"), or None
+        if no such request is running or waiting."""
         seq = self._by_request.get(request_id)
-        if seq is not None and not seq.finished:
-            seq.finish_reason = "abort"
-            self._release(seq)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self._release(seq)
+        return self._output(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return the outputs of the requests that finished in it."""
+        """Run one scheduled forward; return an output for every request that got a token in it
+        (text and token ids so far; `finished` set on the last one)."""
         plan = self.scheduler.schedule()
         if plan is None:
             return []
@@ -149,12 +154,13 @@ class LLMEngine:
         tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)
         for sid, n in zip(plan.seq_ids, plan.num_new_tokens):
             self._seqs[sid].num_computed_tokens += n
-        finished = []
+        outputs = []
         for seq, token in zip(sampled_seqs, tokens):
             self._append_token(seq, token)
             if seq.finish_reason is not None:
-                finished.append(self._release(seq))
-        return finished
+                self._release(seq)
+            outputs.append(self._output(seq))
+        return outputs
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -175,12 +181,15 @@ class LLMEngine:
         if seq.finish_reason is not None:
             seq.output_text += detok.flush()
 
-    def _release(self, seq: Sequence) -> RequestOutput:
+    def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         del self._seqs[seq.seq_id]
         del self._detokenizers[seq.seq_id]
         del self._by_request[seq.request_id]
+
+    @staticmethod
+    def _output(seq: Sequence) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
             outputs=[CompletionOutput(0, seq.output_text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)],
-            finished=True)
+            finished=seq.finish_reason is not None)
