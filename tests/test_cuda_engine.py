@@ -61,3 +61,18 @@ def test_host_store_kernel_writes_the_right_slots():
     expected = torch.full_like(pool, float("nan"))
     expected[slots.cpu() // 4, :, slots.cpu() % 4] = rows.cpu()
     assert torch.equal(pool.isnan(), expected.isnan()) and torch.equal(pool.nan_to_num(), expected.nan_to_num())
+
+
+def test_pinning_failure_is_a_clear_error_before_generation(tiny_llama_dir, monkeypatch):
+    import kcache_dist.cache.host_pool as host_pool
+
+    monkeypatch.setattr(host_pool, "_register", lambda address, num_bytes: 2)  # as cudaErrorMemoryAllocation
+    with pytest.raises(RuntimeError, match=r"^pinning 0.\d\d GiB of host memory for the V pool failed "
+                                           r"\(cudaHostRegister error 2\); lower host_memory_gb"):
+        LLM(model=tiny_llama_dir, device="cuda", kcache=COVERING)
+
+
+def test_host_pool_larger_than_memory_is_refused_before_allocating(tiny_llama_dir):
+    with pytest.raises(RuntimeError, match=r"^the host V pool needs \d+\.\d\d GiB but only \d+\.\d\d GiB of host "
+                                           r"memory is available"):
+        LLM(model=tiny_llama_dir, device="cuda", kcache=COVERING, num_kv_blocks=5_000_000)  # 160 GB of V

@@ -45,3 +45,14 @@ def test_cpu_pool_views_are_aligned_and_bounded():
     assert a.sum() == a.numel()
     with pytest.raises(ValueError, match="host pool of 8192 bytes cannot hold another 420 bytes"):
         pool.take(shape, torch.bfloat16)
+
+
+def test_available_host_bytes(tmp_path):
+    from kcache_dist.cache.host_pool import available_host_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:        1000 kB\nMemAvailable:   2048 kB\n")
+    assert available_host_bytes(str(meminfo)) == 2048 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    assert available_host_bytes(str(meminfo)) is None
+    assert available_host_bytes(str(tmp_path / "missing")) is None

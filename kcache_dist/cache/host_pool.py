@@ -39,6 +39,10 @@ class HostPool:
             self._mapping = None
             self._buffer = torch.empty(num_bytes, dtype=torch.uint8)
             return
+        available = available_host_bytes()
+        if available is not None and num_bytes > available:
+            raise RuntimeError(f"the host V pool needs {num_bytes / GIB:.2f} GiB but only {available / GIB:.2f} GiB "
+                               "of host memory is available; lower host_memory_gb, max_num_seqs or max_model_len")
         self._mapping = mmap.mmap(-1, max(num_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._buffer = torch.frombuffer(self._mapping, dtype=torch.uint8)
         address = self._buffer.data_ptr()
@@ -46,10 +50,10 @@ class HostPool:
         if self.numa_node is not None:
             bind_to_node(address, num_bytes, self.numa_node)
         self._buffer.fill_(0)  # first touch: the pages are placed now, under the binding
-        err = torch.cuda.cudart().cudaHostRegister(address, num_bytes, 0)
-        if int(err) != 0:
+        err = _register(address, num_bytes)
+        if err != 0:
             raise RuntimeError(f"pinning {num_bytes / GIB:.2f} GiB of host memory for the V pool failed "
-                               f"(cudaHostRegister error {int(err)}); lower host_memory_gb, max_num_seqs or "
+                               f"(cudaHostRegister error {err}); lower host_memory_gb, max_num_seqs or "
                                "max_model_len, or raise the locked-memory limit (ulimit -l)")
         self.pinned = True
         # Unregister before the mapping goes: a new mapping at the same address could not be registered.
@@ -75,6 +79,23 @@ class HostPool:
         if self.pinned:
             self._finalizer()
             self.pinned = False
+
+
+def available_host_bytes(meminfo_path: str = "/proc/meminfo") -> Optional[int]:
+    """MemAvailable in bytes, or None where the kernel does not say."""
+    try:
+        with open(meminfo_path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _register(address: int, num_bytes: int) -> int:
+    """Pin [address, address + num_bytes) for CUDA; the CUDA error code (0 = success)."""
+    return int(torch.cuda.cudart().cudaHostRegister(address, num_bytes, 0))
 
 
 def _unregister(address: int, mapping: mmap.mmap) -> None:

@@ -35,10 +35,10 @@ class KCacheKVCache:
         self.device = device
         block_shape = (num_blocks, num_kv_heads, block_size, head_dim)
         num_sparse = num_layers - dense_layers
+        self.host_pool = HostPool(HostPool.bytes_for([block_shape] * num_sparse, dtype), device)  # most likely to fail
+        self.v_host = [self.host_pool.take(block_shape, dtype) for _ in range(num_sparse)]
         self.k_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.dense_v_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(dense_layers)]
-        self.host_pool = HostPool(HostPool.bytes_for([block_shape] * num_sparse, dtype), device)
-        self.v_host = [self.host_pool.take(block_shape, dtype) for _ in range(num_sparse)]
         hot_shape = (num_slots, num_kv_heads, spec.hot_rows, head_dim)
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
         self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers
