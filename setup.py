@@ -18,10 +18,13 @@ setup(
         "deepspeed",
         "mpi4py",
         "nvidia-ml-py",
+        "fastapi>=0.110",  # the OpenAI-compatible HTTP server (kcache_dist/server), the main job
+        "uvicorn>=0.30",  # runs that server; >=0.30 for the signal hooks the graceful drain overrides
     ],
     extras_require={
         # accelerate: transformers' own GGUF loading, the reference in the conversion test;
         # mpich: an MPI runtime for mpi4py on machines without one.
-        "test": ["pytest", "accelerate", "mpich"],
+        # openai, httpx: the server tests talk to a real server with the official client and raw HTTP.
+        "test": ["pytest", "accelerate", "mpich", "openai>=1.0", "httpx"],
     },
 )

@@ -71,13 +71,18 @@ class KCacheConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is spread over processes: heads sharded over `tensor_parallel_size` ranks."""
+    """How the model is spread over processes: heads sharded over `tensor_parallel_size` ranks; a
+    job with more ranks runs world / tensor_parallel_size data-parallel replicas. A collective that
+    waits longer than `collective_timeout_s` for a peer fails (a dead rank ends the job)."""
 
     tensor_parallel_size: int = 1
+    collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _require(is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
                  "parallel.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+        _require(is_number(self.collective_timeout_s) and self.collective_timeout_s > 0,
+                 "parallel.collective_timeout_s", self.collective_timeout_s, "a number > 0")
 
 
 @dataclass(frozen=True)

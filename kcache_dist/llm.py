@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 from .config import EngineConfig, KCacheConfig, ParallelConfig
 from .engine.llm_engine import LLMEngine, Prompt
 from .outputs import RequestOutput
+from .parallel import dp_gather_objects
 from .sampling_params import SamplingParams
 
 Message = dict[str, str]
@@ -52,7 +53,11 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:
-        """Run every prompt (a string or a list of token ids) to completion; outputs in input order."""
+        """Run every prompt (a string or a list of token ids) to completion; outputs in input order.
+
+        In a launched job, call it on every rank with the same arguments: the prompts are shared
+        out over the data-parallel replicas and every output comes back on global rank 0 (the
+        other ranks return an empty list)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -62,15 +67,27 @@ class LLM:
             else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        for p in prompts:  # validate every prompt before queueing any
-            self.engine.tokenize(p)
-        request_ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        results: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-        return [results[r] for r in request_ids]
+        for p, sp in zip(prompts, params):  # every rank validates every prompt before any is queued
+            self.engine.validate(p, sp)
+        engine, state = self.engine, self.engine.parallel
+        mine = [i for i in range(len(prompts)) if i % state.dp_size == state.dp_rank]  # this replica's share
+        results: dict[int, RequestOutput] = {}
+        if engine.is_scheduler:
+            request_ids = {engine.add_request(prompts[i], params[i]): i for i in mine}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[request_ids[out.request_id]] = out
+            engine.stop_workers()
+        else:
+            engine.run_worker()
+        if state.dp_size == 1:
+            return [results[i] for i in range(len(prompts))] if state.rank == 0 else []
+        gathered = dp_gather_objects(results)
+        if gathered is None:
+            return []
+        merged = {i: out for part in gathered for i, out in part.items()}
+        return [merged[i] for i in range(len(prompts))]
 
     def chat(self, messages: Union[list[Message], list[list[Message]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:

@@ -49,7 +49,8 @@ def test_token_ids_outside_vocabulary(llm):
     ({"top_k": -2}, r"top_k must be an integer >= -1 \(-1 or 0 disable it\), got -2"),
     ({"n": 2}, r"n must be 1 \(one completion per request\), got 2"),
     ({"stop": [""]}, "stop must hold non-empty strings, got ''"),
-    ({"seed": 1.5}, "seed must be an integer or None, got 1.5"),
+    ({"seed": 1.5}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None, got 1.5"),
+    ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None, got 18446744073709551616"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
@@ -112,10 +113,16 @@ def test_model_longer_than_its_positions(tiny_llama_dir):
 
 
 def test_cache_too_small_for_one_sequence(tiny_llama_dir):
-    with pytest.raises(ValueError, match=r"^the KV cache \(num_kv_blocks\) holds 3 blocks of 16 tokens, fewer than "
-                                         r"the 4 blocks one sequence of max_model_len=64 needs; lower max_model_len "
-                                         r"to at most 48 or give the cache more memory$"):
+    with pytest.raises(ValueError, match=r"^num_kv_blocks=3 holds 48 tokens, fewer than one sequence of "
+                                         r"max_model_len=64 needs \(4 blocks of 16 tokens\); raise num_kv_blocks to at "
+                                         r"least 4 or lower max_model_len to at most 48$"):
         LLM(device="cpu", model=tiny_llama_dir, max_model_len=64, num_kv_blocks=3)
+    with pytest.raises(ValueError, match=r"^the KV cache cannot hold one sequence of max_model_len=512 \(32 blocks of "
+                                         r"16 tokens\) on rank 0 \(CPU, NUMA node unknown\)\. CPU cache memory is short "
+                                         r"by 251407 bytes \(0.00 GiB\): cpu_kv_cache_gb allows 10737 bytes but the "
+                                         r"cache needs 262144 bytes = 32 blocks x 8192 bytes\. What fits: "
+                                         r"max_model_len <= 16; otherwise raise cpu_kv_cache_gb\.$"):
+        LLM(device="cpu", model=tiny_llama_dir, max_model_len=512, cpu_kv_cache_gb=1e-5)
 
 
 def test_kcache_dense_layers_beyond_the_model(tiny_llama_dir):

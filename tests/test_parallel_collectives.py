@@ -95,3 +95,20 @@ def test_single_process_collectives_do_not_touch_torch_distributed(monkeypatch):
         parallel.shutdown_parallel()
         parallel.shutdown_parallel()  # idempotent
     assert parallel.current_state() == parallel.ParallelState()
+
+
+def _reinitialise_on_rank() -> list:
+    from kcache_dist.parallel import all_reduce_min, current_state, init_parallel, shutdown_parallel, tp_all_reduce
+
+    seen = [(current_state().tp_size, all_reduce_min(current_state().rank))]
+    assert init_parallel(2, timeout_s=20) is current_state()  # same arguments: nothing to do
+    with pytest.raises(RuntimeError, match="already called"):
+        init_parallel(1)
+    shutdown_parallel()
+    state = init_parallel(1, timeout_s=20)  # same job, new groups: 2 replicas of TP 1
+    seen.append((state.tp_size, state.dp_size, tp_all_reduce(torch.ones(2)).tolist(), all_reduce_min(5 + state.rank)))
+    return seen
+
+
+def test_shutdown_then_initialise_again():
+    assert run_ranks(_reinitialise_on_rank, 2, 2) == [[(2, 0), (1, 2, [1.0, 1.0], 5)]] * 2

@@ -67,6 +67,7 @@ def _check_two_rank_tp_job(probes: list[dict], launcher: str, output: str) -> No
         assert (p["world_size"], p["tp_size"], p["tp_rank"], p["local_rank"]) == (2, 2, p["rank"], p["rank"]), p
         assert (p["launcher"], p["backend"], p["tp_group_ranks"]) == (launcher, "gloo", [0, 1]), p
         assert p["sum"] == [3.0] * 4 and p["min"] == 100, p  # ranks contribute 1 and 2; min of 100, 101
+        assert p["gathered"] == [[0.0, 0.0, 1.0, 1.0]] and p["plan_from"] == 0, p
         assert p["rendezvous_host"] == "127.0.0.1", p
     assert probes[0]["replicas"] == [0] and probes[1]["replicas"] is None
 

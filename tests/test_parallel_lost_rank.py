@@ -49,11 +49,14 @@ def test_dead_rank_makes_the_others_exit_with_a_message(world, tp, dying_rank):
 def _hang_between_collectives() -> str:
     from kcache_dist.parallel import current_state, exit_on_lost_rank, tp_all_reduce
 
-    with exit_on_lost_rank():
+    @exit_on_lost_rank  # the decorator form
+    def two_all_reduces() -> None:
         tp_all_reduce(torch.randn(16))
         if current_state().rank == 1:
             time.sleep(60)  # alive but silent: only the collective timeout can tell
         tp_all_reduce(torch.randn(16))
+
+    two_all_reduces()
     return "the second all-reduce returned without rank 1"
 
 

@@ -6,9 +6,12 @@ Owns the tokenizer, the scheduler and the model runner. `add_request` validates 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import logging
 import os
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -18,7 +21,7 @@ from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
-from ..parallel import world_size
+from ..parallel import current_state, init_parallel, tp_broadcast_object
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .model_runner import ModelRunner
@@ -33,12 +36,12 @@ Prompt = Union[str, list[int]]
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device_type(name: str) -> str:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(name)
+    return name
 
 
 def resolve_dtype(name: str, checkpoint_dtype: Optional[str], device: torch.device) -> torch.dtype:
@@ -63,9 +66,15 @@ def resolve_max_model_len(requested: Optional[int], mc: ModelConfig) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        if config.parallel.tensor_parallel_size != world_size():
-            raise ValueError(f"tensor_parallel_size={config.parallel.tensor_parallel_size} needs that many "
-                             f"processes; this job has {world_size()}")
+        """Joins the job's ranks first (layers read their tensor-parallel rank when built)."""
+        device_type = resolve_device_type(config.device)
+        tp = config.parallel.tensor_parallel_size
+        self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s)
+        if self.parallel.tp_size != tp:
+            raise ValueError(f"tensor_parallel_size={tp} needs a job of a multiple of {tp} processes "
+                             "(launched by deepspeed, torchrun or mpirun); this process runs alone")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" \
+            else torch.device("cpu")
         self.config = config
         if config.model is None:
             from ..default_model import default_model_dir
@@ -78,7 +87,6 @@ class LLMEngine:
         self.model_dir = model_dir
         self.model_config = load_model_config(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
-        self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -92,6 +100,16 @@ class LLMEngine:
         self._seqs: dict[int, Sequence] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._by_request: dict[str, Sequence] = {}
+        # Registered after init_parallel's hooks, so it runs before them (atexit is last-in, first-out).
+        atexit.register(_release_at_exit, weakref.ref(self))
+
+    def release(self) -> None:
+        """Drop the model, cache and tokenizer now. At exit this happens before the process group
+        and MPI are shut down: objects that outlived them aborted the process in about one mpirun
+        launch in five ("terminate called without an active exception")."""
+        self.runner = None
+        self.tokenizer = None
+        gc.collect()
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
@@ -111,13 +129,18 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         return None, list(prompt)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
+    def validate(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """(prompt text or None, token ids) of a request that can run; ValueError saying why not."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens long but max_model_len is {self.max_model_len} "
                              "(the prompt and at least one generated token must fit)")
+        return text, token_ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
+        text, token_ids = self.validate(prompt, params)
         seq_id = next(self._seq_ids)
         request_id = str(seq_id) if request_id is None else request_id
         if request_id in self._by_request:
@@ -142,6 +165,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def is_scheduler(self) -> bool:
+        """Whether this rank schedules and samples (the first rank of its tensor-parallel group)."""
+        return self.parallel.tp_rank == 0
+
+    def run_worker(self) -> None:
+        """On the other ranks of a tensor-parallel group: run each step plan the scheduling rank
+        sends, until it sends None (`stop_workers`)."""
+        while (plan := tp_broadcast_object(None)) is not None:
+            self.runner.execute(plan)
+
+    def stop_workers(self) -> None:
+        """On the scheduling rank: release the workers from `run_worker`."""
+        if self.parallel.tp_size > 1:
+            tp_broadcast_object(None)
+
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return an output for every request that got a token in it
@@ -149,6 +188,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
+        if self.parallel.tp_size > 1:
+            tp_broadcast_object(plan)
         logits = self.runner.execute(plan)
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
         tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)
@@ -193,3 +234,9 @@ class LLMEngine:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
             outputs=[CompletionOutput(0, seq.output_text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)],
             finished=seq.finish_reason is not None)
+
+
+def _release_at_exit(engine_ref: "weakref.ref[LLMEngine]") -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine.release()

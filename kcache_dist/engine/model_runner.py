@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
 from ..cache.full_kv_cache import FullKVCache
 from ..cache.kcache_kv_cache import KCacheKVCache
+from ..cache.memory_facts import cpu_device_facts, gather_memory_facts, host_memory_facts
+from ..cache.planner import CacheGeometry, CachePlan, PlannerKnobs, agree, plan_rank
 from ..config import EngineConfig
 from ..forward_context import ForwardContext
 from ..kcache.selection import SelectionSpec
 from ..models.loader import load_weights
 from ..models.model_config import ModelConfig
 from ..models.registry import model_class
+from ..parallel import all_reduce_min, current_state
 from .step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -32,62 +36,68 @@ class ModelRunner:
             self.model = model_class(model_config.architecture)(model_config, max_model_len, dtype)
         load_weights(self.model, model_dir)
         self.model.eval()
-        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        self.kv_cache = self._build_cache(model_config, num_kv_heads, max_model_len)
+        self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        if config.kcache.mode == "kcache" and config.kcache.dense_layers > model_config.num_hidden_layers:
+            raise ValueError(f"kcache.dense_layers={config.kcache.dense_layers} exceeds the model's "
+                             f"{model_config.num_hidden_layers} layers")
+        self.cache_plan = self._plan_cache()
+        self.num_kv_blocks = self.cache_plan.num_blocks
+        self.kv_cache = self._make_cache(self.num_kv_blocks)
 
-    def _build_cache(self, mc: ModelConfig, num_kv_heads: int, max_model_len: int):
-        """The cache of the configured mode, with as many blocks as memory allows (see `_num_kv_blocks`)."""
-        cfg, kc = self.config, self.config.kcache
-        layers, bs, d = mc.num_hidden_layers, self.block_size, mc.head_dim
+    def _make_cache(self, num_blocks: int):
+        mc, kc, dtype = self.model_config, self.config.kcache, self.dtype
         if kc.mode == "full":
-            device_block_bytes, host_block_bytes = FullKVCache.bytes_per_block(layers, num_kv_heads, bs, d, self.dtype), 0
-            fixed_device_bytes = 0
-        else:
-            if kc.dense_layers > layers:
-                raise ValueError(f"kcache.dense_layers={kc.dense_layers} exceeds the model's {layers} layers")
-            spec = SelectionSpec(kc.top_n, kc.sink_tokens, kc.recent_window, kc.renormalize, kc.group_reduce)
-            device_block_bytes, host_block_bytes = KCacheKVCache.bytes_per_block(
-                layers, kc.dense_layers, num_kv_heads, bs, d, self.dtype)
-            fixed_device_bytes = KCacheKVCache.hot_bytes(layers, kc.dense_layers, cfg.max_num_seqs, num_kv_heads, d,
-                                                         spec, self.dtype)
-        self.num_kv_blocks = self._num_kv_blocks(device_block_bytes, host_block_bytes, fixed_device_bytes,
-                                                 max_model_len)
-        if kc.mode == "full":
-            return FullKVCache(layers, self.num_kv_blocks, num_kv_heads, bs, d, self.dtype, self.device)
-        return KCacheKVCache(layers, kc.dense_layers, self.num_kv_blocks, cfg.max_num_seqs, num_kv_heads, bs, d,
-                             spec, self.dtype, self.device)
+            return FullKVCache(mc.num_hidden_layers, num_blocks, self.num_kv_heads, self.block_size, mc.head_dim,
+                               dtype, self.device)
+        spec = SelectionSpec(kc.top_n, kc.sink_tokens, kc.recent_window, kc.renormalize, kc.group_reduce)
+        return KCacheKVCache(mc.num_hidden_layers, kc.dense_layers, num_blocks, self.config.max_num_seqs,
+                             self.num_kv_heads, self.block_size, mc.head_dim, spec, dtype, self.device)
 
-    def _num_kv_blocks(self, device_block_bytes: int, host_block_bytes: int, fixed_device_bytes: int,
-                       max_model_len: int) -> int:
-        """Cache blocks: `num_kv_blocks` if given, else what the device budget (and, in KCache mode,
-        the host budget `host_memory_gb`) holds, capped at what max_num_seqs sequences of
-        max_model_len tokens can use."""
-        cfg = self.config
-        blocks_per_seq = -(-max_model_len // self.block_size)
-        if cfg.num_kv_blocks is not None:
-            num_blocks, source = cfg.num_kv_blocks, "num_kv_blocks"
+    def _plan_cache(self) -> CachePlan:
+        """Measure this rank's memory, plan the cache blocks and agree on them with every rank
+        (the planner raises, on every rank alike, when one max_model_len sequence cannot fit)."""
+        cfg, mc = self.config, self.model_config
+        state = current_state()
+        geometry = CacheGeometry.from_engine_config(cfg, mc.num_hidden_layers, self.num_kv_heads, mc.head_dim,
+                                                    self.dtype.itemsize)
+        knobs = PlannerKnobs.from_engine_config(cfg, self.max_model_len)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            weight_bytes = torch.cuda.memory_allocated(self.device)
+            activation_peak_bytes = self._profile_activation_peak()
+            device, host = gather_memory_facts(self.device.index, weight_bytes, activation_peak_bytes)
         else:
-            if self.device.type == "cuda":
-                free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
-                device_budget = free_bytes - (1 - cfg.gpu_memory_utilization) * total_bytes
-                source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
-            else:
-                device_budget = cfg.cpu_kv_cache_gb * GIB
-                source = f"cpu_kv_cache_gb={cfg.cpu_kv_cache_gb}"
-            num_blocks = min(int((device_budget - fixed_device_bytes) // device_block_bytes),
-                             cfg.max_num_seqs * blocks_per_seq)
-            if host_block_bytes and cfg.host_memory_gb * GIB // host_block_bytes < num_blocks:
-                num_blocks, source = int(cfg.host_memory_gb * GIB // host_block_bytes), \
-                    f"host_memory_gb={cfg.host_memory_gb}"
-        if num_blocks < blocks_per_seq:
-            raise ValueError(
-                f"the KV cache ({source}) holds {max(num_blocks, 0)} blocks of {self.block_size} tokens, fewer than "
-                f"the {blocks_per_seq} blocks one sequence of max_model_len={max_model_len} needs; lower "
-                f"max_model_len to at most {max(num_blocks, 0) * self.block_size} or give the cache more memory")
-        logger.info("KV cache: %d blocks x %d tokens: %.2f GiB on %s, %.2f GiB in host memory", num_blocks,
-                    self.block_size, (num_blocks * device_block_bytes + fixed_device_bytes) / GIB, self.device,
-                    num_blocks * host_block_bytes / GIB)
-        return num_blocks
+            device = cpu_device_facts(int(cfg.cpu_kv_cache_gb * GIB))
+            knobs = dataclasses.replace(knobs, gpu_memory_utilization=1.0)
+            host = host_memory_facts(None, state.local_world_size)
+        plan = agree(plan_rank(state.rank, device, host, geometry, knobs, state.world_size), all_reduce_min)
+        logger.info("cache plan:\n%s", plan.table())
+        return plan
+
+    @torch.inference_mode()
+    def _profile_activation_peak(self) -> int:
+        """Peak bytes above the weights of the largest steps the plan allows — a prefill chunk of
+        max_num_batched_tokens and a decode of max_num_seqs sequences of max_model_len — run on a
+        stand-in cache of one max_model_len sequence (whose own bytes are not counted)."""
+        cfg, dev = self.config, self.device
+        blocks = list(range(-(-self.max_model_len // self.block_size)))
+        base_bytes = torch.cuda.memory_allocated(dev)
+        self.kv_cache = self._make_cache(len(blocks))
+        torch.cuda.synchronize(dev)
+        stand_in_bytes = torch.cuda.memory_allocated(dev) - base_bytes
+        torch.cuda.reset_peak_memory_stats(dev)
+        n = min(cfg.max_num_batched_tokens, self.max_model_len - 1)
+        num_seqs = cfg.max_num_seqs
+        self.execute(StepPlan([0], [n], [0], [0] * n, [blocks], [0], [True]))
+        self.execute(StepPlan(list(range(num_seqs)), [1] * num_seqs, [self.max_model_len - 1] * num_seqs,
+                              [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs))
+        torch.cuda.synchronize(dev)
+        peak_bytes = torch.cuda.max_memory_allocated(dev) - base_bytes - stand_in_bytes
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+        return max(0, peak_bytes)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:

@@ -129,7 +129,7 @@ def _radix_select(from_s, r_lo, r_hi, need, S, SCR_POS, SCR_KEY, IDX, row, lse, 
     ti = tl.arange(0, TILE)
     prefix = 0
     for p in tl.static_range(4):
-        SHIFT: tl.constexpr = 24 - 8 * p
+        SHIFT = 24 - 8 * p
         hist = tl.zeros([256], tl.int32)
         for start in range(r_lo, r_hi, TILE):
             i = start + ti
@@ -233,12 +233,12 @@ def _row_select(S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MA
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, IDX, CNT, SCR_POS, SCR_KEY,
+def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, IDX, CNT, SCR_POS, SCR_KEY, HIST,
                   qk_scale, sink, window, top_n, stride_bt, Cmax, NSPLIT_MAX, scr_cap, ktop,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
                   BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
                   TILE: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr, GROUP_SUM: tl.constexpr,
-                  FUSED_SELECT: tl.constexpr):
+                  FUSED_SELECT: tl.constexpr, ZERO_HIST: tl.constexpr):
     """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D]; BT [B, stride_bt] int32;
     SEQ [B] int64. S [rows, G, Cmax] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
     With FUSED_SELECT the last CTA of each row runs `_row_select` (CNT [rows] int32 tickets, zero on
@@ -278,6 +278,10 @@ def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, IDX, CNT, SCR_POS, SCR_KEY,
             m_i = m_new
         tl.store(MP + (row * G + gi) * NSPLIT_MAX + split, m_i, mask=gmask)
         tl.store(LP + (row * G + gi) * NSPLIT_MAX + split, l_i, mask=gmask)
+        if ZERO_HIST:
+            if split == 0:
+                tl.store(HIST + row * NBINS + tl.arange(0, NBINS), tl.zeros([NBINS], tl.int32))
+                tl.store(CNT + row, 0)
         if FUSED_SELECT:
             tl.debug_barrier()
             ticket = tl.atomic_add(CNT + row, 1, sem="acq_rel")
@@ -297,6 +301,112 @@ def _select_kernel(SEQ, S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, sink, window, top
     L = tl.load(SEQ + row // HKV).to(tl.int32)
     _row_select(S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, row, L, tl.cdiv(L, SPLIT), NSPLIT_MAX, Cmax,
                 sink, window, top_n, scr_cap, ktop, G, GQ, NSP, TILE, NBINS, BPL, GROUP_SUM)
+
+
+@triton.jit
+def _keys_hist_kernel(SEQ, S, MP, LP, LSE, KEYS, HIST, sink, window, top_n, Cmax, NSPLIT_MAX, ktop,
+                      HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, SPLIT: tl.constexpr,
+                      NSP: tl.constexpr, CH: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr,
+                      GROUP_SUM: tl.constexpr):
+    """Parallel selection, step 1, grid (chunks, rows): lse from the partials (chunk 0 stores it),
+    keys of positions [c*CH, (c+1)*CH) ∩ far -> KEYS [rows, Cmax] fp32, and the row's key histogram
+    HIST [rows, NBINS] (zeroed by the K pass) by atomics. Rows with far <= top_n need no keys."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    L = tl.load(SEQ + row // HKV).to(tl.int32)
+    sink_end = tl.minimum(sink, L)
+    window_start = tl.maximum(sink_end, L - window)
+    lo = c * CH
+    busy = (window_start - sink_end > top_n) & (lo < window_start) & (lo + CH > sink_end)
+    if busy | (c == 0):
+        gq = tl.arange(0, GQ)
+        si = tl.arange(0, NSP)
+        gmask = gq < G
+        nsplit = tl.cdiv(L, SPLIT)
+        pofs = (row * G + gq)[:, None] * NSPLIT_MAX + si[None, :]
+        pmask = gmask[:, None] & (si < nsplit)[None, :]
+        pm = tl.load(MP + pofs, mask=pmask, other=float("-inf"))
+        pl = tl.load(LP + pofs, mask=pmask, other=0.0)
+        m = tl.where(gmask, tl.max(pm, 1), 0.0)
+        lse = tl.where(gmask, m + tl.log2(tl.sum(pl * tl.exp2(pm - m[:, None]), 1)), 0.0)
+        if c == 0:
+            tl.store(LSE + row * G + gq, lse, mask=gmask)
+        if busy:
+            offs = lo + tl.arange(0, CH)
+            valid = (offs >= sink_end) & (offs < window_start)
+            key = _row_keys(S, row, offs, valid, lse, Cmax, G, GQ, GROUP_SUM)
+            tl.store(KEYS + row.to(tl.int64) * Cmax + offs, key, mask=valid)
+            hist = tl.histogram(_key_bin(key, ktop, NBINS, BPL), NBINS, mask=valid)
+            tl.atomic_add(HIST + row * NBINS + tl.arange(0, NBINS), hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _threshold_bin(HIST, row, top_n, NBINS: tl.constexpr):
+    """(first bin whose cumulative count reaches top_n, keys in bins up to it)."""
+    csum = tl.cumsum(tl.load(HIST + row * NBINS + tl.arange(0, NBINS)), 0)
+    bstar = tl.sum((csum < top_n).to(tl.int32), 0)
+    ncand = tl.sum(tl.where(tl.arange(0, NBINS) == bstar, csum, 0), 0)
+    return bstar, ncand
+
+
+@triton.jit
+def _compact_kernel(SEQ, KEYS, HIST, CNT, SCR_POS, SCR_KEY, sink, window, top_n, Cmax, scr_cap, ktop,
+                    HKV: tl.constexpr, CH: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr):
+    """Parallel selection, step 2, grid (chunks, rows): the chunk's candidates (bin <= threshold bin)
+    appended to the row's scratch (SCR_POS/SCR_KEY [rows, scr_cap]) through the counter CNT[row]."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    L = tl.load(SEQ + row // HKV).to(tl.int32)
+    sink_end = tl.minimum(sink, L)
+    window_start = tl.maximum(sink_end, L - window)
+    lo = c * CH
+    busy = (window_start - sink_end > top_n) & (lo < window_start) & (lo + CH > sink_end)
+    if busy:
+        bstar, ncand = _threshold_bin(HIST, row, top_n, NBINS)
+        if ncand <= scr_cap:
+            offs = lo + tl.arange(0, CH)
+            valid = (offs >= sink_end) & (offs < window_start)
+            key = tl.load(KEYS + row.to(tl.int64) * Cmax + offs, mask=valid, other=float("-inf"))
+            sel = (valid & (_key_bin(key, ktop, NBINS, BPL) <= bstar)).to(tl.int32)
+            k = tl.sum(sel, 0)
+            if k > 0:
+                base = tl.atomic_add(CNT + row, k, sem="relaxed")
+                slot = base + tl.cumsum(sel, 0) - 1
+                scr = row.to(tl.int64) * scr_cap
+                tl.store(SCR_POS + scr + slot, offs, mask=sel > 0)
+                tl.store(SCR_KEY + scr + slot, _sortable(key), mask=sel > 0)
+
+
+@triton.jit
+def _final_select_kernel(SEQ, S, LSE, IDX, HIST, CNT, SCR_POS, SCR_KEY, sink, window, top_n, Cmax, scr_cap,
+                         HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, TILE: tl.constexpr,
+                         TOPN_P: tl.constexpr, NBINS: tl.constexpr, GROUP_SUM: tl.constexpr):
+    """Parallel selection, step 3, grid (rows,): exact radix select over the row's candidates, then
+    the chosen positions sorted ascending into IDX [rows, top_n] (-1 padded)."""
+    row = tl.program_id(0)
+    L = tl.load(SEQ + row // HKV).to(tl.int32)
+    sink_end = tl.minimum(sink, L)
+    window_start = tl.maximum(sink_end, L - window)
+    far = window_start - sink_end
+    ti = tl.arange(0, TOPN_P)
+    out = IDX + row.to(tl.int64) * top_n
+    if far <= top_n:
+        tl.store(out + ti, tl.where(ti < far, sink_end + ti, -1), mask=ti < top_n)
+    else:
+        gq = tl.arange(0, GQ)
+        lse = tl.load(LSE + row * G + gq, mask=gq < G, other=0.0)
+        bstar, ncand = _threshold_bin(HIST, row, top_n, NBINS)
+        if ncand <= scr_cap:
+            _radix_select(False, 0, ncand, top_n, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax,
+                          row.to(tl.int64) * scr_cap, top_n, G, GQ, GROUP_SUM, TILE)
+            tl.debug_barrier()
+            sel = tl.load(out + ti, mask=ti < top_n, other=2147483647)
+            sel = tl.sort(sel, 0)
+            tl.debug_barrier()
+            tl.store(out + ti, sel, mask=ti < top_n)
+        else:   # one bin holds too many candidates (near-uniform scores): whole-row select from S
+            _radix_select(True, sink_end, window_start, top_n, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax,
+                          0, top_n, G, GQ, GROUP_SUM, TILE)
 
 
 @triton.jit
@@ -386,7 +496,9 @@ class KPassConfig:
     num_stages: int = 3
     tile: int = 1024         # positions per step of the selection passes
     scratch_cap: int = 0     # candidate slots per row (0: max(1024, 4 * top_n)); more -> whole-row select
-    fused_select: bool = True
+    select_mode: str = "parallel"  # "parallel": 3 small grid-wide kernels; "fused": last CTA of a row
+    #                                 inside the K pass; "row": one CTA per row after the K pass
+    chunk: int = 2048        # positions per CTA of the parallel selection
 
 
 @dataclass
@@ -404,12 +516,13 @@ def _next_pow2(x: int) -> int:
 
 def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      max_seq_len: int, spec: SelectionSpec, scale: float, cfg: Optional[KPassConfig] = None,
-                     select: bool = True) -> SelectResult:
+                     select: bool = True, stop_after: Optional[str] = None) -> SelectResult:
     """Scores over all cached K and the per-KV-head top-n far positions.
 
     q [B, Hq, D]; k_cache [NB, Hkv, bs, D]; block_tables [B, max_blocks] int32; seq_lens [B] int64
     (all on one device); max_seq_len >= max(seq_lens). With select=False only the scores and partials
-    are computed (lse and idx are left unset): the K pass alone, for benchmarks.
+    are computed (lse and idx are left unset): the K pass alone, for benchmarks. stop_after ("keys" or
+    "compact") ends the parallel selection early, for per-stage timing only (idx is left unset).
     """
     cfg = cfg or KPassConfig()
     B, Hq, D = q.shape
@@ -428,19 +541,41 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     idx = torch.empty(rows, max(top_n, 1), dtype=torch.int32, device=dev)
     scr_pos = torch.empty(rows * scr_cap if select else 1, dtype=torch.int32, device=dev)
     scr_key = torch.empty_like(scr_pos)
-    fused = select and cfg.fused_select
-    cnt = torch.zeros(rows if fused else 1, dtype=torch.int32, device=dev)
+    mode = cfg.select_mode if select else "none"
+    fused = mode == "fused"
+    parallel = mode == "parallel"
+    cnt = torch.zeros(rows, dtype=torch.int32, device=dev) if fused else torch.empty(rows, dtype=torch.int32,
+                                                                                      device=dev)
+    hist = torch.empty(rows * NUM_BINS if parallel else 1, dtype=torch.int32, device=dev)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     common = dict(G=G, GQ=_next_pow2(G), NSP=_next_pow2(nsplit_max), TILE=cfg.tile, NBINS=NUM_BINS,
                   BPL=BINS_PER_LOG2, GROUP_SUM=spec.group_reduce == "sum")
     ktop = math.log2(G) + 1.0
     _kpass_kernel[(nsplit_max, rows)](
-        q, k_cache, bt, seq, S, MP, LP, lse, idx, cnt, scr_pos, scr_key,
+        q, k_cache, bt, seq, S, MP, LP, lse, idx, cnt, scr_pos, scr_key, hist,
         scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cmax, nsplit_max, scr_cap, ktop,
         HKV=Hkv, GP=max(16, _next_pow2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-        FUSED_SELECT=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    if select and not fused:
+        FUSED_SELECT=fused, ZERO_HIST=parallel, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    if parallel:
+        nch = triton.cdiv(cmax, cfg.chunk)
+        gc = dict(HKV=Hkv, CH=cfg.chunk, NBINS=NUM_BINS, BPL=BINS_PER_LOG2)
+        keys = torch.empty(rows, cmax, dtype=torch.float32, device=dev)
+        _keys_hist_kernel[(nch, rows)](seq, S, MP, LP, lse, keys, hist,
+                                       spec.sink_tokens, spec.recent_window, top_n, cmax, nsplit_max, ktop,
+                                       G=G, GQ=common["GQ"], SPLIT=cfg.split, NSP=common["NSP"],
+                                       GROUP_SUM=common["GROUP_SUM"], num_warps=8, **gc)
+        if stop_after == "keys":
+            return SelectResult(S, lse, idx[:, :top_n])
+        _compact_kernel[(nch, rows)](seq, keys, hist, cnt, scr_pos, scr_key, spec.sink_tokens,
+                                     spec.recent_window, top_n, cmax, scr_cap, ktop, num_warps=8, **gc)
+        if stop_after == "compact":
+            return SelectResult(S, lse, idx[:, :top_n])
+        _final_select_kernel[(rows,)](seq, S, lse, idx, hist, cnt, scr_pos, scr_key, spec.sink_tokens,
+                                      spec.recent_window, top_n, cmax, scr_cap, HKV=Hkv, G=G, GQ=common["GQ"],
+                                      TILE=cfg.tile, TOPN_P=_next_pow2(max(top_n, 1)), NBINS=NUM_BINS,
+                                      GROUP_SUM=common["GROUP_SUM"], num_warps=cfg.num_warps)
+    elif mode == "row":
         _select_kernel[(rows,)](seq, S, MP, LP, lse, idx, scr_pos, scr_key, spec.sink_tokens, spec.recent_window,
                                 top_n, cmax, nsplit_max, scr_cap, ktop, HKV=Hkv, SPLIT=cfg.split,
                                 num_warps=cfg.num_warps, **common)
@@ -538,7 +673,8 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, hot_slots: torch.Tensor,
                          spec: SelectionSpec, scale: float, max_seq_len: Optional[int] = None,
                          fetch: str = "zero_copy", cfg: Optional[KPassConfig] = None,
-                         block_tables_cpu: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         block_tables_cpu: Optional[torch.Tensor] = None,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KCache decode attention, one token per sequence (arguments as `kcache_decode`).
 
     fetch: "zero_copy" (Triton gather from pinned host memory through UVA; falls back to
@@ -558,4 +694,5 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
     else:
         bt_cpu = block_tables_cpu if block_tables_cpu is not None else block_tables.cpu()
         vfar = gather_far_rows_copy_engine(v_host, bt_cpu, sel.idx)
-    return sparse_output(sel, vfar, v_hot, seq_dev, hot_slots.to(q.device), spec, q.shape[1], dtype=q.dtype)
+    return sparse_output(sel, vfar, v_hot, seq_dev, hot_slots.to(q.device), spec, q.shape[1], out=out,
+                         dtype=q.dtype)

@@ -26,7 +26,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        rows = min(self.rows_per_rank, self.vocab_size - self.vocab_start)
+        checkpoint_rows = loaded.shape[0] if isinstance(loaded, torch.Tensor) else loaded.get_shape()[0]
+        if checkpoint_rows != self.vocab_size:
+            raise ValueError(f"{type(self).__name__}: checkpoint has {checkpoint_rows} vocabulary rows, the model "
+                             f"config says vocab_size={self.vocab_size}")
+        rows = max(0, min(self.rows_per_rank, self.vocab_size - self.vocab_start))
         param.data[:rows].copy_(read_slice(loaded, 0, self.vocab_start, rows))
         param.data[rows:].zero_()  # padding rows of the last rank's slice
 

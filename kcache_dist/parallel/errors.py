@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 from .state import current_groups, current_state
@@ -76,17 +77,35 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def find_lost_ranks(group_ranks: Sequence[int], grace_s: float = _PEER_EXIT_GRACE_S) -> list[int]:
+@dataclass(frozen=True)
+class PeerDirectory:
+    """Who is who in the job: this rank, every rank's host name and pid, the collective timeout."""
+
+    rank: int
+    hostnames: tuple[str, ...]
+    pids: tuple[int, ...]
+    timeout_s: float
+
+
+def current_peers() -> Optional[PeerDirectory]:
+    """The directory of the running job (None before init_parallel or in a single process)."""
+    groups = current_groups()
+    if groups is None or not groups.pids:
+        return None
+    return PeerDirectory(current_state().rank, groups.hostnames, groups.pids, groups.timeout_s)
+
+
+def find_lost_ranks(group_ranks: Sequence[int], peers: Optional[PeerDirectory],
+                    grace_s: float = _PEER_EXIT_GRACE_S) -> list[int]:
     """Ranks of `group_ranks` (other than this one) on this host whose process is gone, waiting up to
     `grace_s` for a dying peer to finish exiting. Ranks on other hosts cannot be checked."""
-    groups, me = current_groups(), current_state().rank
-    if groups is None or not groups.pids:
+    if peers is None:
         return []
     here = socket.gethostname()
-    local_peers = [r for r in group_ranks if r != me and groups.hostnames[r] == here]
+    local_peers = [r for r in group_ranks if r != peers.rank and peers.hostnames[r] == here]
     deadline = time.monotonic() + grace_s
     while True:
-        lost = [r for r in local_peers if _process_gone(groups.pids[r])]
+        lost = [r for r in local_peers if _process_gone(peers.pids[r])]
         if lost or time.monotonic() >= deadline:
             return lost
         time.sleep(0.05)
@@ -99,23 +118,27 @@ def describe_group(group_ranks: Sequence[int], group_name: str) -> str:
     return f"{group_name} (global ranks {ranks})"
 
 
-def rank_lost_error(operation: str, group_ranks: Sequence[int], group_name: str,
-                    cause: BaseException) -> RankLostError:
-    """The RankLostError for `cause`, a failure of `operation` over `group_ranks`."""
-    state, groups = current_state(), current_groups()
-    timeout_s = groups.timeout_s if groups is not None else float("nan")
-    lost = find_lost_ranks(group_ranks)
+def rank_lost_error(operation: str, group_ranks: Sequence[int], group_name: str, cause: BaseException,
+                    peers: Optional[PeerDirectory] = None) -> RankLostError:
+    """The RankLostError for `cause`, a failure of `operation` over `group_ranks`. `peers`: the
+    job's directory (default: the running job's)."""
+    peers = peers or current_peers()
+    me = peers.rank if peers is not None else current_state().rank
+    timeout_s = peers.timeout_s if peers is not None else float("nan")
+    group_ranks = list(group_ranks)
+    lost = find_lost_ranks(group_ranks, peers)
     cause_text = _GLOO_ADVICE.sub("", " ".join(str(cause).split()))
     where = describe_group(group_ranks, group_name)
     if lost:
-        gone = ", ".join(f"rank {r}: process {groups.pids[r]} on host {groups.hostnames[r]!r}" for r in lost)
-        message = (f"rank {state.rank}: lost rank(s) {lost} of {where} during {operation} "
+        gone = ", ".join(f"rank {r}: process {peers.pids[r]} on host {peers.hostnames[r]!r}" for r in lost)
+        message = (f"rank {me}: lost rank(s) {lost} of {where} during {operation} "
                    f"({gone} has exited); cause: {cause_text}")
     else:
-        others = [r for r in group_ranks if r != state.rank]
-        message = (f"rank {state.rank}: {operation} over {where} failed: a peer rank died or did not answer within "
+        others = [r for r in group_ranks if r != me]
+        message = (f"rank {me}: {operation} over {where} failed: a peer rank died or did not answer within "
                    f"the collective timeout of {timeout_s:g} s; rank(s) that may be lost: {others}; "
                    f"cause: {cause_text}")
+    groups = current_groups()
     if groups is not None:
         groups.lost_rank = True
     return RankLostError(message, lost, group_ranks)

@@ -31,15 +31,16 @@ import socket
 from datetime import timedelta
 from typing import Optional
 
-from .errors import RankLostError
+from .errors import PeerDirectory, RankLostError, is_peer_failure, rank_lost_error
 from .launcher import LaunchInfo, detect_launcher
 from .layout import Layout, local_position, plan_layout
 from .state import ParallelState, ProcessGroups, _set, current_groups, current_state
 
 DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}
 
-_IDENTITY_KEY = "kcache_dist/identity/{rank}"
+_IDENTITY_KEY = "identity/{rank}"
 _atexit_registered = False
+_init_generation = 0  # how many times init_parallel built process groups in this process
 
 
 def _loopback_interface() -> Optional[str]:
@@ -77,19 +78,26 @@ def _open_store(host: str, port: int, rank: int, world: int, is_host: bool, time
 
 def _exchange_identity(store, rank: int, world: int, timeout_s: float, where: str) -> tuple[list[str], list[int]]:
     """Every rank's (host name, pid), through the store. RankLostError names ranks that never post."""
-    store.set(_IDENTITY_KEY.format(rank=rank), f"{socket.gethostname()}\n{os.getpid()}")
     keys = [_IDENTITY_KEY.format(rank=r) for r in range(world)]
+    timeout = timedelta(seconds=timeout_s)
     try:
-        store.wait(keys, timedelta(seconds=timeout_s))
+        store.set(keys[rank], f"{socket.gethostname()}\n{os.getpid()}")
+        store.wait(keys, timeout)
+        identities = [store.get(key).decode().split("\n") for key in keys]
+        # Everyone has read them before anyone goes on: a rank that then fails the layout check (all
+        # fail it alike) must not take the store (hosted by rank 0) away from ranks still reading.
+        if store.add("identity_read", 1) == world:
+            store.set("identity_all_read", "1")
+        store.wait(["identity_all_read"], timeout)
     except Exception as error:
         try:
             missing = [r for r, key in enumerate(keys) if not store.check([key])]
         except Exception:  # the store itself is gone: its host, rank 0, is lost
             missing = [0]
-        raise RankLostError(f"rank {rank}: rank(s) {missing} of {world} did not join the job within {timeout_s:g} s "
-                            f"(rendezvous at {where}); cause: {' '.join(str(error).split())}",
+        what = (f"rank(s) {missing} of {world} did not join the job within {timeout_s:g} s" if missing else
+                f"a rank left the rendezvous before it finished (waited up to {timeout_s:g} s)")
+        raise RankLostError(f"rank {rank}: {what} (rendezvous at {where}); cause: {' '.join(str(error).split())}",
                             lost_ranks=missing, group_ranks=tuple(range(world))) from error
-    identities = [store.get(key).decode().split("\n") for key in keys]
     return [host for host, _ in identities], [int(pid) for _, pid in identities]
 
 
@@ -168,7 +176,7 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
     Raises ValueError (bad sizes or layout; the message names the numbers) on every rank alike.
     Calling it again with the same arguments returns the current state.
     """
-    global _atexit_registered
+    global _atexit_registered, _init_generation
     if device_type not in DEVICE_BACKENDS:
         raise ValueError(f"device_type must be one of {sorted(DEVICE_BACKENDS)}, got {device_type!r}")
     if not timeout_s > 0:
@@ -190,6 +198,11 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
     import torch.distributed as dist
 
     rank, world = info.rank, info.world_size
+    # Keys of this init only: a long-lived store (torchrun's agent store across restarts, or an earlier
+    # init_parallel in this process) may still hold an earlier generation's keys.
+    _init_generation += 1
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    raw_store, store = store, dist.PrefixStore(f"kcache_dist/{restart}.{_init_generation}", store)
     hostnames, pids = _exchange_identity(store, rank, world, timeout_s, where)
     layout = plan_layout(world, tensor_parallel_size, hostnames, allow_cross_node_tp)
     host_local_rank, local_world = local_position(hostnames, rank)
@@ -204,9 +217,15 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
                              f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per node")
         torch.cuda.set_device(local_rank)
     backend = DEVICE_BACKENDS[device_type]
-    dist.init_process_group(backend, store=dist.PrefixStore("kcache_dist/pg", store), rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout_s))
-    tp_group, leaders_group = _build_groups(layout, rank, timeout_s)
+    try:
+        dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s))
+        tp_group, leaders_group = _build_groups(layout, rank, timeout_s)
+    except Exception as error:
+        if not is_peer_failure(error):
+            raise
+        peers = PeerDirectory(rank, tuple(hostnames), tuple(pids), timeout_s)
+        raise rank_lost_error("building the process groups", range(world), "the world", error, peers) from error
     if device_type == "cuda":
         _hand_groups_to_deepspeed(timeout_s)
 
@@ -216,7 +235,7 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
                           tp_group_ranks=layout.tp_group_ranks(rank // tp_size), backend=backend,
                           launcher=info.launcher, device_type=device_type)
     _set(state, ProcessGroups(tp_group=tp_group, dp_leaders_group=leaders_group, timeout_s=timeout_s,
-                              hostnames=tuple(hostnames), pids=tuple(pids), store=store))
+                              hostnames=tuple(hostnames), pids=tuple(pids), store=raw_store))
     if not _atexit_registered:
         atexit.register(shutdown_parallel)
         _atexit_registered = True
@@ -236,4 +255,8 @@ def shutdown_parallel() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized() and not groups.lost_rank:
+        # All ranks arrive before any tears down: rank 0 hosts the rendezvous store, and without
+        # this barrier about one mpirun launch in five aborted at exit ("terminate called without
+        # an active exception"). Bounded by the collective timeout.
+        dist.barrier()
         dist.destroy_process_group()

@@ -14,7 +14,8 @@ class ParallelState:
 
     backend: the torch.distributed backend ("gloo", or "cpu:gloo,cuda:nccl" on GPUs), None when no
     process group exists (world size 1). launcher: "deepspeed", "torchrun", "env", "mpirun" or
-    "single". local_rank / local_world_size count the ranks on this host.
+    "single". local_rank: the launcher's local rank (the GPU this rank uses), else this rank's index
+    among the ranks on its host; local_world_size: how many ranks share this host.
     """
 
     rank: int = 0

@@ -1,0 +1,153 @@
+"""Command-line flags of the server, in vLLM's spelling, and what they turn into: an
+`EngineConfig` (engine and KCache flags override a `--config` JSON file) and `ServerSettings`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..config import DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KCACHE_MODES, EngineConfig
+from .body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+API_KEY_ENV_VAR = "KCACHE_DIST_API_KEY"
+
+DESCRIPTION = """\
+OpenAI-compatible HTTP server for kcache_dist (one process, tensor parallel size 1).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming with "stream": true),
+GET /v1/models, GET /health, GET /metrics (Prometheus).
+
+Engine and KCache flags override the values of a --config file; a flag left out keeps the file's
+value (or the EngineConfig default). SIGINT/SIGTERM stop accepting requests, let the ones in
+flight finish, then exit with status 0.
+"""
+
+EPILOG = """\
+examples:
+  python launch/serve.py                                   # the embedded SmolLM2-135M-Instruct
+  python launch/serve.py --model PATH --port 8000 --api-key secret
+  python launch/serve.py --config ds_configs/full_kv_gpu.json --kcache-mode kcache --top-n 256
+"""
+
+# (flag, EngineConfig field, type, help)
+ENGINE_FLAGS = [
+    ("--model", "model", str, "local Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-Instruct)"),
+    ("--tokenizer", "tokenizer", str, "tokenizer directory (default: the model's)"),
+    ("--dtype", "dtype", str, "weights and cache dtype: " + " | ".join(DTYPE_NAMES + tuple(DTYPE_ALIASES))),
+    ("--device", "device", str, " | ".join(DEVICE_NAMES)),
+    ("--max-model-len", "max_model_len", int, "longest sequence (prompt + output) in tokens (default: the model's)"),
+    ("--max-num-seqs", "max_num_seqs", int, "most requests running at once (more wait in a queue)"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one engine step"),
+    ("--block-size", "block_size", int, "tokens per cache block (default: 16 in full mode, 256 in KCache mode)"),
+    ("--num-kv-blocks", "num_kv_blocks", int, "fixed number of cache blocks (default: sized from memory)"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float,
+     "fraction of GPU memory for weights and cache (default 0.9)"),
+    ("--cpu-kv-cache-gb", "cpu_kv_cache_gb", float, "cache size on a CPU device (default 4)"),
+    ("--host-memory-gb", "host_memory_gb", float, "KCache mode: host memory for the V pool (default 32)"),
+    ("--seed", "seed", int, "seed of requests that give none (default 0)"),
+]
+
+# (flag, KCacheConfig field, type, help)
+KCACHE_FLAGS = [
+    ("--kcache-mode", "mode", str, "full: K and V in device memory (default) | kcache: V of sparse layers in host memory"),
+    ("--top-n", "top_n", int, "far positions attended per KV head each decode step (default 256)"),
+    ("--dense-layers", "dense_layers", int, "first layers that keep dense attention (default 2)"),
+    ("--sink-tokens", "sink_tokens", int, "first tokens always attended (default 4)"),
+    ("--recent-window", "recent_window", int, "last tokens always attended (default 128)"),
+    ("--group-reduce", "group_reduce", str, "GQA selection from the " + " | ".join(GROUP_REDUCES)
+     + " of the query heads' probabilities (default max)"),
+]
+_CHOICES = {"dtype": list(DTYPE_NAMES + tuple(DTYPE_ALIASES)), "device": list(DEVICE_NAMES),
+            "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES)}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the HTTP side runs. `served_model_names[0]` is the name /v1/models reports; requests may
+    use any of them."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    served_model_names: tuple[str, ...] = ("SmolLM2-135M-Instruct",)
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    shutdown_timeout_s: Optional[float] = None
+    uvicorn_log_level: str = "info"
+    access_log: bool = True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/serve.py", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine = parser.add_argument_group("model and engine")
+    engine.add_argument("--config", default=None, metavar="ds_configs/FILE.json",
+                        help="engine configuration file (its keys mirror EngineConfig)")
+    for flag, name, kind, help_text in ENGINE_FLAGS:
+        engine.add_argument(flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=help_text)
+    kcache = parser.add_argument_group("KCache attention")
+    for flag, name, kind, help_text in KCACHE_FLAGS:
+        kcache.add_argument(flag, dest="kcache_" + name, type=kind, default=None, choices=_CHOICES.get(name),
+                            metavar=None if name in _CHOICES else name.upper(),
+                            help=help_text)
+    kcache.add_argument("--renormalize", dest="kcache_renormalize",
+                        action=argparse.BooleanOptionalAction, default=None,
+                        help="divide by the selected probability mass (default) or, with --no-renormalize, "
+                             "by the full softmax sum")
+    http = parser.add_argument_group("HTTP server")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    http.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    http.add_argument("--api-key", action="append", default=None,
+                      help=f"require 'Authorization: Bearer KEY' on /v1/ routes (repeatable; default: "
+                           f"${API_KEY_ENV_VAR} if set, else no key)")
+    http.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                      help="model name(s) clients use; the first is reported by /v1/models "
+                           "(default: the --model value, or SmolLM2-135M-Instruct)")
+    http.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                      help=f"larger request bodies get HTTP 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})")
+    http.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+                      help="on SIGINT/SIGTERM, abort requests still running after this long (default: wait "
+                           "for all of them)")
+    http.add_argument("--uvicorn-log-level", default="info",
+                      choices=["critical", "error", "warning", "info", "debug", "trace"])
+    http.add_argument("--disable-uvicorn-access-log", action="store_true", help="do not log every HTTP request")
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The --config file (or the defaults) with every given flag applied; ValueError names a bad value."""
+    base = EngineConfig.from_json(args.config) if args.config is not None else EngineConfig()
+    overrides = {name: getattr(args, name) for _, name, _, _ in ENGINE_FLAGS if getattr(args, name) is not None}
+    kcache_names = [name for _, name, _, _ in KCACHE_FLAGS] + ["renormalize"]
+    kcache_overrides = {name: getattr(args, "kcache_" + name) for name in kcache_names
+                        if getattr(args, "kcache_" + name) is not None}
+    if kcache_overrides:
+        overrides["kcache"] = dataclasses.replace(base.kcache, **kcache_overrides)
+    return dataclasses.replace(base, **overrides)
+
+
+def default_served_model_name(config: EngineConfig) -> str:
+    """The --model value as given (as vLLM does), or the embedded model's name."""
+    if config.model is not None:
+        return config.model
+    from ..default_model import GGUF_FILE_NAME
+
+    return Path(GGUF_FILE_NAME).name.split(".", 1)[0]  # "SmolLM2-135M-Instruct"
+
+
+def server_settings_from_args(args: argparse.Namespace, config: EngineConfig) -> ServerSettings:
+    api_keys = args.api_key or ([os.environ[API_KEY_ENV_VAR]] if os.environ.get(API_KEY_ENV_VAR) else [])
+    if any(not key for key in api_keys):
+        raise ValueError("--api-key must not be empty")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    return ServerSettings(
+        host=args.host, port=args.port, api_keys=tuple(api_keys),
+        served_model_names=tuple(args.served_model_name or [default_served_model_name(config)]),
+        max_request_body_bytes=args.max_request_body_bytes, shutdown_timeout_s=args.shutdown_timeout,
+        uvicorn_log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)

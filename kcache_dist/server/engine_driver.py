@@ -1,0 +1,297 @@
+"""The engine driver: one background thread owns the engine and steps it while work exists.
+
+HTTP handlers (on the asyncio event loop) never touch the engine. They `submit` a request, which
+puts a command on a thread-safe queue and waits until the driver thread has run
+`engine.add_request` (its ValueError comes back to the handler, for a 400). Before every step the
+driver applies all queued commands, so requests that arrive while others run join the batch at the
+next step (continuous batching). After a step, each request's cumulative output is handed to that
+request's asyncio queue on its event loop (`call_soon_threadsafe`); `RequestStream` reads it.
+`abort` (a client went away) is a command too: the engine frees the request's blocks.
+
+Shutdown: `stop_accepting` makes later submits fail with `ServerDraining`; `shutdown` waits until
+every in-flight request has finished (aborting what is left after its timeout) and ends the thread.
+
+This is the seam for multi-rank serving: on rank 0 the driver steps the engine (whose step
+broadcasts the plan), the HTTP app talks only to the driver, and other ranks run a worker loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .engine_stats import EngineStats, StatsRecorder
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[int]]
+IDLE_WAKEUP_S = 1.0  # while idle, wake up this often to refresh the stats (throughput decays to 0)
+
+
+class ServerDraining(RuntimeError):
+    """The server is shutting down and takes no new requests."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while running this request; the request was dropped."""
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: "asyncio.Queue[Union[RequestOutput, BaseException]]"
+
+
+@dataclass
+class _AddRequest:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    subscriber: _Subscriber
+    accepted: "asyncio.Future[None]"
+
+
+@dataclass
+class _AbortRequest:
+    request_id: str
+
+
+class _AbortAll:
+    """Abort every request still in flight (shutdown after its timeout)."""
+
+
+class RequestStream:
+    """The outputs of one request, as the engine produces them (each holds all text so far).
+
+    `async for output in stream` yields the newest output whenever there is news (outputs that
+    piled up while the consumer was busy are skipped: each one is cumulative) and stops after the
+    finished one. Raises `EngineFailure` if the engine failed the request.
+    """
+
+    def __init__(self, request_id: str, queue: "asyncio.Queue[Union[RequestOutput, BaseException]]",
+                 driver: "EngineDriver"):
+        self.request_id = request_id
+        self._queue = queue
+        self._driver = driver
+        self.finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def final_output(self) -> RequestOutput:
+        """Wait for the finished output."""
+        output = None
+        async for output in self:
+            pass
+        assert output is not None and output.finished
+        return output
+
+    def abort(self) -> None:
+        """Stop the request (if it is still running) and free its blocks."""
+        if not self.finished:
+            self._driver.abort(self.request_id)
+
+
+class EngineDriver:
+    """Runs `engine` on its own thread; every method is safe to call from any thread (`submit` from
+    a running event loop)."""
+
+    def __init__(self, engine, thread_name: str = "engine-driver"):
+        self._engine = engine
+        self.max_model_len: int = engine.max_model_len
+        self._wakeup = threading.Condition()
+        self._commands: list[Union[_AddRequest, _AbortRequest, _AbortAll]] = []
+        self._accepting = True
+        self._stop_when_idle = False
+        self._subscribers: dict[str, _Subscriber] = {}  # driver thread only
+        self._recorder = StatsRecorder()
+        self._stats = EngineStats()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self.crash: Optional[BaseException] = None
+        self._num_aborted_at_shutdown = 0
+
+    # ---- any thread -----------------------------------------------------------------------
+    def start(self) -> "EngineDriver":
+        self._publish_stats()
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> RequestStream:
+        """Queue a request; returns once the engine accepted it. Raises the engine's ValueError for a
+        bad request, `ServerDraining` while shutting down, `EngineFailure` if the driver is not running."""
+        loop = asyncio.get_running_loop()
+        subscriber = _Subscriber(loop, asyncio.Queue())
+        accepted: asyncio.Future[None] = loop.create_future()
+        with self._wakeup:
+            if not self._accepting:
+                raise ServerDraining("the server is shutting down and takes no new requests")
+            if not self._thread.is_alive():
+                raise EngineFailure("the engine is not running")
+            self._commands.append(_AddRequest(request_id, prompt, params, subscriber, accepted))
+            self._wakeup.notify()
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the caller went away before the engine took the request
+            raise
+        return RequestStream(request_id, subscriber.queue, self)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks (nothing happens if it already finished)."""
+        with self._wakeup:
+            self._commands.append(_AbortRequest(request_id))
+            self._wakeup.notify()
+
+    def stop_accepting(self) -> None:
+        """Refuse later submits. Takes no lock: it runs inside a signal handler."""
+        if self._accepting:
+            self._accepting = False
+            logger.info("shutting down: no new requests; finishing the ones in flight")
+
+    def shutdown(self, timeout_s: Optional[float] = None) -> bool:
+        """Stop accepting, let in-flight requests finish (abort what remains after `timeout_s`),
+        and end the driver thread. Returns True if every request finished by itself."""
+        self.stop_accepting()
+        with self._wakeup:
+            self._stop_when_idle = True
+            self._wakeup.notify()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            with self._wakeup:
+                self._commands.append(_AbortAll())
+                self._wakeup.notify()
+            self._thread.join(30.0)
+        return self._num_aborted_at_shutdown == 0
+
+    # ---- driver thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self._engine
+        try:
+            while True:
+                with self._wakeup:
+                    if not self._commands and not engine.has_unfinished_requests():
+                        if self._stop_when_idle:
+                            break
+                        self._wakeup.wait(IDLE_WAKEUP_S)
+                    commands, self._commands = self._commands, []
+                for command in commands:
+                    if isinstance(command, _AddRequest):
+                        self._add(command)
+                    elif isinstance(command, _AbortRequest):
+                        self._abort(command.request_id)
+                    else:
+                        self._abort_all()
+                if engine.has_unfinished_requests():
+                    self._step()
+                self._publish_stats()
+        except BaseException as e:  # the loop itself broke: fail everyone, refuse new requests
+            logger.exception("engine driver stopped")
+            self.crash = e
+            self._accepting = False
+            for request_id in list(self._subscribers):
+                self._deliver(self._subscribers.pop(request_id), EngineFailure(f"engine driver stopped: {e}"))
+            with self._wakeup:
+                commands, self._commands = self._commands, []
+            for command in commands:
+                if isinstance(command, _AddRequest):
+                    self._resolve(command.accepted, EngineFailure(f"engine driver stopped: {e}"))
+        logger.info("engine driver finished")
+
+    def _add(self, command: _AddRequest) -> None:
+        try:
+            self._engine.add_request(command.prompt, command.params, command.request_id)
+        except Exception as e:  # ValueError: a bad request (the handler turns it into a 400)
+            self._resolve(command.accepted, e)
+            return
+        self._subscribers[command.request_id] = command.subscriber
+        self._resolve(command.accepted, None)
+
+    def _abort(self, request_id: str) -> None:
+        subscriber = self._subscribers.pop(request_id, None)
+        output = self._engine.abort_request(request_id)
+        if output is not None:
+            self._recorder.record_finished(output)
+            logger.info("request %s aborted after %d tokens", request_id, len(output.outputs[0].token_ids))
+            if subscriber is not None:
+                self._deliver(subscriber, output)
+
+    def _abort_all(self) -> None:
+        if self._subscribers:
+            logger.warning("shutdown timeout: aborting %d requests still running", len(self._subscribers))
+        self._num_aborted_at_shutdown += len(self._subscribers)
+        for request_id in list(self._subscribers):
+            self._abort(request_id)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self._engine.step()
+        except Exception as e:
+            logger.exception("engine step failed; dropping the %d requests in flight", len(self._subscribers))
+            for request_id in list(self._subscribers):
+                self._deliver(self._subscribers.pop(request_id), EngineFailure(f"engine step failed: {e}"))
+                try:
+                    self._engine.abort_request(request_id)
+                except Exception:
+                    logger.exception("could not abort request %s", request_id)
+            return
+        self._recorder.record_step(outputs, time.perf_counter() - start)
+        for output in outputs:
+            subscriber = self._subscribers.get(output.request_id)
+            if output.finished:
+                self._subscribers.pop(output.request_id, None)
+            if subscriber is not None:
+                self._deliver(subscriber, output)
+
+    def _publish_stats(self) -> None:
+        self._stats = self._recorder.snapshot(self._engine)
+
+    @staticmethod
+    def _deliver(subscriber: _Subscriber, item: Union[RequestOutput, BaseException]) -> None:
+        try:
+            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    @staticmethod
+    def _resolve(future: "asyncio.Future[None]", error: Optional[BaseException]) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+        try:
+            future.get_loop().call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass

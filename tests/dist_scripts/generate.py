@@ -1,0 +1,59 @@
+"""Greedy generation in a launched job: functions for forkserver ranks (tests/test_tp_engine.py) and
+a script for the real launchers, which prints rank 0's token ids as one JSON line "TOKENS [...]":
+
+    mpirun -np 2 python tests/dist_scripts/generate.py --model DIR --tp 2
+    deepspeed --num_gpus 2 tests/dist_scripts/generate.py --model DIR --tp 2   (appends --local_rank=N)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Once upon a time there was a small model",
+           "Long contexts need a lot of memory, so the values may live in host memory while the keys stay"]
+
+
+def generate(model_dir: Optional[str], tp: int, kcache: Optional[dict], max_tokens: int,
+             prompts: list[str] = PROMPTS, die_on_rank: Optional[int] = None) -> list[list[int]]:
+    """Every rank builds the LLM and calls generate; rank 0 returns the token ids (others [])."""
+    from kcache_dist import LLM, KCacheConfig, SamplingParams
+
+    llm = LLM(device="cpu", model=model_dir, tensor_parallel_size=tp,
+              kcache=KCacheConfig(**kcache) if kcache else None)
+    if die_on_rank is not None and llm.engine.parallel.rank == die_on_rank:
+        execute, calls = llm.engine.runner.execute, []
+
+        def execute_then_die(plan):  # this rank dies after a few steps, mid-generation
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(9)
+            return execute(plan)
+        llm.engine.runner.execute = execute_then_die
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def main() -> None:
+    from kcache_dist.parallel import exit_on_lost_rank, shutdown_parallel, strip_local_rank_arg
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args(strip_local_rank_arg(sys.argv[1:]))
+    import torch
+
+    torch.set_num_threads(1)
+    with exit_on_lost_rank():
+        tokens = generate(args.model, args.tp, None, args.max_tokens)
+    if tokens:
+        print("TOKENS " + json.dumps(tokens), flush=True)
+    shutdown_parallel()  # before interpreter exit tears down the process group's threads
+
+
+if __name__ == "__main__":
+    main()

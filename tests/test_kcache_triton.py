@@ -1,0 +1,229 @@
+"""Triton KCache decode (kcache_dist/kcache/triton_kcache.py) against the torch reference.
+
+Fresh random inputs on every run (the seed is printed and put in the failure message); outputs
+are NaN-poisoned before each kernel run. GPU tests skip without CUDA; the CPU test runs the same
+kernels under TRITON_INTERPRET=1 in a subprocess on tiny shapes (fp32/fp16: the interpreter
+mishandles bf16 operands of tl.dot).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kcache_dist.kcache.reference import kcache_decode_reference
+from kcache_dist.kcache.selection import SelectionSpec
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_kcache_reference import paged_inputs  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def _seed() -> int:
+    seed = int(torch.seed() % 2**31)
+    print(f"seed {seed}")
+    return seed
+
+
+def _cuda_inputs(batch, hkv, group, head_dim, lens, block_size, spec, dtype, seed, pin=True):
+    q, k_pool, v_pool, v_hot, tables, slots, _, _ = paged_inputs(batch, hkv, group, head_dim, lens, block_size,
+                                                                 spec, dtype, seed=seed)
+    dev = torch.device("cuda")
+    v_host = v_pool.pin_memory() if pin else v_pool
+    return (q.to(dev), k_pool.to(dev), v_host, v_hot.to(dev), tables.to(dev), torch.tensor(lens, device=dev),
+            torch.tensor(slots, device=dev), (q, k_pool, v_pool, v_hot, tables, slots))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+CASES = [  # (batch, hkv, group, head_dim, lens, block_size, spec, dtype)
+    (3, 2, 4, 128, [700, 90, 1500], 16, SelectionSpec(32, 4, 64, True, "max"), torch.bfloat16),
+    (2, 2, 1, 64, [3000, 257], 256, SelectionSpec(64, 4, 32, False, "sum"), torch.float16),
+    (4, 3, 3, 128, [513, 1024, 20, 2049], 16, SelectionSpec(48, 0, 16, True, "sum"), torch.float16),
+    (2, 2, 4, 64, [1800, 600], 256, SelectionSpec(100, 8, 0, False, "max"), torch.bfloat16),
+    (1, 4, 3, 64, [4100], 16, SelectionSpec(256, 4, 128, True, "max"), torch.bfloat16),
+    (2, 1, 1, 128, [5000, 130], 256, SelectionSpec(16, 0, 0, True, "sum"), torch.bfloat16),
+    (5, 2, 4, 128, [40, 132, 133, 300, 64], 16, SelectionSpec(128, 4, 128, False, "max"), torch.float16),
+    (2, 8, 4, 128, [8192, 7000], 256, SelectionSpec(256, 4, 128, True, "sum"), torch.bfloat16),
+]
+
+
+def _case_id(c):
+    return (f"B{c[0]}-G{c[2]}-D{c[3]}-bs{c[5]}-n{c[6].top_n}-{c[6].group_reduce}-"
+            f"{'renorm' if c[6].renormalize else 'full'}-{str(c[7])[6:]}")
+
+
+@cuda
+@pytest.mark.parametrize("case, mode", [(c, "parallel") for c in CASES] + [(c, m) for c in CASES[:2]
+                                                                           for m in ("fused", "row")],
+                         ids=[_case_id(c) + "-parallel" for c in CASES] + [_case_id(c) + "-" + m for c in CASES[:2]
+                                                                           for m in ("fused", "row")])
+def test_triton_matches_reference(case, mode):
+    from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
+
+    batch, hkv, group, head_dim, lens, bs, spec, dtype = case
+    seed = _seed()
+    q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(batch, hkv, group, head_dim, lens, bs, spec, dtype, seed)
+    scale = head_dim ** -0.5
+    ref = kcache_decode_reference(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], lens, cpu[5], spec, scale)
+    # small splits too, so that several CTAs meet in the last-CTA selection
+    cfgs = [KPassConfig(select_mode=mode)]
+    if CASES.index(case) < 1:  # small splits and chunks too: more CTAs meet in each row's selection
+        cfgs.append(KPassConfig(split=256, block_n=64, tile=512, chunk=512, select_mode=mode))
+    for cfg in cfgs:
+        torch.cuda.synchronize()
+        out = torch.full_like(q, float("nan"))
+        kcache_decode_triton(q, kc, vh, vhot, bt, sl, slots, spec, scale, cfg=cfg, out=out)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"NaN in output (seed {seed})"
+        err = _rel(out.cpu(), ref)
+        assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, cfg {cfg})"
+        # indices: ascending, -1 padded, min(top_n, far) per row
+        sel = score_and_select(q, kc, bt, sl, max(lens), spec, scale, cfg)
+        idx = sel.idx.cpu()
+        for b, n in enumerate(lens):
+            s_end, w_start = spec.split(n)
+            want = min(spec.top_n, w_start - s_end)
+            for h in range(hkv):
+                r = idx[b * hkv + h]
+                got = r[r >= 0]
+                assert got.numel() == want and (r[want:] == -1).all(), (seed, b, h, r)
+                assert (got.diff() > 0).all() and (got >= s_end).all() and (got < w_start).all(), (seed, b, h, r)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_full_budget_equals_dense(dtype):
+    from kcache_dist.kcache.triton_kcache import kcache_decode_triton
+    from kcache_dist.layers.paged_attention import decode_attention
+
+    lens = [300, 17, 1000]
+    spec = SelectionSpec(top_n=1000, sink_tokens=4, recent_window=16, renormalize=True, group_reduce="max")
+    seed = _seed()
+    q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(3, 2, 4, 64, lens, 16, spec, dtype, seed)
+    out = kcache_decode_triton(q, kc, vh, vhot, bt, sl, slots, spec, 0.125, out=torch.full_like(q, float("nan")))
+    dense = decode_attention(q, kc, vh.cuda(), bt, sl, 0.125)
+    assert _rel(out, dense) < TOL[dtype], seed
+
+
+@cuda
+def test_ties_take_lowest_positions_and_fallback_select():
+    """q = 0: every group score is equal. Where the candidates overflow the scratch, the whole-row
+    radix select runs and ties go to the lowest far positions; otherwise any tie-break is allowed."""
+    from kcache_dist.kcache.triton_kcache import KPassConfig, score_and_select
+
+    lens = [3000, 700]
+    spec = SelectionSpec(top_n=64, sink_tokens=4, recent_window=32, renormalize=True, group_reduce="max")
+    seed = _seed()
+    q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(2, 2, 4, 128, lens, 16, spec, torch.bfloat16, seed)
+    q.zero_()
+    for mode in ("parallel", "row"):
+        for cap in (0, 128):
+            cfg = KPassConfig(scratch_cap=cap, split=256, select_mode=mode)
+            sel = score_and_select(q, kc, bt, sl, max(lens), spec, 0.1, cfg)
+            idx = sel.idx.cpu()
+            for b, n in enumerate(lens):
+                far = n - 36
+                for h in range(2):
+                    r = idx[b * 2 + h]
+                    assert (r.diff() > 0).all() and (r >= 4).all() and (r < n - 32).all(), (seed, mode, cap, r)
+                    if far > (cap or 1024):
+                        assert (r == torch.arange(4, 68, dtype=torch.int32)).all(), (seed, mode, cap, r)
+
+
+@cuda
+def test_copy_engine_fetch_equals_zero_copy():
+    from kcache_dist.kcache.triton_kcache import (gather_far_rows_copy_engine, gather_far_rows_zero_copy,
+                                                  score_and_select)
+
+    lens = [2000, 900, 4000]
+    spec = SelectionSpec(top_n=128, sink_tokens=4, recent_window=64, renormalize=True, group_reduce="max")
+    for bs in (16, 256):
+        seed = _seed()
+        q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(3, 2, 4, 128, lens, bs, spec, torch.bfloat16, seed)
+        sel = score_and_select(q, kc, bt, sl, max(lens), spec, 0.09)
+        a = gather_far_rows_zero_copy(vh, bt, sel.idx, out=torch.full((6, 128, 128), float("nan"),
+                                                                         dtype=torch.bfloat16, device="cuda"))
+        b = gather_far_rows_copy_engine(vh, bt.cpu(), sel.idx)
+        torch.cuda.synchronize()
+        ok = sel.idx >= 0
+        assert torch.equal(a[ok], b[ok]), seed
+        # against the pool itself
+        idx = sel.idx.cpu().long()
+        for r in range(6):
+            bb, h = divmod(r, 2)
+            for i in range(0, 128, 17):
+                p = int(idx[r, i])
+                assert torch.equal(a[r, i].cpu(), cpu[2][int(cpu[4][bb, p // bs]), h, p % bs]), seed
+
+
+@cuda
+def test_kcache_decode_dispatches_to_triton():
+    from kcache_dist.kcache.decode import far_rows_fetched, kcache_decode
+
+    lens = [1200, 333]
+    spec = SelectionSpec(top_n=50, sink_tokens=4, recent_window=40, renormalize=False, group_reduce="sum")
+    seed = _seed()
+    q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(2, 2, 3, 64, lens, 16, spec, torch.float16, seed)
+    out, rows = kcache_decode(q, kc, vh, vhot, bt, sl, slots, lens, cpu[5], spec, 0.125)
+    ref = kcache_decode_reference(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], lens, cpu[5], spec, 0.125)
+    assert out.is_cuda and _rel(out.cpu(), ref) < TOL[torch.float16], seed
+    assert rows == far_rows_fetched(lens, 2, spec)
+
+
+INTERPRET_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_kcache_reference import paged_inputs
+    from kcache_dist.kcache.reference import kcache_decode_reference
+    from kcache_dist.kcache.selection import SelectionSpec
+    from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
+    seed = {seed}
+    cases = [
+        (2, 2, 2, 16, [70, 9], 4, SelectionSpec(5, 2, 6, True, "max"), torch.float32, 0, "parallel"),
+        (3, 2, 3, 16, [70, 40, 33], 8, SelectionSpec(9, 0, 3, False, "sum"), torch.float16, 0, "parallel"),
+        (2, 1, 4, 16, [100, 1], 16, SelectionSpec(3, 4, 0, True, "sum"), torch.float32, 0, "row"),
+        (1, 2, 1, 32, [90], 16, SelectionSpec(6, 0, 0, False, "max"), torch.float32, 16, "fused"),
+        (2, 2, 3, 16, [150, 64], 8, SelectionSpec(8, 2, 4, True, "sum"), torch.float16, 0, "fused"),
+    ]
+    for i, (b, hkv, g, d, lens, bs, spec, dt, cap, mode) in enumerate(cases):
+        q, kp, vp, vh, bt, slots, _, _ = paged_inputs(b, hkv, g, d, lens, bs, spec, dt, seed=seed + i)
+        ref = kcache_decode_reference(q, kp, vp, vh, bt, lens, slots, spec, d ** -0.5)
+        cfg = KPassConfig(split=32, block_n=16, tile=32, chunk=32, scratch_cap=cap, select_mode=mode)
+        out = torch.full_like(q, float("nan"))
+        kcache_decode_triton(q, kp, vp, vh, bt, torch.tensor(lens), torch.tensor(slots), spec, d ** -0.5,
+                             cfg=cfg, out=out)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        tol = 1e-5 if dt == torch.float32 else 4e-3
+        assert not out.isnan().any() and err < tol, (i, err)
+    # ties (q = 0) through the whole-row fallback: the lowest far positions
+    spec = SelectionSpec(7, 3, 5, True, "max")
+    q, kp, vp, vh, bt, slots, _, _ = paged_inputs(2, 2, 2, 16, [90, 50], 8, spec, seed=seed)
+    sel = score_and_select(q * 0, kp, bt, torch.tensor([90, 50]), 90, spec, 0.25,
+                           KPassConfig(split=32, block_n=16, tile=32, chunk=32, scratch_cap=16))
+    assert (sel.idx == torch.arange(3, 10, dtype=torch.int32)).all(), sel.idx
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_triton_kernels_under_interpreter_on_cpu():
+    seed = _seed()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CUDA_VISIBLE_DEVICES="")
+    script = INTERPRET_SCRIPT.format(tests=os.path.join(root, "tests"), seed=seed)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, \
+        f"seed {seed}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -1,0 +1,122 @@
+"""The server's pieces in one process, without HTTP: the engine driver (concurrent submits, errors,
+abort, shutdown), the stop-string hold-back of streamed text, and /metrics in KCache mode."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import PROMPTS
+from kcache_dist import LLM, KCacheConfig, SamplingParams
+from kcache_dist.server.engine_driver import EngineDriver, ServerDraining
+from kcache_dist.server.metrics import render_prometheus
+from kcache_dist.server.streaming import StreamedText, held_back_length
+
+TIMEOUT_S = 60
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT_S))
+
+
+# ---- streamed text ----------------------------------------------------------------------------------
+def test_held_back_length():
+    assert held_back_length("hello wor", ["world"]) == 3
+    assert held_back_length("hello", ["xyz"]) == 0
+    assert held_back_length("ab", ["b!", "abc"]) == 2  # the longest candidate wins
+    assert held_back_length("abc", ["c"]) == 0  # a one-character stop is never a proper prefix
+
+
+def test_streamed_pieces_add_up_to_the_cut_text():
+    """Cumulative texts as the engine reports them; the stop string "END" is cut at the end."""
+    cumulative = ["Hel", "Hello E", "Hello EN", "Hello ENx", "Hello ENx E", "Hello ENx "]
+    tracker = StreamedText(["END"])
+    pieces = [tracker.next_piece(t, finished=False) for t in cumulative[:-1]]
+    pieces.append(tracker.next_piece(cumulative[-1], finished=True))
+    assert pieces == ["Hel", "lo ", "", "ENx", " ", ""]
+    assert "".join(pieces) == cumulative[-1]
+
+
+# ---- the driver -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kcache_llm(tiny_llama_dir) -> LLM:
+    small = KCacheConfig(mode="kcache", top_n=4, dense_layers=1, sink_tokens=2, recent_window=4)
+    return LLM(device="cpu", model=tiny_llama_dir, kcache=small)
+
+
+def test_driver_batches_concurrent_requests_and_reports_kcache_metrics(kcache_llm):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [o.outputs[0].text for o in kcache_llm.generate(PROMPTS, params)]
+    engine = kcache_llm.engine
+    fetched_before = engine.runner.kv_cache.v_rows_fetched
+    driver = EngineDriver(engine).start()
+
+    async def one(i: int, prompt: str) -> str:
+        stream = await driver.submit(prompt, params, f"r{i}")
+        return (await stream.final_output()).outputs[0].text
+
+    async def all_requests():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+
+    try:
+        assert run(all_requests()) == expected
+    finally:
+        assert driver.shutdown(timeout_s=TIMEOUT_S)
+    stats = driver.stats()
+    assert stats.kcache_mode == "kcache"
+    assert stats.num_generation_tokens_total == 24 * len(PROMPTS)
+    assert stats.num_finished_total == {"length": len(PROMPTS)}
+    assert stats.host_v_blocks_total == stats.device_cache_blocks_total > 0
+    assert stats.host_v_blocks_in_use == stats.device_cache_blocks_in_use == 0
+    rows = engine.runner.kv_cache.v_rows_fetched - fetched_before
+    assert rows > 0
+    v_row_bytes = engine.model_config.head_dim * engine.dtype.itemsize
+    assert stats.v_bytes_fetched_total == engine.runner.kv_cache.v_rows_fetched * v_row_bytes
+    text = render_prometheus(stats, "tiny")
+    assert f'kcache_dist_v_bytes_fetched_total{{model_name="tiny"}} {stats.v_bytes_fetched_total}' in text
+    assert 'kcache_dist_cache_mode_info{model_name="tiny",kcache_mode="kcache"} 1' in text
+
+
+def test_driver_rejects_bad_requests_aborts_and_stops_accepting(tiny_llama_dir):
+    engine = LLM(device="cpu", model=tiny_llama_dir, max_model_len=128).engine
+    driver = EngineDriver(engine).start()
+    long_run = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def scenario():
+        with pytest.raises(ValueError, match="prompt is 200 tokens long but max_model_len is 128"):
+            await driver.submit([1] * 200, long_run, "too-long")
+        stream = await driver.submit("Hello", long_run, "to-abort")
+        first = await stream.__anext__()
+        assert not first.finished
+        stream.abort()
+        last = first
+        async for last in stream:
+            pass
+        assert last.outputs[0].finish_reason == "abort" and len(last.outputs[0].token_ids) < 100
+        in_flight = await driver.submit("Hello", SamplingParams(temperature=0, max_tokens=8), "in-flight")
+        driver.stop_accepting()
+        with pytest.raises(ServerDraining):
+            await driver.submit("Hello", long_run, "late")
+        return await in_flight.final_output()
+
+    try:
+        drained = run(scenario())
+    finally:
+        assert driver.shutdown(timeout_s=TIMEOUT_S)
+    assert drained.outputs[0].finish_reason == "length" and len(drained.outputs[0].token_ids) == 8
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    assert driver.stats().num_finished_total == {"abort": 1, "length": 1}
+
+
+def test_shutdown_timeout_aborts_what_still_runs(tiny_llama_dir):
+    engine = LLM(device="cpu", model=tiny_llama_dir).engine
+    driver = EngineDriver(engine).start()
+
+    async def start_one():
+        stream = await driver.submit("Hello", SamplingParams(temperature=0, max_tokens=400, ignore_eos=True), "r")
+        await stream.__anext__()
+
+    run(start_one())
+    assert driver.shutdown(timeout_s=0.01) is False  # it was still running: aborted
+    assert not driver.alive and engine.block_manager.num_used_blocks == 0

@@ -1,0 +1,96 @@
+"""Tensor and data parallelism through the engine, on CPU ranks over gloo: TP=2 and TP=4 (also
+with more ranks than KV heads) and DP 2 x TP 2 give the same greedy tokens as one process, in full
+and KCache modes; the real launchers run it; a rank that dies mid-generation ends the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_scripts.generate import PROMPTS, generate
+from dist_scripts.multiprocess import free_port, run_rank_outcomes
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+KCACHE = {"mode": "kcache", "top_n": 64, "dense_layers": 1, "sink_tokens": 4, "recent_window": 16}
+
+
+def run_job(world: int, *args, timeout_s: float = 120.0) -> list:
+    outcomes = run_rank_outcomes(generate, world_size=world, args=args, timeout_s=timeout_s)
+    for o in outcomes:
+        assert o.exitcode == 0 and o.error is None, f"rank {o.rank} failed:\n{o.error}\n{o.output[-3000:]}"
+    assert all(o.result == [] for o in outcomes[1:])  # results come back on global rank 0 only
+    return outcomes[0].result
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+@pytest.mark.parametrize("kcache", [None, KCACHE], ids=["full", "kcache"])
+def test_tp2_and_tp4_equal_tp1(fixture, kcache, request):
+    model_dir = request.getfixturevalue(fixture)  # 4 query heads, 2 KV heads: TP=4 replicates KV heads
+    reference = generate(model_dir, 1, kcache, 24)
+    assert run_job(2, model_dir, 2, kcache, 24) == reference
+    assert run_job(4, model_dir, 4, kcache, 24) == reference
+
+
+def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):
+    prompts = PROMPTS + ["A fifth prompt", "and a sixth one, longer than the fifth"]
+    reference = generate(tiny_llama_dir, 1, KCACHE, 16, prompts)
+    assert run_job(4, tiny_llama_dir, 2, KCACHE, 16, prompts) == reference
+
+
+def test_default_model_tp3(default_model_dir):
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    reference = generate(None, 1, None, 12, prompts)
+    assert run_job(3, None, 3, None, 12, prompts, timeout_s=240) == reference
+
+
+def test_tp_size_that_does_not_divide_the_heads(tiny_llama_dir):
+    outcomes = run_rank_outcomes(generate, world_size=3, args=(tiny_llama_dir, 3, None, 4), timeout_s=60,
+                                 stop_on_first_error=False)
+    for o in outcomes:
+        assert "the model's 4 attention heads are not divisible by tensor_parallel_size 3" in (o.error or "")
+
+
+def test_rank_killed_mid_generation_ends_the_job(tiny_llama_dir):
+    start = time.monotonic()
+    outcomes = run_rank_outcomes(generate, world_size=2, args=(tiny_llama_dir, 2, None, 24, PROMPTS, 1),
+                                 timeout_s=90, stop_on_first_error=False)
+    assert time.monotonic() - start < 60
+    assert outcomes[1].exitcode == 9
+    assert outcomes[0].exitcode != 0 or outcomes[0].error
+    assert "lost rank(s) [1]" in (outcomes[0].error or "") + outcomes[0].output
+
+
+def _launch(command: list[str], timeout_s: float = 180) -> list[list[int]]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [l for l in done.stdout.splitlines() if l.startswith("TOKENS ")]
+    assert len(lines) == 1, done.stdout[-3000:]
+    return json.loads(lines[0][len("TOKENS "):])
+
+
+SCRIPT = os.path.join("tests", "dist_scripts", "generate.py")
+
+
+@pytest.mark.skipif(shutil.which("mpirun", path=os.path.dirname(sys.executable)) is None and
+                    shutil.which("mpirun") is None, reason="no mpirun on this machine")
+def test_mpirun_two_ranks_equal_one_process(tiny_llama_dir):
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+    reference = generate(tiny_llama_dir, 1, None, 16)
+    assert _launch([mpirun, "-np", "2", sys.executable, SCRIPT, "--model", tiny_llama_dir, "--tp", "2"]) == reference
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="no deepspeed launcher on this machine")
+def test_deepspeed_launcher_two_ranks_equal_one_process(tiny_llama_dir):
+    reference = generate(tiny_llama_dir, 1, None, 16)
+    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", SCRIPT, "--model", tiny_llama_dir,
+               "--tp", "2"]
+    assert _launch(command) == reference
