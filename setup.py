@@ -24,7 +24,8 @@ setup(
     extras_require={
         # accelerate: transformers' own GGUF loading, the reference in the conversion test;
         # mpich: an MPI runtime for mpi4py on machines without one.
-        # openai, httpx: the server tests talk to a real server with the official client and raw HTTP.
-        "test": ["pytest", "accelerate", "mpich", "openai>=1.0", "httpx"],
+        # openai, httpx: the server tests talk to a real server with the official client and raw HTTP;
+        # triton: the KCache kernels also run on CPU under TRITON_INTERPRET=1 (the version on the GPU image).
+        "test": ["pytest", "accelerate", "mpich", "openai>=1.0", "httpx", "triton==3.6.0"],
     },
 )

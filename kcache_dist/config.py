@@ -73,16 +73,20 @@ class KCacheConfig:
 class ParallelConfig:
     """How the model is spread over processes: heads sharded over `tensor_parallel_size` ranks; a
     job with more ranks runs world / tensor_parallel_size data-parallel replicas. A collective that
-    waits longer than `collective_timeout_s` for a peer fails (a dead rank ends the job)."""
+    waits longer than `collective_timeout_s` for a peer fails (a dead rank ends the job). A
+    tensor-parallel group stays inside one node unless `allow_cross_node_tp`."""
 
     tensor_parallel_size: int = 1
     collective_timeout_s: float = 60.0
+    allow_cross_node_tp: bool = False
 
     def __post_init__(self) -> None:
         _require(is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
                  "parallel.tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
         _require(is_number(self.collective_timeout_s) and self.collective_timeout_s > 0,
                  "parallel.collective_timeout_s", self.collective_timeout_s, "a number > 0")
+        _require(isinstance(self.allow_cross_node_tp, bool), "parallel.allow_cross_node_tp",
+                 self.allow_cross_node_tp, "true | false")
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,13 @@ def test_cache_too_small_for_one_sequence(tiny_llama_dir):
         LLM(device="cpu", model=tiny_llama_dir, max_model_len=512, cpu_kv_cache_gb=1e-5)
 
 
+def test_host_memory_too_small_for_one_sequence(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"^the KV cache cannot hold one sequence of max_model_len=512 \(2 blocks of "
+                                         r"256 tokens\) on rank 0 \(CPU, NUMA node unknown\)\. Host memory is short by "
+                                         r"\d+ bytes .* No max_model_len fits: raise host_memory_gb\.$"):
+        LLM(device="cpu", model=tiny_llama_dir, host_memory_gb=1e-6, kcache=KCacheConfig(mode="kcache", dense_layers=1))
+
+
 def test_kcache_dense_layers_beyond_the_model(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"^kcache.dense_layers=3 exceeds the model's 2 layers$"):
         LLM(device="cpu", model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache", dense_layers=3))

@@ -69,7 +69,8 @@ class LLMEngine:
         """Joins the job's ranks first (layers read their tensor-parallel rank when built)."""
         device_type = resolve_device_type(config.device)
         tp = config.parallel.tensor_parallel_size
-        self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s)
+        self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s,
+                                      allow_cross_node_tp=config.parallel.allow_cross_node_tp)
         if self.parallel.tp_size != tp:
             raise ValueError(f"tensor_parallel_size={tp} needs a job of a multiple of {tp} processes "
                              "(launched by deepspeed, torchrun or mpirun); this process runs alone")
