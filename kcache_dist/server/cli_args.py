@@ -54,8 +54,8 @@ ENGINE_FLAGS = [
 # (flag, KCacheConfig field, type, help)
 KCACHE_FLAGS = [
     ("--kcache-mode", "mode", str, "full: K and V in device memory (default) | kcache: V of sparse layers in host memory"),
-    ("--top-n", "top_n", int, "far positions attended per KV head each decode step (default 256)"),
-    ("--dense-layers", "dense_layers", int, "first layers that keep dense attention (default 2)"),
+    ("--top-n", "top_n", int, "far positions attended per KV head each decode step (default 1024)"),
+    ("--dense-layers", "dense_layers", int, "first layers that keep dense attention (default 8)"),
     ("--sink-tokens", "sink_tokens", int, "first tokens always attended (default 4)"),
     ("--recent-window", "recent_window", int, "last tokens always attended (default 128)"),
     ("--group-reduce", "group_reduce", str, "GQA selection from the " + " | ".join(GROUP_REDUCES)

@@ -1,0 +1,130 @@
+"""A small version of benchmarks/accuracy.py on the default model (a few hundred tokens of text).
+
+- The teacher-forced emulation (`kcache_dist.kcache.teacher_forced`), which the benchmark uses to
+  run a block of known tokens as decode steps in one forward, gives the log-probs and the greedy
+  continuation that the engine's token-by-token KCache decode gives.
+- With a budget covering the context, KCache decode equals full attention.
+- At the library's default KCacheConfig, perplexity on decode positions whose context exceeds the
+  default budget (top_n + sink + window = 1156) stays within 1% of full attention's.
+"""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+
+import pytest
+import torch
+
+import kcache_dist.engine.llm_engine as llm_engine
+from kcache_dist import LLM, KCacheConfig, SamplingParams
+from kcache_dist.kcache.teacher_forced import TeacherForcedLM
+
+SMALL_BUDGET = KCacheConfig(mode="kcache", top_n=16, dense_layers=2, sink_tokens=4, recent_window=16)
+PERPLEXITY_BOUND = 0.01  # relative, as in benchmarks/accuracy.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Mostly small ops: one thread is as fast on 2 cores and leaves the other core alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine_llm(default_model_dir) -> LLM:
+    return LLM(device="cpu", kcache=SMALL_BUDGET, max_model_len=2048)
+
+
+@pytest.fixture(scope="module")
+def text_ids(engine_llm) -> list[int]:
+    """Natural English text that ships with Python (the reference manual's 'assignment' topic)."""
+    ids = engine_llm.get_tokenizer().encode(pydoc_data.topics.topics["assignment"])
+    assert len(ids) >= 800
+    return ids
+
+
+def test_emulation_equals_engine_decode_with_forced_tokens(engine_llm, text_ids, monkeypatch):
+    prompt_len, num_forced = 160, 24
+    forced = text_ids[prompt_len:prompt_len + num_forced]
+    queue = iter(forced)
+    monkeypatch.setattr(llm_engine, "sample", lambda logits, *args: [next(queue) for _ in range(logits.shape[0])])
+    recorded = []
+    runner = engine_llm.engine.runner
+    real_execute = runner.execute
+
+    def execute_and_record(plan):
+        logits = real_execute(plan)
+        recorded.append(logits)
+        return logits
+
+    monkeypatch.setattr(runner, "execute", execute_and_record)
+    out = engine_llm.generate([text_ids[:prompt_len]], SamplingParams(max_tokens=num_forced, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == forced
+    engine_logits = torch.cat(recorded)  # row 0: prefill (dense); row i: decode step at prompt_len + i - 1
+
+    lm = TeacherForcedLM(runner.model, capacity=1024)
+    lm.prefill(text_ids[:prompt_len])
+    emulated = lm.decode(forced[:-1], SMALL_BUDGET)
+    # float32; the emulation's dense layers use a fused kernel, so far-tail log-probs (~ -30) differ by ~1e-3
+    torch.testing.assert_close(torch.log_softmax(emulated, -1), torch.log_softmax(engine_logits[1:], -1),
+                               atol=3e-3, rtol=0)
+    assert torch.equal(emulated.argmax(-1), engine_logits[1:].argmax(-1))
+    lm.truncate(prompt_len)
+    full = lm.decode(forced[:-1], KCacheConfig())
+    assert (torch.log_softmax(full, -1) - torch.log_softmax(engine_logits[1:], -1)).abs().max() > 0.1, \
+        "the small budget should change the output, or this test shows nothing"
+
+
+def test_emulated_greedy_equals_engine_greedy(engine_llm, text_ids):
+    prompt, num_tokens = text_ids[:200], 16
+    engine_tokens = engine_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=num_tokens,
+                                                                 ignore_eos=True))[0].outputs[0].token_ids
+    lm = TeacherForcedLM(engine_llm.engine.runner.model, capacity=1024)
+    first = int(lm.logits(lm.prefill(prompt)[-1:])[0].argmax())
+    assert lm.greedy(first, num_tokens, SMALL_BUDGET) == engine_tokens
+    lm.truncate(len(prompt))
+    full_tokens = lm.greedy(first, num_tokens, KCacheConfig())
+    assert full_tokens != engine_tokens, "the small budget should change the continuation"
+    lm.truncate(len(prompt))  # greedy_like: teacher-force the full continuation, decode on from the first miss
+    assert lm.greedy_like(full_tokens, num_tokens, SMALL_BUDGET) == engine_tokens
+    lm.truncate(len(prompt))
+    assert lm.reproduces(full_tokens, KCacheConfig(mode="kcache", top_n=1024))
+    lm.truncate(len(prompt))
+    assert not lm.reproduces(full_tokens, SMALL_BUDGET)
+
+
+@pytest.fixture(scope="module")
+def long_text_ids(engine_llm) -> list[int]:
+    """A longer text that ships with Python (the reference manual's 'compound statements' topic)."""
+    ids = engine_llm.get_tokenizer().encode(pydoc_data.topics.topics["compound"])
+    assert len(ids) >= 2048
+    return ids
+
+
+def perplexity(logits: torch.Tensor, targets: list[int]) -> float:
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)).exp().item()
+
+
+def test_covering_budget_equals_full_and_defaults_stay_within_bound(engine_llm, long_text_ids):
+    text_ids = long_text_ids
+    prefix_len, block_len = 1536, 256
+    lm = TeacherForcedLM(engine_llm.engine.runner.model, capacity=2048)
+    lm.prefill(text_ids[:prefix_len])
+    block = text_ids[prefix_len:prefix_len + block_len]
+    targets = text_ids[prefix_len + 1:prefix_len + block_len + 1]
+
+    def decode(kcache: KCacheConfig) -> torch.Tensor:
+        lm.truncate(prefix_len)
+        return lm.decode(block, kcache)
+
+    full = decode(KCacheConfig())
+    covering = decode(KCacheConfig(mode="kcache", top_n=prefix_len + block_len))
+    torch.testing.assert_close(covering, full, atol=2e-3, rtol=0)
+    defaults = KCacheConfig(mode="kcache")
+    assert defaults.top_n + defaults.sink_tokens + defaults.recent_window < prefix_len  # selection really runs
+    sparse = decode(defaults)
+    assert not torch.allclose(sparse, full, atol=1e-3)
+    ratio = perplexity(sparse, targets) / perplexity(full, targets)
+    assert ratio - 1 <= PERPLEXITY_BOUND, f"defaults raise perplexity by {100 * (ratio - 1):.2f}%"
