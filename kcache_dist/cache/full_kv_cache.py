@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..forward_context import ForwardContext
-from ..layers.paged_attention import decode_attention, gather_context, prefill_attention, write_to_cache
+from ..layers.paged_attention import gather_context, paged_decode, prefill_attention, write_to_cache
 
 
 class FullKVCache:
@@ -37,7 +37,7 @@ def dense_attend(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, 
     out = torch.empty_like(q)
     nd = ctx.num_decodes
     if nd:
-        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.seq_lens[:nd], scale)
+        out[:nd] = paged_decode(q[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.seq_lens[:nd], scale)
     for i in range(nd, ctx.num_seqs):
         start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
         length, table = ctx.seq_lens_list[i], ctx.block_tables[i]

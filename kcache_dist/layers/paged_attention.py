@@ -54,3 +54,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid.transpose(-1, -2), scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.squeeze(2)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """`decode_attention` on any device (same arguments): the Triton split-K kernel for CUDA
+    tensors when Triton is importable, the torch reference above otherwise."""
+    if q.is_cuda:
+        try:
+            from .triton_paged_decode import paged_decode_attention_triton
+        except ImportError:  # no Triton: the reference
+            return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
