@@ -22,6 +22,7 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 DEVICE_NAMES = ("auto", "cpu", "cuda")
 KCACHE_MODES = ("full", "kcache")
+LOAD_FORMATS = ("safetensors", "random")
 GROUP_REDUCES = ("max", "sum")
 
 
@@ -102,6 +103,9 @@ class EngineConfig:
     num_kv_blocks: fixed number of cache blocks (None sizes
     the cache from memory: `gpu_memory_utilization` of the GPU, or `cpu_kv_cache_gb` on CPU; in
     KCache mode also at most `host_memory_gb` of host memory for V).
+    load_format: "safetensors" reads the weights from the model directory's checkpoint; "random"
+    fills every parameter with random values seeded by `seed` (`models/random_weights.py`), for
+    throughput runs of a model's shape: the directory then needs only config.json and a tokenizer.
     """
 
     model: Optional[str] = None
@@ -117,6 +121,7 @@ class EngineConfig:
     cpu_kv_cache_gb: float = 4.0
     host_memory_gb: float = 32.0
     seed: int = 0
+    load_format: str = "safetensors"
     kcache: KCacheConfig = field(default_factory=KCacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -146,6 +151,7 @@ class EngineConfig:
         _require(is_number(self.host_memory_gb) and self.host_memory_gb > 0, "host_memory_gb",
                  self.host_memory_gb, "a number > 0")
         _require(is_int(self.seed), "seed", self.seed, "an integer")
+        _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, " | ".join(LOAD_FORMATS))
         _require(isinstance(self.kcache, KCacheConfig), "kcache", self.kcache, "a KCacheConfig")
         _require(isinstance(self.parallel, ParallelConfig), "parallel", self.parallel, "a ParallelConfig")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,30 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from dist_scripts.launchers import REPO_ROOT, clean_launch_env, launcher_tool, mpirun_flags
 from dist_scripts.multiprocess import free_port
 from kcache_dist.parallel.launcher import detect_launcher, local_rank_from_argv, strip_local_rank_arg
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE_SCRIPT = str(Path(__file__).resolve().parent / "dist_scripts" / "launch_probe.py")
 LAUNCH_TIMEOUT_S = 120.0
-
-# Launcher variables of an enclosing job must not leak into the launches below.
-_LAUNCHER_VARIABLES = re.compile(r"^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_SIZE|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT|"
-                                 r"CROSS_RANK|CROSS_SIZE|TORCHELASTIC_.*|PMI_.*|PMIX_.*|OMPI_.*|MPI_LOCAL.*|"
-                                 r"MV2_.*|GLOO_SOCKET_IFNAME)$")
-
-
-def _tool(name: str) -> str | None:
-    """`name` next to this Python (where pip puts mpich's and deepspeed's commands), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name)
-
-
-def _clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not _LAUNCHER_VARIABLES.match(k)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 def _launch(cmd: list[str], env: dict, timeout_s: float = LAUNCH_TIMEOUT_S) -> tuple[int, str, float]:
@@ -73,7 +54,7 @@ def _check_two_rank_tp_job(probes: list[dict], launcher: str, output: str) -> No
 
 
 def test_plain_single_process():
-    status, output, _ = _launch([sys.executable, PROBE_SCRIPT], _clean_env())
+    status, output, _ = _launch([sys.executable, PROBE_SCRIPT], clean_launch_env())
     assert status == 0, output
     [probe] = _probes(output)
     assert (probe["launcher"], probe["world_size"], probe["tp_size"], probe["backend"]) == ("single", 1, 1, None)
@@ -81,25 +62,24 @@ def test_plain_single_process():
 
 
 def test_mpirun_two_ranks():
-    mpirun = _tool("mpirun")
+    mpirun = launcher_tool("mpirun")
     if mpirun is None:
         pytest.skip("no mpirun: install an MPI runtime matching mpi4py (e.g. `pip install mpich`)")
     pytest.importorskip("mpi4py", reason="mpi4py is not installed")
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []
-    status, output, _ = _launch([mpirun, *flags, "-np", "2", sys.executable, PROBE_SCRIPT, "--tp", "2"], _clean_env())
+    status, output, _ = _launch([mpirun, *mpirun_flags(mpirun), "-np", "2", sys.executable, PROBE_SCRIPT, "--tp", "2"],
+                                clean_launch_env())
     assert status == 0, output
     _check_two_rank_tp_job(_probes(output), "mpirun", output)
 
 
 def test_deepspeed_launcher_two_cpu_ranks():
-    deepspeed = _tool("deepspeed")
+    deepspeed = launcher_tool("deepspeed")
     if deepspeed is None:
         pytest.skip("no `deepspeed` launcher: `pip install deepspeed`")
     port = str(free_port())
     cmd = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port, PROBE_SCRIPT,
            "--tp", "2"]
-    status, output, _ = _launch(cmd, _clean_env(MASTER_ADDR="127.0.0.1"))
+    status, output, _ = _launch(cmd, clean_launch_env(MASTER_ADDR="127.0.0.1"))
     assert status == 0, output
     probes = _probes(output)
     _check_two_rank_tp_job(probes, "deepspeed", output)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import httpx
 import openai
@@ -40,15 +40,19 @@ def free_port() -> int:
 
 class ServerProcess:
     """`python launch/serve.py ARGS --port <free>` with its log in a file (a pipe could fill and
-    block the server)."""
+    block the server). `launcher` replaces `python` to start it as a job, e.g.
+    ["deepspeed", "--num_gpus", "2"] or ["mpirun", "-np", "2", sys.executable]; the job runs in
+    its own process group, which `stop` ends."""
 
-    def __init__(self, args: list[str], log_path: str, port: Optional[int] = None):
+    def __init__(self, args: list[str], log_path: str, port: Optional[int] = None,
+                 launcher: Sequence[str] = (sys.executable,), env: Optional[dict] = None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.process = subprocess.Popen([sys.executable, SERVE_SCRIPT, *args, "--port", str(self.port)],
-                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.process = subprocess.Popen([*launcher, SERVE_SCRIPT, *args, "--port", str(self.port)],
+                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                        start_new_session=True)
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -87,6 +91,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        try:  # what a launcher left behind (the deepspeed command does not pass SIGTERM on)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self._log.close()
 
 

@@ -2,6 +2,10 @@
 
 Owns the tokenizer, the scheduler and the model runner. `add_request` validates and queues;
 `step` runs one scheduled forward, samples, detokenizes and reports the sequences that finished.
+
+Under tensor parallelism the first rank of the group schedules (`is_scheduler`): `step` sends
+each plan to the other ranks, which run `run_worker` until `stop_workers`. While the scheduling
+rank has no work, `keepalive` tells the workers it is still there (see `keepalive_interval_s`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import gc
 import itertools
 import logging
 import os
+import time
 import weakref
 from typing import Optional, Union
 
@@ -24,14 +29,22 @@ from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import current_state, init_parallel, tp_broadcast_object
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
+from .engine_snapshot import EngineSnapshot
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .step_plan import KeepAlive
 
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
+
+# A worker waits for the next message within the collective timeout; while idle the scheduling rank
+# sends one at least every quarter of that timeout (room for a slow wake-up), and at least every
+# KEEPALIVE_MAX_INTERVAL_S, since a worker runs its Python signal handlers only between messages.
+KEEPALIVE_TIMEOUT_FRACTION = 0.25
+KEEPALIVE_MAX_INTERVAL_S = 5.0
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,6 +114,7 @@ class LLMEngine:
         self._seqs: dict[int, Sequence] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._by_request: dict[str, Sequence] = {}
+        self._last_message_to_workers_s = time.monotonic()
         # Registered after init_parallel's hooks, so it runs before them (atexit is last-in, first-out).
         atexit.register(_release_at_exit, weakref.ref(self))
 
@@ -173,14 +187,54 @@ class LLMEngine:
 
     def run_worker(self) -> None:
         """On the other ranks of a tensor-parallel group: run each step plan the scheduling rank
-        sends, until it sends None (`stop_workers`)."""
-        while (plan := tp_broadcast_object(None)) is not None:
-            self.runner.execute(plan)
+        sends (a `KeepAlive` is a no-op), until it sends None (`stop_workers`)."""
+        while (message := tp_broadcast_object(None)) is not None:
+            if not isinstance(message, KeepAlive):
+                self.runner.execute(message)
 
     def stop_workers(self) -> None:
         """On the scheduling rank: release the workers from `run_worker`."""
+        self._send_to_workers(None)
+
+    @property
+    def keepalive_interval_s(self) -> float:
+        """Longest time the workers may go without a message from the scheduling rank: a quarter
+        of the collective timeout, at most KEEPALIVE_MAX_INTERVAL_S; infinite without workers."""
+        if self.parallel.tp_size == 1:
+            return float("inf")
+        return min(KEEPALIVE_MAX_INTERVAL_S, KEEPALIVE_TIMEOUT_FRACTION * self.config.parallel.collective_timeout_s)
+
+    def keepalive(self) -> bool:
+        """On the scheduling rank, between steps (and while it has none to run): send the workers
+        a no-op message if they have not heard from it (a plan or a keepalive) for
+        `keepalive_interval_s`, so that their wait in `run_worker` never reaches the collective
+        timeout. Returns whether a message was sent."""
+        if time.monotonic() - self._last_message_to_workers_s < self.keepalive_interval_s:
+            return False
+        self._send_to_workers(KeepAlive())
+        return True
+
+    def _send_to_workers(self, message) -> None:
         if self.parallel.tp_size > 1:
-            tp_broadcast_object(None)
+            tp_broadcast_object(message)
+            self._last_message_to_workers_s = time.monotonic()
+
+    def snapshot(self) -> EngineSnapshot:
+        """Queues and cache occupancy now. Call between steps, on the thread that owns the engine."""
+        blocks = self.block_manager
+        kv_cache = self.runner.kv_cache
+        keeps_v_on_host = bool(getattr(kv_cache, "v_host", None))  # KCache mode with at least one sparse layer
+        v_row_bytes = self.model_config.head_dim * self.dtype.itemsize
+        return EngineSnapshot(
+            kcache_mode=self.config.kcache.mode,
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting),
+            num_preemptions_total=self.scheduler.num_preemptions,
+            device_cache_blocks_in_use=blocks.num_used_blocks,
+            device_cache_blocks_total=blocks.num_blocks,
+            host_v_blocks_in_use=blocks.num_used_blocks if keeps_v_on_host else 0,
+            host_v_blocks_total=blocks.num_blocks if keeps_v_on_host else 0,
+            v_bytes_fetched_total=getattr(kv_cache, "v_rows_fetched", 0) * v_row_bytes)
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -189,8 +243,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        if self.parallel.tp_size > 1:
-            tp_broadcast_object(plan)
+        self._send_to_workers(plan)
         logits = self.runner.execute(plan)
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
         tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)

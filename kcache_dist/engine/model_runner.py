@@ -16,6 +16,7 @@ from ..forward_context import ForwardContext
 from ..kcache.selection import SelectionSpec
 from ..models.loader import load_weights
 from ..models.model_config import ModelConfig
+from ..models.random_weights import init_random_weights
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state
 from .step_plan import StepPlan
@@ -34,7 +35,10 @@ class ModelRunner:
         self.block_size = config.resolved_block_size
         with torch.device(device):
             self.model = model_class(model_config.architecture)(model_config, max_model_len, dtype)
-        load_weights(self.model, model_dir)
+        if config.load_format == "random":
+            init_random_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, model_dir)
         self.model.eval()
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.model_config = model_config

@@ -1,4 +1,5 @@
-"""The scheduler's decision for one step, in plain data so that rank 0 can send it to every rank."""
+"""What the scheduling rank sends its tensor-parallel workers, in plain data: each step's plan
+(`StepPlan`), a `KeepAlive` while there is no work, or None to stop them."""
 
 from __future__ import annotations
 
@@ -30,3 +31,9 @@ class StepPlan:
     @property
     def num_decodes(self) -> int:
         return sum(1 for n in self.num_new_tokens if n == 1)
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """A no-op message from the scheduling rank while it has no work, so that a worker waiting for
+    the next plan does not run into the collective timeout."""

@@ -157,6 +157,17 @@ def peer_failures_as_rank_lost(operation: str, group_ranks: Sequence[int], group
         raise rank_lost_error(operation, group_ranks, group_name, error) from error
 
 
+def exit_for_lost_rank(error: RankLostError, exit_code: int = 1) -> None:
+    """Write `error` as one line on stderr and end the process with `exit_code` at once, from any
+    thread. No atexit handlers run: tearing down a process group whose peer is gone can block."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        os.write(2, f"kcache_dist: {error}; exiting with status {exit_code}\n".encode())
+    os._exit(exit_code)
+
+
 class _ExitOnLostRank(contextlib.ContextDecorator):
     def __init__(self, exit_code: int):
         self.exit_code = exit_code
@@ -166,13 +177,7 @@ class _ExitOnLostRank(contextlib.ContextDecorator):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None and issubclass(exc_type, RankLostError):
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            with contextlib.suppress(Exception):
-                os.write(2, f"kcache_dist: {exc}; exiting with status {self.exit_code}\n".encode())
-            # No atexit handlers: tearing down a process group whose peer is gone can block.
-            os._exit(self.exit_code)
+            exit_for_lost_rank(exc, self.exit_code)
         return False
 
 

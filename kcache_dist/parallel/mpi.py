@@ -44,6 +44,12 @@ def discover_mpi() -> MpiFacts:
     return MpiFacts(comm.Get_rank(), comm.Get_size(), local_rank, local_world, hostnames)
 
 
+def mpi_world_size() -> int:
+    """How many processes MPI_COMM_WORLD holds (not a collective)."""
+    _, comm = _world()
+    return comm.Get_size()
+
+
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank (a collective: every rank must call it)."""
     _, comm = _world()

@@ -164,6 +164,17 @@ def _hand_groups_to_deepspeed(timeout_s: float) -> None:
                                timeout=timedelta(seconds=timeout_s))
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (1 for a plain process), known before
+    `init_parallel` joins them: from the launcher's environment, or from MPI under mpirun."""
+    info = detect_launcher()
+    if info.launcher == "mpirun":
+        from .mpi import mpi_world_size
+
+        return mpi_world_size()
+    return info.world_size
+
+
 def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s: float = 60.0,
                   allow_cross_node_tp: bool = False) -> ParallelState:
     """Join the job's other ranks and build the TP / DP groups; returns this rank's ParallelState.

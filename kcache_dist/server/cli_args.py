@@ -1,5 +1,6 @@
 """Command-line flags of the server, in vLLM's spelling, and what they turn into: an
-`EngineConfig` (engine and KCache flags override a `--config` JSON file) and `ServerSettings`."""
+`EngineConfig` (engine and KCache flags override a `--config` JSON file) and `ServerSettings`.
+Under a launcher the tensor parallel size defaults to the number of processes it started."""
 
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ from .body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
 API_KEY_ENV_VAR = "KCACHE_DIST_API_KEY"
 
 DESCRIPTION = """\
-OpenAI-compatible HTTP server for kcache_dist (one process, tensor parallel size 1).
+OpenAI-compatible HTTP server for kcache_dist.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming with "stream": true),
 GET /v1/models, GET /health, GET /metrics (Prometheus).
 
+Start it as one process, or as one tensor-parallel group of N processes under a launcher
+(`deepspeed --num_gpus N launch/serve.py ...`, `mpirun -np N python launch/serve.py ...`):
+rank 0 serves HTTP and schedules, every rank computes its slice of the heads.
+
 Engine and KCache flags override the values of a --config file; a flag left out keeps the file's
-value (or the EngineConfig default). SIGINT/SIGTERM stop accepting requests, let the ones in
-flight finish, then exit with status 0.
+value (or the EngineConfig default), except that under a launcher --tensor-parallel-size defaults
+to the number of processes. SIGINT/SIGTERM stop accepting requests, let the ones in
+flight finish, then stop every rank, which exits with status 0. A signal to the worker ranks
+alone does not stop them: rank 0 does, once it has drained (a second SIGINT forces a worker out).
 """
 
 EPILOG = """\
@@ -31,6 +38,8 @@ examples:
   python launch/serve.py                                   # the embedded SmolLM2-135M-Instruct
   python launch/serve.py --model PATH --port 8000 --api-key secret
   python launch/serve.py --config ds_configs/full_kv_gpu.json --kcache-mode kcache --top-n 256
+  deepspeed --num_gpus 4 launch/serve.py --model PATH      # tensor parallel size 4; stop: SIGTERM to rank 0
+  mpirun -np 2 python launch/serve.py --model PATH         # tensor parallel size 2; stop: SIGTERM to mpirun
 """
 
 # (flag, EngineConfig field, type, help)
@@ -50,6 +59,9 @@ ENGINE_FLAGS = [
     ("--host-memory-gb", "host_memory_gb", float, "KCache mode: host memory for the V pool (default 32)"),
     ("--seed", "seed", int, "seed of requests that give none (default 0)"),
 ]
+TENSOR_PARALLEL_HELP = ("ranks that share the attention heads; the server runs exactly one tensor-parallel group, so "
+                        "this must equal the number of processes (default: the number the launcher started, 1 "
+                        "without one; under a launcher this also overrides the --config file's value)")
 
 # (flag, KCacheConfig field, type, help)
 KCACHE_FLAGS = [
@@ -88,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine configuration file (its keys mirror EngineConfig)")
     for flag, name, kind, help_text in ENGINE_FLAGS:
         engine.add_argument(flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=help_text)
+    engine.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int, default=None,
+                        metavar="N", help=TENSOR_PARALLEL_HELP)
     kcache = parser.add_argument_group("KCache attention")
     for flag, name, kind, help_text in KCACHE_FLAGS:
         kcache.add_argument(flag, dest="kcache_" + name, type=kind, default=None, choices=_CHOICES.get(name),
@@ -117,8 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """The --config file (or the defaults) with every given flag applied; ValueError names a bad value."""
+def serving_tensor_parallel_size(flag_value: Optional[int], config_value: int, num_processes: int) -> int:
+    """The server's tensor parallel size: the flag, else under a launcher the number of processes,
+    else the config's. ValueError unless it makes exactly one tensor-parallel group of the job."""
+    if flag_value is not None:
+        if flag_value < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {flag_value}")
+        tp = flag_value
+    else:
+        tp = num_processes if num_processes > 1 else config_value
+    if num_processes > 1 and tp != num_processes:
+        replicas = f" ({num_processes // tp} data-parallel replicas)" if tp < num_processes and \
+            num_processes % tp == 0 else ""
+        raise ValueError(f"tensor parallel size {tp} does not fit this job of {num_processes} processes{replicas}: "
+                         f"the server runs one tensor-parallel group behind one HTTP front end (data parallel size "
+                         f"1), so the tensor parallel size must be {num_processes}; leave out "
+                         f"--tensor-parallel-size (it defaults to the number of processes) or start "
+                         f"{tp} process{'es' if tp > 1 else ''}")
+    return tp
+
+
+def engine_config_from_args(args: argparse.Namespace, num_processes: int = 1) -> EngineConfig:
+    """The --config file (or the defaults) with every given flag applied, for a job of
+    `num_processes` (see `serving_tensor_parallel_size`); ValueError names a bad value."""
     base = EngineConfig.from_json(args.config) if args.config is not None else EngineConfig()
     overrides = {name: getattr(args, name) for _, name, _, _ in ENGINE_FLAGS if getattr(args, name) is not None}
     kcache_names = [name for _, name, _, _ in KCACHE_FLAGS] + ["renormalize"]
@@ -126,6 +161,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                         if getattr(args, "kcache_" + name) is not None}
     if kcache_overrides:
         overrides["kcache"] = dataclasses.replace(base.kcache, **kcache_overrides)
+    tp = serving_tensor_parallel_size(args.tensor_parallel_size, base.parallel.tensor_parallel_size, num_processes)
+    if tp != base.parallel.tensor_parallel_size:
+        overrides["parallel"] = dataclasses.replace(base.parallel, tensor_parallel_size=tp)
     return dataclasses.replace(base, **overrides)
 
 

@@ -11,8 +11,12 @@ request's asyncio queue on its event loop (`call_soon_threadsafe`); `RequestStre
 Shutdown: `stop_accepting` makes later submits fail with `ServerDraining`; `shutdown` waits until
 every in-flight request has finished (aborting what is left after its timeout) and ends the thread.
 
-This is the seam for multi-rank serving: on rank 0 the driver steps the engine (whose step
-broadcasts the plan), the HTTP app talks only to the driver, and other ranks run a worker loop.
+Multi-rank serving: on rank 0 the driver steps the engine, whose step sends the plan to the other
+ranks of the tensor-parallel group (they run `engine.run_worker()`); while there is no work the
+driver calls `engine.keepalive()` at least every `engine.keepalive_interval_s`, so that the
+workers' wait for the next plan never reaches the collective timeout. A lost rank (RankLostError)
+is not a failure of the requests in flight but of the job: it stops the driver and goes to
+`on_crash`.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from ..outputs import RequestOutput
+from ..parallel import RankLostError
 from ..sampling_params import SamplingParams
 from .engine_stats import EngineStats, StatsRecorder
 
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
-IDLE_WAKEUP_S = 1.0  # while idle, wake up this often to refresh the stats (throughput decays to 0)
+IDLE_WAKEUP_S = 1.0  # while idle, wake up at least this often to refresh the stats (throughput decays to 0)
 
 
 class ServerDraining(RuntimeError):
@@ -112,10 +117,16 @@ class RequestStream:
 
 class EngineDriver:
     """Runs `engine` on its own thread; every method is safe to call from any thread (`submit` from
-    a running event loop)."""
+    a running event loop).
 
-    def __init__(self, engine, thread_name: str = "engine-driver"):
+    on_crash: called on the driver thread with the exception that stopped its loop (e.g. a
+    RankLostError), after every request in flight got an `EngineFailure`.
+    """
+
+    def __init__(self, engine, thread_name: str = "engine-driver",
+                 on_crash: Optional[Callable[[BaseException], None]] = None):
         self._engine = engine
+        self._on_crash = on_crash
         self.max_model_len: int = engine.max_model_len
         self._wakeup = threading.Condition()
         self._commands: list[Union[_AddRequest, _AbortRequest, _AbortAll]] = []
@@ -201,7 +212,7 @@ class EngineDriver:
                     if not self._commands and not engine.has_unfinished_requests():
                         if self._stop_when_idle:
                             break
-                        self._wakeup.wait(IDLE_WAKEUP_S)
+                        self._wakeup.wait(min(IDLE_WAKEUP_S, engine.keepalive_interval_s))
                     commands, self._commands = self._commands, []
                 for command in commands:
                     if isinstance(command, _AddRequest):
@@ -212,6 +223,7 @@ class EngineDriver:
                         self._abort_all()
                 if engine.has_unfinished_requests():
                     self._step()
+                engine.keepalive()  # sends only if the workers have not heard from this rank for a while
                 self._publish_stats()
         except BaseException as e:  # the loop itself broke: fail everyone, refuse new requests
             logger.exception("engine driver stopped")
@@ -224,6 +236,8 @@ class EngineDriver:
             for command in commands:
                 if isinstance(command, _AddRequest):
                     self._resolve(command.accepted, EngineFailure(f"engine driver stopped: {e}"))
+            if self._on_crash is not None:
+                self._on_crash(e)
         logger.info("engine driver finished")
 
     def _add(self, command: _AddRequest) -> None:
@@ -255,6 +269,8 @@ class EngineDriver:
         start = time.perf_counter()
         try:
             outputs = self._engine.step()
+        except RankLostError:
+            raise  # the job is broken, not this step's requests: stop the driver
         except Exception as e:
             logger.exception("engine step failed; dropping the %d requests in flight", len(self._subscribers))
             for request_id in list(self._subscribers):
@@ -273,7 +289,7 @@ class EngineDriver:
                 self._deliver(subscriber, output)
 
     def _publish_stats(self) -> None:
-        self._stats = self._recorder.snapshot(self._engine)
+        self._stats = self._recorder.combine(self._engine.snapshot())
 
     @staticmethod
     def _deliver(subscriber: _Subscriber, item: Union[RequestOutput, BaseException]) -> None:

@@ -1,7 +1,8 @@
-"""What /metrics reports: counters kept from the engine's outputs, plus gauges read from the engine.
+"""What /metrics reports: counters kept from the engine's outputs, plus the engine's own snapshot
+of its queues and cache (`LLMEngine.snapshot()`).
 
 `StatsRecorder` lives on the engine driver's thread (the only thread that touches the engine);
-`snapshot(engine)` returns an immutable `EngineStats` the HTTP side may read at any time.
+`combine(engine.snapshot())` returns an immutable `EngineStats` the HTTP side may read at any time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..engine.engine_snapshot import EngineSnapshot
 from ..outputs import RequestOutput
 
 THROUGHPUT_WINDOW_S = 10.0
@@ -18,12 +20,8 @@ THROUGHPUT_WINDOW_S = 10.0
 
 @dataclass(frozen=True)
 class EngineStats:
-    """One consistent view of the engine (taken between steps).
-
-    Device cache blocks are K blocks in KCache mode and K+V blocks in full mode; host V blocks are
-    the blocks whose V rows live in host memory (KCache mode; block ids are shared by the K and V
-    pools, so both counts move together there), 0 in full mode.
-    """
+    """One consistent view of the engine (taken between steps); the gauges mean what they mean in
+    `EngineSnapshot` (under tensor parallelism, `v_bytes_fetched_total` is rank 0's share)."""
 
     kcache_mode: str = "full"
     num_requests_running: int = 0
@@ -73,25 +71,20 @@ class StatsRecorder:
         tokens = sum(n for _, _, n in self._recent_steps)
         return tokens / busy_s if busy_s > 0 else 0.0
 
-    def snapshot(self, engine) -> EngineStats:
-        """Counters plus the engine's current queue and cache occupancy. Call on the engine's thread."""
-        blocks = engine.block_manager
-        kv_cache = engine.runner.kv_cache
-        mode = engine.config.kcache.mode
-        keeps_v_on_host = bool(getattr(kv_cache, "v_host", None))  # KCache mode with at least one sparse layer
-        v_row_bytes = engine.model_config.head_dim * engine.dtype.itemsize
+    def combine(self, engine: EngineSnapshot) -> EngineStats:
+        """These counters plus the engine's queues and cache occupancy (`LLMEngine.snapshot()`)."""
         return EngineStats(
-            kcache_mode=mode,
-            num_requests_running=len(engine.scheduler.running),
-            num_requests_waiting=len(engine.scheduler.waiting),
+            kcache_mode=engine.kcache_mode,
+            num_requests_running=engine.num_requests_running,
+            num_requests_waiting=engine.num_requests_waiting,
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generation_tokens_total=self.num_generation_tokens_total,
-            num_preemptions_total=engine.scheduler.num_preemptions,
+            num_preemptions_total=engine.num_preemptions_total,
             num_finished_total=dict(self.num_finished_total),
             decode_throughput_tokens_per_s=self.decode_throughput(),
-            device_cache_blocks_in_use=blocks.num_used_blocks,
-            device_cache_blocks_total=blocks.num_blocks,
-            host_v_blocks_in_use=blocks.num_used_blocks if keeps_v_on_host else 0,
-            host_v_blocks_total=blocks.num_blocks if keeps_v_on_host else 0,
-            v_bytes_fetched_total=getattr(kv_cache, "v_rows_fetched", 0) * v_row_bytes,
+            device_cache_blocks_in_use=engine.device_cache_blocks_in_use,
+            device_cache_blocks_total=engine.device_cache_blocks_total,
+            host_v_blocks_in_use=engine.host_v_blocks_in_use,
+            host_v_blocks_total=engine.host_v_blocks_total,
+            v_bytes_fetched_total=engine.v_bytes_fetched_total,
         )

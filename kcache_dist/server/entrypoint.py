@@ -1,8 +1,10 @@
-"""`launch/serve.py`: parse flags, build the engine and its driver, serve HTTP until a signal.
+"""`launch/serve.py`: parse flags, build the engine, then serve until a signal.
 
-Single process (tensor parallel size 1) for now. The pieces are kept apart for the multi-rank
-version: the engine and its driver thread run on rank 0 next to the HTTP app, while the other
-ranks will run a worker loop that executes the broadcast step plans.
+Every rank of the job builds the engine (joining the job's ranks first). Rank 0, the scheduling
+rank, runs the engine driver thread and the HTTP app; the other ranks of the tensor-parallel group
+run the worker loop (worker_rank.py). At shutdown rank 0 drains the requests in flight, then stops
+the workers, and every process exits with status 0. Works as one process, under
+`deepspeed --num_gpus N` and under `mpirun -np N` (one tensor-parallel group of N ranks).
 """
 
 from __future__ import annotations
@@ -11,37 +13,58 @@ import logging
 import sys
 from typing import Optional
 
-from .cli_args import build_parser, engine_config_from_args, server_settings_from_args
+from ..parallel import (RankLostError, exit_for_lost_rank, exit_on_lost_rank, launched_world_size,
+                        strip_local_rank_arg)
+from .cli_args import ServerSettings, build_parser, engine_config_from_args, server_settings_from_args
+from .rank_logging import configure_logging
 
 logger = logging.getLogger("kcache_dist.server")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # The DeepSpeed launcher appends --local_rank=N to each rank's arguments.
+    args = parser.parse_args(strip_local_rank_arg(sys.argv[1:] if argv is None else argv))
     try:
-        config = engine_config_from_args(args)
+        config = engine_config_from_args(args, num_processes=launched_world_size())
         settings = server_settings_from_args(args, config)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
     from ..engine.llm_engine import LLMEngine
-    from .app import build_app
-    from .chat_prompt import ChatPromptBuilder
-    from .engine_driver import EngineDriver
-    from .http_server import serve_http
+    from .worker_rank import serve_as_worker
 
     try:
         engine = LLMEngine(config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         logger.error("cannot start the engine: %s", e)
         return 1
-    driver = EngineDriver(engine).start()
+    if not engine.is_scheduler:
+        return serve_as_worker(engine)
+    return serve_as_scheduler(engine, settings)
+
+
+def exit_if_rank_lost(error: BaseException) -> None:
+    """The engine driver's crash hook: a lost rank ends this process (and so the job) at once."""
+    if isinstance(error, RankLostError):
+        exit_for_lost_rank(error)
+
+
+def serve_as_scheduler(engine, settings: ServerSettings) -> int:
+    """Rank 0: the engine driver and the HTTP app until a signal; then drain, stop the workers."""
+    from .app import build_app
+    from .chat_prompt import ChatPromptBuilder
+    from .engine_driver import EngineDriver
+    from .http_server import serve_http
+
+    config = engine.config
+    driver = EngineDriver(engine, on_crash=exit_if_rank_lost).start()
     chat_prompts = ChatPromptBuilder(config.tokenizer or engine.model_dir)
     app = build_app(driver, chat_prompts, settings)
-    logger.info("serving %s (%s mode, max_model_len %d) on http://%s:%d", settings.served_model_names[0],
-                config.kcache.mode, engine.max_model_len, settings.host, settings.port)
+    logger.info("serving %s (%s mode, max_model_len %d, tensor parallel size %d) on http://%s:%d",
+                settings.served_model_names[0], config.kcache.mode, engine.max_model_len,
+                engine.parallel.tp_size, settings.host, settings.port)
     server = None
     try:
         server = serve_http(app, settings, on_exit_signal=driver.stop_accepting)
@@ -49,11 +72,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         forced = server is None or server.force_exit  # a failed start, or a second Ctrl-C: abort what runs
         all_finished = driver.shutdown(timeout_s=0 if forced else settings.shutdown_timeout_s)
         chat_prompts.close()
+        workers_stopped = _stop_workers(engine, driver)
     if driver.crash is not None:
         logger.error("the engine driver crashed: %s", driver.crash)
         return 1
+    if not workers_stopped:
+        return 1
     logger.info("stopped (%s)", "every request finished" if all_finished else "some requests were aborted")
     return 0
+
+
+def _stop_workers(engine, driver) -> bool:
+    """Release the other ranks from their worker loop, once the driver thread (the engine's only
+    user until now) has ended. Returns False if it could not."""
+    if driver.alive:
+        logger.error("the engine driver did not stop; the worker ranks are left to the collective timeout")
+        return False
+    if engine.parallel.tp_size > 1:
+        with exit_on_lost_rank():
+            engine.stop_workers()
+        logger.info("stopped the %d worker rank(s)", engine.parallel.tp_size - 1)
+    return True
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""benchmarks/throughput.py: the decode-step byte accounting against hand-computed numbers, and a
+CPU run of the whole script on a tiny named shape whose JSON fields exist and agree."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from kcache_dist.cache.decode_traffic import DecodeStepBytes, decode_step_bytes
+from kcache_dist.cache.planner import CacheGeometry
+from kcache_dist.kcache.selection import SelectionSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def geometry(mode: str, **changes) -> CacheGeometry:
+    fields = dict(mode=mode, num_layers=4, dense_layers=1, num_kv_heads=2, head_dim=8, dtype_bytes=2, block_size=16)
+    fields.update(changes)
+    return CacheGeometry(**fields)
+
+
+SPEC = SelectionSpec(top_n=5, sink_tokens=2, recent_window=3, renormalize=True, group_reduce="max")
+
+
+def test_decode_step_bytes_by_hand():
+    # A row is 2 KV heads x 8 x 2 bytes = 32 bytes. Sequences of 20, 6 and 1 positions (27 in all):
+    #   20: sink [0, 2), window [17, 20): 5 hot rows; 15 far, top 5 fetched
+    #    6: sink [0, 2), window [3, 6):   5 hot rows;  1 far, fetched
+    #    1: sink [0, 1), no window:       1 hot row;   0 far
+    kc = decode_step_bytes(geometry("kcache"), 1000, [20, 6, 1], SPEC)
+    assert kc == DecodeStepBytes(weight_bytes=1000, k_bytes=4 * 27 * 32, dense_v_bytes=1 * 27 * 32,
+                                 hot_v_bytes=3 * 11 * 32, far_v_bytes=3 * 6 * 32)
+    assert (kc.hbm_bytes, kc.pcie_bytes) == (1000 + 3456 + 864 + 1056, 576)
+    full = decode_step_bytes(geometry("full"), 1000, [20, 6, 1], SPEC)
+    assert full == DecodeStepBytes(1000, 3456, 3456, 0, 0)
+    assert (full.hbm_bytes, full.pcie_bytes) == (7912, 0)
+    # roofline = max(6376 B / 1000 B/s, 576 B / pcie rate)
+    assert kc.roofline_s(1000, 100) == pytest.approx(6.376) and kc.bound_by(1000, 100) == "hbm"
+    assert kc.roofline_s(1000, 50) == pytest.approx(11.52) and kc.bound_by(1000, 50) == "pcie"
+    assert full.roofline_s(1000, 1) == pytest.approx(7.912) and full.bound_by(1000, 1) == "hbm"
+
+
+def test_decode_step_bytes_llama3_8b_shape():
+    # One sequence of 8192 positions, bf16, 8 KV heads x 128: a row is 2048 bytes per layer.
+    shape = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2, block_size=256, dense_layers=2)
+    full = decode_step_bytes(CacheGeometry(mode="full", **shape), 0, [8192], SPEC)
+    assert full.hbm_bytes == 1 << 30  # K and V of 32 layers x 8192 tokens x 2048 bytes = 1 GiB
+    spec = SelectionSpec(top_n=256, sink_tokens=4, recent_window=128, renormalize=True, group_reduce="max")
+    kc = decode_step_bytes(CacheGeometry(mode="kcache", **shape), 0, [8192], spec)
+    assert kc.k_bytes == 512 << 20 and kc.dense_v_bytes == 32 << 20
+    assert kc.hot_v_bytes == 30 * 132 * 2048 and kc.far_v_bytes == 30 * 256 * 2048  # 15 MiB over PCIe
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    out = str(tmp_path_factory.mktemp("throughput") / "throughput_tiny.json")
+    # A cache of 2.5 MiB: 6 sequences of 128 tokens in full mode (3 KiB a token); 5 in KCache mode.
+    argv = ["--model", "tiny-llama", "--device", "cpu", "--contexts", "128,256", "--batches", "auto",
+            "--decode-tokens", "4", "--warmup-steps", "1", "--cpu-kv-cache-gb", "0.0025", "--host-memory-gb", "0.004",
+            "--top-n", "16", "--dense-layers", "1", "--sink-tokens", "4", "--recent-window", "16", "--out", out]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is as fast, and does not fight other processes for cores
+    try:
+        returned = throughput.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    with open(out, encoding="utf-8") as f:
+        written = json.load(f)
+    return returned, written, out
+
+
+def test_cpu_run_writes_consistent_points(cpu_run):
+    returned, result, out = cpu_run
+    assert result["errors"] == [] and result["points"]
+    assert json.loads(json.dumps(returned)) == result
+    assert {p["mode"] for p in result["points"]} == {"full", "kcache"}
+    plans = {(p["mode"], p["context"]): p for p in result["plans"]}
+    assert plans[("full", 128)]["max_batch"] == 6 and plans[("full", 256)]["max_batch"] == 3
+    bw = result["bandwidth"]
+    for p in result["points"]:
+        plan = plans[(p["mode"], p["context"])]
+        batches = sorted(q["batch"] for q in result["points"] if (q["mode"], q["context"]) == (p["mode"], p["context"]))
+        assert batches[-1] == plan["max_batch"] == p["plan_max_batch"]  # auto: powers of two, then the plan's max
+        assert batches[:-1] == [2 ** i for i in range(len(batches) - 1)]
+        assert p["decode_tokens_per_s"] == pytest.approx(p["batch"] * p["num_steps"] / p["window_s"])
+        assert p["decode_tokens_per_s"] == pytest.approx(p["batch"] / p["step_s_mean"])
+        assert p["step_s_min"] <= p["step_s_median"] <= p["step_s_max"]
+        assert p["prompt_tokens"] < p["mean_seq_len"] <= p["context"]
+        hbm_s = p["hbm_bytes_per_step"] / (bw["hbm_copy_GBps"] * 1e9)
+        pcie_s = p["pcie_bytes_per_step"] / (bw["h2d_GBps"] * 1e9)
+        assert p["roofline_step_s"] == pytest.approx(max(hbm_s, pcie_s), rel=1e-3)
+        assert p["roofline_fraction"] == pytest.approx(p["roofline_step_s"] / p["step_s_mean"])
+        assert p["step_over_roofline"] == pytest.approx(1 / p["roofline_fraction"])
+        b = p["bytes_per_step"]
+        assert p["hbm_bytes_per_step"] == b["weight_bytes"] + b["k_bytes"] + b["dense_v_bytes"] + b["hot_v_bytes"]
+        assert b["weight_bytes"] == plan["weight_bytes_per_decode_step"]
+        # the engine's own count of far V rows read from host memory equals the model's PCIe bytes
+        assert p["v_bytes_fetched_per_step"] == pytest.approx(p["pcie_bytes_per_step"], abs=1)
+        assert p["v_GBps"] == pytest.approx(p["v_bytes_fetched_per_step"] / p["step_s_mean"] / 1e9)
+        assert p["preemptions"] == 0 and p["prefill_tokens_per_s"] > 0 and p["ttft_s"] > 0
+        if p["mode"] == "full":
+            assert p["pcie_bytes_per_step"] == 0 and p["host_v_pool_bytes"] == 0 and b["dense_v_bytes"] == b["k_bytes"]
+        else:
+            assert p["pcie_bytes_per_step"] > 0 and b["hot_v_bytes"] > 0
+            assert 0 < p["host_v_bytes_in_use"] <= p["host_v_pool_bytes"] == plan["host_v_pool_bytes"]
+    for pre in result["prefill"]:
+        assert pre["prefill_tokens_per_s"] == pytest.approx(pre["prefill_seqs"] * pre["prompt_tokens"]
+                                                            / pre["prefill_wall_s"])
+    hf = result["hf_baseline"]["points"]
+    assert [h["context"] for h in hf] == [128, 256] and [h["batch"] for h in hf] == [6, 3]  # full mode's batch
+    for h in hf:
+        assert h["decode_tokens_per_s"] == pytest.approx(h["batch"] * 3 / h["decode_s"])
+        assert h["prefill_tokens_per_s"] == pytest.approx(h["batch"] * h["prompt_tokens"] / h["first_token_s"])
+    for context, row in result["summary"].items():
+        assert row["kcache_over_full_decode"] == pytest.approx(row["kcache_decode_tokens_per_s"]
+                                                               / row["full_decode_tokens_per_s"])
+        assert set(row["targets"]) == {"kcache_over_full_decode", "kcache_step_over_roofline",
+                                       "kcache_over_hf_decode", "prefill_kcache_over_full"}
+    prefix = out.removesuffix(".json")
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(prefix + "_decode.png") > 0 and os.path.getsize(prefix + "_roofline.png") > 0
+
+
+def test_reserve_keeps_every_sequence_within_the_context():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    # 90 prompts of up to 8192 tokens, 8192-token steps: each step prefills >= 8102 tokens, so the
+    # prompts are in after at most ceil(90 * 8192 / 8102) + 1 = 92 steps; then 8 points x 36 steps.
+    assert throughput.decode_reserve_tokens(90, 8192, 8192, 8, 36) == 92 + 288 + 1
+    assert throughput.batch_sizes("auto", 90) == ([1, 2, 4, 8, 16, 32, 64, 90], [])
+    assert throughput.batch_sizes("auto", 64) == ([1, 2, 4, 8, 16, 32, 64], [])
+    assert throughput.batch_sizes("max", 7) == ([7], [])
+    assert throughput.batch_sizes([1, 4, 16], 8) == ([1, 4], [16])
+    assert math.isfinite(throughput.GB)
