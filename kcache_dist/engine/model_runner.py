@@ -83,8 +83,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_activation_peak(self) -> int:
         """Peak bytes above the weights of the largest steps the plan allows — a prefill chunk of
-        max_num_batched_tokens and a decode of max_num_seqs sequences of max_model_len — run on a
-        stand-in cache of one max_model_len sequence (whose own bytes are not counted)."""
+        max_num_batched_tokens at the end of a max_model_len prompt (attending to the longest
+        context) and a decode of max_num_seqs sequences of max_model_len — run on a stand-in cache
+        of one max_model_len sequence (whose own bytes are not counted)."""
         cfg, dev = self.config, self.device
         blocks = list(range(-(-self.max_model_len // self.block_size)))
         base_bytes = torch.cuda.memory_allocated(dev)
@@ -94,7 +95,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(dev)
         n = min(cfg.max_num_batched_tokens, self.max_model_len - 1)
         num_seqs = cfg.max_num_seqs
-        self.execute(StepPlan([0], [n], [0], [0] * n, [blocks], [0], [True]))
+        self.execute(StepPlan([0], [n], [self.max_model_len - n], [0] * n, [blocks], [0], [True]))
         self.execute(StepPlan(list(range(num_seqs)), [1] * num_seqs, [self.max_model_len - 1] * num_seqs,
                               [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs))
         torch.cuda.synchronize(dev)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -27,14 +28,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """Causal attention of the last n positions of one sequence over its whole context.
 
     q [n, Hq, D]; k, v [Hkv, L, D] with L >= n (the queries are positions L - n .. L - 1).
-    Returns [n, Hq, D].
+    Returns [n, Hq, D]. The causal mask is aligned to the bottom right (query i sees keys up to
+    L - n + i) without being materialised, so SDPA can take its flash / memory-efficient kernels
+    (memory O(n + L), not O(n x L)); K and V are expanded to the query heads for the same reason.
     """
     n, length = q.shape[0], k.shape[1]
-    query_pos = torch.arange(length - n, length, device=q.device)
-    mask = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [n, L]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[0])
-    return out.transpose(0, 1)
+    group = q.shape[1] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    q4, k4, v4 = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # 4-D: the fused kernels need it
+    if n == length:
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(n, length), scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
