@@ -30,12 +30,16 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[Optional[torch.Generator]], default_generator: torch.Generator) -> list[int]:
-    """logits [S, V] float32 (any device) -> one token id per row."""
-    logits = logits.float().cpu()
+    """logits [S, V] float32 (any device) -> one token id per row.
+
+    Greedy rows take their argmax where the logits are (only S ids cross to the host); only the
+    rows that sample move to the host, where the generators live."""
     tokens = logits.argmax(-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = filter_logits(logits[i], p).softmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    rows = logits[torch.tensor(sampled, device=logits.device)].float().cpu()
+    for row, i in zip(rows, sampled):
+        probs = filter_logits(row, params[i]).softmax(-1)
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i] or default_generator))
     return tokens
