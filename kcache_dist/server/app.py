@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from typing import AsyncIterator, Optional
@@ -30,7 +31,7 @@ from .api_key import APIKeyCheck
 from .body_limit import BodySizeLimit
 from .chat_prompt import ChatPromptBuilder
 from .cli_args import ServerSettings
-from .engine_driver import EngineDriver, EngineFailure, RequestStream, ServerDraining
+from .engine_driver import EngineDriver, EngineFailure, RequestStream, ServerDraining, ServerOverloaded
 from .errors import APIError, bad_request, error_body
 from .metrics import PROMETHEUS_CONTENT_TYPE, render_prometheus
 from .protocol import ChatCompletionRequest, CompletionRequest, Prompt, parse_request
@@ -39,6 +40,7 @@ from .streaming import SSE_DONE, EventStreamResponse, StreamedText, sse_event
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; never seen by the client
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # JSON's \ud800-\udfff escapes
 
 
 def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: ServerSettings) -> FastAPI:
@@ -50,7 +52,7 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -75,6 +77,9 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
             raise bad_request(str(e), param=prompt_param) from None
         except ServerDraining as e:
             raise APIError(503, str(e), "server_error", code="server_shutting_down") from None
+        except ServerOverloaded as e:
+            raise APIError(503, str(e), "server_error", code="server_overloaded",
+                           headers={"Retry-After": str(e.retry_after_s)}) from None
         except EngineFailure as e:
             raise APIError(503, str(e), "server_error") from None
 
@@ -159,9 +164,16 @@ async def read_json(request: Request):
     if not raw:
         raise bad_request("the request body is empty: send a JSON object")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if SURROGATE_ESCAPE.search(raw):  # a pair is one character; a lone half cannot be encoded or tokenized
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+                              "its pair): strings must be valid Unicode") from None
+    return body
 
 
 def usage_of(output: RequestOutput) -> dict[str, int]:

@@ -15,6 +15,7 @@ from ..config import DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KC
 from .body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 API_KEY_ENV_VAR = "KCACHE_DIST_API_KEY"
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
 
 DESCRIPTION = """\
 OpenAI-compatible HTTP server for kcache_dist.
@@ -87,6 +88,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     served_model_names: tuple[str, ...] = ("SmolLM2-135M-Instruct",)
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     shutdown_timeout_s: Optional[float] = None
     uvicorn_log_level: str = "info"
     access_log: bool = True
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: the --model value, or SmolLM2-135M-Instruct)")
     http.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                       help=f"larger request bodies get HTTP 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})")
+    http.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS, metavar="N",
+                      help="most requests that may wait for a batch slot (beyond the --max-num-seqs running); "
+                           "a request arriving when N wait gets HTTP 503 with a Retry-After header "
+                           f"(default {DEFAULT_MAX_QUEUED_REQUESTS})")
     http.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                       help="on SIGINT/SIGTERM, abort requests still running after this long (default: wait "
                            "for all of them)")
@@ -184,8 +190,11 @@ def server_settings_from_args(args: argparse.Namespace, config: EngineConfig) ->
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    if args.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     return ServerSettings(
         host=args.host, port=args.port, api_keys=tuple(api_keys),
         served_model_names=tuple(args.served_model_name or [default_served_model_name(config)]),
-        max_request_body_bytes=args.max_request_body_bytes, shutdown_timeout_s=args.shutdown_timeout,
+        max_request_body_bytes=args.max_request_body_bytes, max_queued_requests=args.max_queued_requests,
+        shutdown_timeout_s=args.shutdown_timeout,
         uvicorn_log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)

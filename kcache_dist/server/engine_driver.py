@@ -8,6 +8,12 @@ next step (continuous batching). After a step, each request's cumulative output 
 request's asyncio queue on its event loop (`call_soon_threadsafe`); `RequestStream` reads it.
 `abort` (a client went away) is a command too: the engine frees the request's blocks.
 
+Overload: with `max_queued_requests`, a submit that finds that many requests already queued (sent
+to the driver or waiting in the engine for a batch slot or cache blocks, preempted ones included)
+fails at once with `ServerOverloaded` (the handler answers 503 with a Retry-After header), so the
+queue cannot grow without limit. Requests the engine accepted are never dropped for lack of room:
+they wait, or are preempted and recomputed.
+
 Shutdown: `stop_accepting` makes later submits fail with `ServerDraining`; `shutdown` waits until
 every in-flight request has finished (aborting what is left after its timeout) and ends the thread.
 
@@ -37,10 +43,20 @@ logger = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
 IDLE_WAKEUP_S = 1.0  # while idle, wake up at least this often to refresh the stats (throughput decays to 0)
+OVERLOAD_RETRY_AFTER_S = 1  # what a refused client is told to wait: about one batch of short requests
 
 
 class ServerDraining(RuntimeError):
     """The server is shutting down and takes no new requests."""
+
+
+class ServerOverloaded(RuntimeError):
+    """The request queue is full; the client should retry after `retry_after_s` seconds."""
+
+    def __init__(self, num_queued: int, max_queued_requests: int, retry_after_s: int = OVERLOAD_RETRY_AFTER_S):
+        super().__init__(f"the server is overloaded: {num_queued} requests are queued already (at most "
+                         f"{max_queued_requests} may wait); retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
 
 
 class EngineFailure(RuntimeError):
@@ -121,12 +137,21 @@ class EngineDriver:
 
     on_crash: called on the driver thread with the exception that stopped its loop (e.g. a
     RankLostError), after every request in flight got an `EngineFailure`.
+    max_queued_requests: most requests that may wait for a batch slot (None: no bound); a submit
+    beyond it raises `ServerOverloaded`.
     """
 
     def __init__(self, engine, thread_name: str = "engine-driver",
-                 on_crash: Optional[Callable[[BaseException], None]] = None):
+                 on_crash: Optional[Callable[[BaseException], None]] = None,
+                 max_queued_requests: Optional[int] = None):
+        if max_queued_requests is not None and max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {max_queued_requests}")
         self._engine = engine
         self._on_crash = on_crash
+        self.max_queued_requests = max_queued_requests
+        # Requests submitted and not yet running. Raised by `submit`, set to the exact count (engine
+        # waiting + adds not yet applied) by the driver thread after each step: never below the truth.
+        self._num_queued = 0
         self.max_model_len: int = engine.max_model_len
         self._wakeup = threading.Condition()
         self._commands: list[Union[_AddRequest, _AbortRequest, _AbortAll]] = []
@@ -167,6 +192,9 @@ class EngineDriver:
                 raise ServerDraining("the server is shutting down and takes no new requests")
             if not self._thread.is_alive():
                 raise EngineFailure("the engine is not running")
+            if self.max_queued_requests is not None and self._num_queued >= self.max_queued_requests:
+                raise ServerOverloaded(self._num_queued, self.max_queued_requests)
+            self._num_queued += 1
             self._commands.append(_AddRequest(request_id, prompt, params, subscriber, accepted))
             self._wakeup.notify()
         try:
@@ -289,7 +317,10 @@ class EngineDriver:
                 self._deliver(subscriber, output)
 
     def _publish_stats(self) -> None:
-        self._stats = self._recorder.combine(self._engine.snapshot())
+        snapshot = self._engine.snapshot()
+        with self._wakeup:
+            self._num_queued = snapshot.num_requests_waiting + sum(isinstance(c, _AddRequest) for c in self._commands)
+        self._stats = self._recorder.combine(snapshot)
 
     @staticmethod
     def _deliver(subscriber: _Subscriber, item: Union[RequestOutput, BaseException]) -> None:

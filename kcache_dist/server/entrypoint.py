@@ -59,7 +59,8 @@ def serve_as_scheduler(engine, settings: ServerSettings) -> int:
     from .http_server import serve_http
 
     config = engine.config
-    driver = EngineDriver(engine, on_crash=exit_if_rank_lost).start()
+    driver = EngineDriver(engine, on_crash=exit_if_rank_lost,
+                          max_queued_requests=settings.max_queued_requests).start()
     chat_prompts = ChatPromptBuilder(config.tokenizer or engine.model_dir)
     app = build_app(driver, chat_prompts, settings)
     logger.info("serving %s (%s mode, max_model_len %d, tensor parallel size %d) on http://%s:%d",

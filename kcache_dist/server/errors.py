@@ -12,8 +12,10 @@ class APIError(Exception):
     """An error to send to the client as `status` with an OpenAI-style body."""
 
     def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.error_type = error_type
