@@ -5,10 +5,12 @@ layer vs dense, and the V fetch beside the K pass on two streams.
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR [--points 32x8192,128x32768] [--quick]
 
 Shape: Llama-3-8B attention (32 q heads, 8 KV heads, head_dim 128, bf16); paged K cache
-[num_blocks, 8, bs, 128] in HBM, V pool with the same layout in pinned host memory, block tables a
-random permutation of the pool, context lengths C - U[0, 48]. Baselines measured in the same run:
-D2D copy GB/s (bytes read + written) and bulk pinned H2D GB/s. Writes DIR/kernels.json and PNG
-plots; prints a table last.
+[num_blocks, 8, bs, 128] in HBM, V pool with the same layout in pinned host memory (the library's
+HostPool, advised for transparent huge pages; a second pool of 4 KiB pages for the gather
+comparison), block tables a random permutation of the pool, context lengths C - U[0, 48].
+Selection modes fused / row at top_n 256 and 1024 (and config variants), each checked against
+torch.topk on the same scores. Baselines measured in the same run: D2D copy GB/s (bytes read + written) and bulk
+pinned H2D GB/s. Writes DIR/kernels.json and PNG plots; prints a table last.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kcache_dist.cache.host_pool import HostPool  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.kcache.triton_kcache import (KPassConfig, far_row_ids, gather_far_rows_zero_copy,  # noqa: E402
                                               score_and_select, sparse_output)
@@ -55,6 +58,16 @@ def bench(fn, reps=20, warmup=3):
     torch.cuda.synchronize()
     ts = sorted(s.elapsed_time(e) for s, e in zip(st, en))
     return ts[len(ts) // 2]
+
+
+def warm_up(fn, seconds=0.3):
+    """Run fn for `seconds` before timing: on a freshly started GPU the first point's first timing ran
+    slow (clocks still rising) while the same kernel timed right in a CUDA graph."""
+    torch.cuda.synchronize()
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        fn()
+        torch.cuda.synchronize()
 
 
 def graph_bench(fn, reps=20):
@@ -128,24 +141,54 @@ def baselines(dev):
     return {"d2d_GBps": d2d, "h2d_GBps": h2d}
 
 
+def thp_state():
+    """Transparent huge page settings and the system's AnonHugePages (kB)."""
+    st = {}
+    for name in ("enabled", "defrag"):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+                st[name] = f.read().strip()
+        except OSError:
+            st[name] = None
+    try:
+        with open("/proc/meminfo") as f:
+            st["AnonHugePages_kB"] = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+    except (OSError, StopIteration):
+        st["AnonHugePages_kB"] = None
+    return st
+
+
 class Pools:
-    """One device K buffer and one pinned host V buffer for the largest point; views per point."""
+    """One device K buffer and two pinned host V buffers (HostPool with and without transparent huge
+    pages) for the largest point; views per point."""
 
     def __init__(self, max_tokens, dev):
         n = max_tokens * HKV * D
         self.k = torch.empty(n, dtype=DT, device=dev).normal_()
-        self.v = torch.empty(n, dtype=DT, pin_memory=True)
+        R["thp"] = {"before": thp_state()}
+        self.host = {}
+        self.v = {}
+        for name, huge in (("thp", True), ("4k", False)):
+            t0 = time.time()
+            pool = HostPool(n * 2, dev, huge_pages=huge)
+            self.host[name] = pool
+            self.v[name] = pool.take((n,), DT)
+            R["thp"][f"pool_{name}"] = {"advised": pool.huge_pages, "huge_page_bytes": pool.huge_page_bytes(),
+                                        "bytes": n * 2, "create_s": time.time() - t0}
+        R["thp"]["after"] = thp_state()
+        log(f"host V pools: {R['thp']}")
         tmp = torch.empty(1 << 28, dtype=DT, device=dev)
         for o in range(0, n, tmp.numel()):
             m = min(tmp.numel(), n - o)
             tmp[:m].normal_()
-            self.v[o:o + m].copy_(tmp[:m])
+            for v in self.v.values():
+                v[o:o + m].copy_(tmp[:m])
         del tmp
         torch.cuda.synchronize()
 
-    def views(self, num_blocks, bs):
+    def views(self, num_blocks, bs, which="thp"):
         n = num_blocks * HKV * bs * D
-        return self.k[:n].view(num_blocks, HKV, bs, D), self.v[:n].view(num_blocks, HKV, bs, D)
+        return self.k[:n].view(num_blocks, HKV, bs, D), self.v[which][:n].view(num_blocks, HKV, bs, D)
 
 
 def tables(B, C, bs, dev, gen):
@@ -165,9 +208,9 @@ def random_idx(lens, top_n, gen):
     return torch.stack(rows).to(torch.int32)
 
 
-def check_selection(q, kc, bt, sl, C, spec, scale):
-    """Selected sets vs torch.topk on the same scores; lse vs torch logsumexp."""
-    sel = score_and_select(q, kc, bt, sl, C, spec, scale)
+def check_selection(sel, sl, spec):
+    """Selected sets vs torch.topk of the group keys computed from the kernel's own S and lse (the same
+    fp32 numbers: sets may differ only among equal keys); lse vs torch logsumexp over S."""
     torch.cuda.synchronize()
     S = sel.scores
     pos = torch.arange(S.shape[-1], device=S.device)
@@ -175,12 +218,19 @@ def check_selection(q, kc, bt, sl, C, spec, scale):
     valid = pos[None, :] < lens[:, None]
     Sm = S.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(Sm * math.log(2), -1) / math.log(2)
-    key = (Sm - lse[..., None]).amax(1) if spec.group_reduce == "max" else torch.exp2(Sm - lse[..., None]).sum(1)
+    x = Sm - sel.lse[..., None]
+    key = x.amax(1) if spec.group_reduce == "max" else torch.log2(torch.exp2(x).sum(1))
     far = (pos[None, :] >= SINK) & (pos[None, :] < lens[:, None] - WINDOW)
     key = key.masked_fill(~far, float("-inf"))
-    ref = key.topk(spec.top_n, -1).indices.sort(-1).values
-    same = (sel.idx.long().sort(-1).values == ref).all(-1)
+    top = key.topk(spec.top_n, -1)
+    got = sel.idx.long()
+    same = (got.sort(-1).values == top.indices.sort(-1).values).all(-1)
+    # a row whose set differs is still a top-n set if every chosen key >= the n-th key >= every other key
+    kth = top.values[:, -1]
+    others = key.scatter(1, got, float("-inf")).amax(-1)
+    only_ties = (key.gather(1, got).amin(-1) >= kth) & (others <= kth) & (got.diff(dim=-1) > 0).all(-1)
     return {"rows": int(same.numel()), "rows_same_set": int(same.sum().item()),
+            "rows_differing_only_in_ties": int((~same & only_ties).sum().item()),
             "lse_max_abs_err": (sel.lse - lse).abs().max().item()}
 
 
@@ -209,37 +259,36 @@ def run_point(B, C, pools, base, dev, opts, streams):
 
     def kpass_part():
         spec = SelectionSpec(256, SINK, WINDOW, True, "max")
+        warm_up(lambda: score_and_select(q, kc, bt, sl, C, spec, scale, select=False))
         t = bench(lambda: score_and_select(q, kc, bt, sl, C, spec, scale, select=False))
         kp["kpass_only_ms"] = t
         kp["kpass_only_pct_d2d"] = 100 * kbytes / t / 1e6 / d2d
         log(f"  K pass alone: {t:.3f} ms ({kbytes / t / 1e6:.0f} GB/s, {kp['kpass_only_pct_d2d']:.1f}% of D2D)")
         for top_n in opts["top_ns"]:
-            for reduce in ("max", "sum") if top_n == 256 else ("max",):
+            for reduce in ("max", "sum"):
                 spec = SelectionSpec(top_n, SINK, WINDOW, True, reduce)
-                modes = opts["modes"] if (top_n == 256 and reduce == "max") else ("parallel",)
-                for mode in modes:
-                    cfg = KPassConfig(select_mode=mode)
+                for var, cfg in opts["variants"].items():
+                    if reduce == "sum" and var not in opts["sum_variants"]:
+                        continue
                     t = bench(lambda: score_and_select(q, kc, bt, sl, C, spec, scale, cfg))
-                    name = f"n{top_n}_{reduce}_{mode}"
-                    kp[name] = {"ms": t, "GBps": kbytes / t / 1e6, "pct_d2d": 100 * kbytes / t / 1e6 / d2d}
+                    name = f"n{top_n}_{reduce}_{var}"
+                    kp[name] = {"ms": t, "GBps": kbytes / t / 1e6, "pct_d2d": 100 * kbytes / t / 1e6 / d2d,
+                                "select_ms": t - kp["kpass_only_ms"]}
                     log(f"  K pass + select {name}: {t:.3f} ms ({kbytes / t / 1e6:.0f} GB/s, "
-                        f"{kp[name]['pct_d2d']:.1f}% of D2D)")
-        # per-stage costs of the parallel selection (prefixes of the pipeline) and CUDA-graph timings
+                        f"{kp[name]['pct_d2d']:.1f}% of D2D; selection +{1e3 * (t - kp['kpass_only_ms']):.1f} us)")
+                    if opts["check"] and reduce == "max" and var in opts["check_variants"]:
+                        kp[f"check_{name}"] = c = check_selection(score_and_select(q, kc, bt, sl, C, spec, scale, cfg),
+                                                                  sl, spec)
+                        log(f"    selection check vs torch.topk on the same S and lse: {c}")
+        # CUDA-graph timings (launch gaps excluded)
         spec = SelectionSpec(256, SINK, WINDOW, True, "max")
-        for stop in ("keys", "compact"):
-            t = bench(lambda: score_and_select(q, kc, bt, sl, C, spec, scale, stop_after=stop))
-            kp[f"prefix_to_{stop}_ms"] = t
         g_only = guard("graph kpass", lambda: graph_bench(lambda: score_and_select(q, kc, bt, sl, C, spec, scale,
                                                                                   select=False)))
         g_sel = guard("graph kpass+select", lambda: graph_bench(lambda: score_and_select(q, kc, bt, sl, C, spec,
                                                                                         scale)))
-        kp["graph_kpass_only_ms"], kp["graph_n256_max_parallel_ms"] = g_only, g_sel
-        log(f"  stages (stream): K pass {kp['kpass_only_ms']:.3f} | +keys/hist {kp['prefix_to_keys_ms']:.3f} | "
-            f"+compact {kp['prefix_to_compact_ms']:.3f} | +final {kp['n256_max_parallel']['ms']:.3f} ms; "
-            f"CUDA graph: K pass {g_only or float('nan'):.3f}, K pass + select {g_sel or float('nan'):.3f} ms")
-        if opts["check"]:
-            kp["check"] = check_selection(q, kc, bt, sl, C, SelectionSpec(256, SINK, WINDOW, True, "max"), scale)
-            log(f"  selection check vs torch.topk on the same S: {kp['check']}")
+        kp["graph_kpass_only_ms"], kp["graph_n256_max_default_ms"] = g_only, g_sel
+        log(f"  CUDA graph: K pass {g_only or float('nan'):.3f}, K pass + select (default) "
+            f"{g_sel or float('nan'):.3f} ms")
     guard(f"{key} kpass", kpass_part)
 
     # ---- (i) V fetch alone
@@ -251,18 +300,25 @@ def run_point(B, C, pools, base, dev, opts, streams):
     vout = torch.empty(B * HKV, top_n, D, dtype=DT, device=dev)
 
     def fetch_part():
-        for bs in (256, 16):
-            btb, slb, lensb, kcb, vpb = lay[bs]
-            sets = [random_idx(lensb, top_n, gen).to(dev) for _ in range(3)]
+        # zero-copy from the huge-page pool ("zc") and from the 4 KiB-page pool ("zc4k"), same indices
+        for pool, bs, n_sel in (("thp", 256, top_n), ("4k", 256, top_n), ("thp", 16, top_n), ("thp", 256, 1024),
+                                ("4k", 256, 1024)):
+            btb, slb, lensb, kcb, _ = lay[bs]
+            vpb = pools.views(B * (C // bs), bs, pool)[1]
+            nbytes = B * HKV * n_sel * D * 2
+            out = vout if n_sel == top_n else torch.empty(B * HKV, n_sel, D, dtype=DT, device=dev)
+            g2 = torch.Generator().manual_seed(B * 7 + C + bs + n_sel)   # the same index sets for both pools
+            sets = [random_idx(lensb, n_sel, g2).to(dev) for _ in range(3)]
             rot = [0]
-            for grid in opts["grids"]:
+            for grid in opts["grids"] if n_sel == top_n else opts["grids"][-1:]:
                 def f(grid=grid):
                     rot[0] = (rot[0] + 1) % len(sets)
-                    gather_far_rows_zero_copy(vpb, btb, sets[rot[0]], out=vout, grid=grid)
+                    gather_far_rows_zero_copy(vpb, btb, sets[rot[0]], out=out, grid=grid)
                 t = bench(f)
-                fetch[f"zc_bs{bs}_g{grid}"] = {"ms": t, "GBps": vbytes / t / 1e6, "pct_h2d": 100 * vbytes / t / 1e6 / h2d}
-                log(f"  zero-copy gather bs={bs} grid {grid}: {t:.3f} ms ({vbytes / t / 1e6:.1f} GB/s, "
-                    f"{100 * vbytes / t / 1e6 / h2d:.0f}% of H2D)")
+                name = f"{'zc' if pool == 'thp' else 'zc4k'}_bs{bs}{'' if n_sel == top_n else f'_n{n_sel}'}_g{grid}"
+                fetch[name] = {"ms": t, "GBps": nbytes / t / 1e6, "pct_h2d": 100 * nbytes / t / 1e6 / h2d}
+                log(f"  zero-copy gather {name} ({'huge' if pool == 'thp' else '4 KiB'} pages, top {n_sel}): "
+                    f"{t:.3f} ms ({nbytes / t / 1e6:.1f} GB/s, {100 * nbytes / t / 1e6 / h2d:.0f}% of H2D)")
         # copy engine: H2D of already staged rows; and the whole host path (indices D2H, CPU gather, H2D)
         btb, slb, lensb, kcb, vpb = lay[256]
         stage = torch.empty(B * HKV * top_n, D, dtype=DT, pin_memory=True)
@@ -384,29 +440,35 @@ def plots(out_dir):
     names = list(pts)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     ax = axes[0]
-    k_only = [pts[n].get("kpass", {}).get("kpass_only_pct_d2d", 0) for n in names]
-    k_sel = [pts[n].get("kpass", {}).get("n256_max_parallel", {}).get("pct_d2d", 0) for n in names]
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], k_only, 0.4, label="K pass alone")
-    ax.bar([i + 0.2 for i in x], k_sel, 0.4, label="K pass + top-256 select (parallel)")
+    bars = [("kpass_only", "K pass alone")] + [(f"n{n}_max_{v}", f"+ top-{n} select, {v}")
+                                               for n in (256, 1024) for v in ("fused", "row")]
+    w = 0.8 / len(bars)
+    for j, (key, label) in enumerate(bars):
+        vals = [pts[n].get("kpass", {}).get("kpass_only_pct_d2d", 0) if key == "kpass_only" else
+                pts[n].get("kpass", {}).get(key, {}).get("pct_d2d", 0) for n in names]
+        ax.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], vals, w, label=label)
     ax.axhline(85, color="k", ls="--", lw=1, label="target 85%")
     ax.set_xticks(list(x), names, rotation=20)
     ax.set_ylabel("% of D2D copy GB/s (over K bytes)")
     ax.set_title("(ii) score + selection")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax = axes[1]
-    for j, key in enumerate(("zc_bs256", "zc_bs16", "ce_h2d_staged", "ce_cpu_gather_h2d_wall")):
+    fkeys = (("zc_bs256_g", "zero-copy, huge pages"), ("zc4k_bs256_g", "zero-copy, 4 KiB pages"),
+             ("zc_bs16_g", "zero-copy bs16, huge pages"), ("ce_h2d_staged", "copy engine, staged"),
+             ("ce_cpu_gather_h2d_wall", "CPU gather + H2D"))
+    for j, (key, label) in enumerate(fkeys):
         vals = []
         for n in names:
             f = pts[n].get("fetch", {})
             cand = [v["pct_h2d"] for k, v in f.items() if k.startswith(key)]
             vals.append(max(cand) if cand else 0)
-        ax.bar([i + (j - 1.5) * 0.2 for i in x], vals, 0.2, label=key)
+        ax.bar([i + (j - 2) * 0.16 for i in x], vals, 0.16, label=label)
     ax.axhline(85, color="k", ls="--", lw=1)
     ax.set_xticks(list(x), names, rotation=20)
     ax.set_ylabel("% of bulk pinned H2D GB/s")
     ax.set_title("(i) V fetch, top-256 rows (best grid)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax = axes[2]
     dz = [pts[n].get("decode", {}).get("kcache_zero_copy_ms", 0) for n in names]
     dd = [pts[n].get("decode", {}).get("dense_sdpa_ms", 0) for n in names]
@@ -440,30 +502,28 @@ def table():
     b = R["baseline"]
     d2d, h2d = b["d2d_GBps"], b["h2d_GBps"]
     L = [f"card {R['card']} | D2D copy {d2d:.0f} GB/s | pinned H2D {h2d:.1f} GB/s | torch {R['torch']} "
-         f"triton {R['triton']}",
-         "point        | K pass alone   | K+sel n256 max par.  | n64 par.    | n256 fused   | n256 row     | zc bs256 best  | "
-         "zc bs16 best   | CE staged | CE+CPU gather | KCache zc | dense SDPA | KCache CE(wall)"]
+         f"triton {R['triton']}", f"THP: {R.get('thp')}"]
     for n, p in R["points"].items():
         kp, f, d = p.get("kpass", {}), p.get("fetch", {}), p.get("decode", {})
-
-        def best(prefix):
-            c = [v for k, v in f.items() if k.startswith(prefix)]
-            return max(c, key=lambda v: v["GBps"]) if c else None
-
-        def fk(name):
-            v = kp.get(name)
-            return f"{v['ms']:.3f} {v['pct_d2d']:4.1f}%" if v else "-"
-
-        def ff(v):
-            return f"{v['GBps']:5.1f} GB/s {v['pct_h2d']:3.0f}%" if v else "-"
-        L.append(f"{n:12s} | {kp.get('kpass_only_ms', float('nan')):.3f} {kp.get('kpass_only_pct_d2d', 0):4.1f}% | "
-                 f"{fk('n256_max_parallel'):20s} | {fk('n64_max_parallel'):11s} | {fk('n256_max_fused'):12s} | "
-                 f"{fk('n256_max_row'):12s} | "
-                 f"{ff(best('zc_bs256'))} | {ff(best('zc_bs16'))} | {ff(f.get('ce_h2d_staged'))} | "
-                 f"{ff(f.get('ce_cpu_gather_h2d_wall'))} | {d.get('kcache_zero_copy_ms', float('nan')):.3f} ms | "
-                 f"{d.get('dense_sdpa_ms', float('nan')):.3f} ms | {d.get('kcache_copy_engine_wall_ms', float('nan')):.3f} ms")
-        if "check" in kp:
-            L.append(f"{'':12s}   selection check: {kp['check']}")
+        L.append(f"{n}: K pass alone {kp.get('kpass_only_ms', float('nan')):.3f} ms "
+                 f"{kp.get('kpass_only_pct_d2d', 0):.1f}% of D2D; CUDA graph K pass "
+                 f"{kp.get('graph_kpass_only_ms') or float('nan'):.3f}, K+select default "
+                 f"{kp.get('graph_n256_max_default_ms') or float('nan'):.3f} ms")
+        for name, v in kp.items():
+            if isinstance(v, dict) and "ms" in v:
+                L.append(f"  K+select {name:22s} {v['ms']:.3f} ms {v['pct_d2d']:5.1f}% of D2D "
+                         f"(selection +{1e3 * v['select_ms']:6.1f} us)")
+        for name, v in kp.items():
+            if name.startswith("check_"):
+                L.append(f"  {name}: {v}")
+        for name, v in f.items():
+            L.append(f"  fetch {name:24s} {v['ms']:.3f} ms {v['GBps']:5.1f} GB/s {v['pct_h2d']:4.0f}% of H2D")
+        if d:
+            L.append(f"  decode: KCache zero-copy {d.get('kcache_zero_copy_ms', float('nan')):.3f} ms (graph "
+                     f"{d.get('kcache_zero_copy_graph_ms') or float('nan'):.3f}), sparse output "
+                     f"{d.get('sparse_output_ms', float('nan')):.3f}, copy engine (wall) "
+                     f"{d.get('kcache_copy_engine_wall_ms', float('nan')):.3f}, dense SDPA "
+                     f"{d.get('dense_sdpa_ms', float('nan')):.3f} ms")
     for n, p in R["points"].items():
         for e in p.get("overlap", []):
             L.append(f"overlap {n:12s} {e['fetch']:24s} K {e['k_ms']:.3f} fetch {e['fetch_ms']:.3f} together "
@@ -490,15 +550,17 @@ def main():
     R["cpu_threads"] = torch.get_num_threads()
     R["baseline"] = baselines(dev)
     points = [tuple(int(v) for v in p.split("x")) for p in a.points.split(",")]
-    opts = {"top_ns": [64, 256], "grids": [32, 132, 264], "overlap_grids": [32, 132],
-            "overlap_points": {(32, 32768), (128, 8192)}, "check": True, "modes": ("parallel", "fused", "row")}
+    variants = {"fused": KPassConfig(), "fused_nocap": KPassConfig(maxnreg=0), "row": KPassConfig(select_mode="row")}
+    opts = {"top_ns": [256, 1024], "grids": [32, 132, 264], "overlap_grids": [32, 132],
+            "overlap_points": {(32, 32768), (128, 8192)}, "check": True, "variants": variants,
+            "sum_variants": ("fused",), "check_variants": ("fused", "row")}
     if a.quick:
-        opts.update(top_ns=[256], grids=[132])
+        opts.update(grids=[132, 264])
     max_tokens = max(B * C for B, C in points)
     t0 = time.time()
     pools = Pools(max_tokens, dev)
-    log(f"pools: K {pools.k.numel() * 2 / 1e9:.1f} GB device, V {pools.v.numel() * 2 / 1e9:.1f} GB pinned host "
-        f"({time.time() - t0:.1f} s)")
+    log(f"pools: K {pools.k.numel() * 2 / 1e9:.1f} GB device, V 2 x {pools.v['thp'].numel() * 2 / 1e9:.1f} GB pinned "
+        f"host ({time.time() - t0:.1f} s)")
     streams = (torch.cuda.Stream(), torch.cuda.Stream())
     for B, C in points:
         guard(f"point {B}x{C}", lambda: run_point(B, C, pools, R["baseline"], dev, opts, streams))

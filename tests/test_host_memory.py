@@ -56,3 +56,30 @@ def test_available_host_bytes(tmp_path):
     meminfo.write_text("MemTotal:       24000000 kB\n")
     assert available_host_bytes(str(meminfo)) is None
     assert available_host_bytes(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_pool_mapping_for_huge_pages(monkeypatch, huge_pages):
+    """The pinned-pool path with CUDA's register call stubbed (it runs on any machine): advised for
+    huge pages, the buffer starts on a 2 MiB boundary, views still work, and the smaps reading of
+    its huge-page backing is a number (0 where the kernel gave none)."""
+    import kcache_dist.cache.host_pool as host_pool
+
+    registered = []
+    monkeypatch.setattr(host_pool, "_register", lambda address, num_bytes: registered.append((address, num_bytes)) or 0)
+    monkeypatch.setattr(host_pool, "_unregister", lambda address, mapping: None)
+    monkeypatch.setattr(host_pool, "gpu_numa_node", lambda index: None)
+    num_bytes = 6 * host_pool.HUGE_PAGE_BYTES + 4096
+    pool = HostPool(num_bytes, torch.device("cuda", 0), huge_pages=huge_pages)
+    address = pool._buffer.data_ptr()
+    assert pool.pinned and registered == [(address, num_bytes)]
+    assert pool.huge_pages == (huge_pages and hasattr(mmap, "MADV_HUGEPAGE"))
+    if pool.huge_pages:
+        assert address % host_pool.HUGE_PAGE_BYTES == 0
+    view = pool.take((3, host_pool.HUGE_PAGE_BYTES // 2), torch.bfloat16)
+    view.fill_(3.0)
+    assert view.float().mean().item() == 3.0
+    backed = pool.huge_page_bytes()
+    assert backed is None or 0 <= backed <= num_bytes + host_pool.HUGE_PAGE_BYTES
+    print("huge-page backed bytes:", backed)
+    pool.close()

@@ -2,17 +2,30 @@
 
 Same math as `reference.kcache_decode_reference` (see its docstring). Three stages:
 
-1. `score_and_select`: one launch over (split, row) CTAs, row = b * Hkv + h. Each CTA streams a split of
-   the paged K of one row, writes raw log2-domain scores S [rows, G, Cmax] fp32 and per-split softmax
-   partials (max, sum of exp2). The last CTA of a row to finish (atomic ticket) then does the row's
-   selection while the other rows' K is still streaming, so selection costs no extra pass over HBM
-   when S is still in L2:
-     lse_g = combine(partials);  key_j = max_g (S[g, j] - lse_g)  (or log2 sum_g exp2(...))
-     a 2048-bin histogram of key (bins 1/16 of a log2 unit) finds the bin holding the n-th largest
-     key; the positions at or above it (n plus a few) are compacted, in ascending order, into a
-     per-row scratch; an exact 4-pass radix select over those few candidates gives the top n
-     (ties at the threshold go to the lowest positions). Only if one bin holds more candidates than
-     the scratch can take does the radix select run over the whole row instead (slow, still exact).
+1. `score_and_select`. The K pass `_kpass_kernel`, grid (split, row) with row = b * Hkv + h, streams a
+   split of the paged K of one row and writes raw log2-domain scores S [rows, G, Cs] fp32 (Cs: the
+   longest context rounded up to the key tile) and per-split softmax partials (max, sum of exp2).
+   Selection is exact: the far positions whose group key
+       key_j = max_g (S[g, j] - lse_g)   (or log2 sum_g exp2(S[g, j] - lse_g)),  lse_g from the partials,
+   is among the top_n of the row (ties at the n-th key go to the lowest positions). One CTA selects a
+   row (`_row_select`), on int32 keys whose signed order is the float order:
+     a. one pass over the row's S writes the keys (KEYS [rows, Cs]) and a 64-bin histogram of them in
+        half log2 units below the row's key bound max_g (max_j S[g, j] - lse_g) (known from the
+        partials; tl.histogram of few bins is cheap, unlike the 2048 bins this replaced);
+     b. the bin holding the n-th key is read off the histogram; one pass copies the keys of that bin
+        and the bins above it (n plus the rest of the bin) with their positions, ascending, into the
+        row's scratch (top_n + scratch_extra slots);
+     c. count passes over the scratch narrow an integer interval [lo, hi] that holds the n-th key
+        (first the bin's [min, max]): each histograms (hi - key) >> shift over `bins` bins and keeps
+        the bin holding the n-th key, until lo == hi: that is the n-th key, exactly;
+     d. positions with key > hi, then the lowest positions with key == hi, are written ascending.
+   If the n-th key lies 31.5 log2 units or more below the bound, or its bin overfills the scratch
+   (near-uniform rows, ties such as q = 0), the same count passes run over the row's keys from their
+   [min, max] until the candidates fit the scratch (or the n-th key is found), then b-d. Exact in
+   every case; only slower. Where the row selection runs (`KPassConfig.select_mode`):
+   - "fused" (default): inside the K pass, the last CTA of each row (atomic ticket) selects the row
+     while other rows' K still streams, reading the row's S back from L2;
+   - "row": one CTA per row after the K pass.
    Output: idx [rows, top_n] int32 far positions ascending, -1 padded; lse [rows, G] (log2 domain).
 2. A fetch of the selected far V rows from the host pool into vfar [rows, top_n, D] on the device:
    `gather_far_rows_zero_copy` (a persistent Triton kernel reading pinned host memory through UVA)
@@ -26,141 +39,196 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_interpreter import patch_if_interpreting
 from .selection import SelectionSpec
 
 LOG2E = 1.4426950408889634
+KEY_NONE = tl.constexpr(-2147483648)  # sortable key of positions outside the far range (below every key)
+KEY_MAX = tl.constexpr(2147483647)
+patch_if_interpreting()
 
-
-def _patch_interpreter_index() -> None:
-    """Under TRITON_INTERPRET=1 with numpy 2, `range(tensor, ...)` fails: int() of the interpreter's
-    1-element arrays. Give its tensors an __index__ that takes the single element."""
-    from triton.runtime import interpreter as _it
-
-    if getattr(_it, "_kcache_index_patched", False):
-        return
-    orig = _it._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    _it._patch_lang_tensor = patched
-    _it._kcache_index_patched = True
-
-
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _patch_interpreter_index()
-NUM_BINS = 2048          # histogram bins of the selection key
-BINS_PER_LOG2 = 16.0     # bin width 1/16 of a log2 unit (a factor 1.044 in probability)
+COARSE_BINS = 64           # keys pass: histogram bins below the row's key bound ...
+COARSE_BINS_PER_LOG2 = 2.0  # ... of 1/2 log2 unit; the last bin takes every key 31.5 units down or more
 
 
 # ---------------------------------------------------------------------------------------------
 # Selection helpers (inlined into the kernels)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _row_keys(S, row, offs, valid, lse, Cmax, G: tl.constexpr, GQ: tl.constexpr, GROUP_SUM: tl.constexpr):
-    """Group score of positions offs [T] of one row in the log2 domain: max_g (S - lse_g) or
-    log2 sum_g exp2(S - lse_g); -inf where not valid. lse [GQ] (0 in padded rows)."""
-    gq = tl.arange(0, GQ)
-    s = tl.load(S + (row * G + gq).to(tl.int64)[:, None] * Cmax + offs[None, :],
-                mask=(gq < G)[:, None] & valid[None, :], other=float("-inf"), cache_modifier=".cg")
-    x = s - lse[:, None]
-    mx = tl.max(x, 0)
-    if GROUP_SUM:
-        mxs = tl.where(mx == float("-inf"), 0.0, mx)
-        key = mxs + tl.log2(tl.sum(tl.exp2(x - mxs[None, :]), 0))
-    else:
-        key = mx
-    return tl.where(valid, key, float("-inf"))
-
-
-@triton.jit
 def _sortable(key):
-    """fp32 -> int32 whose signed order is the float order."""
+    """fp32 -> int32 whose signed order is the float order (-0.0 sorts just below +0.0)."""
     bits = key.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _key_bin(key, ktop, NBINS: tl.constexpr, BPL: tl.constexpr):
-    """Bin 0 holds the largest keys: floor((ktop - key) * BPL), clamped to [0, NBINS - 1]."""
-    x = (ktop - key) * BPL
-    x = tl.minimum(tl.maximum(x, 0.0), NBINS - 1.0)
+def _unsortable(skey):
+    """Inverse of `_sortable`."""
+    return (skey ^ ((skey >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_lse(MP, LP, row, nsplit, NSPLIT_MAX, G: tl.constexpr, GQ: tl.constexpr, NSP: tl.constexpr,
+             CM: tl.constexpr):
+    """(lse [GQ], max [GQ]) of one row's scores per query head from the split partials (log2 domain;
+    lse 0 and max -inf in padded heads)."""
+    gq = tl.arange(0, GQ)
+    si = tl.arange(0, NSP)
+    gmask = gq < G
+    pofs = (row * G + gq)[:, None] * NSPLIT_MAX + si[None, :]
+    pmask = gmask[:, None] & (si < nsplit)[None, :]
+    pm = tl.load(MP + pofs, mask=pmask, other=float("-inf"), cache_modifier=CM)
+    pl = tl.load(LP + pofs, mask=pmask, other=0.0, cache_modifier=CM)
+    m = tl.where(gmask, tl.max(pm, 1), 0.0)
+    lse = tl.where(gmask, m + tl.log2(tl.sum(pl * tl.exp2(pm - m[:, None]), 1)), 0.0)
+    return lse, tl.where(gmask, m, float("-inf"))
+
+
+@triton.jit
+def _tile_keys(srow, offs, Cs, lse_row, G: tl.constexpr, TS: tl.constexpr, GROUP_SUM: tl.constexpr,
+               CM: tl.constexpr):
+    """Group keys [TS] at positions offs of one row: max_g (S[g] - lse_g) or log2 sum_g exp2(S[g] - lse_g)
+    (online over g). srow: the row's g = 0 scores (row stride Cs); lse_row: the row's lse [G]. One 1D
+    load per head keeps the layout simple (a [G, TS] tile can land in a layout with the heads across
+    warps, which replicates the keys in every warp)."""
+    mx = tl.full([TS], float("-inf"), tl.float32)
+    acc = tl.zeros([TS], tl.float32)
+    for g in tl.static_range(G):
+        x = tl.load(srow + g * Cs + offs, cache_modifier=CM) - tl.load(lse_row + g)
+        if GROUP_SUM:
+            m_new = tl.maximum(mx, x)
+            acc = acc * tl.exp2(mx - m_new) + tl.exp2(x - m_new)
+            mx = m_new
+        else:
+            mx = tl.maximum(mx, x)
+    if GROUP_SUM:
+        return mx + tl.log2(acc)
+    else:
+        return mx
+
+
+@triton.jit
+def _coarse_bin(key, ktop, NB1: tl.constexpr, BPL: tl.constexpr):
+    """Bin 0 holds the largest keys: floor((ktop - key) * BPL) clamped to [0, NB1 - 1]; the last bin
+    takes every key (NB1 - 1) / BPL log2 units or more below the bound ktop."""
+    x = tl.minimum(tl.maximum((ktop - key) * BPL, 0.0), NB1 - 1.0)
     return x.to(tl.int32)
 
 
 @triton.jit
-def _radix_digit(hist, need):
-    """hist [256] of the current digit; (largest digit d with >= need keys at or above it, keys above d)."""
-    bins = tl.arange(0, 256)
-    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    d = tl.sum((suffix >= need).to(tl.int32), 0) - 1
-    above = tl.sum(tl.where(bins > d, hist, 0), 0)
-    return d, above
-
-
-@triton.jit
-def _src_tile(from_s, S, SCR_POS, SCR_KEY, row, i, valid, lse, Cmax, scr_base,
-              G: tl.constexpr, GQ: tl.constexpr, GROUP_SUM: tl.constexpr):
-    """(position, sortable key) of source entries i [T]: far positions of the row read from S when
-    from_s, else the compacted candidates in the scratch."""
-    if from_s:
-        pos = i
-        skey = _sortable(_row_keys(S, row, i, valid, lse, Cmax, G, GQ, GROUP_SUM))
+def _row_key_bound(m, lse, GROUP_SUM: tl.constexpr):
+    """Upper bound of a row's keys from its per-head max scores m [GQ] (-inf padded) and lse."""
+    x = m - lse
+    mx = tl.max(x, 0)
+    if GROUP_SUM:
+        return mx + tl.log2(tl.sum(tl.exp2(x - mx), 0))
     else:
-        pos = tl.load(SCR_POS + scr_base + i, mask=valid, other=0)
-        skey = tl.load(SCR_KEY + scr_base + i, mask=valid, other=0)
-    return pos, skey
+        return mx
 
 
 @triton.jit
-def _radix_select(from_s, r_lo, r_hi, need, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax, scr_base, top_n,
-                  G: tl.constexpr, GQ: tl.constexpr, GROUP_SUM: tl.constexpr, TILE: tl.constexpr):
-    """Exact top-`need` of the source entries [r_lo, r_hi) (ascending positions) by key; writes the
-    chosen positions ascending to IDX[row, :need]. Ties at the threshold: lowest positions first."""
-    ti = tl.arange(0, TILE)
-    prefix = 0
-    for p in tl.static_range(4):
-        SHIFT = 24 - 8 * p
-        hist = tl.zeros([256], tl.int32)
-        for start in range(r_lo, r_hi, TILE):
-            i = start + ti
-            valid = i < r_hi
-            pos, skey = _src_tile(from_s, S, SCR_POS, SCR_KEY, row, i, valid, lse, Cmax, scr_base, G, GQ, GROUP_SUM)
-            if p == 0:
-                digit = ((skey >> 24) + 128) & 255
-                match = valid
-            else:
-                digit = (skey >> SHIFT) & 255
-                match = valid & ((skey >> (SHIFT + 8)) == prefix)
-            hist += tl.histogram(digit, 256, mask=match)
-        d, above = _radix_digit(hist, need)
-        need = need - above
-        if p == 0:
-            prefix = d - 128
+def _bins(k, lo, hi, shift, NB: tl.constexpr):
+    """(bin, in range) of sortable keys k for the interval [lo, hi]: bin (hi - k) >> shift, 0 at hi."""
+    inr = (k >= lo) & (k <= hi)
+    b = ((hi - k).to(tl.uint32, bitcast=True) >> shift.to(tl.uint32)).to(tl.int32)
+    return tl.where(inr, tl.minimum(b, NB - 1), 0), inr
+
+
+@triton.jit
+def _shift_for(lo, hi, NB: tl.constexpr):
+    """Smallest shift with (hi - lo) >> shift < NB."""
+    rng = hi.to(tl.int64) - lo.to(tl.int64)
+    ks = tl.arange(0, 32).to(tl.int64)
+    return tl.sum(((rng >> ks) >= NB).to(tl.int32), 0)
+
+
+@triton.jit
+def _locate(hist, above, need, lo, hi, shift, NB: tl.constexpr):
+    """Narrow [lo, hi] to the bin of `hist` that holds the need-th largest key, given `above` keys
+    > hi. Returns (keys > new hi, keys in the new interval, new lo, new hi)."""
+    bins = tl.arange(0, NB)
+    cum = above + tl.cumsum(hist, 0)
+    j = tl.sum((cum < need).to(tl.int32), 0)
+    new_above = above + tl.sum(tl.where(bins < j, hist, 0), 0)
+    nb = tl.sum(tl.where(bins == j, hist, 0), 0)
+    hi64 = hi.to(tl.int64)
+    j64 = j.to(tl.int64)
+    new_hi = (hi64 - (j64 << shift)).to(tl.int32)
+    new_lo = tl.maximum(lo.to(tl.int64), hi64 - ((j64 + 1) << shift) + 1).to(tl.int32)
+    return new_above, nb, new_lo, new_hi
+
+
+@triton.jit
+def _hist_row(krow, a0, a1, lo, hi, shift, TK: tl.constexpr, NB: tl.constexpr, NSTG: tl.constexpr):
+    """Histogram [NB] of `_bins` over the keys krow[a0:a1] (whole tiles of TK written by the keys pass)."""
+    tk = tl.arange(0, TK)
+    hist = tl.zeros([NB], tl.int32)
+    for start in tl.range(a0, a1, TK, num_stages=NSTG):
+        b, inr = _bins(tl.load(krow + start + tk), lo, hi, shift, NB)
+        hist += tl.histogram(b, NB, mask=inr)
+    return hist
+
+
+@triton.jit
+def _collect(krow, a0, a1, lo, SP, SK, TK: tl.constexpr, NSTG: tl.constexpr):
+    """Copy the keys >= lo of krow[a0:a1] with their positions, in ascending position order, into the
+    scratch (SK keys, SP positions). Returns the count."""
+    tk = tl.arange(0, TK)
+    cnt = 0
+    for start in tl.range(a0, a1, TK, num_stages=NSTG):
+        k = tl.load(krow + start + tk)
+        c = k >= lo
+        ci = c.to(tl.int32)
+        slot = cnt + tl.cumsum(ci, 0) - 1
+        tl.store(SP + slot, start + tk, mask=c)
+        tl.store(SK + slot, k, mask=c)
+        cnt += tl.sum(ci, 0)
+    return cnt
+
+
+@triton.jit
+def _coarse_edge(ktop, b, NB1: tl.constexpr, BPL: tl.constexpr):
+    """Smallest sortable key whose `_coarse_bin` is <= b (bisection over the non-NaN floats; the bin
+    never grows with the key), so that bin <= b <=> sortable key >= edge."""
+    lo = tl.full([], -2139095041, tl.int64)   # _sortable(-inf)
+    hi = tl.full([], 2139095040, tl.int64)    # _sortable(+inf)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _coarse_bin(_unsortable(mid.to(tl.int32)), ktop, NB1, BPL) <= b:
+            hi = mid
         else:
-            prefix = prefix * 256 + d
-    thr = prefix          # sortable key of the need-th largest
-    n_eq = need           # keys equal to thr to take
+            lo = mid + 1
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr, TK: tl.constexpr,
+                    NSTG: tl.constexpr):
+    """Write, in source order, the positions with key > kappa and the first n_eq with key == kappa
+    to out[0:]. Source: the row's keys SK[n_lo:n_hi] (FROM_ROW; positions = indices, whole tiles) or
+    scratch entries [n_lo, n_hi) of (SK keys, SP positions)."""
+    tk = tl.arange(0, TK)
     cnt = 0
     eq_taken = 0
-    out = IDX + row.to(tl.int64) * top_n
-    for start in range(r_lo, r_hi, TILE):
-        i = start + ti
-        valid = i < r_hi
-        pos, skey = _src_tile(from_s, S, SCR_POS, SCR_KEY, row, i, valid, lse, Cmax, scr_base, G, GQ, GROUP_SUM)
-        gt = valid & (skey > thr)
-        eq = (valid & (skey == thr)).to(tl.int32)
+    for start in tl.range(n_lo, n_hi, TK, num_stages=NSTG):
+        i = start + tk
+        if FROM_ROW:
+            k = tl.load(SK + i)
+            pos = i
+        else:
+            m = i < n_hi
+            k = tl.load(SK + i, mask=m, other=KEY_NONE)
+            pos = tl.load(SP + i, mask=m, other=0)
+        eq = (k == kappa).to(tl.int32)
         eq_rank = eq_taken + tl.cumsum(eq, 0) - eq
-        sel = (gt | ((eq > 0) & (eq_rank < n_eq))).to(tl.int32)
+        sel = ((k > kappa) | ((eq > 0) & (eq_rank < n_eq))).to(tl.int32)
         slot = cnt + tl.cumsum(sel, 0) - 1
         tl.store(out + slot, pos, mask=sel > 0)
         cnt += tl.sum(sel, 0)
@@ -168,81 +236,141 @@ def _radix_select(from_s, r_lo, r_hi, need, S, SCR_POS, SCR_KEY, IDX, row, lse, 
 
 
 @triton.jit
-def _row_select(S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cmax,
-                sink, window, top_n, scr_cap, ktop,
-                G: tl.constexpr, GQ: tl.constexpr, NSP: tl.constexpr, TILE: tl.constexpr,
-                NBINS: tl.constexpr, BPL: tl.constexpr, GROUP_SUM: tl.constexpr):
-    """Selection of one row (b, h) from its scores and softmax partials; see the module docstring."""
+def _finish_from_scratch(SP, SK, cnt, lo, hi, above, out, top_n, TK: tl.constexpr, NB: tl.constexpr,
+                         NSTG: tl.constexpr):
+    """Count passes over the scratch entries [0, cnt) (keys in [lo, hi] or above it, `above` keys of the
+    row > hi) until lo == hi, the n-th key; then the selected positions, ascending, into out."""
+    tk = tl.arange(0, TK)
+    while lo < hi:
+        shift = _shift_for(lo, hi, NB)
+        hist = tl.zeros([NB], tl.int32)
+        for start in range(0, cnt, TK):
+            i = start + tk
+            k = tl.load(SK + i, mask=i < cnt, other=KEY_NONE)
+            b, inr = _bins(k, lo, hi, shift, NB)
+            hist += tl.histogram(b, NB, mask=inr)
+        above, nb, lo, hi = _locate(hist, above, top_n, lo, hi, shift, NB)
+    _write_selected(SK, SP, 0, cnt, hi, top_n - above, out, False, TK, NSTG)
+
+
+@triton.jit
+def _select_from_keys(krow, SP, SK, out, a0, a1, lo, hi, far, top_n, scr_cap,
+                      TK: tl.constexpr, NB: tl.constexpr, NSTG: tl.constexpr):
+    """Exact selection over the row's keys krow[a0:a1], [lo, hi] = [min, max] of its far keys, SP/SK
+    its scratch of scr_cap (>= top_n) slots: count passes over the row until the keys >= lo fit the
+    scratch, then `_collect` and `_finish_from_scratch`. Ties that overfill the scratch (lo == hi) are
+    written straight from the row."""
+    above = lo * 0
+    nb = far
+    while (above + nb > scr_cap) & (lo < hi):
+        shift = _shift_for(lo, hi, NB)
+        hist = _hist_row(krow, a0, a1, lo, hi, shift, TK, NB, NSTG)
+        above, nb, lo, hi = _locate(hist, above, top_n, lo, hi, shift, NB)
+    if above + nb <= scr_cap:
+        cnt = _collect(krow, a0, a1, lo, SP, SK, TK, NSTG)
+        tl.debug_barrier()
+        _finish_from_scratch(SP, SK, cnt, lo, hi, above, out, top_n, TK, NB, NSTG)
+    else:
+        _write_selected(krow, krow, a0, a1, hi, top_n - above, out, True, TK, NSTG)
+
+
+@triton.jit
+def _fill_all(out, sink_end, far, top_n, TK: tl.constexpr):
+    """Rows with far <= top_n: every far position, then -1."""
+    tk = tl.arange(0, TK)
+    for start in range(0, top_n, TK):
+        t = start + tk
+        tl.store(out + t, tl.where(t < far, sink_end + t, -1), mask=t < top_n)
+
+
+@triton.jit
+def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cs,
+                sink, window, top_n, scr_cap,
+                G: tl.constexpr, GQ: tl.constexpr, NSP: tl.constexpr, TS: tl.constexpr, TK: tl.constexpr,
+                NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr, NSTG: tl.constexpr,
+                GROUP_SUM: tl.constexpr, CM: tl.constexpr):
+    """Selection of one row (b, h) by one CTA from its scores and partials; see the module docstring.
+    CM: cache modifier of the loads of data other CTAs wrote (".cg" inside the K pass)."""
+    lse, m = _row_lse(MP, LP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, CM)
     gq = tl.arange(0, GQ)
-    si = tl.arange(0, NSP)
-    gmask = gq < G
-    pofs = (row * G + gq)[:, None] * NSPLIT_MAX + si[None, :]
-    pmask = gmask[:, None] & (si < nsplit)[None, :]
-    pm = tl.load(MP + pofs, mask=pmask, other=float("-inf"), cache_modifier=".cg")
-    pl = tl.load(LP + pofs, mask=pmask, other=0.0, cache_modifier=".cg")
-    m = tl.max(pm, 1)
-    m = tl.where(gmask, m, 0.0)
-    l = tl.sum(pl * tl.exp2(pm - m[:, None]), 1)
-    lse = tl.where(gmask, m + tl.log2(l), 0.0)
-    tl.store(LSE + row * G + gq, lse, mask=gmask)
+    tl.store(LSE + row * G + gq, lse, mask=gq < G)
+    tl.debug_barrier()
     sink_end = tl.minimum(sink, L)
     window_start = tl.maximum(sink_end, L - window)
     far = window_start - sink_end
-    ti = tl.arange(0, TILE)
     out = IDX + row.to(tl.int64) * top_n
-    for start in range(0, top_n, TILE):
-        t = start + ti
-        fill = tl.where(t < far, sink_end + t, -1)
-        if far > top_n:
-            fill = tl.full([TILE], -1, tl.int32)
-        tl.store(out + t, fill, mask=t < top_n)
-    if (far > top_n) & (top_n > 0):
-        tl.debug_barrier()
-        # pass A: histogram of the keys
-        hist = tl.zeros([NBINS], tl.int32)
-        for start in range(sink_end, window_start, TILE):
-            offs = start + ti
-            valid = offs < window_start
-            key = _row_keys(S, row, offs, valid, lse, Cmax, G, GQ, GROUP_SUM)
-            hist += tl.histogram(_key_bin(key, ktop, NBINS, BPL), NBINS, mask=valid)
-        csum = tl.cumsum(hist, 0)
-        bstar = tl.sum((csum < top_n).to(tl.int32), 0)          # first bin reaching top_n keys
-        ncand = tl.sum(tl.where(tl.arange(0, NBINS) == bstar, csum, 0), 0)
-        scr_base = row.to(tl.int64) * scr_cap
-        if ncand <= scr_cap:
-            # pass B: compact the candidates (ascending positions) into the scratch
-            cnt = 0
-            for start in range(sink_end, window_start, TILE):
-                offs = start + ti
-                valid = offs < window_start
-                key = _row_keys(S, row, offs, valid, lse, Cmax, G, GQ, GROUP_SUM)
-                sel = (valid & (_key_bin(key, ktop, NBINS, BPL) <= bstar)).to(tl.int32)
-                slot = cnt + tl.cumsum(sel, 0) - 1
-                tl.store(SCR_POS + scr_base + slot, offs, mask=sel > 0)
-                tl.store(SCR_KEY + scr_base + slot, _sortable(key), mask=sel > 0)
-                cnt += tl.sum(sel, 0)
-            tl.debug_barrier()
-            _radix_select(False, 0, cnt, top_n, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax, scr_base, top_n,
-                          G, GQ, GROUP_SUM, TILE)
+    if top_n > 0:
+        if far <= top_n:
+            _fill_all(out, sink_end, far, top_n, TK)
         else:
-            _radix_select(True, sink_end, window_start, top_n, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax,
-                          scr_base, top_n, G, GQ, GROUP_SUM, TILE)
+            a0 = (sink_end // TK) * TK
+            a1 = a0 + tl.cdiv(window_start - a0, TK) * TK
+            krow = KEYS + row.to(tl.int64) * Cs
+            srow = S + (row * G).to(tl.int64) * Cs
+            scr = row.to(tl.int64) * scr_cap
+            ktop = _row_key_bound(m, lse, GROUP_SUM)
+            # a: keys of whole tiles [a0, a1) (KEY_NONE outside the far range) and their coarse histogram
+            #    below the row's key bound
+            ts = tl.arange(0, TS)
+            coarse = tl.zeros([NB1], tl.int32)
+            for start in tl.range(a0, a1, TS, num_stages=NSTG):
+                offs = start + ts
+                key = _tile_keys(srow, offs, Cs, LSE + row * G, G, TS, GROUP_SUM, CM)
+                valid = (offs >= sink_end) & (offs < window_start)
+                tl.store(krow + offs, tl.where(valid, _sortable(key), KEY_NONE))
+                coarse += tl.histogram(tl.where(valid, _coarse_bin(key, ktop, NB1, BPL), 0), NB1, mask=valid)
+            tl.debug_barrier()
+            csum = tl.cumsum(coarse, 0)
+            bstar = tl.sum((csum < top_n).to(tl.int32), 0)
+            ncand = tl.sum(tl.where(tl.arange(0, NB1) == bstar, csum, 0), 0)
+            SP = SCR_POS + scr
+            SK = SCR_KEY + scr
+            if (bstar < NB1 - 1) & (ncand <= scr_cap):
+                # c: the keys of the coarse bins down to bstar, the one holding the n-th key; the keys of
+                #    bins above it are all larger than those of bstar, whose [min, max] starts the narrowing
+                edge = _coarse_edge(ktop, bstar, NB1, BPL)
+                cnt = _collect(krow, a0, a1, edge, SP, SK, TK, NSTG)
+                tl.debug_barrier()
+                top = _coarse_edge(ktop, bstar - 1, NB1, BPL)   # keys >= top lie in the bins above bstar
+                tk = tl.arange(0, TK)
+                bmin = tl.full([TK], KEY_MAX, tl.int32)
+                bmax = tl.full([TK], KEY_NONE, tl.int32)
+                for start in range(0, cnt, TK):
+                    i = start + tk
+                    k = tl.load(SK + i, mask=i < cnt, other=KEY_MAX)
+                    inb = (i < cnt) & (k < top)
+                    bmin = tl.minimum(bmin, tl.where(inb, k, KEY_MAX))
+                    bmax = tl.maximum(bmax, tl.where(inb, k, KEY_NONE))
+                above = ncand - tl.sum(tl.where(tl.arange(0, NB1) == bstar, coarse, 0), 0)
+                _finish_from_scratch(SP, SK, cnt, tl.min(bmin, 0), tl.max(bmax, 0), above, out, top_n, TK, NB, NSTG)
+            else:
+                # the n-th key lies 31.5 log2 units or more below the bound, or its bin overfills the
+                # scratch: exact narrowing over the row's keys from their [min, max]
+                tk = tl.arange(0, TK)
+                vmin = tl.full([TK], KEY_MAX, tl.int32)
+                vmax = tl.full([TK], KEY_NONE, tl.int32)
+                for start in tl.range(a0, a1, TK, num_stages=NSTG):
+                    k = tl.load(krow + start + tk)
+                    vmin = tl.minimum(vmin, tl.where(k == KEY_NONE, KEY_MAX, k))
+                    vmax = tl.maximum(vmax, k)
+                _select_from_keys(krow, SP, SK, out, a0, a1, tl.min(vmin, 0), tl.max(vmax, 0), far, top_n, scr_cap,
+                                  TK, NB, NSTG)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, IDX, CNT, SCR_POS, SCR_KEY, HIST,
-                  qk_scale, sink, window, top_n, stride_bt, Cmax, NSPLIT_MAX, scr_cap, ktop,
+def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SCR_KEY,
+                  qk_scale, sink, window, top_n, stride_bt, Cs, NSPLIT_MAX, scr_cap,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
                   BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
-                  TILE: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr, GROUP_SUM: tl.constexpr,
-                  FUSED_SELECT: tl.constexpr, ZERO_HIST: tl.constexpr):
+                  TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr,
+                  NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr):
     """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D]; BT [B, stride_bt] int32;
-    SEQ [B] int64. S [rows, G, Cmax] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
+    SEQ [B] int64. S [rows, G, Cs] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
     With FUSED_SELECT the last CTA of each row runs `_row_select` (CNT [rows] int32 tickets, zero on
-    entry and reset to zero on exit)."""
+    entry and reset to zero on exit; KEYS [rows, Cs], SCR_POS/SCR_KEY [rows, scr_cap] int32 scratch)."""
     split = tl.program_id(0)
     row = tl.program_id(1)
     b = row // HKV
@@ -259,7 +387,7 @@ def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, IDX, CNT, SCR_POS, SCR_KEY, HIS
         hi = tl.minimum(lo + SPLIT, L)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
-        s_row = S + (row * G + gi).to(tl.int64)[:, None] * Cmax
+        s_row = S + (row * G + gi).to(tl.int64)[:, None] * Cs
         bt_row = BT + b.to(tl.int64) * stride_bt
         for start in range(lo, hi, BLOCK_N):
             offs = start + ni
@@ -278,135 +406,25 @@ def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, IDX, CNT, SCR_POS, SCR_KEY, HIS
             m_i = m_new
         tl.store(MP + (row * G + gi) * NSPLIT_MAX + split, m_i, mask=gmask)
         tl.store(LP + (row * G + gi) * NSPLIT_MAX + split, l_i, mask=gmask)
-        if ZERO_HIST:
-            if split == 0:
-                tl.store(HIST + row * NBINS + tl.arange(0, NBINS), tl.zeros([NBINS], tl.int32))
-                tl.store(CNT + row, 0)
         if FUSED_SELECT:
             tl.debug_barrier()
             ticket = tl.atomic_add(CNT + row, 1, sem="acq_rel")
             if ticket == nsplit - 1:
                 tl.store(CNT + row, 0)
-                _row_select(S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cmax,
-                            sink, window, top_n, scr_cap, ktop, G, GQ, NSP, TILE, NBINS, BPL, GROUP_SUM)
+                _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cs,
+                            sink, window, top_n, scr_cap, G, GQ, NSP, TS, TK, NB, NB1, BPL, NSTG, GROUP_SUM, ".cg")
 
 
 @triton.jit
-def _select_kernel(SEQ, S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, sink, window, top_n, Cmax, NSPLIT_MAX, scr_cap,
-                   ktop, HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, SPLIT: tl.constexpr,
-                   NSP: tl.constexpr, TILE: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr,
-                   GROUP_SUM: tl.constexpr):
-    """Unfused selection: grid (rows,), after `_kpass_kernel` with FUSED_SELECT=False."""
+def _select_kernel(SEQ, S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, sink, window, top_n, Cs, NSPLIT_MAX,
+                   scr_cap, HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, SPLIT: tl.constexpr,
+                   NSP: tl.constexpr, TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr,
+                   BPL: tl.constexpr, NSTG: tl.constexpr, GROUP_SUM: tl.constexpr):
+    """"row" selection: grid (rows,), after `_kpass_kernel` with FUSED_SELECT=False."""
     row = tl.program_id(0)
     L = tl.load(SEQ + row // HKV).to(tl.int32)
-    _row_select(S, MP, LP, LSE, IDX, SCR_POS, SCR_KEY, row, L, tl.cdiv(L, SPLIT), NSPLIT_MAX, Cmax,
-                sink, window, top_n, scr_cap, ktop, G, GQ, NSP, TILE, NBINS, BPL, GROUP_SUM)
-
-
-@triton.jit
-def _keys_hist_kernel(SEQ, S, MP, LP, LSE, KEYS, HIST, sink, window, top_n, Cmax, NSPLIT_MAX, ktop,
-                      HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, SPLIT: tl.constexpr,
-                      NSP: tl.constexpr, CH: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr,
-                      GROUP_SUM: tl.constexpr):
-    """Parallel selection, step 1, grid (chunks, rows): lse from the partials (chunk 0 stores it),
-    keys of positions [c*CH, (c+1)*CH) ∩ far -> KEYS [rows, Cmax] fp32, and the row's key histogram
-    HIST [rows, NBINS] (zeroed by the K pass) by atomics. Rows with far <= top_n need no keys."""
-    c = tl.program_id(0)
-    row = tl.program_id(1)
-    L = tl.load(SEQ + row // HKV).to(tl.int32)
-    sink_end = tl.minimum(sink, L)
-    window_start = tl.maximum(sink_end, L - window)
-    lo = c * CH
-    busy = (window_start - sink_end > top_n) & (lo < window_start) & (lo + CH > sink_end)
-    if busy | (c == 0):
-        gq = tl.arange(0, GQ)
-        si = tl.arange(0, NSP)
-        gmask = gq < G
-        nsplit = tl.cdiv(L, SPLIT)
-        pofs = (row * G + gq)[:, None] * NSPLIT_MAX + si[None, :]
-        pmask = gmask[:, None] & (si < nsplit)[None, :]
-        pm = tl.load(MP + pofs, mask=pmask, other=float("-inf"))
-        pl = tl.load(LP + pofs, mask=pmask, other=0.0)
-        m = tl.where(gmask, tl.max(pm, 1), 0.0)
-        lse = tl.where(gmask, m + tl.log2(tl.sum(pl * tl.exp2(pm - m[:, None]), 1)), 0.0)
-        if c == 0:
-            tl.store(LSE + row * G + gq, lse, mask=gmask)
-        if busy:
-            offs = lo + tl.arange(0, CH)
-            valid = (offs >= sink_end) & (offs < window_start)
-            key = _row_keys(S, row, offs, valid, lse, Cmax, G, GQ, GROUP_SUM)
-            tl.store(KEYS + row.to(tl.int64) * Cmax + offs, key, mask=valid)
-            hist = tl.histogram(_key_bin(key, ktop, NBINS, BPL), NBINS, mask=valid)
-            tl.atomic_add(HIST + row * NBINS + tl.arange(0, NBINS), hist, mask=hist > 0, sem="relaxed")
-
-
-@triton.jit
-def _threshold_bin(HIST, row, top_n, NBINS: tl.constexpr):
-    """(first bin whose cumulative count reaches top_n, keys in bins up to it)."""
-    csum = tl.cumsum(tl.load(HIST + row * NBINS + tl.arange(0, NBINS)), 0)
-    bstar = tl.sum((csum < top_n).to(tl.int32), 0)
-    ncand = tl.sum(tl.where(tl.arange(0, NBINS) == bstar, csum, 0), 0)
-    return bstar, ncand
-
-
-@triton.jit
-def _compact_kernel(SEQ, KEYS, HIST, CNT, SCR_POS, SCR_KEY, sink, window, top_n, Cmax, scr_cap, ktop,
-                    HKV: tl.constexpr, CH: tl.constexpr, NBINS: tl.constexpr, BPL: tl.constexpr):
-    """Parallel selection, step 2, grid (chunks, rows): the chunk's candidates (bin <= threshold bin)
-    appended to the row's scratch (SCR_POS/SCR_KEY [rows, scr_cap]) through the counter CNT[row]."""
-    c = tl.program_id(0)
-    row = tl.program_id(1)
-    L = tl.load(SEQ + row // HKV).to(tl.int32)
-    sink_end = tl.minimum(sink, L)
-    window_start = tl.maximum(sink_end, L - window)
-    lo = c * CH
-    busy = (window_start - sink_end > top_n) & (lo < window_start) & (lo + CH > sink_end)
-    if busy:
-        bstar, ncand = _threshold_bin(HIST, row, top_n, NBINS)
-        if ncand <= scr_cap:
-            offs = lo + tl.arange(0, CH)
-            valid = (offs >= sink_end) & (offs < window_start)
-            key = tl.load(KEYS + row.to(tl.int64) * Cmax + offs, mask=valid, other=float("-inf"))
-            sel = (valid & (_key_bin(key, ktop, NBINS, BPL) <= bstar)).to(tl.int32)
-            k = tl.sum(sel, 0)
-            if k > 0:
-                base = tl.atomic_add(CNT + row, k, sem="relaxed")
-                slot = base + tl.cumsum(sel, 0) - 1
-                scr = row.to(tl.int64) * scr_cap
-                tl.store(SCR_POS + scr + slot, offs, mask=sel > 0)
-                tl.store(SCR_KEY + scr + slot, _sortable(key), mask=sel > 0)
-
-
-@triton.jit
-def _final_select_kernel(SEQ, S, LSE, IDX, HIST, CNT, SCR_POS, SCR_KEY, sink, window, top_n, Cmax, scr_cap,
-                         HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, TILE: tl.constexpr,
-                         TOPN_P: tl.constexpr, NBINS: tl.constexpr, GROUP_SUM: tl.constexpr):
-    """Parallel selection, step 3, grid (rows,): exact radix select over the row's candidates, then
-    the chosen positions sorted ascending into IDX [rows, top_n] (-1 padded)."""
-    row = tl.program_id(0)
-    L = tl.load(SEQ + row // HKV).to(tl.int32)
-    sink_end = tl.minimum(sink, L)
-    window_start = tl.maximum(sink_end, L - window)
-    far = window_start - sink_end
-    ti = tl.arange(0, TOPN_P)
-    out = IDX + row.to(tl.int64) * top_n
-    if far <= top_n:
-        tl.store(out + ti, tl.where(ti < far, sink_end + ti, -1), mask=ti < top_n)
-    else:
-        gq = tl.arange(0, GQ)
-        lse = tl.load(LSE + row * G + gq, mask=gq < G, other=0.0)
-        bstar, ncand = _threshold_bin(HIST, row, top_n, NBINS)
-        if ncand <= scr_cap:
-            _radix_select(False, 0, ncand, top_n, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax,
-                          row.to(tl.int64) * scr_cap, top_n, G, GQ, GROUP_SUM, TILE)
-            tl.debug_barrier()
-            sel = tl.load(out + ti, mask=ti < top_n, other=2147483647)
-            sel = tl.sort(sel, 0)
-            tl.debug_barrier()
-            tl.store(out + ti, sel, mask=ti < top_n)
-        else:   # one bin holds too many candidates (near-uniform scores): whole-row select from S
-            _radix_select(True, sink_end, window_start, top_n, S, SCR_POS, SCR_KEY, IDX, row, lse, Cmax,
-                          0, top_n, G, GQ, GROUP_SUM, TILE)
+    _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, tl.cdiv(L, SPLIT), NSPLIT_MAX, Cs,
+                sink, window, top_n, scr_cap, G, GQ, NSP, TS, TK, NB, NB1, BPL, NSTG, GROUP_SUM, "")
 
 
 @triton.jit
@@ -433,7 +451,7 @@ def _gather_kernel(VP, BT, IDX, OUT, n_rows, stride_bt, top_n,
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, VHOT, SEQ, SLOTS, OUT, sink, window, top_n, Cmax, hot_rows,
+def _sparse_out_kernel(S, LSE, IDX, VFAR, VHOT, SEQ, SLOTS, OUT, sink, window, top_n, Cs, hot_rows,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        R: tl.constexpr, RENORM: tl.constexpr):
     """grid (rows,). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D]) and
@@ -451,7 +469,7 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, VHOT, SEQ, SLOTS, OUT, sink, window, t
     ri = tl.arange(0, R)
     gmask = gi < G
     lse = tl.load(LSE + row * G + gi, mask=gmask, other=0.0)
-    s_row = S + (row * G + gi).to(tl.int64)[:, None] * Cmax
+    s_row = S + (row * G + gi).to(tl.int64)[:, None] * Cs
     acc = tl.zeros([GP, D], tl.float32)
     z = tl.zeros([GP], tl.float32)
     hot_base = (slot * HKV + h) * hot_rows
@@ -482,28 +500,37 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, VHOT, SEQ, SLOTS, OUT, sink, window, t
              mask=gmask[:, None])
 
 
+
+
 # ---------------------------------------------------------------------------------------------
 # Host wrappers
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class KPassConfig:
-    """Launch shape of the score + select kernel (defaults: best measured on H100, see
+    """Launch shape of the score pass and the selection (defaults: best measured on H100/H200, see
     benchmarks/notes/kcache_triton.md)."""
 
-    split: int = 1024        # positions per CTA
+    split: int = 1024        # positions per K-pass CTA
     block_n: int = 128       # positions per K tile
     num_warps: int = 4
     num_stages: int = 3
-    tile: int = 1024         # positions per step of the selection passes
-    scratch_cap: int = 0     # candidate slots per row (0: max(1024, 4 * top_n)); more -> whole-row select
-    select_mode: str = "parallel"  # "parallel": 3 small grid-wide kernels; "fused": last CTA of a row
-    #                                 inside the K pass; "row": one CTA per row after the K pass
-    chunk: int = 2048        # positions per CTA of the parallel selection
+    select_mode: str = "fused"  # "fused": the last CTA of a row, inside the K pass; "row": one CTA per
+    #                             row after the K pass
+    sel_tile: int = 0        # positions per step of the keys pass over S (0: 128 per warp of the CTA)
+    key_tile: int = 0        # keys per step of the passes over keys, a multiple of sel_tile (0: 256 per
+    #                          warp; 4 warps with larger tiles need more than 128 registers)
+    bins: int = 32           # bins per count pass (the interval narrows 16-32x a pass)
+    scratch_extra: int = 2048  # scratch slots per row beyond top_n
+    select_stages: int = 3   # software-pipelining depth of the selection passes
+    select_warps: int = 8    # warps per CTA of the "row" selection kernel
+    maxnreg: int = 128       # register cap of the selecting kernels on CUDA (0: the compiler's choice, ~160:
+    #                          3 fused K-pass CTAs per SM instead of the plain K pass's 4; 128 spills ~nothing)
 
 
 @dataclass
 class SelectResult:
-    """scores [rows, G, Cmax] fp32 log2-domain; lse [rows, G]; idx [rows, top_n] int32 (ascending, -1 pad)."""
+    """scores [rows, G, Cmax] fp32 log2-domain (a view; row stride scores.stride(1)); lse [rows, G];
+    idx [rows, top_n] int32 (ascending, -1 pad)."""
 
     scores: torch.Tensor
     lse: torch.Tensor
@@ -516,13 +543,13 @@ def _next_pow2(x: int) -> int:
 
 def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      max_seq_len: int, spec: SelectionSpec, scale: float, cfg: Optional[KPassConfig] = None,
-                     select: bool = True, stop_after: Optional[str] = None) -> SelectResult:
+                     select: bool = True, idx_out: Optional[torch.Tensor] = None) -> SelectResult:
     """Scores over all cached K and the per-KV-head top-n far positions.
 
     q [B, Hq, D]; k_cache [NB, Hkv, bs, D]; block_tables [B, max_blocks] int32; seq_lens [B] int64
     (all on one device); max_seq_len >= max(seq_lens). With select=False only the scores and partials
-    are computed (lse and idx are left unset): the K pass alone, for benchmarks. stop_after ("keys" or
-    "compact") ends the parallel selection early, for per-stage timing only (idx is left unset).
+    are computed (lse and idx are left unset): the K pass alone, for benchmarks. idx_out: a
+    caller-owned int32 buffer of at least B * Hkv * max(top_n, 1) elements for idx.
     """
     cfg = cfg or KPassConfig()
     B, Hq, D = q.shape
@@ -530,56 +557,46 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     G = Hq // Hkv
     rows = B * Hkv
     dev = q.device
+    mode = cfg.select_mode if select else "none"
+    if mode not in ("fused", "row", "none"):
+        raise ValueError(f"select_mode must be 'fused' or 'row', not {cfg.select_mode!r}")
+    warps = cfg.select_warps if mode == "row" else cfg.num_warps
+    ts, tk = cfg.sel_tile or 128 * warps, cfg.key_tile or 256 * warps
+    if tk % ts:
+        raise ValueError("key_tile must be a multiple of sel_tile")
     cmax = max(1, int(max_seq_len))
+    cs = triton.cdiv(cmax, tk) * tk          # row stride of S and of the keys: whole key tiles
     nsplit_max = triton.cdiv(cmax, cfg.split)
     top_n = max(0, int(spec.top_n))
-    scr_cap = cfg.scratch_cap or max(1024, 4 * top_n)
-    S = torch.empty(rows, G, cmax, dtype=torch.float32, device=dev)
+    scr_cap = top_n + cfg.scratch_extra
+    i32 = dict(dtype=torch.int32, device=dev)
+    S = torch.empty(rows, G, cs, dtype=torch.float32, device=dev)
     MP = torch.empty(rows, G, nsplit_max, dtype=torch.float32, device=dev)
     LP = torch.empty_like(MP)
     lse = torch.empty(rows, G, dtype=torch.float32, device=dev)
-    idx = torch.empty(rows, max(top_n, 1), dtype=torch.int32, device=dev)
-    scr_pos = torch.empty(rows * scr_cap if select else 1, dtype=torch.int32, device=dev)
+    n_idx = rows * max(top_n, 1)
+    idx = (torch.empty(n_idx, **i32) if idx_out is None else idx_out.view(-1)[:n_idx]).view(rows, max(top_n, 1))
+    keys = torch.empty(rows * cs if select else 1, **i32)
+    scr_pos = torch.empty(rows * scr_cap if select else 1, **i32)
     scr_key = torch.empty_like(scr_pos)
-    mode = cfg.select_mode if select else "none"
-    fused = mode == "fused"
-    parallel = mode == "parallel"
-    cnt = torch.zeros(rows, dtype=torch.int32, device=dev) if fused else torch.empty(rows, dtype=torch.int32,
-                                                                                      device=dev)
-    hist = torch.empty(rows * NUM_BINS if parallel else 1, dtype=torch.int32, device=dev)
+    cnt = torch.zeros(rows if mode == "fused" else 1, **i32)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
-    common = dict(G=G, GQ=_next_pow2(G), NSP=_next_pow2(nsplit_max), TILE=cfg.tile, NBINS=NUM_BINS,
-                  BPL=BINS_PER_LOG2, GROUP_SUM=spec.group_reduce == "sum")
-    ktop = math.log2(G) + 1.0
+    sel_shape = dict(G=G, GQ=_next_pow2(G), NSP=_next_pow2(nsplit_max), TS=ts, TK=tk, NB=cfg.bins,
+                     NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
+                     GROUP_SUM=spec.group_reduce == "sum")
+    extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
     _kpass_kernel[(nsplit_max, rows)](
-        q, k_cache, bt, seq, S, MP, LP, lse, idx, cnt, scr_pos, scr_key, hist,
-        scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cmax, nsplit_max, scr_cap, ktop,
+        q, k_cache, bt, seq, S, MP, LP, lse, keys, idx, cnt, scr_pos, scr_key,
+        scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap,
         HKV=Hkv, GP=max(16, _next_pow2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-        FUSED_SELECT=fused, ZERO_HIST=parallel, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    if parallel:
-        nch = triton.cdiv(cmax, cfg.chunk)
-        gc = dict(HKV=Hkv, CH=cfg.chunk, NBINS=NUM_BINS, BPL=BINS_PER_LOG2)
-        keys = torch.empty(rows, cmax, dtype=torch.float32, device=dev)
-        _keys_hist_kernel[(nch, rows)](seq, S, MP, LP, lse, keys, hist,
-                                       spec.sink_tokens, spec.recent_window, top_n, cmax, nsplit_max, ktop,
-                                       G=G, GQ=common["GQ"], SPLIT=cfg.split, NSP=common["NSP"],
-                                       GROUP_SUM=common["GROUP_SUM"], num_warps=8, **gc)
-        if stop_after == "keys":
-            return SelectResult(S, lse, idx[:, :top_n])
-        _compact_kernel[(nch, rows)](seq, keys, hist, cnt, scr_pos, scr_key, spec.sink_tokens,
-                                     spec.recent_window, top_n, cmax, scr_cap, ktop, num_warps=8, **gc)
-        if stop_after == "compact":
-            return SelectResult(S, lse, idx[:, :top_n])
-        _final_select_kernel[(rows,)](seq, S, lse, idx, hist, cnt, scr_pos, scr_key, spec.sink_tokens,
-                                      spec.recent_window, top_n, cmax, scr_cap, HKV=Hkv, G=G, GQ=common["GQ"],
-                                      TILE=cfg.tile, TOPN_P=_next_pow2(max(top_n, 1)), NBINS=NUM_BINS,
-                                      GROUP_SUM=common["GROUP_SUM"], num_warps=cfg.num_warps)
-    elif mode == "row":
-        _select_kernel[(rows,)](seq, S, MP, LP, lse, idx, scr_pos, scr_key, spec.sink_tokens, spec.recent_window,
-                                top_n, cmax, nsplit_max, scr_cap, ktop, HKV=Hkv, SPLIT=cfg.split,
-                                num_warps=cfg.num_warps, **common)
-    return SelectResult(S, lse, idx[:, :top_n])
+        FUSED_SELECT=mode == "fused", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
+        **(extra if mode == "fused" else {}))
+    if mode == "row":
+        _select_kernel[(rows,)](seq, S, MP, LP, lse, keys, idx, scr_pos, scr_key, spec.sink_tokens,
+                                spec.recent_window, top_n, cs, nsplit_max, scr_cap, HKV=Hkv, SPLIT=cfg.split,
+                                num_warps=cfg.select_warps, **sel_shape, **extra)
+    return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n])
 
 
 def gather_far_rows_zero_copy(v_host: torch.Tensor, block_tables: torch.Tensor, idx: torch.Tensor,
@@ -651,7 +668,7 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
                   rows_per_step: int = 64, num_warps: int = 4) -> torch.Tensor:
     """o [B, Hq, D] from the selection, the fetched far rows vfar [rows, top_n, D] and v_hot
     [slots, Hkv, sink + window, D]."""
-    rows, G, cmax = sel.scores.shape
+    rows, G, _ = sel.scores.shape
     _, Hkv, hot_rows, D = v_hot.shape
     B = rows // Hkv
     top_n = sel.idx.shape[1]
@@ -663,7 +680,7 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     slots = hot_slots if hot_slots.dtype == torch.int64 else hot_slots.long()
     vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=out.device)
     _sparse_out_kernel[(rows,)](sel.scores, sel.lse, idx, vfar, vhot, seq, slots, out, spec.sink_tokens,
-                                spec.recent_window, top_n, cmax, max(hot_rows, 1), HKV=Hkv, G=G,
+                                spec.recent_window, top_n, sel.scores.stride(1), max(hot_rows, 1), HKV=Hkv, G=G,
                                 GP=max(16, _next_pow2(G)), D=D, R=rows_per_step, RENORM=spec.renormalize,
                                 num_warps=num_warps)
     return out
