@@ -2,7 +2,9 @@
 
 Real launches (`launch/serve.py` under `deepspeed --num_gpus 2` and `mpirun -np 2`, a free
 127.0.0.1 port, the official `openai` client): greedy chat equals the one-process answer, a
-request in flight when SIGTERM lands runs to its end, and every process exits 0. On forkserver
+request in flight when SIGTERM lands runs to its end, and every process exits 0; a worker killed
+mid-stream ends that stream with an error, new requests and /health get 503 naming the lost rank,
+and every process exits non-zero within 30 s. On forkserver
 ranks (tests/dist_scripts/multiprocess.py): idle workers outlive the collective timeout through
 rank 0's keepalives, a worker whose rank 0 died exits with a message (and rank 0 whose worker
 died), and a job of more processes than the tensor parallel size is refused. Every wait is bounded."""
@@ -11,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -24,6 +28,7 @@ from dist_scripts.launchers import clean_launch_env, launcher_tool, mpirun_flags
 from dist_scripts.multiprocess import describe, free_port, run_rank_outcomes
 from kcache_dist import LLM, SamplingParams
 from kcache_dist.server.cli_args import build_parser, engine_config_from_args, serving_tensor_parallel_size
+from kcache_dist.server.entrypoint import LOST_RANK_EXIT_GRACE_S
 from test_server import SERVE_SCRIPT, ServerProcess
 
 START_TIMEOUT_S = 180.0
@@ -31,6 +36,8 @@ REQUEST_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 60.0
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 STREAM_TOKENS = 200  # decoding still runs when the signal lands
+LONG_STREAM_TOKENS = 480  # decoding still runs when the worker is killed (the tiny model has 512 positions)
+LOST_RANK_EXIT_S = 30.0  # from a worker's death to the exit of every process of the job
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +140,59 @@ def test_mpirun_tp2_server_answers_chat_and_every_rank_exits_0_after_sigterm(tin
         server.stop()
 
 
+def test_deepspeed_tp2_worker_killed_mid_stream_gives_503_then_every_process_exits_nonzero(tiny_llama_dir,
+                                                                                          tmp_path):
+    """SIGKILL to the worker while a stream runs: the stream ends with an error event naming the lost
+    rank; new requests and /health get 503 naming it while rank 0 waits out its grace period (the
+    launcher's SIGTERM meanwhile is only logged); then rank 0 exits 1 with the message and the
+    launcher exits non-zero, all within LOST_RANK_EXIT_S of the kill. (mpirun kills rank 0 as soon
+    as a rank dies: under it there are no 503s to see.)"""
+    deepspeed = launcher_tool("deepspeed")
+    if deepspeed is None:
+        pytest.skip("no `deepspeed` launcher: `pip install deepspeed`")
+    launcher = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    server = ServerProcess(["--model", tiny_llama_dir, "--device", "cpu"], str(tmp_path / "server.log"),
+                           launcher=launcher, env=clean_launch_env(MASTER_ADDR="127.0.0.1"))
+    lost = r"lost rank\(s\) \[1\] of the tensor-parallel group"
+    try:
+        server.wait_ready(START_TIMEOUT_S)
+        rank0, rank1 = ranks_of(server)
+        job = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
+                               timeout=REQUEST_TIMEOUT_S)
+        stream = client.completions.create(model=tiny_llama_dir, prompt=PROMPTS[1], max_tokens=LONG_STREAM_TOKENS,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        next(stream)
+        rank1.kill()
+        killed_at = time.monotonic()
+        with pytest.raises(openai.APIError, match="^the engine failed: rank 0: " + lost):
+            for _ in stream:  # bounded by the client's read timeout
+                pass
+        assert time.monotonic() - killed_at < LOST_RANK_EXIT_GRACE_S, "the stream ended after rank 0 had exited"
+
+        refused = httpx.post(server.base_url + "/v1/completions", timeout=10.0,
+                             json={"model": tiny_llama_dir, "prompt": "Hello", "max_tokens": 4})
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "server_error" and re.search("^the engine failed: rank 0: " + lost, error["message"])
+        health = httpx.get(server.base_url + "/health", timeout=10.0)
+        assert health.status_code == 503 and re.search(lost, health.json()["error"]["message"]), health.text
+
+        status = server.process.wait(timeout=LOST_RANK_EXIT_S - (time.monotonic() - killed_at))
+        _, alive = psutil.wait_procs(job, timeout=max(0.1, LOST_RANK_EXIT_S - (time.monotonic() - killed_at)))
+        assert not alive, f"still running {LOST_RANK_EXIT_S} s after the kill: {alive}"
+        log = server.log()
+        assert status != 0, log[-3000:]
+        assert re.search(r"\[rank 0\] ERROR kcache_dist.server: rank 0: " + lost + r".*; answering 503 for "
+                         f"{LOST_RANK_EXIT_GRACE_S:g} s, then exiting with status 1", log), log[-3000:]
+        assert "[rank 0] WARNING kcache_dist.server.http_server: received SIGTERM: the server is exiting by itself" \
+            in log, log[-3000:]  # DeepSpeed's launch.py terminates rank 0 once rank 1 has died
+        assert re.search(r"kcache_dist: rank 0: " + lost + r".*; exiting with status 1", log), log[-3000:]
+        assert f"Process {rank0.pid} exits successfully." not in log, log[-3000:]
+    finally:
+        server.stop()
+
+
 # ---- forkserver ranks -----------------------------------------------------------------------------
 def _engine(model_dir: str, collective_timeout_s: float):
     from kcache_dist.config import EngineConfig, ParallelConfig
@@ -220,7 +280,8 @@ def _worker_dies_while_rank0_idles(model_dir: str, collective_timeout_s: float) 
     if not engine.is_scheduler:
         os._exit(9)
     EngineDriver(engine, on_crash=exit_if_rank_lost).start()
-    threading.Event().wait(3 * collective_timeout_s)  # the driver's next keepalive finds rank 1 gone
+    # the driver's next keepalive finds rank 1 gone; rank 0 exits after its grace period
+    threading.Event().wait(3 * collective_timeout_s + LOST_RANK_EXIT_GRACE_S)
     return "rank 0 did not notice that rank 1 had died"
 
 

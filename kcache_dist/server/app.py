@@ -3,7 +3,7 @@
     POST /v1/completions        prompt (text or token ids) -> text; "stream": true for SSE chunks
     POST /v1/chat/completions   messages -> reply, through the tokenizer's chat template
     GET  /v1/models             the served model name(s)
-    GET  /health                200 while the engine driver runs, else 503
+    GET  /health                200 while the engine driver runs, else 503 (naming why it failed)
     GET  /metrics               Prometheus text: queue, tokens, throughput, cache blocks, V bytes
 
 Every error answers with an OpenAI-style body {"error": {"message", "type", "param", "code"}}.
@@ -85,8 +85,9 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not driver.alive:
-            return JSONResponse(error_body("the engine is not running", "server_error"), status_code=503)
+        failure = driver.failure_message()  # e.g. a lost rank: the server exits in a moment
+        if failure is not None or not driver.alive:
+            return JSONResponse(error_body(failure or "the engine is not running", "server_error"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

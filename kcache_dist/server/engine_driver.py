@@ -22,7 +22,10 @@ ranks of the tensor-parallel group (they run `engine.run_worker()`); while there
 driver calls `engine.keepalive()` at least every `engine.keepalive_interval_s`, so that the
 workers' wait for the next plan never reaches the collective timeout. A lost rank (RankLostError)
 is not a failure of the requests in flight but of the job: it stops the driver and goes to
-`on_crash`.
+`on_crash` (the server answers 503 for a few seconds, then exits).
+
+Failed state: once the driver's loop has stopped on an error (`crash`), every request in flight and
+every later submit gets an `EngineFailure` whose message carries that error (e.g. the lost rank).
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ class EngineDriver:
     a running event loop).
 
     on_crash: called on the driver thread with the exception that stopped its loop (e.g. a
-    RankLostError), after every request in flight got an `EngineFailure`.
+    RankLostError), after every request in flight got an `EngineFailure` and `crash` was set (so
+    later submits fail too); the driver counts as alive until it returns.
     max_queued_requests: most requests that may wait for a batch slot (None: no bound); a submit
     beyond it raises `ServerOverloaded`.
     """
@@ -181,6 +185,12 @@ class EngineDriver:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def failure_message(self) -> Optional[str]:
+        """Why the driver failed (None while it has not): what requests and /health answer with."""
+        if self.crash is None:
+            return None
+        return f"the engine failed: {self.crash}"
+
     async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises the engine's ValueError for a
         bad request, `ServerDraining` while shutting down, `EngineFailure` if the driver is not running."""
@@ -188,6 +198,8 @@ class EngineDriver:
         subscriber = _Subscriber(loop, asyncio.Queue())
         accepted: asyncio.Future[None] = loop.create_future()
         with self._wakeup:
+            if self.crash is not None:
+                raise EngineFailure(self.failure_message())
             if not self._accepting:
                 raise ServerDraining("the server is shutting down and takes no new requests")
             if not self._thread.is_alive():
@@ -255,15 +267,16 @@ class EngineDriver:
                 self._publish_stats()
         except BaseException as e:  # the loop itself broke: fail everyone, refuse new requests
             logger.exception("engine driver stopped")
-            self.crash = e
-            self._accepting = False
-            for request_id in list(self._subscribers):
-                self._deliver(self._subscribers.pop(request_id), EngineFailure(f"engine driver stopped: {e}"))
             with self._wakeup:
+                self.crash = e  # from now on submit refuses
+                self._accepting = False
                 commands, self._commands = self._commands, []
+            message = self.failure_message()
+            for request_id in list(self._subscribers):
+                self._deliver(self._subscribers.pop(request_id), EngineFailure(message))
             for command in commands:
                 if isinstance(command, _AddRequest):
-                    self._resolve(command.accepted, EngineFailure(f"engine driver stopped: {e}"))
+                    self._resolve(command.accepted, EngineFailure(message))
             if self._on_crash is not None:
                 self._on_crash(e)
         logger.info("engine driver finished")

@@ -28,6 +28,7 @@ class EngineStats:
     num_requests_waiting: int = 0
     num_prompt_tokens_total: int = 0
     num_generation_tokens_total: int = 0
+    num_token_steps_total: int = 0  # engine steps that produced tokens (tokens / steps > 1: batched)
     num_preemptions_total: int = 0
     num_finished_total: dict[str, int] = field(default_factory=dict)  # by finish_reason
     decode_throughput_tokens_per_s: float = 0.0
@@ -45,6 +46,7 @@ class StatsRecorder:
         self.window_s = window_s
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.num_token_steps_total = 0
         self.num_finished_total: dict[str, int] = collections.Counter()
         self._recent_steps: collections.deque[tuple[float, float, int]] = collections.deque()  # (end, seconds, tokens)
 
@@ -57,6 +59,7 @@ class StatsRecorder:
             if out.finished:
                 self.record_finished(out)
         self.num_generation_tokens_total += len(outputs)
+        self.num_token_steps_total += 1 if outputs else 0
         self._recent_steps.append((now, step_seconds, len(outputs)))
 
     def record_finished(self, output: RequestOutput) -> None:
@@ -79,6 +82,7 @@ class StatsRecorder:
             num_requests_waiting=engine.num_requests_waiting,
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generation_tokens_total=self.num_generation_tokens_total,
+            num_token_steps_total=self.num_token_steps_total,
             num_preemptions_total=engine.num_preemptions_total,
             num_finished_total=dict(self.num_finished_total),
             decode_throughput_tokens_per_s=self.decode_throughput(),

@@ -5,12 +5,21 @@ rank, runs the engine driver thread and the HTTP app; the other ranks of the ten
 run the worker loop (worker_rank.py). At shutdown rank 0 drains the requests in flight, then stops
 the workers, and every process exits with status 0. Works as one process, under
 `deepspeed --num_gpus N` and under `mpirun -np N` (one tensor-parallel group of N ranks).
+
+A lost rank (a worker died): the engine driver fails the requests in flight (a stream ends with an
+error event, a plain request gets 503); for LOST_RANK_EXIT_GRACE_S rank 0 answers every new
+request and /health with 503 naming the lost rank (a signal from the launcher meanwhile is logged,
+not obeyed), then writes that message on stderr and exits with status 1; the other workers, whose
+rank 0 is then gone, exit 1 too (worker_rank.py). mpirun (MPICH) kills rank 0 as soon as a rank
+dies, so there the job ends at once, without the 503s.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+import threading
 from typing import Optional
 
 from ..parallel import (RankLostError, exit_for_lost_rank, exit_on_lost_rank, launched_world_size,
@@ -19,6 +28,8 @@ from .cli_args import ServerSettings, build_parser, engine_config_from_args, ser
 from .rank_logging import configure_logging
 
 logger = logging.getLogger("kcache_dist.server")
+
+LOST_RANK_EXIT_GRACE_S = 5.0  # after a lost rank, answer 503 this long (clients learn why), then exit 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -45,10 +56,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     return serve_as_scheduler(engine, settings)
 
 
-def exit_if_rank_lost(error: BaseException) -> None:
-    """The engine driver's crash hook: a lost rank ends this process (and so the job) at once."""
-    if isinstance(error, RankLostError):
-        exit_for_lost_rank(error)
+def exit_if_rank_lost(error: BaseException, grace_s: float = LOST_RANK_EXIT_GRACE_S,
+                      exiting: Optional[threading.Event] = None) -> None:
+    """The engine driver's crash hook (on its thread): a lost rank ends this process, and so the
+    job, with status 1 after `grace_s`, while the HTTP app answers 503. Sets `exiting` first."""
+    if not isinstance(error, RankLostError):
+        return
+    if exiting is not None:
+        exiting.set()
+    logger.error("%s; answering 503 for %g s, then exiting with status 1", error, grace_s)
+    threading.Event().wait(grace_s)
+    exit_for_lost_rank(error)
 
 
 def serve_as_scheduler(engine, settings: ServerSettings) -> int:
@@ -59,7 +77,8 @@ def serve_as_scheduler(engine, settings: ServerSettings) -> int:
     from .http_server import serve_http
 
     config = engine.config
-    driver = EngineDriver(engine, on_crash=exit_if_rank_lost,
+    exiting = threading.Event()  # set once a lost rank has doomed this process
+    driver = EngineDriver(engine, on_crash=functools.partial(exit_if_rank_lost, exiting=exiting),
                           max_queued_requests=settings.max_queued_requests).start()
     chat_prompts = ChatPromptBuilder(config.tokenizer or engine.model_dir)
     app = build_app(driver, chat_prompts, settings)
@@ -68,7 +87,7 @@ def serve_as_scheduler(engine, settings: ServerSettings) -> int:
                 engine.parallel.tp_size, settings.host, settings.port)
     server = None
     try:
-        server = serve_http(app, settings, on_exit_signal=driver.stop_accepting)
+        server = serve_http(app, settings, on_exit_signal=driver.stop_accepting, exiting_anyway=exiting.is_set)
     finally:
         forced = server is None or server.force_exit  # a failed start, or a second Ctrl-C: abort what runs
         all_finished = driver.shutdown(timeout_s=0 if forced else settings.shutdown_timeout_s)

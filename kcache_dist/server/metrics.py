@@ -29,6 +29,8 @@ def render_prometheus(stats: EngineStats, model_name: str) -> str:
            stats.num_requests_waiting)
     metric(p + "prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats.num_prompt_tokens_total)
     metric(p + "generation_tokens_total", "counter", "Tokens generated.", stats.num_generation_tokens_total)
+    metric(p + "token_steps_total", "counter", "Engine steps that generated tokens (generation tokens per "
+           "step above 1: requests were batched).", stats.num_token_steps_total)
     for reason in sorted(set(FINISH_REASONS) | set(stats.num_finished_total)):
         metric(p + "requests_finished_total", "counter", "Requests finished, by finish reason (abort: the "
                "client went away or the server stopped it).", stats.num_finished_total.get(reason, 0),

@@ -5,8 +5,9 @@ Signals: launchers hand SIGINT/SIGTERM to every rank (mpirun forwards them to al
 terminal's Ctrl-C reaches the whole process group, the DeepSpeed launcher terminates rank 0 first
 and the other ranks after it). A worker therefore does not stop on a signal: it logs it and keeps
 executing plans while rank 0 finishes the requests in flight, and rank 0 stops it. A second SIGINT
-ends the worker at once (rank 0 then exits too, naming the lost rank). A worker runs its signal
-handlers between two messages from rank 0, which come at least every `keepalive_interval_s`.
+ends the worker at once (rank 0 then fails its requests with 503 and, a few seconds later, exits
+too, naming the lost rank). A worker runs its signal handlers between two messages from rank 0,
+which come at least every `keepalive_interval_s`.
 
 A lost rank 0 (its process died, or it stayed silent past the collective timeout) makes the
 worker exit with status 1 and a message naming it.
