@@ -10,7 +10,7 @@ from conftest import PROMPTS
 from helpers import token_ids
 from kcache_dist import LLM, SamplingParams
 from kcache_dist.engine.detokenizer import IncrementalDetokenizer, find_stop
-from kcache_dist.engine.sampler import filter_logits
+from kcache_dist.engine.sampler import filter_logits, sample
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,13 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=1e-9))).sum() == 1
     tied = torch.tensor([1.0, 3.0, 3.0, 3.0, 2.0])
     assert torch.isfinite(filter_logits(tied, SamplingParams(top_k=2))).sum() == 2  # ties do not widen top-k
+
+
+def test_tiny_temperature_samples_the_argmax_without_overflow():
+    logits = torch.randn(3, 50) * 10
+    params = [SamplingParams(temperature=t, seed=i) for i, t in enumerate((1e-45, 1e-38, 1e-6))]
+    tokens = sample(logits, params, [None] * 3, torch.Generator().manual_seed(0))
+    assert tokens == logits.argmax(-1).tolist()
 
 
 def test_stop_string_cuts_exactly(llm):

@@ -14,8 +14,11 @@ from ..sampling_params import SamplingParams
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [V] float32 -> temperature-scaled logits with tokens outside top-k / top-p at -inf."""
-    logits = logits / params.temperature
+    """logits [V] float32 -> temperature-scaled logits with tokens outside top-k / top-p at -inf.
+
+    The maximum is subtracted before scaling, so a tiny temperature sends the others to -inf
+    (the argmax keeps probability 1) instead of overflowing to inf - inf = NaN."""
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:  # exactly top_k tokens survive, ties included
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, torch.topk(logits, params.top_k).indices, True)
         logits = logits.masked_fill(~keep, float("-inf"))
