@@ -550,7 +550,8 @@ def main():
     R["cpu_threads"] = torch.get_num_threads()
     R["baseline"] = baselines(dev)
     points = [tuple(int(v) for v in p.split("x")) for p in a.points.split(",")]
-    variants = {"fused": KPassConfig(), "fused_nocap": KPassConfig(maxnreg=0), "row": KPassConfig(select_mode="row")}
+    variants = {"fused": KPassConfig(select_mode="fused"), "fused_nocap": KPassConfig(select_mode="fused", maxnreg=0),
+                "row": KPassConfig(select_mode="row")}
     opts = {"top_ns": [256, 1024], "grids": [32, 132, 264], "overlap_grids": [32, 132],
             "overlap_points": {(32, 32768), (128, 8192)}, "check": True, "variants": variants,
             "sum_variants": ("fused",), "check_variants": ("fused", "row")}

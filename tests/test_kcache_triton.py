@@ -258,3 +258,18 @@ def test_triton_kernels_under_interpreter_on_cpu():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "interpreter ok" in proc.stdout, \
         f"seed {seed}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_auto_select_mode_follows_rows_per_sm(monkeypatch):
+    from types import SimpleNamespace
+
+    from kcache_dist.kcache.triton_kcache import FUSED_MIN_ROWS_PER_SM, resolve_select_mode
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda_device = torch.device("cuda", 0)
+    assert resolve_select_mode("auto", 32 * 8, cuda_device) == "row"  # B=32, 8 KV heads: 1.9 rows per SM
+    assert resolve_select_mode("auto", 128 * 8, cuda_device) == "fused"  # B=128: 7.8 rows per SM
+    assert resolve_select_mode("auto", FUSED_MIN_ROWS_PER_SM * 132, cuda_device) == "fused"
+    assert resolve_select_mode("auto", 10, torch.device("cpu")) == "fused"
+    assert resolve_select_mode("row", 10**6, cuda_device) == "row"
