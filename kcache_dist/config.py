@@ -104,8 +104,10 @@ class EngineConfig:
     the cache from memory: `gpu_memory_utilization` of the GPU, or `cpu_kv_cache_gb` on CPU; in
     KCache mode also at most `host_memory_gb` of host memory for V).
     load_format: "safetensors" reads the weights from the model directory's checkpoint; "random"
-    fills every parameter with random values seeded by `seed` (`models/random_weights.py`), for
-    throughput runs of a model's shape: the directory then needs only config.json and a tokenizer.
+    draws every checkpoint tensor whole from a generator seeded by `seed` and its name
+    (`models/random_weights.py`) and loads it like a checkpoint's, so the model is the same at
+    every tensor_parallel_size; for runs of a model's shape: the directory then needs only
+    config.json and a tokenizer.
     """
 
     model: Optional[str] = None

@@ -8,11 +8,16 @@ from typing import Optional, Sequence, Union
 from .config import is_int as _is_int, is_number as _is_number
 
 
+# Temperatures below this sample greedily: dividing float32 logits by them overflows (and one below
+# float32's smallest number becomes 0), while the distribution they describe is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's tokens are chosen and when it stops.
 
-    temperature 0 means greedy. top_k <= 0 and top_p == 1 disable those filters. `stop` strings
+    temperature 0 (or below GREEDY_TEMPERATURE, as in vLLM) means greedy. top_k <= 0 and top_p == 1 disable those filters. `stop` strings
     end the output and are cut from its text (the token that completed one stays in token_ids);
     `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it too. `seed` makes sampling
     reproducible whatever else runs in the same batch.
@@ -58,5 +63,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 

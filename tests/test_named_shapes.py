@@ -1,6 +1,7 @@
 """Named model shapes with random weights (`load_format="random"`): the directory holds only
 config.json and a placeholder tokenizer, both readable by the engine and by transformers; random
-weights are seeded per parameter name and follow HF's initialisation."""
+weights are a random checkpoint, each tensor under its HF name and shape, seeded by that name,
+following HF's initialisation and loaded through the weight loaders."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 
 from kcache_dist import LLM, EngineConfig, SamplingParams
 from kcache_dist.models.llama import LlamaForCausalLM
+from kcache_dist.models.loader import load_weights
 from kcache_dist.models.model_config import load_model_config
 from kcache_dist.models.named_shapes import NAMED_SHAPES, write_shape_dir
-from kcache_dist.models.random_weights import init_random_weights
+from kcache_dist.models.random_weights import checkpoint_shapes, random_checkpoint
 
 
 @pytest.mark.parametrize("name", sorted(NAMED_SHAPES))
@@ -37,21 +39,40 @@ def test_llama3_8b_shape_is_the_published_one(tmp_path):
     assert mc.rope.rope_type == "llama3" and mc.max_position_embeddings >= 32768
 
 
-def test_random_weights_are_seeded_by_name_and_follow_hf_init(tmp_path):
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_random_checkpoint_has_the_names_and_shapes_of_transformers(name, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = write_shape_dir(name, str(tmp_path))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    expected = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        del expected["lm_head.weight"]  # the same tensor as the embedding; HF does not save it
+    mc = load_model_config(model_dir)
+    drawn = {k: tuple(v.shape) for k, v in random_checkpoint(mc, 0, torch.float32, "cpu")}
+    assert drawn == expected == dict(checkpoint_shapes(mc))
+
+
+def test_random_checkpoint_is_seeded_by_name_follows_hf_init_and_loads(tmp_path):
     mc = load_model_config(write_shape_dir("tiny-qwen2", str(tmp_path)))
-    models = [LlamaForCausalLM(mc, 64, torch.float32) for _ in range(3)]
-    for model, seed in zip(models, (7, 7, 8)):
-        init_random_weights(model, seed)
-    same, other = dict(models[0].named_parameters()), dict(models[2].named_parameters())
-    for name, p in models[1].named_parameters():
-        assert torch.equal(p, same[name])
-        if "norm" in name:
-            assert torch.all(p == 1)
+    first, same, other = (dict(random_checkpoint(mc, seed, torch.float32, "cpu")) for seed in (7, 7, 8))
+    assert any(name.endswith(".bias") for name in first)
+    for name, tensor in same.items():
+        assert torch.equal(tensor, first[name])
+        if name.endswith("norm.weight"):
+            assert torch.all(tensor == 1)
         elif name.endswith(".bias"):
-            assert torch.all(p == 0)
+            assert torch.all(tensor == 0)
         else:
-            assert not torch.equal(p, other[name])
-            assert p.std().item() == pytest.approx(0.02, rel=0.2)
+            assert not torch.equal(tensor, other[name])
+            assert tensor.std().item() == pytest.approx(0.02, rel=0.2)
+    model = LlamaForCausalLM(mc, 64, torch.float32)
+    load_weights(model, random_checkpoint(mc, 7, torch.float32, "cpu"))
+    params = dict(model.named_parameters())
+    attn = "model.layers.1.self_attn"
+    assert torch.equal(params[f"{attn}.qkv_proj.weight"],
+                       torch.cat([first[f"{attn}.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(model.lm_head.weight, first["model.embed_tokens.weight"])  # tied
 
 
 def test_engine_generates_with_random_weights(tmp_path):

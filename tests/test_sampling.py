@@ -60,11 +60,17 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(filter_logits(tied, SamplingParams(top_k=2))).sum() == 2  # ties do not widen top-k
 
 
-def test_tiny_temperature_samples_the_argmax_without_overflow():
-    logits = torch.randn(3, 50) * 10
-    params = [SamplingParams(temperature=t, seed=i) for i, t in enumerate((1e-45, 1e-38, 1e-6))]
-    tokens = sample(logits, params, [None] * 3, torch.Generator().manual_seed(0))
+def test_tiny_temperatures_are_greedy():
+    logits = torch.randn(4, 50) * 10
+    params = [SamplingParams(temperature=t, seed=i) for i, t in enumerate((5e-324, 1e-45, 1e-38, 9e-6))]
+    assert all(p.greedy for p in params) and not SamplingParams(temperature=1e-4).greedy
+    tokens = sample(logits, params, [None] * 4, torch.Generator().manual_seed(0))
     assert tokens == logits.argmax(-1).tolist()
+
+
+def test_filter_logits_scales_after_subtracting_the_max():
+    logits = torch.tensor([3e38, -3e38, 0.0])  # divided first by 0.5, the max would overflow to inf (NaN after)
+    assert filter_logits(logits, SamplingParams(temperature=0.5)).softmax(-1).tolist() == [1.0, 0.0, 0.0]
 
 
 def test_stop_string_cuts_exactly(llm):

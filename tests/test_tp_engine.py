@@ -1,6 +1,7 @@
 """Tensor and data parallelism through the engine, on CPU ranks over gloo: TP=2 and TP=4 (also
 with more ranks than KV heads) and DP 2 x TP 2 give the same greedy tokens as one process, in full
-and KCache modes; the real launchers run it; a rank that dies mid-generation ends the job."""
+and KCache modes, from a checkpoint or from random weights of a named shape; the real launchers run
+it; a rank that dies mid-generation ends the job."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from dist_scripts.generate import PROMPTS, generate
 from dist_scripts.multiprocess import free_port, run_rank_outcomes
+from kcache_dist.models.named_shapes import write_shape_dir
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
@@ -36,6 +38,18 @@ def test_tp2_and_tp4_equal_tp1(fixture, kcache, request):
     reference = generate(model_dir, 1, kcache, 24)
     assert run_job(2, model_dir, 2, kcache, 24) == reference
     assert run_job(4, model_dir, 4, kcache, 24) == reference
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
+def test_random_weights_tp2_equal_tp1(shape, tmp_path):
+    """load_format="random" draws each checkpoint tensor whole and each rank keeps its slice, so
+    TP=2 holds the same model as TP=1 with no checkpoint on disk (tiny-qwen2: q/k/v bias, tied)."""
+    model_dir = write_shape_dir(shape, str(tmp_path))
+    engine = {"load_format": "random", "seed": 3, "max_model_len": 128, "cpu_kv_cache_gb": 0.01}
+    prompts = [[1, 2, 3, 4], list(range(100, 140)), [7, 300, 7, 301, 7, 302]]
+    reference = generate(model_dir, 1, None, 16, prompts, None, engine)
+    assert len({t for tokens in reference for t in tokens}) > 3  # not one repeated token
+    assert run_job(2, model_dir, 2, None, 16, prompts, None, engine) == reference
 
 
 def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):

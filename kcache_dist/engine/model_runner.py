@@ -14,9 +14,9 @@ from ..cache.planner import CacheGeometry, CachePlan, PlannerKnobs, agree, plan_
 from ..config import EngineConfig
 from ..forward_context import ForwardContext
 from ..kcache.selection import SelectionSpec
-from ..models.loader import load_weights
+from ..models.loader import iterate_checkpoint, load_weights
 from ..models.model_config import ModelConfig
-from ..models.random_weights import init_random_weights
+from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state
 from .step_plan import StepPlan
@@ -36,9 +36,10 @@ class ModelRunner:
         with torch.device(device):
             self.model = model_class(model_config.architecture)(model_config, max_model_len, dtype)
         if config.load_format == "random":
-            init_random_weights(self.model, config.seed)
+            load_weights(self.model, random_checkpoint(model_config, config.seed, dtype, device),
+                         f"random checkpoint of '{model_dir}'")
         else:
-            load_weights(self.model, model_dir)
+            load_weights(self.model, iterate_checkpoint(model_dir), f"checkpoint in '{model_dir}'")
         self.model.eval()
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.model_config = model_config

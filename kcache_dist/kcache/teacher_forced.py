@@ -190,14 +190,14 @@ class _EmulatedCache:
 
 def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, max_len: int) -> torch.nn.Module:
     """The engine's model class for the checkpoint at model_dir, weights loaded, in eval mode."""
-    from ..models.loader import load_weights
+    from ..models.loader import iterate_checkpoint, load_weights
     from ..models.model_config import load_model_config
     from ..models.registry import model_class
 
     config = load_model_config(model_dir)
     with torch.device(device):
         model = model_class(config.architecture)(config, max_len, dtype)
-    load_weights(model, model_dir)
+    load_weights(model, iterate_checkpoint(model_dir), f"checkpoint in '{model_dir}'")
     return model.eval()
 
 

@@ -1,7 +1,9 @@
-"""Load a local Hugging Face checkpoint into a model, tensor by tensor.
+"""Load a Hugging Face checkpoint into a model, tensor by tensor.
 
-Each checkpoint tensor is handed lazily (a safetensors slice) to its parameter's `weight_loader`,
-which reads only the part this rank holds.
+`load_weights` takes (HF name, tensor) pairs: `iterate_checkpoint(model_dir)` for a local
+safetensors checkpoint (lazy slices), or `random_weights.random_checkpoint(...)` for random values
+of a model's shape. Each tensor is handed to its parameter's `weight_loader`, which reads only the
+part this rank holds.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from safetensors import safe_open
 from torch import nn
@@ -42,13 +44,15 @@ def iterate_checkpoint(model_dir: str) -> Iterator[tuple[str, object]]:
                 yield name, f.get_slice(name)
 
 
-def load_weights(model: nn.Module, model_dir: str) -> None:
-    """Fill every parameter of `model` from the checkpoint; error on anything missing."""
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, Any]], source: str = "checkpoint") -> None:
+    """Fill every parameter of `model` from `weights`, (HF name, full tensor or lazy slice) pairs
+    such as `iterate_checkpoint(model_dir)`; error on anything missing. `source` names the weights
+    in error messages."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: set[str] = set()
-    for name, tensor in iterate_checkpoint(model_dir):
+    for name, tensor in weights:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = name, None
@@ -58,8 +62,9 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 break
         param = params.get(target)
         if param is None:
-            raise ValueError(f"checkpoint tensor '{name}' matches no parameter of {type(model).__name__}")
+            raise ValueError(f"{source} tensor '{name}' matches no parameter of {type(model).__name__}")
         param.weight_loader(param, tensor, shard_id)
+        del tensor  # hold no full tensor while the next one is read or drawn
         loaded.add(f"{target}:{shard_id}")
     expected = set()
     for name in params:
@@ -68,5 +73,5 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
         expected.update(f"{name}:{s}" for s in shards)
     missing = sorted(expected - loaded)
     if missing:
-        raise ValueError(f"checkpoint in '{model_dir}' lacks weights for: {', '.join(missing[:10])}"
+        raise ValueError(f"{source} lacks weights for: {', '.join(missing[:10])}"
                          + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))

@@ -18,12 +18,14 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Once upon a
 
 
 def generate(model_dir: Optional[str], tp: int, kcache: Optional[dict], max_tokens: int,
-             prompts: list[str] = PROMPTS, die_on_rank: Optional[int] = None) -> list[list[int]]:
-    """Every rank builds the LLM and calls generate; rank 0 returns the token ids (others [])."""
+             prompts: list = PROMPTS, die_on_rank: Optional[int] = None,
+             engine: Optional[dict] = None) -> list[list[int]]:
+    """Every rank builds the LLM (with the EngineConfig fields `engine`, e.g. load_format) and calls
+    generate on `prompts` (texts or token-id lists); rank 0 returns the token ids (others [])."""
     from kcache_dist import LLM, KCacheConfig, SamplingParams
 
     llm = LLM(device="cpu", model=model_dir, tensor_parallel_size=tp,
-              kcache=KCacheConfig(**kcache) if kcache else None)
+              kcache=KCacheConfig(**kcache) if kcache else None, **(engine or {}))
     if die_on_rank is not None and llm.engine.parallel.rank == die_on_rank:
         execute, calls = llm.engine.runner.execute, []
 
