@@ -82,3 +82,13 @@ def test_engine_generates_with_random_weights(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 5
     with pytest.raises(ValueError, match="load_format"):
         EngineConfig(load_format="dummy")
+
+
+def test_serve_flag_load_format(tmp_path):
+    from kcache_dist.server.cli_args import build_parser, engine_config_from_args
+
+    shape_dir = write_shape_dir("tiny-llama", str(tmp_path / "tiny"))
+    args = build_parser().parse_args(["--model", shape_dir, "--load-format", "random"])
+    assert engine_config_from_args(args).load_format == "random"
+    with pytest.raises(ValueError, match=r"^invalid value for 'load_format': 'pickle'; allowed: safetensors \| random$"):
+        engine_config_from_args(build_parser().parse_args(["--load-format", "pickle"]))

@@ -59,6 +59,8 @@ ENGINE_FLAGS = [
     ("--cpu-kv-cache-gb", "cpu_kv_cache_gb", float, "cache size on a CPU device (default 4)"),
     ("--host-memory-gb", "host_memory_gb", float, "KCache mode: host memory for the V pool (default 32)"),
     ("--seed", "seed", int, "seed of requests that give none (default 0)"),
+    ("--load-format", "load_format", str, "safetensors: the model directory's checkpoint (default) | random: "
+     "random weights of the model's shape, for benchmarks (the directory needs only config.json and a tokenizer)"),
 ]
 TENSOR_PARALLEL_HELP = ("ranks that share the attention heads; the server runs exactly one tensor-parallel group, so "
                         "this must equal the number of processes (default: the number the launcher started, 1 "
