@@ -9,9 +9,7 @@ tiny shapes (fp32/fp16: the interpreter mishandles bf16 operands of tl.dot).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -20,13 +18,11 @@ import torch
 
 from kcache_dist.kcache.reference import kcache_decode_reference
 from kcache_dist.kcache.selection import SelectionSpec
+from helpers import HAS_TRITON, KERNEL_TOLERANCE as TOL, cuda_and_triton as cuda, fresh_seed, relative_error, \
+    run_under_triton_interpreter
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_kcache_reference import paged_inputs  # noqa: E402
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 
 
 def check_selection(sel, lens, num_kv_heads, spec, note=""):
@@ -58,12 +54,6 @@ def check_selection(sel, lens, num_kv_heads, spec, note=""):
                                                                                          for p in diff])
 
 
-def _seed() -> int:
-    seed = int(torch.seed() % 2**31)
-    print(f"seed {seed}")
-    return seed
-
-
 def _cuda_inputs(batch, hkv, group, head_dim, lens, block_size, spec, dtype, seed, pin=True):
     q, k_pool, v_pool, v_hot, tables, slots, _, _ = paged_inputs(batch, hkv, group, head_dim, lens, block_size,
                                                                  spec, dtype, seed=seed)
@@ -71,10 +61,6 @@ def _cuda_inputs(batch, hkv, group, head_dim, lens, block_size, spec, dtype, see
     v_host = v_pool.pin_memory() if pin else v_pool
     return (q.to(dev), k_pool.to(dev), v_host, v_hot.to(dev), tables.to(dev), torch.tensor(lens, device=dev),
             torch.tensor(slots, device=dev), (q, k_pool, v_pool, v_hot, tables, slots))
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
 CASES = [  # (batch, hkv, group, head_dim, lens, block_size, spec, dtype)
@@ -101,7 +87,7 @@ def test_triton_matches_reference(case, mode):
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
 
     batch, hkv, group, head_dim, lens, bs, spec, dtype = case
-    seed = _seed()
+    seed = fresh_seed()
     q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(batch, hkv, group, head_dim, lens, bs, spec, dtype, seed)
     scale = head_dim ** -0.5
     ref = kcache_decode_reference(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], lens, cpu[5], spec, scale)
@@ -115,7 +101,7 @@ def test_triton_matches_reference(case, mode):
         kcache_decode_triton(q, kc, vh, vhot, bt, sl, slots, spec, scale, cfg=cfg, out=out)
         torch.cuda.synchronize()
         assert not out.isnan().any(), f"NaN in output (seed {seed})"
-        err = _rel(out.cpu(), ref)
+        err = relative_error(out.cpu(), ref)
         assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, cfg {cfg})"
         poisoned = torch.full((batch * hkv * max(spec.top_n, 1),), -7, dtype=torch.int32, device="cuda")
         sel = score_and_select(q, kc, bt, sl, max(lens), spec, scale, cfg, idx_out=poisoned)
@@ -133,7 +119,7 @@ def test_selection_exact_on_hard_rows(mode):
 
     lens = [9000, 3000, 700]
     spec = SelectionSpec(top_n=256, sink_tokens=4, recent_window=32, renormalize=True, group_reduce="max")
-    seed = _seed()
+    seed = fresh_seed()
     q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(3, 2, 4, 128, lens, 16, spec, torch.bfloat16, seed)
     for q_scale in (1e-4, 40.0, 1.0, 0.0):
         for extra in (8, 2048):
@@ -155,11 +141,11 @@ def test_full_budget_equals_dense(dtype):
 
     lens = [300, 17, 1000]
     spec = SelectionSpec(top_n=1000, sink_tokens=4, recent_window=16, renormalize=True, group_reduce="max")
-    seed = _seed()
+    seed = fresh_seed()
     q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(3, 2, 4, 64, lens, 16, spec, dtype, seed)
     out = kcache_decode_triton(q, kc, vh, vhot, bt, sl, slots, spec, 0.125, out=torch.full_like(q, float("nan")))
     dense = decode_attention(q, kc, vh.cuda(), bt, sl, 0.125)
-    assert _rel(out, dense) < TOL[dtype], seed
+    assert relative_error(out, dense) < TOL[dtype], seed
 
 
 @cuda
@@ -170,7 +156,7 @@ def test_copy_engine_fetch_equals_zero_copy():
     lens = [2000, 900, 4000]
     spec = SelectionSpec(top_n=128, sink_tokens=4, recent_window=64, renormalize=True, group_reduce="max")
     for bs in (16, 256):
-        seed = _seed()
+        seed = fresh_seed()
         q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(3, 2, 4, 128, lens, bs, spec, torch.bfloat16, seed)
         sel = score_and_select(q, kc, bt, sl, max(lens), spec, 0.09)
         a = gather_far_rows_zero_copy(vh, bt, sel.idx, out=torch.full((6, 128, 128), float("nan"),
@@ -194,17 +180,16 @@ def test_kcache_decode_dispatches_to_triton():
 
     lens = [1200, 333]
     spec = SelectionSpec(top_n=50, sink_tokens=4, recent_window=40, renormalize=False, group_reduce="sum")
-    seed = _seed()
+    seed = fresh_seed()
     q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(2, 2, 3, 64, lens, 16, spec, torch.float16, seed)
     out, rows = kcache_decode(q, kc, vh, vhot, bt, sl, slots, lens, cpu[5], spec, 0.125)
     ref = kcache_decode_reference(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], lens, cpu[5], spec, 0.125)
-    assert out.is_cuda and _rel(out.cpu(), ref) < TOL[torch.float16], seed
+    assert out.is_cuda and relative_error(out.cpu(), ref) < TOL[torch.float16], seed
     assert rows == far_rows_fetched(lens, 2, spec)
 
 
 INTERPRET_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    sys.path.insert(0, {tests!r})
+    import torch
     from test_kcache_reference import paged_inputs
     from test_kcache_triton import check_selection
     from kcache_dist.kcache.reference import kcache_decode_reference
@@ -250,14 +235,8 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_triton_kernels_under_interpreter_on_cpu():
-    seed = _seed()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               CUDA_VISIBLE_DEVICES="")
-    script = INTERPRET_SCRIPT.format(tests=os.path.join(root, "tests"), seed=seed)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, \
-        f"seed {seed}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    seed = fresh_seed()
+    run_under_triton_interpreter(INTERPRET_SCRIPT.format(seed=seed), seed, timeout_s=300)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

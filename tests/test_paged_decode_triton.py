@@ -9,20 +9,14 @@ the kernels under TRITON_INTERPRET=1 in a subprocess on tiny shapes.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from kcache_dist.layers.paged_attention import decode_attention, paged_decode
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+from helpers import HAS_TRITON, KERNEL_TOLERANCE as TOL, cuda_and_triton as cuda, fresh_seed, relative_error, \
+    run_under_triton_interpreter
 
 
 def paged_pools(batch, hkv, group, head_dim, lens, block_size, dtype, seed):
@@ -46,16 +40,6 @@ def paged_pools(batch, hkv, group, head_dim, lens, block_size, dtype, seed):
     return q, k_pool, v_pool, tables, torch.tensor(lens)
 
 
-def _seed() -> int:
-    seed = int(torch.seed() % 2**31)
-    print(f"seed {seed}")
-    return seed
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 CASES = [  # (batch, hkv, group, head_dim, lens, block_size, dtype)
     (3, 2, 4, 128, [700, 1, 1500], 16, torch.bfloat16),
     (2, 2, 1, 64, [3000, 257], 256, torch.float16),
@@ -71,13 +55,13 @@ def test_triton_paged_decode_matches_reference(case):
     from kcache_dist.layers.triton_paged_decode import paged_decode_attention_triton
 
     batch, hkv, group, head_dim, lens, bs, dtype = case
-    seed = _seed()
+    seed = fresh_seed()
     q, kp, vp, bt, sl = paged_pools(batch, hkv, group, head_dim, lens, bs, dtype, seed)
     ref = decode_attention(q.double(), kp.double(), vp.double(), bt, sl, head_dim ** -0.5)
     dev = torch.device("cuda")
     out = paged_decode_attention_triton(q.to(dev), kp.to(dev), vp.to(dev), bt.to(dev), sl.to(dev), head_dim ** -0.5)
     assert out.dtype == dtype and not out.isnan().any(), seed
-    assert _rel(out.cpu(), ref) < TOL[dtype], (seed, _rel(out.cpu(), ref))
+    assert relative_error(out.cpu(), ref) < TOL[dtype], (seed, relative_error(out.cpu(), ref))
 
 
 @cuda
@@ -87,17 +71,16 @@ def test_paged_decode_dispatches_to_triton_on_cuda(monkeypatch):
     calls = []
     real = kernels.paged_decode_attention_triton
     monkeypatch.setattr(kernels, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    seed = _seed()
+    seed = fresh_seed()
     q, kp, vp, bt, sl = paged_pools(2, 2, 4, 64, [300, 77], 16, torch.float16, seed)
     ref = decode_attention(q.double(), kp.double(), vp.double(), bt, sl, 0.125)
     dev = torch.device("cuda")
     out = paged_decode(q.to(dev), kp.to(dev), vp.to(dev), bt.to(dev), sl.to(dev), 0.125)
-    assert calls == [1] and out.is_cuda and _rel(out.cpu(), ref) < TOL[torch.float16], seed
+    assert calls == [1] and out.is_cuda and relative_error(out.cpu(), ref) < TOL[torch.float16], seed
 
 
 INTERPRET_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    sys.path.insert(0, {tests!r})
+    import torch
     from test_paged_decode_triton import paged_pools
     from kcache_dist.layers.paged_attention import decode_attention, paged_decode
     from kcache_dist.layers.triton_paged_decode import paged_decode_attention_triton
@@ -116,11 +99,5 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_triton_paged_decode_under_interpreter_on_cpu():
-    seed = _seed()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               CUDA_VISIBLE_DEVICES="")
-    script = INTERPRET_SCRIPT.format(tests=os.path.join(root, "tests"), seed=seed)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "interpreter ok" in proc.stdout, \
-        f"seed {seed}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    seed = fresh_seed()
+    run_under_triton_interpreter(INTERPRET_SCRIPT.format(seed=seed), seed, timeout_s=120)
