@@ -86,6 +86,17 @@ def chat_then_sigterm_mid_stream(server: ServerProcess, offline: LLM, model: str
     return status
 
 
+def deepspeed_tp2_server(model_dir: str, tmp_path) -> ServerProcess:
+    """A (not yet ready) CPU server of `model_dir` under `deepspeed --num_gpus 2` on loopback; skips
+    the test without the launcher."""
+    deepspeed = launcher_tool("deepspeed")
+    if deepspeed is None:
+        pytest.skip("no `deepspeed` launcher: `pip install deepspeed`")
+    launcher = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return ServerProcess(["--model", model_dir, "--device", "cpu"], str(tmp_path / "server.log"),
+                         launcher=launcher, env=clean_launch_env(MASTER_ADDR="127.0.0.1"))
+
+
 def assert_clean_stop(log: str) -> None:
     assert "[rank 0] INFO kcache_dist.server.http_server: received SIGTERM: draining" in log, log[-3000:]
     assert "[rank 0] INFO kcache_dist.server: stopped the 1 worker rank(s)" in log, log[-3000:]
@@ -98,12 +109,7 @@ def test_deepspeed_tp2_server_answers_chat_and_every_rank_exits_0_after_sigterm(
     """The DeepSpeed launcher does not pass SIGTERM on from the `deepspeed` command, and its
     launch.py terminates rank 0 before the others: SIGTERM goes to rank 0, which drains and stops
     the worker; the launcher then reports both ranks' clean exits and exits 0 itself."""
-    deepspeed = launcher_tool("deepspeed")
-    if deepspeed is None:
-        pytest.skip("no `deepspeed` launcher: `pip install deepspeed`")
-    launcher = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    server = ServerProcess(["--model", tiny_llama_dir, "--device", "cpu"], str(tmp_path / "server.log"),
-                           launcher=launcher, env=clean_launch_env(MASTER_ADDR="127.0.0.1"))
+    server = deepspeed_tp2_server(tiny_llama_dir, tmp_path)
     try:
         server.wait_ready(START_TIMEOUT_S)
         rank0, rank1 = ranks_of(server)
@@ -147,12 +153,7 @@ def test_deepspeed_tp2_worker_killed_mid_stream_gives_503_then_every_process_exi
     launcher's SIGTERM meanwhile is only logged); then rank 0 exits 1 with the message and the
     launcher exits non-zero, all within LOST_RANK_EXIT_S of the kill. (mpirun kills rank 0 as soon
     as a rank dies: under it there are no 503s to see.)"""
-    deepspeed = launcher_tool("deepspeed")
-    if deepspeed is None:
-        pytest.skip("no `deepspeed` launcher: `pip install deepspeed`")
-    launcher = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    server = ServerProcess(["--model", tiny_llama_dir, "--device", "cpu"], str(tmp_path / "server.log"),
-                           launcher=launcher, env=clean_launch_env(MASTER_ADDR="127.0.0.1"))
+    server = deepspeed_tp2_server(tiny_llama_dir, tmp_path)
     lost = r"lost rank\(s\) \[1\] of the tensor-parallel group"
     try:
         server.wait_ready(START_TIMEOUT_S)
