@@ -24,28 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kcache_dist.layers.paged_attention import decode_attention  # noqa: E402
 from kcache_dist.layers.triton_paged_decode import paged_decode_attention_triton  # noqa: E402
 
+from device_timing import device_copy_Bps, median_time_s  # noqa: E402
+
 HQ, HKV, D, BLOCK_SIZE = 32, 8, 128, 16
-
-
-def median_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
-
-
-def d2d_copy_gb_per_s(dev: torch.device) -> float:
-    x = torch.empty(1 << 31, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / median_ms(lambda: y.copy_(x)) / 1e6
 
 
 def run_point(batch: int, context: int, dev: torch.device) -> dict:
@@ -61,8 +42,9 @@ def run_point(batch: int, context: int, dev: torch.device) -> dict:
     ref = decode_attention(q, k, v, tables, lens, scale)
     out = paged_decode_attention_triton(q, k, v, tables, lens, scale)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    triton_ms = median_ms(lambda: paged_decode_attention_triton(q, k, v, tables, lens, scale))
-    reference_ms = median_ms(lambda: decode_attention(q, k, v, tables, lens, scale), reps=5)
+    triton_ms = 1e3 * median_time_s(lambda: paged_decode_attention_triton(q, k, v, tables, lens, scale), dev,
+                                    reps=20, warmup=3)
+    reference_ms = 1e3 * median_time_s(lambda: decode_attention(q, k, v, tables, lens, scale), dev, reps=5, warmup=3)
     return {"batch": batch, "context": context, "kv_bytes": kv_bytes, "rel_err_vs_reference": err,
             "triton_ms": triton_ms, "triton_gb_per_s": kv_bytes / triton_ms / 1e6,
             "reference_ms": reference_ms, "reference_gb_per_s": kv_bytes / reference_ms / 1e6}
@@ -74,7 +56,8 @@ def main() -> None:
     parser.add_argument("--points", default="1x32768,32x8192,32x32768,64x32768")
     args = parser.parse_args()
     dev = torch.device("cuda")
-    result = {"card": torch.cuda.get_device_name(0), "d2d_copy_gb_per_s": d2d_copy_gb_per_s(dev), "points": []}
+    result = {"card": torch.cuda.get_device_name(0), "d2d_copy_gb_per_s": device_copy_Bps(dev, 1 << 31, reps=20) / 1e9,
+              "points": []}
     print(f"{result['card']}: D2D copy {result['d2d_copy_gb_per_s']:.0f} GB/s (read + write)")
     for point in args.points.split(","):
         batch, context = (int(x) for x in point.split("x"))

@@ -69,6 +69,8 @@ from kcache_dist.parallel import (all_reduce_min, current_state, exit_on_lost_ra
                                   launched_world_size, shutdown_parallel, strip_local_rank_arg)
 from kcache_dist.sampling_params import SamplingParams  # noqa: E402
 
+from device_timing import device_copy_Bps, host_to_device_Bps  # noqa: E402
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("full", "kcache")
 GB = 1e9
@@ -218,43 +220,12 @@ def model_source(model: str, scratch_dir: str) -> ModelSource:
     raise SystemExit(f"--model {model!r} is neither a directory nor a named shape ({', '.join(NAMED_SHAPES)})")
 
 
-def _median_time_s(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> float:
-    """Median seconds of fn: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _copy_rates_Bps(device: torch.device, num_bytes: int, reps: int) -> tuple[float, float]:
-    src = torch.empty(num_bytes, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    hbm_Bps = 2 * num_bytes / _median_time_s(lambda: dst.copy_(src), device, reps)
-    if device.type != "cuda":
-        return hbm_Bps, hbm_Bps / 2  # a copy reads num_bytes once: the rate at which V rows can be read
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    host.copy_(src)
-    return hbm_Bps, num_bytes / _median_time_s(lambda: dst.copy_(host, non_blocking=True), device, reps)
-
-
 def measure_bandwidths(device: torch.device, num_bytes: int, reps: int = 10) -> dict:
     """HBM: device-to-device copy of num_bytes, (read + written bytes) / time. H2D: pinned host to
     device copy of num_bytes. On a CPU device both are a host memory copy (no PCIe in the path)."""
-    hbm_Bps, h2d_Bps = _copy_rates_Bps(device, num_bytes, reps)
+    hbm_Bps = device_copy_Bps(device, num_bytes, reps)
+    # on a CPU device a copy reads num_bytes once: the rate at which V rows can be read
+    h2d_Bps = host_to_device_Bps(device, num_bytes, reps) if device.type == "cuda" else hbm_Bps / 2
     _free_device_memory(device)
     return {"buffer_bytes": num_bytes, "hbm_copy_GBps": hbm_Bps / GB, "h2d_GBps": h2d_Bps / GB,
             "what": ("device-to-device copy (read + written bytes) / time; pinned host-to-device copy"
