@@ -170,6 +170,8 @@ def run_load(base_url: str, model: str, spec: LoadSpec, offline=None, server_pid
         "device_cache_blocks_free_after": blocks_free(after, "device_cache_blocks"),
         "host_v_blocks_free_before": blocks_free(before, "host_v_blocks"),
         "host_v_blocks_free_after": blocks_free(after, "host_v_blocks"),
+        "pinned_host_bytes_before": int(before["kcache_dist_pinned_host_bytes"]),
+        "pinned_host_bytes_after": int(after["kcache_dist_pinned_host_bytes"]),
         "locked_memory_kib_before": locked_before,
         "locked_memory_kib_after": locked_memory_kib(server_pid) if server_pid is not None else None,
     }
@@ -228,7 +230,9 @@ def main() -> int:
         deadline = time.monotonic() + 300
         while True:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start; its log: {log.name}")
+                with open(log.name) as f:
+                    tail = f.read()[-4000:]
+                raise SystemExit(f"the server did not start; the end of its log ({log.name}):\n{tail}")
             try:
                 if httpx.get(base_url + "/health", timeout=1.0).status_code == 200:
                     break

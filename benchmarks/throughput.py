@@ -117,6 +117,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="cache budget on a CPU device")
     p.add_argument("--max-num-batched-tokens", type=int, default=engine_defaults.max_num_batched_tokens)
     p.add_argument("--max-batch", type=int, default=512, help="cap on the planned batch (max_num_seqs)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="decode op by op (default on CUDA: decode steps replay CUDA graphs)")
     p.add_argument("--top-n", type=int, default=kcache_defaults.top_n)
     p.add_argument("--dense-layers", type=int, default=kcache_defaults.dense_layers)
     p.add_argument("--sink-tokens", type=int, default=kcache_defaults.sink_tokens)
@@ -273,6 +275,7 @@ def engine_config(args: argparse.Namespace, source: ModelSource, mode: str, cont
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         gpu_memory_utilization=args.gpu_memory_utilization, host_memory_gb=args.host_memory_gb,
                         cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed, load_format=source.load_format,
+                        enforce_eager=args.enforce_eager,
                         kcache=kcache, parallel=ParallelConfig(tensor_parallel_size=tp,
                                                                collective_timeout_s=args.collective_timeout_s))
 

@@ -108,6 +108,8 @@ class EngineConfig:
     (`models/random_weights.py`) and loads it like a checkpoint's, so the model is the same at
     every tensor_parallel_size; for runs of a model's shape: the directory then needs only
     config.json and a tokenizer.
+    enforce_eager: run every step op by op; by default, on CUDA, decode-only steps replay CUDA
+    graphs captured per (batch, context) bucket (`engine/cuda_graphs.py`).
     """
 
     model: Optional[str] = None
@@ -124,6 +126,7 @@ class EngineConfig:
     host_memory_gb: float = 32.0
     seed: int = 0
     load_format: str = "safetensors"
+    enforce_eager: bool = False
     kcache: KCacheConfig = field(default_factory=KCacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -154,6 +157,7 @@ class EngineConfig:
                  self.host_memory_gb, "a number > 0")
         _require(is_int(self.seed), "seed", self.seed, "an integer")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, " | ".join(LOAD_FORMATS))
+        _require(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "true or false")
         _require(isinstance(self.kcache, KCacheConfig), "kcache", self.kcache, "a KCacheConfig")
         _require(isinstance(self.parallel, ParallelConfig), "parallel", self.parallel, "a ParallelConfig")
 

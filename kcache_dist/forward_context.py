@@ -17,6 +17,8 @@ class ForwardContext:
     slot_mapping [T] int64: cache slot of each new token (block_id * block_size + offset).
     block_tables [B, max_blocks] int32: each sequence's cache blocks, padded with 0.
     seq_lens [B] int64 (on the model's device) and seq_lens_list: context length after this step.
+    max_seq_len: at least max(seq_lens_list); kernels size their scratch and grids from it (a
+    captured CUDA graph gets its bucket's bound, so one graph serves every length up to it).
     query_start_loc: B + 1 offsets of each sequence's new tokens in the T rows (Python ints).
     num_decodes: the first `num_decodes` sequences have exactly one new token.
     hot_slots [B] int64 (device) and hot_slots_list: each sequence's row of per-sequence buffers
@@ -29,6 +31,7 @@ class ForwardContext:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     seq_lens_list: list[int]
+    max_seq_len: int
     query_start_loc: list[int]
     num_decodes: int
     hot_slots: torch.Tensor
@@ -38,3 +41,8 @@ class ForwardContext:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_list)
+
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence of the step has exactly one new token."""
+        return self.num_decodes == self.num_seqs

@@ -50,17 +50,21 @@ def test_half_precision_runs_in_both_modes(tiny_llama_dir, dtype):
         assert all(len(o.outputs[0].token_ids) == 64 for o in outputs)
 
 
-def test_host_store_kernel_writes_the_right_slots():
-    from kcache_dist.cache.host_store import store_rows
+@pytest.mark.parametrize("pool_on", ["pinned host", "device"])
+def test_store_rows_kernel_writes_the_right_slots_and_skips_negative_ones(pool_on):
+    from kcache_dist.cache.store_rows import store_rows
 
-    pool = torch.full((6, 3, 4, 16), float("nan"), dtype=torch.bfloat16).pin_memory()
-    rows = torch.randn(5, 3, 16, dtype=torch.bfloat16, device="cuda")
-    slots = torch.tensor([0, 5, 23, 9, 14], device="cuda")
+    pool = torch.full((6, 3, 4, 16), float("nan"), dtype=torch.bfloat16)
+    pool = pool.pin_memory() if pool_on == "pinned host" else pool.cuda()
+    rows = torch.randn(6, 3, 16, dtype=torch.bfloat16, device="cuda")
+    slots = torch.tensor([0, 5, -1, 23, 9, 14], device="cuda")  # -1: a padding row, written nowhere
     store_rows(pool, rows, slots)
     torch.cuda.synchronize()
-    expected = torch.full_like(pool, float("nan"))
-    expected[slots.cpu() // 4, :, slots.cpu() % 4] = rows.cpu()
-    assert torch.equal(pool.isnan(), expected.isnan()) and torch.equal(pool.nan_to_num(), expected.nan_to_num())
+    keep = slots.cpu() >= 0
+    expected = torch.full((6, 3, 4, 16), float("nan"), dtype=torch.bfloat16)
+    expected[slots.cpu()[keep] // 4, :, slots.cpu()[keep] % 4] = rows.cpu()[keep]
+    got = pool.cpu()
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
 def test_pinning_failure_is_a_clear_error_before_generation(tiny_llama_dir, monkeypatch):

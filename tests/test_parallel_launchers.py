@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_scripts.launchers import REPO_ROOT, clean_launch_env, launcher_tool, mpirun_flags
+from dist_scripts.launchers import REPO_ROOT, clean_launch_env, launcher_tool
 from dist_scripts.multiprocess import free_port
-from kcache_dist.parallel.launcher import detect_launcher, local_rank_from_argv, strip_local_rank_arg
+from kcache_dist.parallel.launcher import detect_launcher, local_rank_from_argv, mpirun_flags, strip_local_rank_arg
 
 PROBE_SCRIPT = str(Path(__file__).resolve().parent / "dist_scripts" / "launch_probe.py")
 LAUNCH_TIMEOUT_S = 120.0

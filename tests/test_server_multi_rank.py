@@ -24,9 +24,10 @@ import psutil
 import pytest
 
 from conftest import PROMPTS
-from dist_scripts.launchers import clean_launch_env, launcher_tool, mpirun_flags
+from dist_scripts.launchers import clean_launch_env, launcher_tool
 from dist_scripts.multiprocess import describe, free_port, run_rank_outcomes
 from kcache_dist import LLM, SamplingParams
+from kcache_dist.parallel.launcher import mpirun_flags
 from kcache_dist.server.cli_args import build_parser, engine_config_from_args, serving_tensor_parallel_size
 from kcache_dist.server.entrypoint import LOST_RANK_EXIT_GRACE_S
 from test_server import SERVE_SCRIPT, ServerProcess

@@ -142,6 +142,7 @@ def test_streaming_load_in_kcache_mode_completes_exactly_and_leaks_no_blocks(tin
     assert report["device_cache_blocks_free_after"] == report["device_cache_blocks_free_before"]
     assert report["host_v_blocks_free_after"] == report["host_v_blocks_free_before"] > 0
     assert report["locked_memory_kib_after"] == report["locked_memory_kib_before"]  # no pinned memory growth
+    assert report["pinned_host_bytes_after"] == report["pinned_host_bytes_before"]
     assert report["latency_p50_s"] <= report["latency_p99_s"]
     assert report["throughput_tokens_per_s"] > 0
 

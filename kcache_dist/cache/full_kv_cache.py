@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..forward_context import ForwardContext
-from ..layers.paged_attention import gather_context, paged_decode, prefill_attention, write_to_cache
+from ..layers.paged_attention import gather_context, paged_decode, prefill_attention
+from .store_rows import store_rows
 
 
 class FullKVCache:
@@ -22,6 +23,12 @@ class FullKVCache:
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
 
+    def join_offload(self) -> None:
+        """Nothing to join: full-KV mode writes no host memory (KCacheKVCache.join_offload)."""
+
+    def count_decode_fetch(self, seq_lens: list[int]) -> None:
+        """Nothing to count: full-KV mode reads no V from host memory."""
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:
         """Store the new k, v [T, Hkv, D]; return attention of q [T, Hq, D] over each context."""
@@ -32,8 +39,8 @@ def dense_attend(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, 
                  scale: float, ctx: ForwardContext) -> torch.Tensor:
     """Write k, v [T, Hkv, D] into the paged caches, then dense attention of q [T, Hq, D]: the
     one-token sequences batched, the others one by one. Returns [T, Hq, D]."""
-    write_to_cache(k_cache, k, ctx.slot_mapping)
-    write_to_cache(v_cache, v, ctx.slot_mapping)
+    store_rows(k_cache, k, ctx.slot_mapping)
+    store_rows(v_cache, v, ctx.slot_mapping)
     out = torch.empty_like(q)
     nd = ctx.num_decodes
     if nd:

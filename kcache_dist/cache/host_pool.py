@@ -117,6 +117,11 @@ class HostPool:
             return None
         return total
 
+    @property
+    def address(self) -> int:
+        """Where the pool starts in this process's address space."""
+        return self._buffer.data_ptr()
+
     def close(self) -> None:
         """Unpin now (also done when the pool is collected)."""
         if self.pinned:

@@ -11,20 +11,26 @@ Block ids are shared by all pools, so one block table serves K and V. Prefill ru
 
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
-it (on the GPU for kernels that read host memory, on the CPU for host-side reads).
+it (on the GPU for the decode kernels, which read host memory, on the CPU for the prefill's
+host-side reads). A decode-only step makes no host synchronisation, so it can be captured in a
+CUDA graph: inside a capture the offload branch forks from the capture stream and `join_offload`
+joins it back before the capture ends; a replay is preceded by `join_offload` for earlier writes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from ..forward_context import ForwardContext
-from ..kcache.decode import kcache_decode, reads_host_on_device
+from ..kcache.decode import far_rows_fetched, kcache_decode
 from ..kcache.selection import SelectionSpec
-from ..layers.paged_attention import gather_context, prefill_attention, write_to_cache
+from ..layers.paged_attention import gather_context, prefill_attention
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
-from .host_store import store_rows
+from .store_rows import store_rows
 
 
 class KCacheKVCache:
@@ -41,9 +47,9 @@ class KCacheKVCache:
         self.dense_v_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(dense_layers)]
         hot_shape = (num_slots, num_kv_heads, spec.hot_rows, head_dim)
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
-        self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers
+        self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._offload_done: list[torch.cuda.Event | None] = [None] * num_sparse
+        self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
 
     @staticmethod
     def bytes_per_block(num_layers: int, dense_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
@@ -66,8 +72,11 @@ class KCacheKVCache:
             return dense_attend(k_cache, self.dense_v_caches[layer_idx], q, k, v, scale, ctx)
         sparse = layer_idx - self.dense_layers
         v_host, v_hot = self.v_host[sparse], self.v_hot[sparse]
-        write_to_cache(k_cache, k, ctx.slot_mapping)
-        self._write_hot(v_hot, v, ctx)
+        store_rows(k_cache, k, ctx.slot_mapping)
+        if ctx.decode_only:
+            self._write_hot_decode(v_hot, v, ctx)
+        else:
+            self._write_hot(v_hot, v, ctx)
         earlier_writes = self._offload_done[sparse]
         self._offload(sparse, v, ctx.slot_mapping)
         out = torch.empty_like(q)
@@ -75,11 +84,10 @@ class KCacheKVCache:
         if nd:
             # With a recent window the new row is read from v_hot, so only earlier writes must land first.
             self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
-                                       on_device=reads_host_on_device(q))
-            out[:nd], rows = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
-                                           ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
-                                           self.spec, scale)
-            self.v_rows_fetched += rows
+                                       on_device=q.is_cuda)
+            out[:nd] = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
+                                     ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
+                                     self.spec, scale, max_seq_len=ctx.max_seq_len)
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
@@ -93,6 +101,25 @@ class KCacheKVCache:
             out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length), values, scale)
         return out
 
+    def count_decode_fetch(self, seq_lens: list[int]) -> None:
+        """Count the far V rows that decoding sequences of `seq_lens` (after the step) read from
+        the host pool in every sparse layer (the model runner calls it once per step, so that
+        warm-up runs and graph replays count as what they are)."""
+        self.v_rows_fetched += len(self.v_host) * far_rows_fetched(seq_lens, self.k_caches[0].shape[1], self.spec)
+
+    def join_offload(self) -> None:
+        """The current stream waits, on the device, for every host write issued so far. Outside a
+        capture, host-side reads then wait for the same point; inside one, the capture's offload
+        branch is joined back (a capture must end with every stream it forked joined). The model
+        runner calls it before capturing or replaying a decode graph and at the end of a capture."""
+        if self.offload_stream is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_stream(self.offload_stream)
+        done = _OffloadDone(torch.cuda.Event(), captured=_capturing_on(self.device))
+        done.event.record(stream)
+        self._offload_done = [done] * len(self._offload_done)
+
     def _offload(self, sparse: int, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write v [T, Hkv, D] to the host pool; on CUDA on the offload stream, after v is ready."""
         if self.offload_stream is None:
@@ -101,19 +128,22 @@ class KCacheKVCache:
         self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.offload_stream):
             store_rows(self.v_host[sparse], v, slot_mapping)
-            done = torch.cuda.Event()
-            done.record(self.offload_stream)
+            done = _OffloadDone(torch.cuda.Event(), captured=_capturing_on(self.device))
+            done.event.record(self.offload_stream)
         v.record_stream(self.offload_stream)  # keep v's memory until the write has read it
         slot_mapping.record_stream(self.offload_stream)
         self._offload_done[sparse] = done
 
-    def _wait_for_host_writes(self, done, on_device: bool) -> None:
-        if done is None:
+    def _wait_for_host_writes(self, done: Optional["_OffloadDone"], on_device: bool) -> None:
+        """Order a read of the host pool after the write `done`: the current stream waits for it
+        (on_device) or the host does. Inside a capture, a write recorded outside it is already
+        ordered by the `join_offload` before the capture (and cannot be waited on inside it)."""
+        if done is None or done.captured != _capturing_on(self.device):
             return
         if on_device:
-            torch.cuda.current_stream(self.device).wait_event(done)
+            torch.cuda.current_stream(self.device).wait_event(done.event)
         else:
-            done.synchronize()
+            done.event.synchronize()
 
     def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
         """Copy new V rows that are sink positions or among the last `recent_window` of their
@@ -127,3 +157,30 @@ class KCacheKVCache:
         pos = ctx.positions
         keep = (pos < self.spec.sink_tokens) | (pos >= seq_end - self.spec.recent_window)
         v_hot[slot[keep], :, self.spec.hot_row(pos[keep])] = v[keep]
+
+    def _write_hot_decode(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
+        """`_write_hot` for a decode-only step (one token per sequence, each in its own hot slot),
+        without host synchronisation: with a recent window every new row is kept; without one, a
+        row past the sink writes back what its slot already held."""
+        if self.spec.hot_rows == 0:
+            return
+        pos, slot = ctx.positions, ctx.hot_slots
+        if self.spec.recent_window:
+            v_hot[slot, :, self.spec.hot_row(pos)] = v
+            return
+        row = pos.clamp(max=self.spec.hot_rows - 1)
+        keep = (pos < self.spec.sink_tokens)[:, None, None]
+        v_hot[slot, :, row] = torch.where(keep, v, v_hot[slot, :, row])
+
+
+@dataclass(frozen=True)
+class _OffloadDone:
+    """The event after a host write, and whether it was recorded inside a CUDA-graph capture
+    (such an event means something only inside that capture)."""
+
+    event: torch.cuda.Event
+    captured: bool
+
+
+def _capturing_on(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

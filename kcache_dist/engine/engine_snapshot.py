@@ -14,7 +14,9 @@ class EngineSnapshot:
     the blocks whose V rows live in host memory (KCache mode with at least one sparse layer; block
     ids are shared by the K and V pools, so both counts move together there), 0 otherwise.
     `v_bytes_fetched_total` counts this rank's far V rows read from host memory (under tensor
-    parallelism each rank reads the rows of its own KV heads).
+    parallelism each rank reads the rows of its own KV heads). `pinned_host_bytes`: this rank's
+    page-locked host memory: the V pool when it is pinned, plus what torch's pinned-memory
+    allocator holds (0 on a CPU device).
     """
 
     kcache_mode: str
@@ -26,3 +28,4 @@ class EngineSnapshot:
     host_v_blocks_in_use: int
     host_v_blocks_total: int
     v_bytes_fetched_total: int
+    pinned_host_bytes: int = 0

@@ -26,7 +26,7 @@ from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
-from ..parallel import current_state, init_parallel, tp_broadcast_object
+from ..parallel import init_parallel, tp_broadcast_object
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
@@ -122,6 +122,8 @@ class LLMEngine:
         """Drop the model, cache and tokenizer now. At exit this happens before the process group
         and MPI are shut down: objects that outlived them aborted the process in about one mpirun
         launch in five ("terminate called without an active exception")."""
+        if self.runner is not None:
+            self.runner.release()
         self.runner = None
         self.tokenizer = None
         gc.collect()
@@ -234,7 +236,15 @@ class LLMEngine:
             device_cache_blocks_total=blocks.num_blocks,
             host_v_blocks_in_use=blocks.num_used_blocks if keeps_v_on_host else 0,
             host_v_blocks_total=blocks.num_blocks if keeps_v_on_host else 0,
-            v_bytes_fetched_total=getattr(kv_cache, "v_rows_fetched", 0) * v_row_bytes)
+            v_bytes_fetched_total=getattr(kv_cache, "v_rows_fetched", 0) * v_row_bytes,
+            pinned_host_bytes=self._pinned_host_bytes())
+
+    def _pinned_host_bytes(self) -> int:
+        pool = getattr(self.runner.kv_cache, "host_pool", None)
+        pool_bytes = pool.num_bytes if pool is not None and pool.pinned else 0
+        if self.runner.device.type != "cuda":
+            return pool_bytes
+        return pool_bytes + int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 
 import torch
@@ -19,6 +20,7 @@ from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state
+from .cuda_graphs import DecodeGraphs
 from .step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,21 @@ class ModelRunner:
         self.cache_plan = self._plan_cache()
         self.num_kv_blocks = self.cache_plan.num_blocks
         self.kv_cache = self._make_cache(self.num_kv_blocks)
+        self.decode_graphs = (DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, max_model_len,
+                                           self.block_size, device) if self.uses_cuda_graphs else None)
+
+    def release(self) -> None:
+        """Drop the CUDA graphs (and so their memory pool), the cache and the model now."""
+        self.decode_graphs = None
+        self.kv_cache = None
+        self.model = None
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Decode-only steps replay CUDA graphs: on CUDA with Triton, unless enforce_eager."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        return importlib.util.find_spec("triton") is not None  # the kernels that graphs capture
 
     def _make_cache(self, num_blocks: int):
         mc, kc, dtype = self.model_config, self.config.kcache, self.dtype
@@ -86,29 +103,53 @@ class ModelRunner:
         """Peak bytes above the weights of the largest steps the plan allows — a prefill chunk of
         max_num_batched_tokens at the end of a max_model_len prompt (attending to the longest
         context) and a decode of max_num_seqs sequences of max_model_len — run on a stand-in cache
-        of one max_model_len sequence (whose own bytes are not counted)."""
+        of one max_model_len sequence (whose own bytes are not counted). With CUDA graphs the
+        decode's bytes are counted a second time: the graphs' memory pool holds them apart from
+        the memory eager steps reuse."""
         cfg, dev = self.config, self.device
         blocks = list(range(-(-self.max_model_len // self.block_size)))
         base_bytes = torch.cuda.memory_allocated(dev)
         self.kv_cache = self._make_cache(len(blocks))
         torch.cuda.synchronize(dev)
         stand_in_bytes = torch.cuda.memory_allocated(dev) - base_bytes
-        torch.cuda.reset_peak_memory_stats(dev)
         n = min(cfg.max_num_batched_tokens, self.max_model_len - 1)
         num_seqs = cfg.max_num_seqs
-        self.execute(StepPlan([0], [n], [self.max_model_len - n], [0] * n, [blocks], [0], [True]))
-        self.execute(StepPlan(list(range(num_seqs)), [1] * num_seqs, [self.max_model_len - 1] * num_seqs,
-                              [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs))
-        torch.cuda.synchronize(dev)
-        peak_bytes = torch.cuda.max_memory_allocated(dev) - base_bytes - stand_in_bytes
+        prefill = StepPlan([0], [n], [self.max_model_len - n], [0] * n, [blocks], [0], [True])
+        decode = StepPlan(list(range(num_seqs)), [1] * num_seqs, [self.max_model_len - 1] * num_seqs,
+                          [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs)
+        peaks = []
+        for plan in (prefill, decode):
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            self._execute_eager(plan)
+            torch.cuda.synchronize(dev)
+            peaks.append(max(0, torch.cuda.max_memory_allocated(dev) - base_bytes - stand_in_bytes))
         self.kv_cache = None
         torch.cuda.empty_cache()
-        return max(0, peak_bytes)
+        prefill_bytes, decode_bytes = peaks
+        graphs = self.uses_cuda_graphs
+        logger.info("activation peaks: prefill chunk of %d tokens %.2f GiB, decode of %d sequences %.2f GiB%s",
+                    n, prefill_bytes / GIB, num_seqs, decode_bytes / GIB,
+                    " (counted twice: CUDA graphs keep it in their own pool)" if graphs else "")
+        return max(prefill_bytes, decode_bytes) + (decode_bytes if graphs else 0)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan's new tokens through the model; logits [S, vocab] float32 of the S
-        sequences whose `plan.sample` is true, in plan order."""
+        sequences whose `plan.sample` is true, in plan order. A decode-only step replays a CUDA
+        graph when the runner has them."""
+        if self.decode_graphs is not None and self.decode_graphs.applies_to(plan):
+            hidden = self.decode_graphs.run(plan)
+            if not all(plan.sample):
+                hidden = hidden[torch.tensor([i for i, s in enumerate(plan.sample) if s], device=self.device)]
+            logits = self.model.compute_logits(hidden)
+        else:
+            logits = self._execute_eager(plan)
+        self.kv_cache.count_decode_fetch([plan.num_computed_tokens[i] + 1 for i in range(plan.num_decodes)])
+        return logits
+
+    def _execute_eager(self, plan: StepPlan) -> torch.Tensor:
+        """`execute` op by op."""
         bs = self.block_size
         positions: list[int] = []
         slots: list[int] = []
@@ -129,6 +170,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
             seq_lens_list=seq_lens,
+            max_seq_len=max(seq_lens),
             query_start_loc=query_start_loc,
             num_decodes=plan.num_decodes,
             hot_slots=torch.tensor(plan.hot_slots, dtype=torch.long, device=dev),

@@ -13,22 +13,18 @@ def far_rows_fetched(seq_lens: list[int], num_kv_heads: int, spec: SelectionSpec
     return num_kv_heads * sum(min(spec.top_n, max(0, n - spec.sink_tokens - spec.recent_window)) for n in seq_lens)
 
 
-def reads_host_on_device(q: torch.Tensor) -> bool:
-    """Whether `kcache_decode` for q reads the host pool from GPU kernels (stream-ordered) rather
-    than from the CPU."""
-    return False
-
-
 def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, v_hot: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, hot_slots: torch.Tensor,
                   seq_lens_list: list[int], hot_slots_list: list[int], spec: SelectionSpec,
-                  scale: float) -> tuple[torch.Tensor, int]:
+                  scale: float, max_seq_len: int) -> torch.Tensor:
     """One decode token per sequence.
 
     q [B, Hq, D] (device); k_cache [NB, Hkv, bs, D] (device); v_host [NB, Hkv, bs, D] (host memory,
     pinned when the device is CUDA); v_hot [num_slots, Hkv, sink + window, D] (device);
     block_tables [B, max_blocks] int32, seq_lens [B] int64, hot_slots [B] int64 (device) and the
-    same lengths and slots as Python lists. Returns (out [B, Hq, D], far V rows read from host).
+    same lengths and slots as Python lists (read by the CPU reference only); max_seq_len >=
+    max(seq_lens) sizes the CUDA path's scratch, so no host synchronisation is needed.
+    Returns out [B, Hq, D]. On CUDA the host pool is read by kernels, in stream order.
     """
     if q.is_cuda:
         try:
@@ -36,8 +32,7 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
         except ImportError:  # no Triton: the torch reference below
             kcache_decode_triton = None
         if kcache_decode_triton is not None:
-            out = kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
-                                       max_seq_len=max(seq_lens_list))
-            return out, far_rows_fetched(seq_lens_list, k_cache.shape[1], spec)
-    out = kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec, scale)
-    return out, far_rows_fetched(seq_lens_list, k_cache.shape[1], spec)
+            return kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
+                                        max_seq_len=max_seq_len)
+    return kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec,
+                                   scale)

@@ -246,6 +246,7 @@ class TeacherForcedLM:
         ctx = ForwardContext(positions=positions, slot_mapping=positions,
                              block_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev),
                              seq_lens=torch.tensor([start + n], device=dev), seq_lens_list=[start + n],
+                             max_seq_len=start + n,
                              query_start_loc=[0, n], num_decodes=0,
                              hot_slots=torch.zeros(1, dtype=torch.long, device=dev), hot_slots_list=[0],
                              kv_cache=self.cache)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -122,3 +123,10 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None, argv: Optional[Sequ
     if started_by_mpirun(env):
         return LaunchInfo("mpirun", master_addr=env.get("MASTER_ADDR") or None)
     return LaunchInfo("single", local_rank=0, local_world_size=1)
+
+
+def mpirun_flags(mpirun: str = "mpirun") -> list[str]:
+    """Flags for starting `mpirun` here: Open MPI refuses root and more ranks than cores without
+    them; MPICH needs none."""
+    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []

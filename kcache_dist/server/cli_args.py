@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine configuration file (its keys mirror EngineConfig)")
     for flag, name, kind, help_text in ENGINE_FLAGS:
         engine.add_argument(flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=help_text)
+    engine.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                        help="run every step op by op (default on CUDA: decode steps replay captured CUDA graphs)")
     engine.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int, default=None,
                         metavar="N", help=TENSOR_PARALLEL_HELP)
     kcache = parser.add_argument_group("KCache attention")
@@ -163,7 +165,8 @@ def engine_config_from_args(args: argparse.Namespace, num_processes: int = 1) ->
     """The --config file (or the defaults) with every given flag applied, for a job of
     `num_processes` (see `serving_tensor_parallel_size`); ValueError names a bad value."""
     base = EngineConfig.from_json(args.config) if args.config is not None else EngineConfig()
-    overrides = {name: getattr(args, name) for _, name, _, _ in ENGINE_FLAGS if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in [name for _, name, _, _ in ENGINE_FLAGS] + ["enforce_eager"]
+                 if getattr(args, name) is not None}
     kcache_names = [name for _, name, _, _ in KCACHE_FLAGS] + ["renormalize"]
     kcache_overrides = {name: getattr(args, "kcache_" + name) for name in kcache_names
                         if getattr(args, "kcache_" + name) is not None}

@@ -37,6 +37,7 @@ class EngineStats:
     host_v_blocks_in_use: int = 0
     host_v_blocks_total: int = 0
     v_bytes_fetched_total: int = 0
+    pinned_host_bytes: int = 0
 
 
 class StatsRecorder:
@@ -91,4 +92,5 @@ class StatsRecorder:
             host_v_blocks_in_use=engine.host_v_blocks_in_use,
             host_v_blocks_total=engine.host_v_blocks_total,
             v_bytes_fetched_total=engine.v_bytes_fetched_total,
+            pinned_host_bytes=engine.pinned_host_bytes,
         )

@@ -49,6 +49,8 @@ def render_prometheus(stats: EngineStats, model_name: str) -> str:
            stats.host_v_blocks_total)
     metric(p + "v_bytes_fetched_total", "counter", "Bytes of far V rows read from host memory by KCache decode "
            "steps (rows x head_dim x dtype size).", stats.v_bytes_fetched_total)
+    metric(p + "pinned_host_bytes", "gauge", "Page-locked host memory of rank 0: the V pool when pinned, plus "
+           "torch's pinned-memory allocator (0 on a CPU device).", stats.pinned_host_bytes)
     mode_labels = f'kcache_mode="{_escape(stats.kcache_mode)}"'
     metric(p + "cache_mode_info", "gauge", "The attention cache mode (full | kcache).", 1, mode_labels)
     return "\n".join(lines) + "\n"

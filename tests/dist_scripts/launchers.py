@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,8 +33,3 @@ def clean_launch_env(**extra: str) -> dict:
     env.update(OMP_NUM_THREADS="1", **extra)
     return env
 
-
-def mpirun_flags(mpirun: str) -> list[str]:
-    """Open MPI refuses root and more ranks than cores without these flags; MPICH needs none."""
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
-    return ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []

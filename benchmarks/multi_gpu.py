@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""The multi-GPU checks in one script, on a Llama-3-8B-shaped model with random weights (the same
+weights at every tensor-parallel size, `models/random_weights.py`):
+
+    python benchmarks/multi_gpu.py --tp 2 --parts greedy,serve,profile --out-dir benchmarks/results/multi_gpu
+    python benchmarks/multi_gpu.py --tp 2 --parts throughput --contexts 8192 --out-dir ...
+
+Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<N>_<parts>.json):
+  greedy      TP=1 (`python`) and TP=N (`deepspeed --num_gpus N`) greedy tokens of the same
+              token-id prompts, full and KCache mode (float32, so that a different summation order
+              of the row-parallel all-reduce does not flip near-tied random logits); every rank of
+              the KCache run reports its GPU's NUMA node and where its V pool's pages are
+              (move_pages over a sample of pages).
+  serve       `deepspeed --num_gpus N launch/serve.py` (KCache mode) answers a completion whose text
+              must equal the TP=1 greedy text of the same prompt; SIGTERM to rank 0 (the DeepSpeed
+              launcher does not pass it on) then stops every rank, and the launcher exits.
+  profile     `mpirun -np N benchmarks/profile_decode.py` at the first context: kernel time per step,
+              the NCCL all-reduce included (what the all-reduce costs without overlap).
+  throughput  `benchmarks/throughput.py` at TP=1 (one GPU) and under `mpirun -np N` at each context,
+              each mode at its planned largest batch: total and per-GPU decode tokens/s, TP scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kcache_dist.parallel.launcher import mpirun_flags  # noqa: E402
+
+DEFAULT_SHAPE = "llama3-8b"
+GREEDY_TOKENS = 24
+PROMPT_LENGTHS = [1500, 700, 64]  # KCache (top_n 1024) selects in the first prompt's sparse layers
+MAX_MODEL_LEN = 2048
+SERVE_START_TIMEOUT_S = 600
+MODES = ("full", "kcache")
+
+
+def prompts(vocab_size: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(vocab_size // 8, vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+# ---- the greedy job (runs on every rank of a launched job) -----------------------------------
+def greedy_job(model_dir: str, out_path: str) -> None:
+    import torch
+
+    from kcache_dist import LLM, KCacheConfig, SamplingParams
+    from kcache_dist.cache.numa import gpu_numa_node, pages_per_node
+    from kcache_dist.parallel import current_state, launched_world_size
+
+    tp = launched_world_size()
+    result = {"tp": tp, "modes": {}}
+    for mode in MODES:
+        llm = LLM(model=model_dir, load_format="random", dtype="float32", tensor_parallel_size=tp,
+                  max_model_len=MAX_MODEL_LEN, max_num_seqs=8, kcache=KCacheConfig(mode=mode))
+        state = current_state()
+        outputs = llm.generate(prompts(llm.engine.model_config.vocab_size),
+                               SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True))
+        result["modes"][mode] = {"token_ids": [o.outputs[0].token_ids for o in outputs],
+                                 "texts": [o.outputs[0].text for o in outputs]}
+        pool = getattr(llm.engine.runner.kv_cache, "host_pool", None)
+        if pool is not None:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else None
+            placement = {"rank": state.rank, "cuda_device": device,
+                         "gpu_numa_node": gpu_numa_node(device) if device is not None else None,
+                         "pool_bound_to_node": pool.numa_node, "pool_bytes": pool.num_bytes, "pinned": pool.pinned,
+                         "pages_per_node": pages_per_node(pool.address, pool.num_bytes, sample_pages=256)}
+            with open(f"{out_path}.rank{state.rank}.numa.json", "w") as f:
+                json.dump(placement, f)
+            print(f"rank {state.rank}: GPU {device} on NUMA node {placement['gpu_numa_node']}; V pool "
+                  f"{pool.num_bytes / 2**30:.2f} GiB bound to node {pool.numa_node}, sampled pages per node "
+                  f"{placement['pages_per_node']}", flush=True)
+        llm.engine.release()
+        del llm
+    if current_state().rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+# ---- the parts (run by the orchestrating process) --------------------------------------------
+def _env(**extra: str) -> dict:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], log_path: str, timeout_s: float, env: dict) -> dict:
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, cwd=ROOT)
+    with open(log_path) as f:
+        tail = f.read()[-3000:]
+    print(f"$ {' '.join(cmd)}\n  -> exit {proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if proc.returncode != 0:
+        print(tail, flush=True)
+    return {"cmd": " ".join(cmd), "exit_code": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _first_difference(a: list[list[int]], b: list[list[int]]) -> list:
+    """Per prompt: None if equal, else the first index where the token ids differ."""
+    out = []
+    for x, y in zip(a, b):
+        diff = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), None)
+        out.append(diff if diff is not None or len(x) == len(y) else min(len(x), len(y)))
+    return out
+
+
+def part_greedy(args, model_dir: str) -> dict:
+    out = {}
+    for tp in (1, args.tp):
+        path = os.path.join(args.out_dir, f"greedy_tp{tp}.json")
+        script = [os.path.abspath(__file__), "--greedy-job", model_dir, path]
+        cmd = [sys.executable, *script] if tp == 1 else ["deepspeed", "--num_gpus", str(tp), *script]
+        out[f"tp{tp}_run"] = _run(cmd, path + ".log", 1200, _env())
+    with open(os.path.join(args.out_dir, "greedy_tp1.json")) as f:
+        one = json.load(f)
+    with open(os.path.join(args.out_dir, f"greedy_tp{args.tp}.json")) as f:
+        many = json.load(f)
+    for mode in MODES:
+        a, b = one["modes"][mode]["token_ids"], many["modes"][mode]["token_ids"]
+        out[mode] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
+    numa = []
+    for rank in range(args.tp):
+        with open(os.path.join(args.out_dir, f"greedy_tp{args.tp}.json.rank{rank}.numa.json")) as f:
+            numa.append(json.load(f))
+    out["numa_per_rank"] = numa
+    out["tp1_kcache_texts"] = one["modes"]["kcache"]["texts"]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def part_serve(args, model_dir: str, expected: dict) -> dict:
+    import httpx
+
+    from kcache_dist.models.named_shapes import shape_config
+
+    port = _free_port()
+    cmd = ["deepspeed", "--num_gpus", str(args.tp), os.path.join(ROOT, "launch", "serve.py"), "--model", model_dir,
+           "--load-format", "random", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+           "--max-num-seqs", "8", "--kcache-mode", "kcache", "--port", str(port), "--disable-uvicorn-access-log"]
+    log_path = os.path.join(args.out_dir, f"serve_tp{args.tp}.log")
+    log = open(log_path, "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+                              start_new_session=True)
+    result = {"cmd": " ".join(cmd)}
+    try:
+        deadline, base = time.monotonic() + SERVE_START_TIMEOUT_S, f"http://127.0.0.1:{port}"
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start (see {log_path})")
+            try:
+                if httpx.get(base + "/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1.0)
+        result["start_s"] = round(SERVE_START_TIMEOUT_S - (deadline - time.monotonic()), 1)
+        prompt = prompts(shape_config(args.shape)["vocab_size"])[0]
+        response = httpx.post(base + "/v1/completions", timeout=300.0,
+                              json={"model": model_dir, "prompt": prompt, "max_tokens": GREEDY_TOKENS,
+                                    "temperature": 0, "ignore_eos": True})
+        result["status_code"] = response.status_code
+        text = response.json()["choices"][0]["text"] if response.status_code == 200 else response.text
+        result["text_equals_tp1_greedy"] = text == expected["tp1_kcache_texts"][0]
+    finally:
+        import psutil
+
+        t0 = time.monotonic()
+        rank0 = [c for c in psutil.Process(server.pid).children(recursive=True) if "--local_rank=0" in c.cmdline()]
+        for process in rank0 or [psutil.Process(server.pid)]:
+            process.send_signal(signal.SIGTERM)
+        try:
+            result["exit_code_after_sigterm"] = server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            result["exit_code_after_sigterm"] = "killed after 120 s"
+        result["stop_s"] = round(time.monotonic() - t0, 1)
+        log.close()
+    print(f"serve: {result}", flush=True)
+    return result
+
+
+def part_profile(args) -> dict:
+    context = args.contexts[0]
+    path = os.path.join(args.out_dir, f"profile_tp{args.tp}_{context}.json")
+    cmd = ["mpirun", *mpirun_flags(), "-np", str(args.tp), sys.executable,
+           os.path.join(ROOT, "benchmarks", "profile_decode.py"),
+           "--context", str(context), "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--out", path]
+    run = _run(cmd, path + ".log", 900, _env())
+    return {"run": run, "json": os.path.basename(path)}
+
+
+def part_throughput(args) -> dict:
+    runs = {}
+    common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
+              "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
+              str(args.host_memory_gb)]
+    for context in args.contexts:
+        for tp in (1, args.tp):
+            path = os.path.join(args.out_dir, f"throughput_tp{tp}_{context}.json")
+            script = [os.path.join(ROOT, "benchmarks", "throughput.py"), "--contexts", str(context), *common,
+                      "--out", path]
+            cmd = [sys.executable, *script] if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), sys.executable,
+                                                             *script]
+            env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
+            runs[f"tp{tp}_{context}"] = _run(cmd, path + ".log", 1200, env)
+            if runs[f"tp{tp}_{context}"]["exit_code"] == 0:
+                with open(path) as f:
+                    points = json.load(f)["points"]
+                runs[f"tp{tp}_{context}"]["points"] = [
+                    {"mode": p["mode"], "batch": p["batch"], "decode_tokens_per_s": p["decode_tokens_per_s"],
+                     "per_gpu_decode_tokens_per_s": p["decode_tokens_per_s"] / tp, "step_s_median": p["step_s_median"]}
+                    for p in points]
+    return runs
+
+
+def main() -> None:
+    from kcache_dist.parallel import exit_on_lost_rank, strip_local_rank_arg
+
+    argv = strip_local_rank_arg(sys.argv[1:])
+    if argv and argv[0] == "--greedy-job":
+        with exit_on_lost_rank():
+            greedy_job(argv[1], argv[2])
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--shape", default=DEFAULT_SHAPE, help="named shape (tiny-llama for a CPU smoke run)")
+    p.add_argument("--parts", default="greedy,serve,profile,throughput")
+    p.add_argument("--contexts", default="8192")
+    p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
+    p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the throughput runs")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
+    args = p.parse_args(argv)
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    parts = args.parts.split(",")
+    os.makedirs(args.out_dir, exist_ok=True)
+    import torch
+
+    from kcache_dist.models.named_shapes import write_shape_dir
+
+    summary = {"tp": args.tp, "shape": args.shape,
+               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+               "parts": {}}
+    with tempfile.TemporaryDirectory(prefix="kcache_multi_gpu_") as scratch:
+        model_dir = write_shape_dir(args.shape, os.path.join(scratch, args.shape))
+        for part in parts:
+            try:
+                if part == "greedy":
+                    summary["parts"]["greedy"] = part_greedy(args, model_dir)
+                elif part == "serve":
+                    summary["parts"]["serve"] = part_serve(args, model_dir, summary["parts"]["greedy"])
+                elif part == "profile":
+                    summary["parts"]["profile"] = part_profile(args)
+                elif part == "throughput":
+                    summary["parts"]["throughput"] = part_throughput(args)
+                else:
+                    raise SystemExit(f"unknown part {part!r}")
+            except Exception as error:  # a failed part is reported; the others still run
+                summary["parts"][part] = {"error": f"{type(error).__name__}: {error}"}
+            print(json.dumps({part: summary["parts"][part]}, indent=1)[:4000], flush=True)
+    out = os.path.join(args.out_dir, f"multi_gpu_tp{args.tp}_{'_'.join(parts)}.json")
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {out}", flush=True)
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi", "topo", "-m"], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Where the time of one decode step goes: the model runner's forward at a given batch and context,
+with the cache filled directly (no prefill), timed and profiled per kernel.
+
+    python benchmarks/profile_decode.py --model llama3-8b --context 8192 --batch full=109,kcache=173
+    mpirun -np 2 python benchmarks/profile_decode.py ...     (tensor parallel over the job's ranks)
+
+For each mode an engine is built as a user starts it (max_model_len = context, max_num_seqs = the
+batch) with random weights; every sequence gets its own blocks, K (and the device V pools) are
+filled with random values, and a decode plan of one new token per sequence at position context - 1
+runs through `ModelRunner.execute` (forward + logits; no scheduling, sampling or detokenizing).
+Reported per mode, for the eager forward and for the CUDA-graph replay of the same step: the
+step's device time (CUDA events) and the host time until the call returns; for the eager forward
+also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
+are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
+plan's blocks hold (said in the output) when the request is larger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig  # noqa: E402
+from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
+from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
+from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
+from kcache_dist.parallel import current_state, init_parallel, launched_world_size, strip_local_rank_arg  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3-8b", help="a named shape (random weights)")
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", default="full=32,kcache=32", help="mode=batch pairs, comma separated")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    p.add_argument("--top-n", type=int, default=KCacheConfig().top_n)
+    p.add_argument("--dense-layers", type=int, default=KCacheConfig().dense_layers)
+    p.add_argument("--host-memory-gb", type=float, default=96.0)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--rows", type=int, default=25, help="profiler rows to print")
+    p.add_argument("--out", default=None, help="JSON path")
+    return p.parse_args(argv)
+
+
+def decode_plan(batch: int, context: int, blocks_per_seq: int) -> StepPlan:
+    """One new token per sequence at position context - 1; sequence i owns blocks
+    [i * blocks_per_seq, (i + 1) * blocks_per_seq)."""
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    return StepPlan(list(range(batch)), [1] * batch, [context - 1] * batch, [1] * batch, tables,
+                    list(range(batch)), [True] * batch)
+
+
+def fill_device_pools(cache) -> None:
+    """Random K (and device V) so that scores and selection behave as on real data (an all-zero K
+    would tie every key and send the selection down its slow exact path)."""
+    for name in ("k_caches", "v_caches", "dense_v_caches", "v_hot"):
+        for t in getattr(cache, name, []):
+            t.normal_(0, 1)
+
+
+def time_step(run, plan: StepPlan, steps: int, dev: torch.device) -> dict:
+    """Median device time (CUDA events) and host time until `run(plan)` returns, after two warm-up calls."""
+    for _ in range(2):  # compile, capture
+        run(plan)
+    torch.cuda.synchronize(dev)
+    device_ms, host_ms = [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        run(plan)
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        end.synchronize()
+        device_ms.append(start.elapsed_time(end))
+    return {"device_ms_median": statistics.median(device_ms), "host_ms_median": statistics.median(host_ms),
+            "device_ms": device_ms, "host_ms": host_ms}
+
+
+def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
+    kcache = (KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers) if mode == "kcache"
+              else KCacheConfig(mode="full"))
+    engine = LLMEngine(EngineConfig(model=model_dir, dtype=args.dtype, max_model_len=args.context,
+                                    max_num_seqs=batch, gpu_memory_utilization=args.gpu_memory_utilization,
+                                    host_memory_gb=args.host_memory_gb, load_format="random", kcache=kcache,
+                                    parallel=ParallelConfig(tensor_parallel_size=current_state().tp_size)))
+    runner = engine.runner
+    dev = runner.device
+    blocks_per_seq = -(-args.context // runner.block_size)
+    fits = runner.num_kv_blocks // blocks_per_seq
+    rank0 = current_state().rank == 0
+    if batch > fits and rank0:
+        print(f"{mode}: batch {batch} cut to {fits}, what the plan's {runner.num_kv_blocks} blocks hold", flush=True)
+    batch = min(batch, fits)
+    fill_device_pools(runner.kv_cache)
+    plan = decode_plan(batch, args.context, blocks_per_seq)
+    paths = {"eager": runner._execute_eager}
+    if runner.decode_graphs is not None:
+        paths["cuda_graph"] = runner.execute
+    timings = {name: time_step(run, plan, args.steps, dev) for name, run in paths.items()}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner._execute_eager(plan)
+        torch.cuda.synchronize(dev)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in events)
+    rows = [{"name": e.key[:90], "calls": e.count, "device_ms": e.self_device_time_total / 1e3,
+             "share": e.self_device_time_total / total_us if total_us else 0.0} for e in events[: args.rows]]
+    result = {"mode": mode, "batch": batch, "context": args.context, "block_size": runner.block_size,
+              **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},
+              "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows}
+    if rank0:
+        print(f"\n== {mode} batch {batch} @ {args.context}, TP={current_state().tp_size}: " + "; ".join(
+            f"{name} device {t['device_ms_median']:.2f} ms, host until return {t['host_ms_median']:.2f} ms"
+            for name, t in timings.items()), flush=True)
+        for r in rows:
+            print(f"  {r['device_ms']:9.3f} ms {100 * r['share']:5.1f}%  x{r['calls']:<5d} {r['name']}")
+    del runner
+    engine.release()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(strip_local_rank_arg(sys.argv[1:] if argv is None else argv))
+    init_parallel(launched_world_size(), device_type="cuda")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    batches = {k: int(v) for k, v in (pair.split("=") for pair in args.batch.split(","))}
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = write_shape_dir(args.model, os.path.join(scratch, args.model))
+        results = [profile_mode(mode, b, args, model_dir) for mode, b in batches.items()]
+    out = {"model": args.model, "device": torch.cuda.get_device_name(), "tp": current_state().tp_size,
+           "results": results}
+    if args.out and current_state().rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""CUDA-graph decode: a decode-only step replays a captured graph of the model's forward instead
+of launching its few hundred kernels one by one from Python.
+
+A graph is captured for a (batch bucket, context bucket) the first time a step needs it: the batch
+rounded up to the next of `batch_buckets(max_num_seqs)`, the longest sequence rounded up to the next
+of `context_buckets(max_model_len)`, so one graph serves every step within its buckets (the kernels
+size their grids and scratch from the bucket and skip what lies past each sequence's length). The
+graphs read their inputs from static buffers shared by all of them, and share one memory pool (only
+one runs at a time). A padding row has slot -1 (writes nothing), a context of one position in block
+0, and a hot slot no running sequence holds; its output is dropped. The graph ends at the final
+hidden states: logits (and, under tensor parallelism, their gather) run eagerly after the replay.
+
+Before its capture a graph's shapes run once eagerly (Triton compiles, cuBLAS picks its kernels),
+which makes the first step of each bucket cost about three forwards. Steps with a prefill, and
+every step with `enforce_eager`, run eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..forward_context import ForwardContext
+from .step_plan import StepPlan
+
+PAD_SLOT = -1  # cache slot of a padding row: the store kernels skip it
+MIN_CONTEXT_BUCKET = 256
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 8, and max_num_seqs."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+def context_buckets(max_model_len: int) -> list[int]:
+    """Context bounds that get a graph: powers of two from MIN_CONTEXT_BUCKET, and max_model_len."""
+    sizes, c = [], MIN_CONTEXT_BUCKET
+    while c < max_model_len:
+        sizes.append(c)
+        c *= 2
+    return sizes + [max_model_len]
+
+
+def bucket_of(value: int, buckets: list[int]) -> int:
+    """The smallest bucket >= value (buckets ascending; value <= the last)."""
+    return buckets[bisect.bisect_left(buckets, value)]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [batch bucket, hidden] static output
+
+
+class DecodeGraphs:
+    """Captures and replays decode graphs for one model and its cache (see the module docstring).
+
+    forward(input_ids [T], positions [T], ctx) -> hidden [T, hidden] is the model's forward; the
+    cache must not change after construction (graphs hold its addresses)."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], kv_cache, max_num_seqs: int, max_model_len: int,
+                 block_size: int, device: torch.device):
+        self.forward = forward
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.block_size = block_size
+        self.device = device
+        self.batch_buckets = batch_buckets(max_num_seqs)
+        self.context_buckets = context_buckets(max_model_len)
+        max_blocks = -(-max_model_len // block_size)
+        i64 = dict(dtype=torch.long, device=device)
+        # rows: input ids, positions, slots, sequence lengths, hot slots
+        self._inputs = torch.zeros(5, max_num_seqs, **i64)
+        self._block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+
+    @property
+    def num_captured(self) -> int:
+        return len(self._graphs)
+
+    def applies_to(self, plan: StepPlan) -> bool:
+        return 0 < plan.num_seqs == plan.num_decodes and plan.num_seqs <= self.max_num_seqs
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """The final hidden states [B, hidden] of a decode-only plan (`applies_to`), from its graph."""
+        num_seqs = plan.num_seqs
+        seq_lens = [c + 1 for c in plan.num_computed_tokens]
+        key = (bucket_of(num_seqs, self.batch_buckets), bucket_of(max(seq_lens), self.context_buckets))
+        self._fill_inputs(plan, seq_lens, key[0])
+        self.kv_cache.join_offload()  # host writes of earlier eager steps land before the graph reads
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(*key)
+        entry.graph.replay()
+        self.kv_cache.join_offload()
+        return entry.hidden[:num_seqs]
+
+    def _fill_inputs(self, plan: StepPlan, seq_lens: list[int], batch: int) -> None:
+        bs, num_seqs = self.block_size, plan.num_seqs
+        pad = batch - num_seqs
+        taken = set(plan.hot_slots)
+        free_slots = [s for s in range(self.max_num_seqs) if s not in taken][:pad]
+        slots = [table[pos // bs] * bs + pos % bs for table, pos in zip(plan.block_tables, plan.num_computed_tokens)]
+        rows = torch.tensor([plan.token_ids + [0] * pad, plan.num_computed_tokens + [0] * pad,
+                             slots + [PAD_SLOT] * pad, seq_lens + [1] * pad, plan.hot_slots + free_slots])
+        self._inputs[:, :batch].copy_(rows, non_blocking=True)
+        width = max(len(t) for t in plan.block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in plan.block_tables], dtype=torch.int32)
+        self._block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
+        self._block_tables[num_seqs:batch].zero_()
+
+    def _context(self, batch: int, context: int) -> ForwardContext:
+        """The captured step's context: views of the static buffers (the Python lists are only
+        read by the CPU reference paths, never on CUDA)."""
+        _, positions, slots, seq_lens, hot_slots = self._inputs[:, :batch]
+        return ForwardContext(
+            positions=positions, slot_mapping=slots,
+            block_tables=self._block_tables[:batch, : -(-context // self.block_size)],
+            seq_lens=seq_lens, seq_lens_list=[context] * batch, max_seq_len=context,
+            query_start_loc=list(range(batch + 1)), num_decodes=batch,
+            hot_slots=hot_slots, hot_slots_list=list(range(batch)), kv_cache=self.kv_cache)
+
+    def _capture(self, batch: int, context: int) -> _Graph:
+        ctx = self._context(batch, context)
+        ids = self._inputs[0, :batch]
+        self.forward(ids, ctx.positions, ctx)  # eager run of the same shapes: compiles, picks kernels
+        self.kv_cache.join_offload()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            hidden = self.forward(ids, ctx.positions, ctx)
+            self.kv_cache.join_offload()  # the offload branch rejoins before the capture ends
+        self._pool = self._pool or graph.pool()
+        entry = _Graph(graph, hidden)
+        self._graphs[(batch, context)] = entry
+        return entry

@@ -1,0 +1,64 @@
+"""CUDA-graph decode (engine/cuda_graphs.py): buckets on any machine; on a GPU, graph replays give
+the tokens and counts of the eager path in full mode and KCache mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from helpers import token_ids
+from kcache_dist import LLM, KCacheConfig, SamplingParams
+from kcache_dist.engine.cuda_graphs import batch_buckets, bucket_of, context_buckets
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
+
+
+def test_context_buckets_and_bucket_of():
+    assert context_buckets(200) == [200]
+    assert context_buckets(1000) == [256, 512, 1000]
+    assert context_buckets(1024) == [256, 512, 1024]
+    buckets = batch_buckets(30)
+    assert [bucket_of(n, buckets) for n in (1, 3, 4, 5, 17, 24, 25, 30)] == [1, 4, 4, 8, 24, 24, 30, 30]
+
+
+# Requests of different lengths, so the batch shrinks (3 batch buckets) and contexts cross 256.
+LENGTHS = [300, 40, 120, 200, 9, 250, 60]
+PROMPT_LIST = [PROMPTS[i % len(PROMPTS)] * (1 + i) for i in range(len(LENGTHS))]
+MODES = {
+    "full": KCacheConfig(mode="full"),
+    "kcache": KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=8),
+    "kcache-no-window": KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=0),
+}
+
+
+def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool):
+    llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=kcache, enforce_eager=enforce_eager,
+              max_model_len=512, max_num_seqs=8)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
+    outputs = llm.generate(PROMPT_LIST, params)
+    return llm, outputs
+
+
+@cuda
+@pytest.mark.parametrize("mode", list(MODES))
+def test_graph_decode_equals_eager_decode(tiny_llama_dir, mode):
+    eager_llm, eager = _generate(tiny_llama_dir, MODES[mode], enforce_eager=True)
+    graph_llm, graphs = _generate(tiny_llama_dir, MODES[mode], enforce_eager=False)
+    assert eager_llm.engine.runner.decode_graphs is None
+    assert graph_llm.engine.runner.decode_graphs.num_captured >= 4  # batch 8 / 4 / 2 / 1 buckets, contexts 256 / 512
+    assert [len(o.outputs[0].token_ids) for o in graphs] == LENGTHS
+    assert token_ids(graphs) == token_ids(eager)
+    cache = graph_llm.engine.runner.kv_cache
+    assert getattr(cache, "v_rows_fetched", 0) == getattr(eager_llm.engine.runner.kv_cache, "v_rows_fetched", 0)
+    if mode != "full":
+        assert cache.v_rows_fetched > 0
+    blocks = graph_llm.engine.scheduler.block_manager
+    assert blocks.num_free_blocks == blocks.num_blocks  # every request done, every block back
