@@ -97,6 +97,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     engine = LLMEngine(EngineConfig(model=model_dir, dtype=args.dtype, max_model_len=args.context,
                                     max_num_seqs=batch, gpu_memory_utilization=args.gpu_memory_utilization,
                                     host_memory_gb=args.host_memory_gb, load_format="random", kcache=kcache,
+                                    enforce_eager=False,  # graphs in both modes, so both paths are timed
                                     parallel=ParallelConfig(tensor_parallel_size=current_state().tp_size)))
     runner = engine.runner
     dev = runner.device

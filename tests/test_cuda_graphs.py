@@ -9,9 +9,16 @@ import torch
 from conftest import PROMPTS
 from helpers import token_ids
 from kcache_dist import LLM, KCacheConfig, SamplingParams
-from kcache_dist.engine.cuda_graphs import batch_buckets, bucket_of, context_buckets
+from kcache_dist.engine.cuda_graphs import batch_buckets, bucket_of, context_buckets, graphs_enabled
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_graphs_by_default_in_full_mode_only():
+    assert graphs_enabled(None, "full", "cuda", True) and not graphs_enabled(None, "kcache", "cuda", True)
+    assert graphs_enabled(False, "full", "cuda", True) and graphs_enabled(False, "kcache", "cuda", True)
+    assert not graphs_enabled(True, "full", "cuda", True) and not graphs_enabled(True, "kcache", "cuda", True)
+    assert not graphs_enabled(False, "full", "cpu", True) and not graphs_enabled(False, "full", "cuda", False)
 
 
 def test_batch_buckets():
@@ -62,3 +69,19 @@ def test_graph_decode_equals_eager_decode(tiny_llama_dir, mode):
         assert cache.v_rows_fetched > 0
     blocks = graph_llm.engine.scheduler.block_manager
     assert blocks.num_free_blocks == blocks.num_blocks  # every request done, every block back
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["full", "kcache"])
+def test_graph_steps_between_prefill_chunks_equal_eager(tiny_llama_dir, mode):
+    """A token budget smaller than the running batch: some running sequences sit out a step, and
+    budget leftovers give 1-token prefill chunks, so decode-only (graph) steps come between
+    chunked prefills and run with padding rows."""
+    kwargs = dict(dtype="float32", device="cuda", kcache=MODES[mode], max_model_len=512, max_num_seqs=8,
+                  max_num_batched_tokens=5)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
+    eager = LLM(model=tiny_llama_dir, enforce_eager=True, **kwargs).generate(PROMPT_LIST, params)
+    graph_llm = LLM(model=tiny_llama_dir, enforce_eager=False, **kwargs)
+    graphs = graph_llm.generate(PROMPT_LIST, params)
+    assert graph_llm.engine.runner.decode_graphs.num_captured > 0
+    assert token_ids(graphs) == token_ids(eager)

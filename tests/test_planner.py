@@ -70,7 +70,7 @@ def test_eight_gpus_two_numa_nodes_split_node_memory():
 
     row = 1 * 128 * 2                                    # one token, one layer, K or V, on a rank
     gpu_block, host_layer_block = 34 * 256 * row, 256 * row  # K of 32 + V of 2 dense; V of one sparse layer
-    hot = 30 * 64 * 132 * row
+    hot = 30 * (64 + 1) * 132 * row  # a slot per sequence and the spare one
     blocks_cap = 64 * (131072 // 256)
     node0_gpu_fit = (min(72 * GIB - 3 * GIB, 78 * GIB - GIB) - hot) // gpu_block
     node0_host = min(256 * GIB // 4, 400 * GIB // 4)     # 64 GiB per rank: the knob
@@ -123,12 +123,12 @@ def test_uneven_free_gpu_memory_min_wins():
     plan = agree(plans)
     row = 256
     rank6_budget = min(72 * GIB - 2 * GIB - GIB, 40 * GIB - GIB)  # the free memory binds
-    expected = (rank6_budget - 30 * 64 * 132 * row) // (34 * 256 * row)
-    assert expected == 18764
-    assert (plan.num_blocks, plan.binding, plan.binding_rank) == (18764, BINDS_GPU, 6)
+    expected = (rank6_budget - 30 * (64 + 1) * 132 * row) // (34 * 256 * row)
+    assert expected == 18763
+    assert (plan.num_blocks, plan.binding, plan.binding_rank) == (18763, BINDS_GPU, 6)
     assert plan.rank_budget(6).gpu_cache_budget_bytes == 39 * GIB
     assert plan.rank_budget(2).gpu_cache_budget_bytes == 69 * GIB  # 77 free - 1, but 0.9 x 80 - 3 is less
-    assert [p.num_blocks for p in plans] == [32768] * 6 + [18764, 32768]
+    assert [p.num_blocks for p in plans] == [32768] * 6 + [18763, 32768]
     # The agreed cache fits rank 6's free memory with its activations.
     assert plan.gpu_cache_bytes + GIB <= 40 * GIB
 
@@ -164,22 +164,22 @@ def test_kcache_over_full_capacity_is_the_byte_arithmetic():
 
     row = 8 * 128 * 2
     budget = 72 * GIB - LLAMA3_8B_WEIGHT_BYTES - 2 * GIB
-    hot = 30 * 64 * 132 * row
+    hot = 30 * (64 + 1) * 132 * row  # a slot per sequence and the spare one
     full_blocks = budget // (2 * 32 * 16 * row)
     kcache_blocks = (budget - hot) // (34 * 256 * row)
-    assert (budget, hot, full_blocks, kcache_blocks) == (59101405184, 519045120, 28181, 3286)
+    assert (budget, hot, full_blocks, kcache_blocks) == (59101405184, 527155200, 28181, 3285)
 
     assert (full.num_blocks, full.binding, full.num_cache_tokens) == (28181, BINDS_GPU, 450896)
     assert (full.num_host_blocks, full.host_pool_bytes, full.host_bytes_per_token, full.hot_gpu_bytes) == (0, 0, 0, 0)
     assert full.gpu_bytes_per_token == 2 * 32 * row == 131072
     assert full.rank_budget(0).host_cache_budget_bytes is None and full.rank_budget(0).num_host_blocks_fit is None
-    assert (kcache.num_blocks, kcache.binding, kcache.num_cache_tokens) == (3286, BINDS_GPU, 841216)
+    assert (kcache.num_blocks, kcache.binding, kcache.num_cache_tokens) == (3285, BINDS_GPU, 840960)
     assert kcache.gpu_bytes_per_token == 34 * row == 69632 and kcache.host_bytes_per_token == 30 * row
-    assert kcache.host_pool_bytes == 3286 * 30 * 256 * row <= 64 * GIB
+    assert kcache.host_pool_bytes == 3285 * 30 * 256 * row <= 64 * GIB
 
     ratio = kcache.num_cache_tokens / full.num_cache_tokens
     ideal = (2 * 32 / 34) * (budget - hot) / budget
-    assert ratio == 841216 / 450896 and abs(ratio - ideal) < 1e-3 and 1.86 < ratio < 1.87
+    assert ratio == 840960 / 450896 and abs(ratio - ideal) < 1e-3 and 1.86 < ratio < 1.87
     assert "-" in full.table().splitlines()[2].split()  # no host budget in full mode
 
 
@@ -210,15 +210,16 @@ GPU_BUDGET = int(0.9 * 24 * GIB) - LLAMA3_8B_WEIGHT_BYTES - 2 * GIB  # the free 
 def test_gpu_too_small_for_one_sequence():
     with pytest.raises(ValueError) as error:
         agree([plan_rank(0, SMALL_GPU, HostMemoryFacts(), kcache_geometry(8), PlannerKnobs(64, 131072))])
-    need = 512 * 34 * 256 * 2048 + 30 * 64 * 132 * 2048
-    assert (GPU_BUDGET, need, need - GPU_BUDGET) == (4984817254, 9645850624, 4661033370)
-    assert (GPU_BUDGET - 30 * 64 * 132 * 2048) // (34 * 256 * 2048) * 256 == 64000
+    need = 512 * 34 * 256 * 2048 + 30 * (64 + 1) * 132 * 2048
+    assert (GPU_BUDGET, need, need - GPU_BUDGET) == (4984817254, 9653960704, 4669143450)
+    assert (GPU_BUDGET - 30 * (64 + 1) * 132 * 2048) // (34 * 256 * 2048) * 256 == 64000
     assert str(error.value) == (
         "the KV cache cannot hold one sequence of max_model_len=131072 (512 blocks of 256 tokens) on rank 0 (GPU "
-        "cuda:0, NUMA node unknown). GPU memory is short by 4661033370 bytes (4.34 GiB): the cache may use 4984817254 "
+        "cuda:0, NUMA node unknown). GPU memory is short by 4669143450 bytes (4.35 GiB): the cache may use 4984817254 "
         "bytes = min(0.9 x 25769803776 total - 16060522496 weights - 2147483648 activations, 24696061952 free - "
-        "2147483648 activations) but needs 9645850624 bytes = 512 blocks x 17825792 bytes + 519045120 bytes of hot V "
-        "rows for max_num_seqs=64. What fits: max_model_len <= 64000; otherwise raise gpu_memory_utilization, free "
+        "2147483648 activations) but needs 9653960704 bytes = 512 blocks x 17825792 bytes + 527155200 bytes of hot V "
+        "rows for max_num_seqs=64 (and a spare slot). What fits: max_model_len <= 64000; otherwise raise "
+        "gpu_memory_utilization, free "
         "GPU memory or use more tensor-parallel ranks.")
 
 
@@ -226,15 +227,15 @@ def test_gpu_short_only_by_the_hot_rows_suggests_a_smaller_batch():
     with pytest.raises(ValueError) as error:
         agree([plan_rank(0, SMALL_GPU, HostMemoryFacts(), kcache_geometry(8), PlannerKnobs(64, 65536))])
     one_seq = 256 * 34 * 256 * 2048
-    assert (GPU_BUDGET - one_seq) // (30 * 132 * 2048) == 51  # hot rows of 51 sequences fit beside one
+    assert (GPU_BUDGET - one_seq) // (30 * 132 * 2048) - 1 == 50  # hot rows of 50 sequences + the spare fit beside one
     assert str(error.value) == (
         "the KV cache cannot hold one sequence of max_model_len=65536 (256 blocks of 256 tokens) on rank 0 (GPU "
-        "cuda:0, NUMA node unknown). GPU memory is short by 97630618 bytes (0.09 GiB): the cache may use 4984817254 "
+        "cuda:0, NUMA node unknown). GPU memory is short by 105740698 bytes (0.10 GiB): the cache may use 4984817254 "
         "bytes = min(0.9 x 25769803776 total - 16060522496 weights - 2147483648 activations, 24696061952 free - "
-        "2147483648 activations) but needs 5082447872 bytes = 256 blocks x 17825792 bytes + 519045120 bytes of hot V "
-        "rows for max_num_seqs=64. What fits: max_model_len <= 64000 or max_num_seqs <= 51 at max_model_len=65536; "
-        "otherwise raise gpu_memory_utilization, free GPU memory or use more tensor-parallel ranks.")
-    assert agree([plan_rank(0, SMALL_GPU, HostMemoryFacts(), kcache_geometry(8), PlannerKnobs(51, 65536))]).num_blocks \
+        "2147483648 activations) but needs 5090557952 bytes = 256 blocks x 17825792 bytes + 527155200 bytes of hot V "
+        "rows for max_num_seqs=64 (and a spare slot). What fits: max_model_len <= 64000 or max_num_seqs <= 50 at "
+        "max_model_len=65536; otherwise raise gpu_memory_utilization, free GPU memory or use more tensor-parallel ranks.")
+    assert agree([plan_rank(0, SMALL_GPU, HostMemoryFacts(), kcache_geometry(8), PlannerKnobs(50, 65536))]).num_blocks \
         == 256
 
 

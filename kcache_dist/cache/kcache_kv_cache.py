@@ -4,8 +4,9 @@ Layer l < dense_layers keeps K and V in device memory and runs dense attention (
 A sparse layer keeps:
   k pool   [num_blocks, Hkv, bs, D]          device
   v pool   [num_blocks, Hkv, bs, D]          host (pinned, on the GPU's NUMA node)
-  v hot    [num_slots, Hkv, sink + window, D] device: each running sequence's sink rows and a
-                                              ring of its last `recent_window` rows
+  v hot    [num_slots + 1, Hkv, sink + window, D] device: each running sequence's sink rows and a
+                                              ring of its last `recent_window` rows (the last
+                                              slot is spare: CUDA-graph padding rows write it)
 Block ids are shared by all pools, so one block table serves K and V. Prefill runs dense attention
 (earlier chunks' V read back from the host pool); a decode step runs KCache attention.
 
@@ -45,7 +46,8 @@ class KCacheKVCache:
         self.v_host = [self.host_pool.take(block_shape, dtype) for _ in range(num_sparse)]
         self.k_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.dense_v_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(dense_layers)]
-        hot_shape = (num_slots, num_kv_heads, spec.hot_rows, head_dim)
+        hot_shape = (num_slots + 1, num_kv_heads, spec.hot_rows, head_dim)  # + the spare slot
+        self.spare_hot_slot = num_slots  # padding rows of CUDA-graph batches write their hot rows here
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
         self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -62,7 +64,7 @@ class KCacheKVCache:
     @staticmethod
     def hot_bytes(num_layers: int, dense_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                   spec: SelectionSpec, dtype: torch.dtype) -> int:
-        return (num_layers - dense_layers) * num_slots * num_kv_heads * spec.hot_rows * head_dim * dtype.itemsize
+        return (num_layers - dense_layers) * (num_slots + 1) * num_kv_heads * spec.hot_rows * head_dim * dtype.itemsize
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:

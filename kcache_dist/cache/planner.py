@@ -9,7 +9,8 @@ layer's K or V on this rank's KV heads: num_kv_heads x head_dim x dtype_bytes):
     full mode     GPU:  n x block_size x 2 x num_layers rows                (K and V, every layer)
                   host: nothing
     kcache mode   GPU:  n x block_size x (num_layers + dense_layers) rows   (K of all layers, V of dense)
-                        + hot V rows: sparse layers x max_num_seqs x (sink + window) rows (fixed)
+                        + hot V rows: sparse layers x (max_num_seqs + 1) x (sink + window) rows
+                          (fixed; the extra slot takes the padding rows of CUDA-graph batches)
                   host: n x block_size x (num_layers - dense_layers) rows   (V of sparse layers; each
                         layer's view aligned to 4 KiB, as `HostPool.take` lays it out)
 
@@ -212,8 +213,9 @@ class CacheGeometry:
         return self.row_bytes * self.block_size
 
     def hot_gpu_bytes(self, max_num_seqs: int) -> int:
-        """The GPU buffer of sink + window V rows: one slot per running sequence, per sparse layer."""
-        return self.num_sparse_layers * max_num_seqs * self.hot_rows * self.row_bytes
+        """The GPU buffer of sink + window V rows: one slot per running sequence and a spare one
+        (written by the padding rows of CUDA-graph batches), per sparse layer."""
+        return self.num_sparse_layers * (max_num_seqs + 1) * self.hot_rows * self.row_bytes
 
     def gpu_cache_bytes(self, num_blocks: int, max_num_seqs: int) -> int:
         """GPU bytes of `num_blocks` blocks plus the hot V rows."""
@@ -634,7 +636,7 @@ def _gpu_shortfall(plan: CachePlan, b: RankBudget) -> str:
                 f"{d.activation_peak_bytes} activations, {d.free_bytes} free - {d.activation_peak_bytes} activations) "
                 f"but needs {need} bytes = {plan.blocks_per_seq} blocks x {block_bytes} bytes")
     if hot:
-        text += f" + {hot} bytes of hot V rows for max_num_seqs={k.max_num_seqs}"
+        text += f" + {hot} bytes of hot V rows for max_num_seqs={k.max_num_seqs} (and a spare slot)"
     return text
 
 
@@ -671,9 +673,10 @@ def _what_fits(plan: CachePlan, b: RankBudget, gpu_short: bool, host_short: bool
     options = []
     if fit_blocks:
         options.append(f"max_model_len <= {fit_blocks * g.block_size}")
-    hot_per_seq = g.hot_gpu_bytes(1)
+    hot_per_seq = g.hot_gpu_bytes(1) - g.hot_gpu_bytes(0)  # hot_gpu_bytes(0): the spare slot alone
     if gpu_short and not host_short and hot_per_seq:
-        seqs_fit = (b.gpu_cache_budget_bytes - plan.blocks_per_seq * g.gpu_bytes_per_block) // hot_per_seq
+        seqs_fit = (b.gpu_cache_budget_bytes - plan.blocks_per_seq * g.gpu_bytes_per_block
+                    - g.hot_gpu_bytes(0)) // hot_per_seq
         if seqs_fit >= 1:
             options.append(f"max_num_seqs <= {seqs_fit} at max_model_len={k.max_model_len}")
     remedies = []

@@ -7,19 +7,20 @@ of `context_buckets(max_model_len)`, so one graph serves every step within its b
 size their grids and scratch from the bucket and skip what lies past each sequence's length). The
 graphs read their inputs from static buffers shared by all of them, and share one memory pool (only
 one runs at a time). A padding row has slot -1 (writes nothing), a context of one position in block
-0, and a hot slot no running sequence holds; its output is dropped. The graph ends at the final
-hidden states: logits (and, under tensor parallelism, their gather) run eagerly after the replay.
+0 and the cache's spare hot slot (`spare_hot_slot`, held by no sequence); its output is dropped. The
+graph ends at the final hidden states: logits (and, under tensor parallelism, their gather) run
+eagerly after the replay.
 
 Before its capture a graph's shapes run once eagerly (Triton compiles, cuBLAS picks its kernels),
-which makes the first step of each bucket cost about three forwards. Steps with a prefill, and
-every step with `enforce_eager`, run eagerly.
+which makes the first step of each bucket cost about three forwards. Steps with a prefill run
+eagerly; which modes use graphs at all is `graphs_enabled`.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -28,6 +29,14 @@ from .step_plan import StepPlan
 
 PAD_SLOT = -1  # cache slot of a padding row: the store kernels skip it
 MIN_CONTEXT_BUCKET = 256
+
+
+def graphs_enabled(enforce_eager: Optional[bool], mode: str, device_type: str, has_triton: bool) -> bool:
+    """Whether decode steps replay graphs (EngineConfig.enforce_eager): on CUDA with Triton, in full
+    mode unless enforce_eager is True, in KCache mode only when it is False."""
+    if device_type != "cuda" or not has_triton or enforce_eager:
+        return False
+    return enforce_eager is False or mode == "full"
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -104,11 +113,10 @@ class DecodeGraphs:
     def _fill_inputs(self, plan: StepPlan, seq_lens: list[int], batch: int) -> None:
         bs, num_seqs = self.block_size, plan.num_seqs
         pad = batch - num_seqs
-        taken = set(plan.hot_slots)
-        free_slots = [s for s in range(self.max_num_seqs) if s not in taken][:pad]
+        spare = getattr(self.kv_cache, "spare_hot_slot", 0)  # full mode has no hot buffer
         slots = [table[pos // bs] * bs + pos % bs for table, pos in zip(plan.block_tables, plan.num_computed_tokens)]
         rows = torch.tensor([plan.token_ids + [0] * pad, plan.num_computed_tokens + [0] * pad,
-                             slots + [PAD_SLOT] * pad, seq_lens + [1] * pad, plan.hot_slots + free_slots])
+                             slots + [PAD_SLOT] * pad, seq_lens + [1] * pad, plan.hot_slots + [spare] * pad])
         self._inputs[:, :batch].copy_(rows, non_blocking=True)
         width = max(len(t) for t in plan.block_tables)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in plan.block_tables], dtype=torch.int32)

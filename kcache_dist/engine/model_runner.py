@@ -20,7 +20,7 @@ from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,9 @@ class ModelRunner:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        """Decode-only steps replay CUDA graphs: on CUDA with Triton, unless enforce_eager."""
-        if self.device.type != "cuda" or self.config.enforce_eager:
-            return False
-        return importlib.util.find_spec("triton") is not None  # the kernels that graphs capture
+        """Whether decode-only steps replay CUDA graphs (`cuda_graphs.graphs_enabled`)."""
+        return graphs_enabled(self.config.enforce_eager, self.config.kcache.mode, self.device.type,
+                              has_triton=importlib.util.find_spec("triton") is not None)
 
     def _make_cache(self, num_blocks: int):
         mc, kc, dtype = self.model_config, self.config.kcache, self.dtype

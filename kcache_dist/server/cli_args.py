@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine configuration file (its keys mirror EngineConfig)")
     for flag, name, kind, help_text in ENGINE_FLAGS:
         engine.add_argument(flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=help_text)
-    engine.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
-                        help="run every step op by op (default on CUDA: decode steps replay captured CUDA graphs)")
+    engine.add_argument("--enforce-eager", dest="enforce_eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="run every step op by op; --no-enforce-eager: decode steps replay CUDA graphs in "
+                             "KCache mode too (default: CUDA graphs in full-KV mode only)")
     engine.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int, default=None,
                         metavar="N", help=TENSOR_PARALLEL_HELP)
     kcache = parser.add_argument_group("KCache attention")
