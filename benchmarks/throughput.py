@@ -101,7 +101,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batches", default="auto",
                    help="'auto' (powers of two below the plan's largest batch, and that batch), 'max' (the "
                         "largest only) or a list such as 1,2,4 (sizes above the plan's largest are skipped)")
-    p.add_argument("--modes", default="full,kcache", help="engine modes, of: full, kcache")
+    p.add_argument("--modes", default="kcache,full",
+                   help="engine modes, of: full, kcache, run in this order (KCache first: a KCache engine that "
+                        "followed a graph-using engine in one process failed, README Known issues)")
     p.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per point (>= 2)")
     p.add_argument("--warmup-steps", type=int, default=4, help="untimed decode steps before each point")
     p.add_argument("--prefill-seqs", type=int, default=2, help="prompts prefilled together for prefill tokens/s")

@@ -111,7 +111,7 @@ class EngineConfig:
     enforce_eager: on CUDA, decode-only steps replay CUDA graphs captured per (batch, context)
     bucket (`engine/cuda_graphs.py`): None (default) in full-KV mode only, False in both modes,
     True in neither (every step op by op). KCache decode gains 1-4% from graphs (its step waits on
-    the PCIe fetch), and one failure with them is not yet explained (README, Known issues).
+    the PCIe fetch); a failure seen with graphs is not yet explained (README, Known issues).
     """
 
     model: Optional[str] = None
