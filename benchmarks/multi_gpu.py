@@ -14,8 +14,9 @@ Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<N>_<parts
   serve       `deepspeed --num_gpus N launch/serve.py` (KCache mode) answers a completion whose text
               must equal the TP=1 greedy text of the same prompt; SIGTERM to rank 0 (the DeepSpeed
               launcher does not pass it on) then stops every rank, and the launcher exits.
-  profile     `mpirun -np N benchmarks/profile_decode.py` at the first context: kernel time per step,
-              the NCCL all-reduce included (what the all-reduce costs without overlap).
+  profile     `benchmarks/profile_decode.py` at the first context on one GPU and under `mpirun -np N`
+              (same batch): kernel time per step, the NCCL all-reduce included (what the all-reduce
+              costs without overlap), eager and as a CUDA graph.
   throughput  `benchmarks/throughput.py` at TP=1 (one GPU) and under `mpirun -np N` at each context,
               each mode at its planned largest batch: total and per-GPU decode tokens/s, TP scaling.
 """
@@ -199,20 +200,22 @@ def part_serve(args, model_dir: str, expected: dict) -> dict:
 
 
 def part_profile(args) -> dict:
-    context = args.contexts[0]
-    path = os.path.join(args.out_dir, f"profile_tp{args.tp}_{context}.json")
-    cmd = ["mpirun", *mpirun_flags(), "-np", str(args.tp), sys.executable,
-           os.path.join(ROOT, "benchmarks", "profile_decode.py"),
-           "--context", str(context), "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--out", path]
-    run = _run(cmd, path + ".log", 900, _env())
-    return {"run": run, "json": os.path.basename(path)}
+    context, out = args.contexts[0], {}
+    for tp in (1, args.tp):
+        path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
+        script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
+                  "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--out", path]
+        cmd = script if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), *script]
+        env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
+        out[f"tp{tp}"] = {"run": _run(cmd, path + ".log", 900, env), "json": os.path.basename(path)}
+    return out
 
 
 def part_throughput(args) -> dict:
     runs = {}
     common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
               "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
-              str(args.host_memory_gb)]
+              str(args.host_memory_gb), *(["--enforce-eager"] if args.enforce_eager else [])]
     for context in args.contexts:
         for tp in (1, args.tp):
             path = os.path.join(args.out_dir, f"throughput_tp{tp}_{context}.json")
@@ -247,6 +250,7 @@ def main() -> None:
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
     p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the throughput runs")
+    p.add_argument("--enforce-eager", action="store_true", help="throughput runs without CUDA graphs")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
