@@ -8,6 +8,7 @@ of its queues and cache (`LLMEngine.snapshot()`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -76,21 +77,13 @@ class StatsRecorder:
         return tokens / busy_s if busy_s > 0 else 0.0
 
     def combine(self, engine: EngineSnapshot) -> EngineStats:
-        """These counters plus the engine's queues and cache occupancy (`LLMEngine.snapshot()`)."""
+        """These counters plus the engine's queues and cache occupancy (`LLMEngine.snapshot()`: every
+        field of it is a field of EngineStats)."""
         return EngineStats(
-            kcache_mode=engine.kcache_mode,
-            num_requests_running=engine.num_requests_running,
-            num_requests_waiting=engine.num_requests_waiting,
+            **{f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)},
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generation_tokens_total=self.num_generation_tokens_total,
             num_token_steps_total=self.num_token_steps_total,
-            num_preemptions_total=engine.num_preemptions_total,
             num_finished_total=dict(self.num_finished_total),
             decode_throughput_tokens_per_s=self.decode_throughput(),
-            device_cache_blocks_in_use=engine.device_cache_blocks_in_use,
-            device_cache_blocks_total=engine.device_cache_blocks_total,
-            host_v_blocks_in_use=engine.host_v_blocks_in_use,
-            host_v_blocks_total=engine.host_v_blocks_total,
-            v_bytes_fetched_total=engine.v_bytes_fetched_total,
-            pinned_host_bytes=engine.pinned_host_bytes,
         )
