@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from kcache_dist.parallel.launcher import mpirun_flags  # noqa: E402
+
+from server_load import free_port, wait_until_healthy  # noqa: E402
 
 DEFAULT_SHAPE = "llama3-8b"
 GREEDY_TOKENS = 24
@@ -142,18 +143,12 @@ def part_greedy(args, model_dir: str) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def part_serve(args, model_dir: str, expected: dict) -> dict:
     import httpx
 
     from kcache_dist.models.named_shapes import shape_config
 
-    port = _free_port()
+    port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(args.tp), os.path.join(ROOT, "launch", "serve.py"), "--model", model_dir,
            "--load-format", "random", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
            "--max-num-seqs", "8", "--kcache-mode", "kcache", "--port", str(port), "--disable-uvicorn-access-log"]
@@ -163,17 +158,8 @@ def part_serve(args, model_dir: str, expected: dict) -> dict:
                               start_new_session=True)
     result = {"cmd": " ".join(cmd)}
     try:
-        deadline, base = time.monotonic() + SERVE_START_TIMEOUT_S, f"http://127.0.0.1:{port}"
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start (see {log_path})")
-            try:
-                if httpx.get(base + "/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1.0)
-        result["start_s"] = round(SERVE_START_TIMEOUT_S - (deadline - time.monotonic()), 1)
+        base = f"http://127.0.0.1:{port}"
+        result["start_s"] = round(wait_until_healthy(base, server, log_path, SERVE_START_TIMEOUT_S), 1)
         prompt = prompts(shape_config(args.shape)["vocab_size"])[0]
         response = httpx.post(base + "/v1/completions", timeout=300.0,
                               json={"model": model_dir, "prompt": prompt, "max_tokens": GREEDY_TOKENS,

@@ -188,10 +188,29 @@ def _wait_for_idle(base_url: str, timeout_s: float = 30.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(base_url: str, server: subprocess.Popen, log_path: str, timeout_s: float) -> float:
+    """Seconds until GET /health answers 200. RuntimeError with the end of the server's log if the
+    process exits first or `timeout_s` passes."""
+    import httpx
+
+    start = time.monotonic()
+    while True:
+        if server.poll() is not None or time.monotonic() - start > timeout_s:
+            with open(log_path) as f:
+                tail = f.read()[-4000:]
+            raise RuntimeError(f"the server did not start; the end of its log ({log_path}):\n{tail}")
+        try:
+            if httpx.get(base_url + "/health", timeout=2.0).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def _offline_llm(server_args: list[str]):
@@ -219,26 +238,16 @@ def main() -> int:
     from kcache_dist.server.cli_args import build_parser, default_served_model_name, engine_config_from_args
 
     model = default_served_model_name(engine_config_from_args(build_parser().parse_args(server_args)))
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    import httpx
-
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as log:
         server = subprocess.Popen([sys.executable, SERVE_SCRIPT, *server_args, "--port", str(port),
                                    "--disable-uvicorn-access-log"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                with open(log.name) as f:
-                    tail = f.read()[-4000:]
-                raise SystemExit(f"the server did not start; the end of its log ({log.name}):\n{tail}")
-            try:
-                if httpx.get(base_url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        try:
+            wait_until_healthy(base_url, server, log.name, timeout_s=300)
+        except RuntimeError as error:
+            raise SystemExit(str(error)) from None
         offline = None if args.no_offline_check else _offline_llm(server_args)
         report = run_load(base_url, model, spec, offline=offline, server_pid=server.pid)
     finally:
