@@ -134,6 +134,36 @@ def test_selection_exact_on_hard_rows(mode):
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["fused", "row"])
+def test_selection_exact_with_keys_on_coarse_bin_edges(mode):
+    """Scores on a grid of the coarse bin width (half a log2 unit), many tied: the n-th key and its
+    neighbours lie on or within an ulp of a bin edge, where the float histogram may bin a key on the
+    other side of the edge than the integer keys do (on an H200 such a key left one slot of a real
+    row unwritten, which the fetch then read as a position). Every row must still hold exactly its
+    top set."""
+    from kcache_dist.kcache.triton_kcache import LOG2E, KPassConfig, score_and_select
+
+    lens, hkv, head_dim, bs = [8192, 5000, 3001], 2, 64, 16
+    seed = fresh_seed()
+    q, kc, _, _, bt, sl, _, _ = _cuda_inputs(len(lens), hkv, 4, head_dim, lens, bs,
+                                             SelectionSpec(64, 4, 64, True, "max"), torch.bfloat16, seed)
+    q.zero_()
+    q[..., 0] = 1.0
+    kc.zero_()
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, device="cuda")
+        for h in range(hkv):
+            level = ((pos * 7919 + 13 * h + b) % 61).to(torch.float32)  # 61 levels, 0 to 30 log2 units down
+            kc[bt[b, pos // bs].long(), h, pos % bs, 0] = (-level / 2).to(torch.bfloat16)
+    for top_n in (64, 300, 1024):
+        spec = SelectionSpec(top_n, 4, 64, True, "max")
+        for ulps in (0, 1, -1):
+            scale = (1.0 + ulps * 2.0 ** -23) / LOG2E  # log2-domain scores of -level / 2, give or take ulps
+            sel = score_and_select(q, kc, bt, sl, max(lens), spec, scale, KPassConfig(select_mode=mode))
+            check_selection(sel, lens, hkv, spec, f"seed {seed} top_n {top_n} ulps {ulps}")
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_full_budget_equals_dense(dtype):
     from kcache_dist.kcache.triton_kcache import kcache_decode_triton

@@ -14,7 +14,10 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
         partials; tl.histogram of few bins is cheap, unlike the 2048 bins this replaced);
      b. the bin holding the n-th key is read off the histogram; one pass copies the keys of that bin
         and the bins above it (n plus the rest of the bin) with their positions, ascending, into the
-        row's scratch (top_n + scratch_extra slots);
+        row's scratch (top_n + scratch_extra slots); the keys above the bin and the bin's [min, max]
+        are then counted on the integer keys themselves (the float histogram only picks candidates:
+        a key on a bin edge can fall on the other side of it there), and if the n-th key is not in
+        the bin by that count, the fallback below runs;
      c. count passes over the scratch narrow an integer interval [lo, hi] that holds the n-th key
         (first the bin's [min, max]): each histograms (hi - key) >> shift over `bins` bins and keeps
         the bin holding the n-th key, until lo == hi: that is the n-th key, exactly;
@@ -179,9 +182,10 @@ def _hist_row(krow, a0, a1, lo, hi, shift, TK: tl.constexpr, NB: tl.constexpr, N
 
 
 @triton.jit
-def _collect(krow, a0, a1, lo, SP, SK, TK: tl.constexpr, NSTG: tl.constexpr):
+def _collect(krow, a0, a1, lo, SP, SK, cap, TK: tl.constexpr, NSTG: tl.constexpr):
     """Copy the keys >= lo of krow[a0:a1] with their positions, in ascending position order, into the
-    scratch (SK keys, SP positions). Returns the count."""
+    scratch (SK keys, SP positions; the first `cap` of them). Returns the count of keys >= lo (which
+    may exceed cap)."""
     tk = tl.arange(0, TK)
     cnt = 0
     for start in tl.range(a0, a1, TK, num_stages=NSTG):
@@ -189,8 +193,8 @@ def _collect(krow, a0, a1, lo, SP, SK, TK: tl.constexpr, NSTG: tl.constexpr):
         c = k >= lo
         ci = c.to(tl.int32)
         slot = cnt + tl.cumsum(ci, 0) - 1
-        tl.store(SP + slot, start + tk, mask=c)
-        tl.store(SK + slot, k, mask=c)
+        tl.store(SP + slot, start + tk, mask=c & (slot < cap))
+        tl.store(SK + slot, k, mask=c & (slot < cap))
         cnt += tl.sum(ci, 0)
     return cnt
 
@@ -215,7 +219,7 @@ def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr
                     NSTG: tl.constexpr):
     """Write, in source order, the positions with key > kappa and the first n_eq with key == kappa
     to out[0:]. Source: the row's keys SK[n_lo:n_hi] (FROM_ROW; positions = indices, whole tiles) or
-    scratch entries [n_lo, n_hi) of (SK keys, SP positions)."""
+    scratch entries [n_lo, n_hi) of (SK keys, SP positions). Returns the count written."""
     tk = tl.arange(0, TK)
     cnt = 0
     eq_taken = 0
@@ -235,6 +239,17 @@ def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr
         tl.store(out + slot, pos, mask=sel > 0)
         cnt += tl.sum(sel, 0)
         eq_taken += tl.sum(eq, 0)
+    return cnt
+
+
+@triton.jit
+def _pad_selected(out, written, top_n, TK: tl.constexpr):
+    """out[written:top_n] = -1. The counts above make `written` top_n; this keeps a count that went
+    wrong from leaving unwritten slots that a fetch would read as positions."""
+    tk = tl.arange(0, TK)
+    for start in range(written, top_n, TK):
+        t = start + tk
+        tl.store(out + t, tl.full([TK], -1, tl.int32), mask=t < top_n)
 
 
 @triton.jit
@@ -252,7 +267,8 @@ def _finish_from_scratch(SP, SK, cnt, lo, hi, above, out, top_n, TK: tl.constexp
             b, inr = _bins(k, lo, hi, shift, NB)
             hist += tl.histogram(b, NB, mask=inr)
         above, nb, lo, hi = _locate(hist, above, top_n, lo, hi, shift, NB)
-    _write_selected(SK, SP, 0, cnt, hi, top_n - above, out, False, TK, NSTG)
+    written = _write_selected(SK, SP, 0, cnt, hi, top_n - above, out, False, TK, NSTG)
+    _pad_selected(out, written, top_n, TK)
 
 
 @triton.jit
@@ -269,11 +285,12 @@ def _select_from_keys(krow, SP, SK, out, a0, a1, lo, hi, far, top_n, scr_cap,
         hist = _hist_row(krow, a0, a1, lo, hi, shift, TK, NB, NSTG)
         above, nb, lo, hi = _locate(hist, above, top_n, lo, hi, shift, NB)
     if above + nb <= scr_cap:
-        cnt = _collect(krow, a0, a1, lo, SP, SK, TK, NSTG)
+        cnt = _collect(krow, a0, a1, lo, SP, SK, scr_cap, TK, NSTG)
         tl.debug_barrier()
         _finish_from_scratch(SP, SK, cnt, lo, hi, above, out, top_n, TK, NB, NSTG)
     else:
-        _write_selected(krow, krow, a0, a1, hi, top_n - above, out, True, TK, NSTG)
+        written = _write_selected(krow, krow, a0, a1, hi, top_n - above, out, True, TK, NSTG)
+        _pad_selected(out, written, top_n, TK)
 
 
 @triton.jit
@@ -327,25 +344,35 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
             ncand = tl.sum(tl.where(tl.arange(0, NB1) == bstar, csum, 0), 0)
             SP = SCR_POS + scr
             SK = SCR_KEY + scr
+            done = 0
             if (bstar < NB1 - 1) & (ncand <= scr_cap):
-                # c: the keys of the coarse bins down to bstar, the one holding the n-th key; the keys of
-                #    bins above it are all larger than those of bstar, whose [min, max] starts the narrowing
+                # c: the keys of the coarse bins down to bstar, the one holding the n-th key. The float
+                #    histogram only picks these candidates: a key on a bin edge can land in the
+                #    neighbouring bin there (seen on an H200, not under the interpreter), so the keys
+                #    above bstar and bstar's [min, max] are counted again on the integer keys, and a
+                #    count that does not hold the n-th key in bstar falls back to the narrowing below
                 edge = _coarse_edge(ktop, bstar, NB1, BPL)
-                cnt = _collect(krow, a0, a1, edge, SP, SK, TK, NSTG)
+                cnt = _collect(krow, a0, a1, edge, SP, SK, scr_cap, TK, NSTG)
                 tl.debug_barrier()
                 top = _coarse_edge(ktop, bstar - 1, NB1, BPL)   # keys >= top lie in the bins above bstar
+                n_scr = tl.minimum(cnt, scr_cap)
                 tk = tl.arange(0, TK)
                 bmin = tl.full([TK], KEY_MAX, tl.int32)
                 bmax = tl.full([TK], KEY_NONE, tl.int32)
-                for start in range(0, cnt, TK):
+                n_in = 0
+                for start in range(0, n_scr, TK):
                     i = start + tk
-                    k = tl.load(SK + i, mask=i < cnt, other=KEY_MAX)
-                    inb = (i < cnt) & (k < top)
+                    k = tl.load(SK + i, mask=i < n_scr, other=KEY_MAX)
+                    inb = (i < n_scr) & (k < top)
                     bmin = tl.minimum(bmin, tl.where(inb, k, KEY_MAX))
                     bmax = tl.maximum(bmax, tl.where(inb, k, KEY_NONE))
-                above = ncand - tl.sum(tl.where(tl.arange(0, NB1) == bstar, coarse, 0), 0)
-                _finish_from_scratch(SP, SK, cnt, tl.min(bmin, 0), tl.max(bmax, 0), above, out, top_n, TK, NB, NSTG)
-            else:
+                    n_in += tl.sum(inb.to(tl.int32), 0)
+                above = cnt - n_in
+                if (cnt <= scr_cap) & (above < top_n) & (cnt >= top_n):
+                    _finish_from_scratch(SP, SK, cnt, tl.min(bmin, 0), tl.max(bmax, 0), above, out, top_n, TK, NB,
+                                         NSTG)
+                    done = 1
+            if done == 0:
                 # the n-th key lies 31.5 log2 units or more below the bound, or its bin overfills the
                 # scratch: exact narrowing over the row's keys from their [min, max]
                 tk = tl.arange(0, TK)
