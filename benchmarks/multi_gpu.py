@@ -2,23 +2,26 @@
 """The multi-GPU checks in one script, on a Llama-3-8B-shaped model with random weights (the same
 weights at every tensor-parallel size, `models/random_weights.py`):
 
-    python benchmarks/multi_gpu.py --tp 2 --parts greedy,serve,profile --out-dir benchmarks/results/multi_gpu
-    python benchmarks/multi_gpu.py --tp 2 --parts throughput --contexts 8192 --out-dir ...
+    python benchmarks/multi_gpu.py --tp 2,4 --parts greedy,serve,profile --out-dir benchmarks/results/multi_gpu
+    python benchmarks/multi_gpu.py --tp 2,4 --parts throughput --contexts 8192 --out-dir ...
 
-Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<N>_<parts>.json):
-  greedy      TP=1 (`python`) and TP=N (`deepspeed --num_gpus N`) greedy tokens of the same
+Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<N>_<parts>.json; N runs over
+the --tp sizes, the largest is M):
+  greedy      TP=1 (`python`) and each TP=N (`deepspeed --num_gpus N`) greedy tokens of the same
               token-id prompts, full and KCache mode (float32, so that a different summation order
               of the row-parallel all-reduce does not flip near-tied random logits); every rank of
-              the KCache run reports its GPU's NUMA node and where its V pool's pages are
+              the KCache run at TP=M reports its GPU's NUMA node and where its V pool's pages are
               (move_pages over a sample of pages).
-  serve       `deepspeed --num_gpus N launch/serve.py` (KCache mode) answers a completion whose text
+  serve       `deepspeed --num_gpus M launch/serve.py` (KCache mode) answers a completion whose text
               must equal the TP=1 greedy text of the same prompt; SIGTERM to rank 0 (the DeepSpeed
               launcher does not pass it on) then stops every rank, and the launcher exits.
-  profile     `benchmarks/profile_decode.py` at the first context on one GPU and under `mpirun -np N`
-              (same batch): kernel time per step, the NCCL all-reduce included (what the all-reduce
-              costs without overlap), eager and as a CUDA graph.
-  throughput  `benchmarks/throughput.py` at TP=1 (one GPU) and under `mpirun -np N` at each context,
-              each mode at its planned largest batch: total and per-GPU decode tokens/s, TP scaling.
+  profile     `benchmarks/profile_decode.py` at the first context on one GPU and under each
+              `mpirun -np N` (same batch): kernel time per step, the NCCL all-reduce included, eager,
+              eager in micro-batches and as a CUDA graph, and what the all-reduces cost a step with
+              and without the micro-batch overlap (the steps timed again without them).
+  throughput  `benchmarks/throughput.py` at TP=1 (one GPU) and under each `mpirun -np N` at each
+              context, each mode at its planned largest batch, whole and in --micro-batches: total
+              and per-GPU decode tokens/s, TP scaling.
 """
 
 from __future__ import annotations
@@ -122,18 +125,19 @@ def _first_difference(a: list[list[int]], b: list[list[int]]) -> list:
 
 def part_greedy(args, model_dir: str) -> dict:
     out = {}
-    for tp in (1, args.tp):
+    for tp in (1, *args.tps):
         path = os.path.join(args.out_dir, f"greedy_tp{tp}.json")
         script = [os.path.abspath(__file__), "--greedy-job", model_dir, path]
         cmd = [sys.executable, *script] if tp == 1 else ["deepspeed", "--num_gpus", str(tp), *script]
         out[f"tp{tp}_run"] = _run(cmd, path + ".log", 1200, _env())
     with open(os.path.join(args.out_dir, "greedy_tp1.json")) as f:
         one = json.load(f)
-    with open(os.path.join(args.out_dir, f"greedy_tp{args.tp}.json")) as f:
-        many = json.load(f)
-    for mode in MODES:
-        a, b = one["modes"][mode]["token_ids"], many["modes"][mode]["token_ids"]
-        out[mode] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
+    for tp in args.tps:
+        with open(os.path.join(args.out_dir, f"greedy_tp{tp}.json")) as f:
+            many = json.load(f)
+        for mode in MODES:
+            a, b = one["modes"][mode]["token_ids"], many["modes"][mode]["token_ids"]
+            out[f"tp{tp}_{mode}"] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
     numa = []
     for rank in range(args.tp):
         with open(os.path.join(args.out_dir, f"greedy_tp{args.tp}.json.rank{rank}.numa.json")) as f:
@@ -187,13 +191,19 @@ def part_serve(args, model_dir: str, expected: dict) -> dict:
 
 def part_profile(args) -> dict:
     context, out = args.contexts[0], {}
-    for tp in (1, args.tp):
+    for tp in (1, *args.tps):
         path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
         script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
-                  "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--out", path]
+                  "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--host-memory-gb",
+                  str(args.host_memory_gb), "--out", path]
         cmd = script if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), *script]
         env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
         out[f"tp{tp}"] = {"run": _run(cmd, path + ".log", 900, env), "json": os.path.basename(path)}
+        if out[f"tp{tp}"]["run"]["exit_code"] == 0:
+            with open(path) as f:
+                out[f"tp{tp}"]["steps"] = [{k: v for k, v in r.items() if k.endswith("device_ms_median")
+                                            or k.startswith("all_reduce") or k in ("mode", "batch")}
+                                           for r in json.load(f)["results"]]
     return out
 
 
@@ -201,9 +211,10 @@ def part_throughput(args) -> dict:
     runs = {}
     common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
               "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
-              str(args.host_memory_gb), *(["--enforce-eager"] if args.enforce_eager else [])]
+              str(args.host_memory_gb), "--micro-batches", args.micro_batches,
+              *(["--enforce-eager"] if args.enforce_eager else [])]
     for context in args.contexts:
-        for tp in (1, args.tp):
+        for tp in (1, *args.tps):
             path = os.path.join(args.out_dir, f"throughput_tp{tp}_{context}.json")
             script = [os.path.join(ROOT, "benchmarks", "throughput.py"), "--contexts", str(context), *common,
                       "--out", path]
@@ -215,7 +226,8 @@ def part_throughput(args) -> dict:
                 with open(path) as f:
                     points = json.load(f)["points"]
                 runs[f"tp{tp}_{context}"]["points"] = [
-                    {"mode": p["mode"], "batch": p["batch"], "decode_tokens_per_s": p["decode_tokens_per_s"],
+                    {"mode": p["mode"], "batch": p["batch"], "micro_batches": p["micro_batches"],
+                     "decode_tokens_per_s": p["decode_tokens_per_s"],
                      "per_gpu_decode_tokens_per_s": p["decode_tokens_per_s"] / tp, "step_s_median": p["step_s_median"]}
                     for p in points]
     return runs
@@ -230,23 +242,27 @@ def main() -> None:
             greedy_job(argv[1], argv[2])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--tp", default="2", help="tensor-parallel sizes, e.g. 2,4 (each compared with TP=1)")
     p.add_argument("--shape", default=DEFAULT_SHAPE, help="named shape (tiny-llama for a CPU smoke run)")
     p.add_argument("--parts", default="greedy,serve,profile,throughput")
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
     p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the throughput runs")
-    p.add_argument("--enforce-eager", action="store_true", help="throughput runs without CUDA graphs")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="throughput runs without CUDA graphs (so full mode is timed in micro-batches too)")
+    p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.tps = sorted({int(t) for t in args.tp.split(",")} - {1})
+    args.tp = max(args.tps)
     parts = args.parts.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
     import torch
 
     from kcache_dist.models.named_shapes import write_shape_dir
 
-    summary = {"tp": args.tp, "shape": args.shape,
+    summary = {"tp": args.tps, "shape": args.shape,
                "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                "parts": {}}
     with tempfile.TemporaryDirectory(prefix="kcache_multi_gpu_") as scratch:

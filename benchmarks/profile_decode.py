@@ -9,8 +9,11 @@ For each mode an engine is built as a user starts it (max_model_len = context, m
 batch) with random weights; every sequence gets its own blocks, K (and the device V pools) are
 filled with random values, and a decode plan of one new token per sequence at position context - 1
 runs through `ModelRunner.execute` (forward + logits; no scheduling, sampling or detokenizing).
-Reported per mode, for the eager forward and for the CUDA-graph replay of the same step: the
-step's device time (CUDA events) and the host time until the call returns; for the eager forward
+Reported per mode, for the eager forward, the eager forward split into --micro-batches
+micro-batches on as many CUDA streams, and the CUDA-graph replay of the same step: the step's
+device time (CUDA events) and the host time until the call returns. Under tensor parallelism the
+two eager forwards are also timed with the all-reduces left out, which gives what the all-reduces
+cost a step, whole and split, and the fraction of that cost the split hides. For the eager forward
 also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
 are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
 plan's blocks hold (said in the output) when the request is larger.
@@ -19,6 +22,7 @@ plan's blocks hold (said in the output) when the request is larger.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -36,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
+from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
 from kcache_dist.parallel import current_state, init_parallel, launched_world_size, strip_local_rank_arg  # noqa: E402
 
@@ -51,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense-layers", type=int, default=KCacheConfig().dense_layers)
     p.add_argument("--host-memory-gb", type=float, default=96.0)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--micro-batches", type=int, default=2,
+                   help="also time the eager step split into this many micro-batches on as many streams (1: not)")
     p.add_argument("--rows", type=int, default=25, help="profiler rows to print")
     p.add_argument("--out", default=None, help="JSON path")
     return p.parse_args(argv)
@@ -91,6 +98,32 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device) -> dict:
             "device_ms": device_ms, "host_ms": host_ms}
 
 
+def _without_all_reduce(run):
+    """`run` with the model's tensor-parallel all-reduces replaced by nothing (every rank alike)."""
+    def run_without(plan):
+        saved = (linear.tp_all_reduce, embedding.tp_all_reduce)
+        linear.tp_all_reduce = embedding.tp_all_reduce = lambda x: x
+        try:
+            return run(plan)
+        finally:
+            linear.tp_all_reduce, embedding.tp_all_reduce = saved
+    return run_without
+
+
+def all_reduce_overlap(timings: dict, split: str) -> dict:
+    """What the all-reduces add to a step (with - without them, median device ms), whole and split
+    into micro-batches, and the fraction of it the split hides: 1 - split cost / whole cost."""
+    if "eager_no_all_reduce" not in timings:
+        return {}
+    cost = {name: timings[name]["device_ms_median"] - timings[name + "_no_all_reduce"]["device_ms_median"]
+            for name in ("eager", split) if name + "_no_all_reduce" in timings}
+    out = {"all_reduce_ms_whole": cost["eager"]}
+    if split in cost:
+        out.update({"all_reduce_ms_micro_batched": cost[split],
+                    "all_reduce_hidden_fraction": 1 - cost[split] / cost["eager"] if cost["eager"] > 0 else None})
+    return out
+
+
 def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
     kcache = (KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers) if mode == "kcache"
               else KCacheConfig(mode="full"))
@@ -109,10 +142,17 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     batch = min(batch, fits)
     fill_device_pools(runner.kv_cache)
     plan = decode_plan(batch, args.context, blocks_per_seq)
+    split = f"eager_{args.micro_batches}_micro_batches"
     paths = {"eager": runner._execute_eager}
+    if args.micro_batches > 1:
+        paths[split] = lambda p: runner._execute_eager(dataclasses.replace(p, micro_batches=args.micro_batches))
+    if current_state().tp_size > 1:  # the same steps with the all-reduces left out (wrong sums, right timing)
+        for name in list(paths):
+            paths[name + "_no_all_reduce"] = _without_all_reduce(paths[name])
     if runner.decode_graphs is not None:
         paths["cuda_graph"] = runner.execute
     timings = {name: time_step(run, plan, args.steps, dev) for name, run in paths.items()}
+    overlap = all_reduce_overlap(timings, split)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         runner._execute_eager(plan)
         torch.cuda.synchronize(dev)
@@ -122,11 +162,13 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
              "share": e.self_device_time_total / total_us if total_us else 0.0} for e in events[: args.rows]]
     result = {"mode": mode, "batch": batch, "context": args.context, "block_size": runner.block_size,
               **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},
-              "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows}
+              "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows, **overlap}
     if rank0:
         print(f"\n== {mode} batch {batch} @ {args.context}, TP={current_state().tp_size}: " + "; ".join(
             f"{name} device {t['device_ms_median']:.2f} ms, host until return {t['host_ms_median']:.2f} ms"
             for name, t in timings.items()), flush=True)
+        if overlap:
+            print("  all-reduce: " + ", ".join(f"{k} {v:.3f}" for k, v in overlap.items()), flush=True)
         for r in rows:
             print(f"  {r['device_ms']:9.3f} ms {100 * r['share']:5.1f}%  x{r['calls']:<5d} {r['name']}")
     del runner

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import math
@@ -101,9 +102,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batches", default="auto",
                    help="'auto' (powers of two below the plan's largest batch, and that batch), 'max' (the "
                         "largest only) or a list such as 1,2,4 (sizes above the plan's largest are skipped)")
-    p.add_argument("--modes", default="kcache,full",
-                   help="engine modes, of: full, kcache, run in this order (KCache first: a KCache engine that "
-                        "followed a graph-using engine in one process failed, README Known issues)")
+    p.add_argument("--modes", default="kcache,full", help="engine modes, of: full, kcache, run in this order")
+    p.add_argument("--micro-batches", default="1,2",
+                   help="decode micro-batch counts timed at every point on the same engine (1: the step whole; "
+                        "EngineConfig.decode_micro_batches); steps that replay CUDA graphs are never split, so "
+                        "a mode with graphs is timed at 1 only")
     p.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per point (>= 2)")
     p.add_argument("--warmup-steps", type=int, default=4, help="untimed decode steps before each point")
     p.add_argument("--prefill-seqs", type=int, default=2, help="prompts prefilled together for prefill tokens/s")
@@ -144,6 +147,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.batches = sorted(set(_int_list(args.batches)))
         if not args.batches or args.batches[0] < 1:
             p.error("--batches: give 'auto', 'max' or positive integers")
+    args.micro_batches = sorted(set(_int_list(args.micro_batches)))
+    if not args.micro_batches or args.micro_batches[0] < 1:
+        p.error("--micro-batches: give positive integers")
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be >= 2 (the HF baseline times N - 1 decode steps)")
     if not args.contexts or min(args.contexts) < 2:
@@ -370,14 +376,16 @@ def _v_rows_fetched(engine: LLMEngine) -> int:
 def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argparse.Namespace,
                  bandwidth: dict, generator: torch.Generator, device: torch.device,
                  on_point: Callable[[dict], None]) -> list[dict]:
-    """Prefill max(sizes) prompts, then time decode steps at each size, largest first."""
+    """Prefill max(sizes) prompts, then time decode steps at each size, largest first, and at each
+    size with each of `args.micro_batches` (eager steps only)."""
     sizes = sorted(sizes, reverse=True)
+    micro_batch_counts = [1] if engine.runner.uses_cuda_graphs else args.micro_batches
     largest, budget = sizes[0], engine.config.max_num_batched_tokens
     if budget <= largest:
         raise ValueError(f"max_num_batched_tokens={budget} must exceed the batch ({largest}) so prompts can be "
                          "prefilled while the others decode")
     tokens_per_point = args.warmup_steps + args.decode_tokens
-    reserve = decode_reserve_tokens(largest, context, budget, len(sizes), tokens_per_point)
+    reserve = decode_reserve_tokens(largest, context, budget, len(sizes) * len(micro_batch_counts), tokens_per_point)
     prompt_len = context - reserve
     if prompt_len < 1:
         raise ValueError(f"context {context} is too short for this sweep: it generates up to {reserve} tokens per "
@@ -399,10 +407,12 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
     hbm_Bps, h2d_Bps = bandwidth["hbm_copy_GBps"] * GB, bandwidth["h2d_GBps"] * GB
     plan = engine.runner.cache_plan
     points = []
-    for batch in sizes:
+    for batch, micro_batches in itertools.product(sizes, micro_batch_counts):
         for request_id in request_ids[batch:]:
             engine.abort_request(request_id)
         request_ids = request_ids[:batch]
+        engine.decode_micro_batches = micro_batches
+        first_point = batch == largest and micro_batches == micro_batch_counts[0]
         for _ in range(args.warmup_steps):
             engine.step()
         preemptions_before = engine.scheduler.num_preemptions
@@ -429,7 +439,8 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
         step_mean_s = window_s / args.decode_tokens
         used_blocks = engine.block_manager.num_used_blocks
         point = {
-            "mode": engine.config.kcache.mode, "context": context, "batch": batch, "prompt_tokens": prompt_len,
+            "mode": engine.config.kcache.mode, "context": context, "batch": batch, "micro_batches": micro_batches,
+            "cuda_graphs": engine.runner.uses_cuda_graphs, "prompt_tokens": prompt_len,
             "mean_seq_len": statistics.fmean(mean_lens), "num_steps": args.decode_tokens, "window_s": window_s,
             "decode_tokens_per_s": batch * args.decode_tokens / window_s,
             "step_s_mean": step_mean_s, "step_s_median": statistics.median(step_s),
@@ -446,11 +457,12 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
             "step_over_roofline": step_mean_s / roofline_s,
             "roofline_bound_by": mean_bytes.bound_by(hbm_Bps, h2d_Bps),
             "plan_max_batch": plan.num_full_length_seqs, "preemptions": engine.scheduler.num_preemptions
-            - preemptions_before, "fill_steps": fill_steps if batch == largest else None,
-            "fill_s": fill_s if batch == largest else None,
+            - preemptions_before, "fill_steps": fill_steps if first_point else None,
+            "fill_s": fill_s if first_point else None,
         }
         points.append(point)
         on_point(point)
+    engine.decode_micro_batches = engine.config.decode_micro_batches
     for request_id in request_ids:
         engine.abort_request(request_id)
     return points
@@ -585,8 +597,10 @@ def hf_baseline(model_dir: str, dtype: torch.dtype, device: torch.device, start_
 # ---------------------------------------------------------------------------------------------
 
 def _largest_point(points: list[dict], mode: str, context: int) -> Optional[dict]:
+    """The mode's fastest point at its largest batch (over the micro-batch counts timed there)."""
     rows = [p for p in points if p["mode"] == mode and p["context"] == context]
-    return max(rows, key=lambda p: p["batch"], default=None)
+    largest = max((p["batch"] for p in rows), default=None)
+    return max((p for p in rows if p["batch"] == largest), key=lambda p: p["decode_tokens_per_s"], default=None)
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -603,6 +617,8 @@ def summarize(points: list[dict], prefill: list[dict], hf: Optional[dict], conte
         kc_tps = kc["decode_tokens_per_s"] if kc else None
         row = {
             "kcache_batch": kc and kc["batch"], "full_batch": full and full["batch"],
+            "kcache_micro_batches": kc and kc.get("micro_batches", 1),
+            "full_micro_batches": full and full.get("micro_batches", 1),
             "hf_batch": hf_point and hf_point["batch"],
             "kcache_decode_tokens_per_s": kc_tps, "full_decode_tokens_per_s": full and full["decode_tokens_per_s"],
             "hf_decode_tokens_per_s": hf_point and hf_point["decode_tokens_per_s"],
@@ -638,19 +654,23 @@ def plot(result: dict, path_prefix: str) -> list[str]:
     for kind in ("decode", "roofline"):
         fig, axes = plt.subplots(1, len(contexts), figsize=(4.6 * len(contexts), 3.8), squeeze=False)
         for ax, context in zip(axes[0], contexts):
-            for mode, (color, marker) in styles.items():
-                rows = sorted((p for p in points if p["mode"] == mode and p["context"] == context),
-                              key=lambda p: p["batch"])
+            for (mode, (color, marker)), micro_batches in itertools.product(styles.items(), range(1, 9)):
+                rows = sorted((p for p in points if p["mode"] == mode and p["context"] == context
+                               and p.get("micro_batches", 1) == micro_batches), key=lambda p: p["batch"])
                 if not rows:
                     continue
                 xs = [p["batch"] for p in rows]
+                name = mode if micro_batches == 1 else f"{mode}, {micro_batches} micro-batches"
+                line = "-" if micro_batches == 1 else ":"
                 if kind == "decode":
-                    ax.plot(xs, [p["decode_tokens_per_s"] for p in rows], marker=marker, color=color, label=mode)
+                    ax.plot(xs, [p["decode_tokens_per_s"] for p in rows], marker=marker, color=color, ls=line,
+                            label=name)
                 else:
-                    ax.plot(xs, [1e3 * p["step_s_mean"] for p in rows], marker=marker, color=color,
-                            label=f"{mode} step")
-                    ax.plot(xs, [1e3 * p["roofline_step_s"] for p in rows], ls="--", color=color,
-                            label=f"{mode} roofline")
+                    ax.plot(xs, [1e3 * p["step_s_mean"] for p in rows], marker=marker, color=color, ls=line,
+                            label=f"{name} step")
+                    if micro_batches == 1:
+                        ax.plot(xs, [1e3 * p["roofline_step_s"] for p in rows], ls="--", color=color,
+                                label=f"{mode} roofline")
             if kind == "decode":
                 for p in hf_points:
                     if p["context"] == context:
@@ -675,18 +695,19 @@ def plot(result: dict, path_prefix: str) -> list[str]:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'mode':>6} {'ctx':>6} {'batch':>5} {'decode tok/s':>12} {'step ms':>8} {'roof ms':>8} "
+    lines = [f"{'mode':>6} {'ctx':>6} {'batch':>5} {'mb':>2} {'decode tok/s':>12} {'step ms':>8} {'roof ms':>8} "
              f"{'roof %':>6} {'bound':>5} {'V GB/s':>7} {'prefill tok/s':>13} {'TTFT s':>7} {'GPU GiB':>7}"]
     for p in result["points"]:
         gpu = p["gpu_used_bytes"]
-        lines.append(f"{p['mode']:>6} {p['context']:>6} {p['batch']:>5} {p['decode_tokens_per_s']:>12.1f} "
+        lines.append(f"{p['mode']:>6} {p['context']:>6} {p['batch']:>5} {p.get('micro_batches', 1):>2} "
+                     f"{p['decode_tokens_per_s']:>12.1f} "
                      f"{1e3 * p['step_s_mean']:>8.2f} {1e3 * p['roofline_step_s']:>8.2f} "
                      f"{100 * p['roofline_fraction']:>6.1f} {p['roofline_bound_by']:>5} {p['v_GBps']:>7.2f} "
                      f"{p.get('prefill_tokens_per_s') or float('nan'):>13.0f} {p.get('ttft_s') or float('nan'):>7.3f} "
                      f"{'-' if gpu is None else f'{gpu / 2**30:.1f}':>7}")
     for p in (result.get("hf_baseline") or {}).get("points", []):
         if p.get("batch"):
-            lines.append(f"{'HF':>6} {p['context']:>6} {p['batch']:>5} {p['decode_tokens_per_s']:>12.1f} "
+            lines.append(f"{'HF':>6} {p['context']:>6} {p['batch']:>5} {'':>2} {p['decode_tokens_per_s']:>12.1f} "
                          f"{1e3 * p['step_s_mean']:>8.2f} {'':>8} {'':>6} {'':>5} {'':>7} "
                          f"{p['prefill_tokens_per_s']:>13.0f} {p['first_token_s']:>7.3f}")
     for context, row in result["summary"].items():
@@ -748,7 +769,8 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     is_rank0 = state.rank == 0
     explicit = isinstance(args.batches, list)
-    progress = Progress(len(args.contexts) * len(args.modes) * (2 + (len(args.batches) if explicit else 1))
+    progress = Progress(len(args.contexts) * len(args.modes) * (2 + (len(args.batches) if explicit else 1)
+                                                                * len(args.micro_batches))
                         + (len(args.contexts) if args.hf_baseline else 0), enabled=is_rank0)
     bandwidth_bytes = (args.bandwidth_mib or (1024 if device.type == "cuda" else 64)) << 20
     bandwidth = measure_bandwidths(device, bandwidth_bytes)
@@ -778,8 +800,8 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
             sizes, skipped = batch_sizes(args.batches, facts["max_batch"])
             if skipped:
                 errors.append(f"{what}: batches {skipped} skipped: the plan holds {facts['max_batch']} sequences")
-            if not explicit:
-                progress.add_total(len(sizes) - 1)
+            counts = 1 if engine.runner.uses_cuda_graphs else len(args.micro_batches)
+            progress.add_total(len(sizes) * counts - (len(args.batches) if explicit else 1) * len(args.micro_batches))
             if engine.is_scheduler:
                 try:
                     mode_points, pre = measure_mode(engine, sizes, context, args, bandwidth, generator, device,

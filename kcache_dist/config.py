@@ -111,7 +111,11 @@ class EngineConfig:
     enforce_eager: on CUDA, decode-only steps replay CUDA graphs captured per (batch, context)
     bucket (`engine/cuda_graphs.py`): None (default) in full-KV mode only, False in both modes,
     True in neither (every step op by op). KCache decode gains 1-4% from graphs (its step waits on
-    the PCIe fetch); a failure seen with graphs is not yet explained (README, Known issues).
+    the PCIe fetch).
+    decode_micro_batches: a decode-only step that runs op by op (not from a CUDA graph) is split
+    into this many micro-batches, interleaved block by block on as many CUDA streams, so that one
+    micro-batch's V fetch from host memory and its tensor-parallel all-reduces overlap another's
+    kernels (`ModelRunner._execute_micro_batches`); 1 runs the step whole.
     """
 
     model: Optional[str] = None
@@ -129,6 +133,7 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "safetensors"
     enforce_eager: Optional[bool] = None
+    decode_micro_batches: int = 1
     kcache: KCacheConfig = field(default_factory=KCacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -144,7 +149,7 @@ class EngineConfig:
         _require(self.device in DEVICE_NAMES, "device", self.device, " | ".join(DEVICE_NAMES))
         _require(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 2),
                  "max_model_len", self.max_model_len, "null or an integer >= 2")
-        for key in ("max_num_seqs", "max_num_batched_tokens"):
+        for key in ("max_num_seqs", "max_num_batched_tokens", "decode_micro_batches"):
             value = getattr(self, key)
             _require(is_int(value) and value >= 1, key, value, "an integer >= 1")
         _require(self.block_size is None or (is_int(self.block_size) and self.block_size >= 1), "block_size",

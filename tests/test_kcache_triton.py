@@ -266,18 +266,3 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 def test_triton_kernels_under_interpreter_on_cpu():
     seed = fresh_seed()
     run_under_triton_interpreter(INTERPRET_SCRIPT.format(seed=seed), seed, timeout_s=300)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
-def test_auto_select_mode_follows_rows_per_sm(monkeypatch):
-    from types import SimpleNamespace
-
-    from kcache_dist.kcache.triton_kcache import FUSED_MIN_ROWS_PER_SM, resolve_select_mode
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
-    cuda_device = torch.device("cuda", 0)
-    assert resolve_select_mode("auto", 32 * 8, cuda_device) == "row"  # B=32, 8 KV heads: 1.9 rows per SM
-    assert resolve_select_mode("auto", 128 * 8, cuda_device) == "fused"  # B=128: 7.8 rows per SM
-    assert resolve_select_mode("auto", FUSED_MIN_ROWS_PER_SM * 132, cuda_device) == "fused"
-    assert resolve_select_mode("auto", 10, torch.device("cpu")) == "fused"
-    assert resolve_select_mode("row", 10**6, cuda_device) == "row"

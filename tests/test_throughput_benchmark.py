@@ -89,9 +89,12 @@ def test_cpu_run_writes_consistent_points(cpu_run):
     bw = result["bandwidth"]
     for p in result["points"]:
         plan = plans[(p["mode"], p["context"])]
-        batches = sorted(q["batch"] for q in result["points"] if (q["mode"], q["context"]) == (p["mode"], p["context"]))
+        same = [q for q in result["points"] if (q["mode"], q["context"]) == (p["mode"], p["context"])]
+        batches = sorted({q["batch"] for q in same})
         assert batches[-1] == plan["max_batch"] == p["plan_max_batch"]  # auto: powers of two, then the plan's max
         assert batches[:-1] == [2 ** i for i in range(len(batches) - 1)]
+        # every batch timed whole and as 2 micro-batches (the default --micro-batches 1,2; no graphs on CPU)
+        assert sorted((q["batch"], q["micro_batches"]) for q in same) == [(b, m) for b in batches for m in (1, 2)]
         assert p["decode_tokens_per_s"] == pytest.approx(p["batch"] * p["num_steps"] / p["window_s"])
         assert p["decode_tokens_per_s"] == pytest.approx(p["batch"] / p["step_s_mean"])
         assert p["step_s_min"] <= p["step_s_median"] <= p["step_s_max"]

@@ -52,6 +52,13 @@ def test_random_weights_tp2_equal_tp1(shape, tmp_path):
     assert run_job(2, model_dir, 2, None, 16, prompts, None, engine) == reference
 
 
+@pytest.mark.parametrize("kcache", [None, KCACHE], ids=["full", "kcache"])
+def test_tp2_micro_batched_decode_equals_tp1(tiny_llama_dir, kcache):
+    """Micro-batches run their blocks, each ending in an all-reduce, in the same order on every rank."""
+    reference = generate(tiny_llama_dir, 1, kcache, 24)
+    assert run_job(2, tiny_llama_dir, 2, kcache, 24, PROMPTS, None, {"decode_micro_batches": 2}) == reference
+
+
 def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):
     prompts = PROMPTS + ["A fifth prompt", "and a sixth one, longer than the fifth"]
     reference = generate(tiny_llama_dir, 1, KCACHE, 16, prompts)

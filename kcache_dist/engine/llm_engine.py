@@ -110,6 +110,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.runner.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.generator = torch.Generator().manual_seed(config.seed)
+        # micro-batches of eager decode steps (EngineConfig.decode_micro_batches); the scheduling
+        # rank puts it in each plan, so benchmarks may change it between steps
+        self.decode_micro_batches = config.decode_micro_batches
         self._seq_ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -253,6 +256,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
+        if plan.decode_only:
+            plan.micro_batches = self.decode_micro_batches
         self._send_to_workers(plan)
         logits = self.runner.execute(plan)
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]

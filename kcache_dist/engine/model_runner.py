@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -49,6 +50,7 @@ class ModelRunner:
         if config.kcache.mode == "kcache" and config.kcache.dense_layers > model_config.num_hidden_layers:
             raise ValueError(f"kcache.dense_layers={config.kcache.dense_layers} exceeds the model's "
                              f"{model_config.num_hidden_layers} layers")
+        self._side_streams: list = []  # micro-batch streams 1.. (`_micro_batch_streams`)
         self.cache_plan = self._plan_cache()
         self.num_kv_blocks = self.cache_plan.num_blocks
         self.kv_cache = self._make_cache(self.num_kv_blocks)
@@ -115,7 +117,8 @@ class ModelRunner:
         num_seqs = cfg.max_num_seqs
         prefill = StepPlan([0], [n], [self.max_model_len - n], [0] * n, [blocks], [0], [True])
         decode = StepPlan(list(range(num_seqs)), [1] * num_seqs, [self.max_model_len - 1] * num_seqs,
-                          [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs)
+                          [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs,
+                          micro_batches=cfg.decode_micro_batches)
         peaks = []
         for plan in (prefill, decode):
             torch.cuda.synchronize(dev)
@@ -148,7 +151,47 @@ class ModelRunner:
         return logits
 
     def _execute_eager(self, plan: StepPlan) -> torch.Tensor:
-        """`execute` op by op."""
+        """`execute` op by op; a decode-only plan with `micro_batches` > 1 as micro-batches."""
+        if plan.micro_batches > 1 and plan.decode_only and plan.num_seqs > 1:
+            return self._execute_micro_batches(plan.split(plan.micro_batches))
+        input_ids, ctx, last_rows = self._prepare(plan)
+        hidden = self.model(input_ids, ctx.positions, ctx)
+        return self.model.compute_logits(hidden[last_rows])
+
+    def _execute_micro_batches(self, parts: list[StepPlan]) -> torch.Tensor:
+        """Run the plans `parts` (the micro-batches of one decode step) interleaved block by block,
+        part i on stream i (part 0 on the current stream): while one micro-batch waits on its V
+        fetch from host memory or its all-reduce, another's kernels run. Logits in part order."""
+        prepared = [self._prepare(part) for part in parts]
+        streams = self._micro_batch_streams(len(parts))
+        main, side = streams[0], streams[1:] if streams[0] is not None else []
+        for stream in side:
+            stream.wait_stream(main)  # inputs were made on the current stream
+        steps = [self.model.blocks(ids, ctx.positions, ctx) for ids, ctx, _ in prepared]
+        last = [None] * len(parts)
+        running = True
+        while running:
+            running = False
+            for i, blocks in enumerate(steps):
+                with _on_stream(streams[i]):
+                    hidden = next(blocks, None)
+                if hidden is not None:
+                    last[i], running = hidden, True
+        for stream in side:
+            main.wait_stream(stream)  # and later steps' ops on any stream follow this step's
+        hidden = torch.cat([h[rows] for h, (_, _, rows) in zip(last, prepared)])
+        return self.model.compute_logits(hidden)
+
+    def _micro_batch_streams(self, count: int) -> list:
+        """[current stream] + count - 1 side streams of this device, made once (None on CPU)."""
+        if self.device.type != "cuda":
+            return [None] * count
+        while len(self._side_streams) < count - 1:
+            self._side_streams.append(torch.cuda.Stream(self.device))
+        return [torch.cuda.current_stream(self.device)] + self._side_streams[: count - 1]
+
+    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
+        """(input ids [T], the forward context, rows [S] of the T new tokens whose logits are sampled)."""
         bs = self.block_size
         positions: list[int] = []
         slots: list[int] = []
@@ -177,6 +220,10 @@ class ModelRunner:
             kv_cache=self.kv_cache,
         )
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)
-        hidden = self.model(input_ids, ctx.positions, ctx)
         last_rows = [query_start_loc[i + 1] - 1 for i in range(plan.num_seqs) if plan.sample[i]]
-        return self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=dev)])
+        return input_ids, ctx, torch.tensor(last_rows, dtype=torch.long, device=dev)
+
+
+def _on_stream(stream):
+    """`torch.cuda.stream(stream)`, or nothing for None (CPU)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -12,8 +12,10 @@ class StepPlan:
 
     For sequence i: `num_new_tokens[i]` tokens starting at position `num_computed_tokens[i]`, whose
     ids are its slice of `token_ids` (flat, in sequence order); its cache blocks are
-    `block_tables[i]` and its row in per-sequence buffers `hot_slots[i]`; `sample[i]` says whether the step ends its known tokens, so a next token is
-    sampled from the logits of its last new token.
+    `block_tables[i]` and its row in per-sequence buffers `hot_slots[i]`; `sample[i]` says whether
+    the step ends its known tokens, so a next token is sampled from the logits of its last new token.
+    A decode-only step of eager ops runs as `micro_batches` micro-batches on as many CUDA streams
+    (`ModelRunner`), the same on every rank.
     """
 
     seq_ids: list[int]
@@ -23,6 +25,7 @@ class StepPlan:
     block_tables: list[list[int]]
     hot_slots: list[int]
     sample: list[bool]
+    micro_batches: int = 1
 
     @property
     def num_seqs(self) -> int:
@@ -31,6 +34,22 @@ class StepPlan:
     @property
     def num_decodes(self) -> int:
         return sum(1 for n in self.num_new_tokens if n == 1)
+
+    @property
+    def decode_only(self) -> bool:
+        return 0 < self.num_seqs == self.num_decodes
+
+    def split(self, parts: int) -> list["StepPlan"]:
+        """The sequences in `parts` contiguous groups of near-equal size (at most num_seqs groups),
+        each a plan of its own (micro_batches 1)."""
+        parts = max(1, min(parts, self.num_seqs))
+        bounds = [self.num_seqs * i // parts for i in range(parts + 1)]
+        token_starts = [0]
+        for n in self.num_new_tokens:
+            token_starts.append(token_starts[-1] + n)
+        return [StepPlan(self.seq_ids[a:b], self.num_new_tokens[a:b], self.num_computed_tokens[a:b],
+                         self.token_ids[token_starts[a]:token_starts[b]], self.block_tables[a:b],
+                         self.hot_slots[a:b], self.sample[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    (near-uniform rows, ties such as q = 0), the same count passes run over the row's keys from their
    [min, max] until the candidates fit the scratch (or the n-th key is found), then b-d. Exact in
    every case; only slower. Where the row selection runs (`KPassConfig.select_mode`):
-   - "fused": inside the K pass, the last CTA of each row (atomic ticket) selects the row
-     while other rows' K still streams, reading the row's S back from L2;
-   - "row": one CTA per row after the K pass;
-   - "auto" (default): "fused" from FUSED_MIN_ROWS_PER_SM rows per SM up, else "row" (measured on an
-     H200: row is faster at B=32 x 8 KV heads, 1.9 rows per SM; fused at B=128, 7.8 rows per SM).
+   - "row" (default): one CTA per row after the K pass;
+   - "fused": inside the K pass, the last CTA of each row (atomic ticket) selects the row while
+     other rows' K still streams, reading the row's S back from L2. 4% faster than "row" at B=128
+     x 8 KV heads @ 32K (H200), but in an engine run on an H200 it left one slot of one row
+     unwritten about once in 10^5 rows, not reproducibly (a rerun of the same call was right):
+     a race not found yet, so it is not the default (benchmarks/notes/kcache_triton.md).
    Output: idx [rows, top_n] int32 far positions ascending, -1 padded; lse [rows, G] (log2 domain).
 2. A fetch of the selected far V rows from the host pool into vfar [rows, top_n, D] on the device:
    `gather_far_rows_zero_copy` (a persistent Triton kernel reading pinned host memory through UVA)
@@ -543,8 +544,8 @@ class KPassConfig:
     block_n: int = 128       # positions per K tile
     num_warps: int = 4
     num_stages: int = 3
-    select_mode: str = "auto"  # "fused": the last CTA of a row, inside the K pass; "row": one CTA per
-    #                            row after the K pass; "auto": by rows per SM (`resolve_select_mode`)
+    select_mode: str = "row"  # "row": one CTA per row after the K pass; "fused": the last CTA of a row,
+    #                           inside the K pass (see the module docstring)
     sel_tile: int = 0        # positions per step of the keys pass over S (0: 128 per warp of the CTA)
     key_tile: int = 0        # keys per step of the passes over keys, a multiple of sel_tile (0: 256 per
     #                          warp; 4 warps with larger tiles need more than 128 registers)
@@ -554,19 +555,6 @@ class KPassConfig:
     select_warps: int = 8    # warps per CTA of the "row" selection kernel
     maxnreg: int = 128       # register cap of the selecting kernels on CUDA (0: the compiler's choice, ~160:
     #                          3 fused K-pass CTAs per SM instead of the plain K pass's 4; 128 spills ~nothing)
-
-
-FUSED_MIN_ROWS_PER_SM = 4  # "auto": fused selection from this many (sequence, KV head) rows per SM
-
-
-def resolve_select_mode(mode: str, rows: int, device: torch.device) -> str:
-    """"auto" -> "fused" when rows >= FUSED_MIN_ROWS_PER_SM x the device's SMs (or off CUDA), else "row"."""
-    if mode != "auto":
-        return mode
-    if device.type != "cuda":
-        return "fused"
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return "fused" if rows >= FUSED_MIN_ROWS_PER_SM * sm_count else "row"
 
 
 @dataclass
@@ -599,9 +587,9 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     G = Hq // Hkv
     rows = B * Hkv
     dev = q.device
-    if cfg.select_mode not in ("auto", "fused", "row"):
-        raise ValueError(f"select_mode must be 'auto', 'fused' or 'row', not {cfg.select_mode!r}")
-    mode = resolve_select_mode(cfg.select_mode, rows, dev) if select else "none"
+    if cfg.select_mode not in ("fused", "row"):
+        raise ValueError(f"select_mode must be 'row' or 'fused', not {cfg.select_mode!r}")
+    mode = cfg.select_mode if select else "none"
     warps = cfg.select_warps if mode == "row" else cfg.num_warps
     ts, tk = cfg.sel_tile or 128 * warps, cfg.key_tile or 256 * warps
     if tk % ts:

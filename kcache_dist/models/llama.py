@@ -6,6 +6,8 @@ attention runs is the cache's business.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -56,8 +58,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), ctx)
+    def attention_block(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return hidden + self.self_attn(positions, self.input_layernorm(hidden), ctx)
+
+    def mlp_block(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -71,10 +75,22 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        for hidden in self.blocks(input_ids, positions, ctx):
+            pass
+        return hidden
+
+    def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> Iterator[torch.Tensor]:
+        """`forward` one block at a time: yields the residual stream after each layer's attention
+        block and after its MLP block (each ends in the tensor-parallel all-reduce of its output
+        projection), then the final normed hidden states. The model runner interleaves micro-batches
+        block by block."""
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(positions, hidden, ctx)
-        return self.norm(hidden)
+            hidden = layer.attention_block(positions, hidden, ctx)
+            yield hidden
+            hidden = layer.mlp_block(hidden)
+            yield hidden
+        yield self.norm(hidden)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -100,6 +116,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, ctx)
+
+    def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> Iterator[torch.Tensor]:
+        """`forward` block by block (`LlamaModel.blocks`); the last item is the final hidden states."""
+        return self.model.blocks(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] in float32."""

@@ -59,6 +59,8 @@ ENGINE_FLAGS = [
     ("--cpu-kv-cache-gb", "cpu_kv_cache_gb", float, "cache size on a CPU device (default 4)"),
     ("--host-memory-gb", "host_memory_gb", float, "KCache mode: host memory for the V pool (default 32)"),
     ("--seed", "seed", int, "seed of requests that give none (default 0)"),
+    ("--decode-micro-batches", "decode_micro_batches", int, "split each eager decode step into N micro-batches on N "
+     "CUDA streams, overlapping one's V fetch and all-reduces with another's kernels (default 1: no split)"),
     ("--load-format", "load_format", str, "safetensors: the model directory's checkpoint (default) | random: "
      "random weights of the model's shape, for benchmarks (the directory needs only config.json and a tokenizer)"),
 ]

@@ -1,0 +1,71 @@
+"""Micro-batched decode (EngineConfig.decode_micro_batches, ModelRunner._execute_micro_batches): a
+decode step split into micro-batches run block by block in turn (each on its own CUDA stream on a
+GPU) gives the tokens of the whole step, in full and KCache modes, on CPU and on a GPU; tensor
+parallel runs are in test_tp_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from helpers import token_ids
+from kcache_dist import LLM, KCacheConfig, SamplingParams
+from kcache_dist.engine.step_plan import StepPlan
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device"))]
+MODES = {
+    "full": KCacheConfig(mode="full"),
+    "kcache": KCacheConfig(mode="kcache", top_n=8, dense_layers=1, sink_tokens=2, recent_window=8),
+}
+# different lengths: the batch shrinks from 7 (parts of 2, 2, 3) to 1 (no split)
+LENGTHS = [40, 6, 25, 12, 33, 3, 18]
+PROMPT_LIST = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(len(LENGTHS))]
+
+
+def test_split_keeps_every_sequence_and_token_in_order():
+    plan = StepPlan(seq_ids=[5, 6, 7, 8, 9], num_new_tokens=[1, 1, 1, 3, 2], num_computed_tokens=[9, 8, 7, 0, 4],
+                    token_ids=list(range(100, 108)), block_tables=[[1], [2], [3], [4, 5], [6]],
+                    hot_slots=[0, 1, 2, 3, 4], sample=[True, True, True, False, True], micro_batches=2)
+    parts = plan.split(2)
+    assert [p.seq_ids for p in parts] == [[5, 6], [7, 8, 9]]
+    assert [p.token_ids for p in parts] == [[100, 101], [102, 103, 104, 105, 106, 107]]
+    assert [p.block_tables for p in parts] == [[[1], [2]], [[3], [4, 5], [6]]]
+    assert all(p.micro_batches == 1 for p in parts)
+    assert [p.seq_ids for p in plan.split(9)] == [[5], [6], [7], [8], [9]]
+    whole = plan.split(1)[0]
+    assert (whole.seq_ids, whole.token_ids, whole.sample) == (plan.seq_ids, plan.token_ids, plan.sample)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_micro_batched_decode_equals_whole_decode(tiny_llama_dir, mode, device):
+    results = {}
+    for micro_batches in (1, 3):
+        llm = LLM(model=tiny_llama_dir, dtype="float32", device=device, kcache=MODES[mode], enforce_eager=True,
+                  max_num_seqs=8, decode_micro_batches=micro_batches)
+        split_steps = []
+        execute = llm.engine.runner._execute_micro_batches
+
+        def counting(parts, execute=execute, split_steps=split_steps):
+            split_steps.append(len(parts))
+            return execute(parts)
+        llm.engine.runner._execute_micro_batches = counting
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
+        outputs = llm.generate(PROMPT_LIST, params)
+        results[micro_batches] = (token_ids(outputs), getattr(llm.engine.runner.kv_cache, "v_rows_fetched", 0),
+                                  split_steps)
+    (whole, whole_rows, whole_splits), (split, split_rows, splits) = results[1], results[3]
+    assert whole_splits == [] and set(splits) == {2, 3} and len(splits) > 10
+    assert split == whole
+    assert split_rows == whole_rows
+    if mode == "kcache":
+        assert whole_rows > 0
+
+
+def test_micro_batches_must_be_a_positive_integer():
+    from kcache_dist.config import EngineConfig
+
+    with pytest.raises(ValueError, match="decode_micro_batches"):
+        EngineConfig(decode_micro_batches=0)
