@@ -137,10 +137,8 @@ def test_selection_exact_on_hard_rows(mode):
 @pytest.mark.parametrize("mode", ["fused", "row"])
 def test_selection_exact_with_keys_on_coarse_bin_edges(mode):
     """Scores on a grid of the coarse bin width (half a log2 unit), many tied: the n-th key and its
-    neighbours lie on or within an ulp of a bin edge, where the float histogram may bin a key on the
-    other side of the edge than the integer keys do (on an H200 such a key left one slot of a real
-    row unwritten, which the fetch then read as a position). Every row must still hold exactly its
-    top set."""
+    neighbours lie on or within an ulp of a bin edge, where the float histogram and the integer keys
+    could disagree. Every row must still hold exactly its top set."""
     from kcache_dist.kcache.triton_kcache import LOG2E, KPassConfig, score_and_select
 
     lens, hkv, head_dim, bs = [8192, 5000, 3001], 2, 64, 16

@@ -59,6 +59,14 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop the CUDA graphs (and so their memory pool), the cache and the model now."""
+        if self.decode_graphs is not None:
+            # cuBLAS caches a workspace per (handle, stream); a capture takes it from the graphs' pool.
+            # Drop the cached ones before that pool's memory goes back to the allocator, so that no
+            # later GEMM on the capture stream writes into a tensor that reuses it.
+            torch.cuda.synchronize(self.device)
+            clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_cublas_workspaces is not None:
+                clear_cublas_workspaces()
         self.decode_graphs = None
         self.kv_cache = None
         self.model = None

@@ -15,9 +15,8 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
      b. the bin holding the n-th key is read off the histogram; one pass copies the keys of that bin
         and the bins above it (n plus the rest of the bin) with their positions, ascending, into the
         row's scratch (top_n + scratch_extra slots); the keys above the bin and the bin's [min, max]
-        are then counted on the integer keys themselves (the float histogram only picks candidates:
-        a key on a bin edge can fall on the other side of it there), and if the n-th key is not in
-        the bin by that count, the fallback below runs;
+        are then counted on the integer keys themselves (the float histogram only picks candidates),
+        and if the n-th key is not in the bin by that count, the fallback below runs;
      c. count passes over the scratch narrow an integer interval [lo, hi] that holds the n-th key
         (first the bin's [min, max]): each histograms (hi - key) >> shift over `bins` bins and keeps
         the bin holding the n-th key, until lo == hi: that is the n-th key, exactly;
@@ -29,10 +28,15 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    - "row" (default): one CTA per row after the K pass;
    - "fused": inside the K pass, the last CTA of each row (atomic ticket) selects the row while
      other rows' K still streams, reading the row's S back from L2. 4% faster than "row" at B=128
-     x 8 KV heads @ 32K (H200), but in an engine run on an H200 it left one slot of one row
-     unwritten about once in 10^5 rows, not reproducibly (a rerun of the same call was right):
-     a race not found yet, so it is not the default (benchmarks/notes/kcache_triton.md).
+     x 8 KV heads @ 32K (H200); not the default while the fault below is open (its faulty rows did
+     not always repeat on a rerun of the same call, row's did).
    Output: idx [rows, top_n] int32 far positions ascending, -1 padded; lse [rows, G] (log2 domain).
+   Known fault: in engine runs on an H200 about one row in 10^5 - 10^6 came out with one slot
+   unwritten or holding a stale scratch value and the top_n-th position missing, deterministically
+   for the batch's data, in "row" and "fused" alike; the same row selected alone (the kernel
+   compiled for one KV head) was exact, and the interpreter is exact. Not found yet. The row's slots
+   are cleared to -1 before the selection and any entry outside the far range is reset to -1 after
+   it, so such a row attends to one far position fewer and no fetch reads a wrong address.
 2. A fetch of the selected far V rows from the host pool into vfar [rows, top_n, D] on the device:
    `gather_far_rows_zero_copy` (a persistent Triton kernel reading pinned host memory through UVA)
    or `gather_far_rows_copy_engine` (indices to the host, CPU gather into pinned staging, one H2D
@@ -220,7 +224,7 @@ def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr
                     NSTG: tl.constexpr):
     """Write, in source order, the positions with key > kappa and the first n_eq with key == kappa
     to out[0:]. Source: the row's keys SK[n_lo:n_hi] (FROM_ROW; positions = indices, whole tiles) or
-    scratch entries [n_lo, n_hi) of (SK keys, SP positions). Returns the count written."""
+    scratch entries [n_lo, n_hi) of (SK keys, SP positions)."""
     tk = tl.arange(0, TK)
     cnt = 0
     eq_taken = 0
@@ -240,17 +244,23 @@ def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr
         tl.store(out + slot, pos, mask=sel > 0)
         cnt += tl.sum(sel, 0)
         eq_taken += tl.sum(eq, 0)
-    return cnt
 
 
 @triton.jit
-def _pad_selected(out, written, top_n, TK: tl.constexpr):
-    """out[written:top_n] = -1. The counts above make `written` top_n; this keeps a count that went
-    wrong from leaving unwritten slots that a fetch would read as positions."""
+def _guard_selected(out, top_n, lo, hi, CLEAR: tl.constexpr, TK: tl.constexpr):
+    """CLEAR: out[0:top_n] = -1 (before the selection writes). Else: every entry outside the far
+    range [lo, hi) becomes -1. Together they keep a slot that the selection left unwritten or
+    filled wrongly (seen in rare rows on an H200, see the module docstring) from reaching the fetch
+    as a position: the row then attends to one far position fewer."""
     tk = tl.arange(0, TK)
-    for start in range(written, top_n, TK):
+    for start in range(0, top_n, TK):
         t = start + tk
-        tl.store(out + t, tl.full([TK], -1, tl.int32), mask=t < top_n)
+        m = t < top_n
+        if CLEAR:
+            tl.store(out + t, tl.full([TK], -1, tl.int32), mask=m)
+        else:
+            v = tl.load(out + t, mask=m, other=-1)
+            tl.store(out + t, tl.full([TK], -1, tl.int32), mask=m & (v != -1) & ((v < lo) | (v >= hi)))
 
 
 @triton.jit
@@ -268,8 +278,7 @@ def _finish_from_scratch(SP, SK, cnt, lo, hi, above, out, top_n, TK: tl.constexp
             b, inr = _bins(k, lo, hi, shift, NB)
             hist += tl.histogram(b, NB, mask=inr)
         above, nb, lo, hi = _locate(hist, above, top_n, lo, hi, shift, NB)
-    written = _write_selected(SK, SP, 0, cnt, hi, top_n - above, out, False, TK, NSTG)
-    _pad_selected(out, written, top_n, TK)
+    _write_selected(SK, SP, 0, cnt, hi, top_n - above, out, False, TK, NSTG)
 
 
 @triton.jit
@@ -290,8 +299,7 @@ def _select_from_keys(krow, SP, SK, out, a0, a1, lo, hi, far, top_n, scr_cap,
         tl.debug_barrier()
         _finish_from_scratch(SP, SK, cnt, lo, hi, above, out, top_n, TK, NB, NSTG)
     else:
-        written = _write_selected(krow, krow, a0, a1, hi, top_n - above, out, True, TK, NSTG)
-        _pad_selected(out, written, top_n, TK)
+        _write_selected(krow, krow, a0, a1, hi, top_n - above, out, True, TK, NSTG)
 
 
 @triton.jit
@@ -323,6 +331,8 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
         if far <= top_n:
             _fill_all(out, sink_end, far, top_n, TK)
         else:
+            _guard_selected(out, top_n, sink_end, window_start, True, TK)
+            tl.debug_barrier()
             a0 = (sink_end // TK) * TK
             a1 = a0 + tl.cdiv(window_start - a0, TK) * TK
             krow = KEYS + row.to(tl.int64) * Cs
@@ -348,10 +358,10 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
             done = 0
             if (bstar < NB1 - 1) & (ncand <= scr_cap):
                 # c: the keys of the coarse bins down to bstar, the one holding the n-th key. The float
-                #    histogram only picks these candidates: a key on a bin edge can land in the
-                #    neighbouring bin there (seen on an H200, not under the interpreter), so the keys
-                #    above bstar and bstar's [min, max] are counted again on the integer keys, and a
-                #    count that does not hold the n-th key in bstar falls back to the narrowing below
+                #    histogram only picks these candidates: the keys above bstar and bstar's [min, max]
+                #    are counted again on the integer keys that every later step compares (a key on a
+                #    bin edge must not count on one side and compare on the other), and a count that
+                #    does not hold the n-th key in bstar falls back to the narrowing below
                 edge = _coarse_edge(ktop, bstar, NB1, BPL)
                 cnt = _collect(krow, a0, a1, edge, SP, SK, scr_cap, TK, NSTG)
                 tl.debug_barrier()
@@ -385,6 +395,8 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
                     vmax = tl.maximum(vmax, k)
                 _select_from_keys(krow, SP, SK, out, a0, a1, tl.min(vmin, 0), tl.max(vmax, 0), far, top_n, scr_cap,
                                   TK, NB, NSTG)
+            tl.debug_barrier()
+            _guard_selected(out, top_n, sink_end, window_start, False, TK)
 
 
 # ---------------------------------------------------------------------------------------------
