@@ -4,7 +4,7 @@ and each sequence's context. Built by the model runner from a step plan; read by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,6 +24,8 @@ class ForwardContext:
     hot_slots [B] int64 (device) and hot_slots_list: each sequence's row of per-sequence buffers
     (KCache keeps its sink and recent-window V rows there).
     kv_cache: the cache object whose `attend(layer_idx, q, k, v, ctx)` runs attention.
+    fetch_grid: CTAs of KCache's zero-copy V gather (None: its default, 2 per SM). A micro-batched
+    step gives a small grid, so that the gather leaves SMs to the other micro-batch's kernels.
     """
 
     positions: torch.Tensor
@@ -37,6 +39,7 @@ class ForwardContext:
     hot_slots: torch.Tensor
     hot_slots_list: list[int]
     kv_cache: Any
+    fetch_grid: Optional[int] = None
 
     @property
     def num_seqs(self) -> int:

@@ -89,7 +89,7 @@ class KCacheKVCache:
                                        on_device=q.is_cuda)
             out[:nd] = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
                                      ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
-                                     self.spec, scale, max_seq_len=ctx.max_seq_len)
+                                     self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid)
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]

@@ -27,6 +27,9 @@ from .step_plan import StepPlan
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+# CTAs of the zero-copy V gather in a micro-batched step: beside a K pass on another stream, a
+# 32-CTA gather hid 52-59% of itself and a full-grid one none (benchmarks/notes/kcache_triton.md, iv)
+MICRO_BATCH_FETCH_GRID = 32
 
 
 class ModelRunner:
@@ -171,6 +174,8 @@ class ModelRunner:
         part i on stream i (part 0 on the current stream): while one micro-batch waits on its V
         fetch from host memory or its all-reduce, another's kernels run. Logits in part order."""
         prepared = [self._prepare(part) for part in parts]
+        for _, ctx, _ in prepared:
+            ctx.fetch_grid = MICRO_BATCH_FETCH_GRID
         streams = self._micro_batch_streams(len(parts))
         main, side = streams[0], streams[1:] if streams[0] is not None else []
         for stream in side:

@@ -733,11 +733,12 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
                          spec: SelectionSpec, scale: float, max_seq_len: Optional[int] = None,
                          fetch: str = "zero_copy", cfg: Optional[KPassConfig] = None,
                          block_tables_cpu: Optional[torch.Tensor] = None,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         out: Optional[torch.Tensor] = None, gather_grid: Optional[int] = None) -> torch.Tensor:
     """KCache decode attention, one token per sequence (arguments as `kcache_decode`).
 
     fetch: "zero_copy" (Triton gather from pinned host memory through UVA; falls back to
-    "copy_engine" when v_host is not pinned) or "copy_engine". Returns o [B, Hq, D] in q's dtype.
+    "copy_engine" when v_host is not pinned) or "copy_engine"; gather_grid: CTAs of the zero-copy
+    gather (None: 2 per SM). Returns o [B, Hq, D] in q's dtype.
     """
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item())
@@ -749,7 +750,7 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
         vfar = None
     elif fetch == "zero_copy" and (v_host.device == q.device or (v_host.is_pinned() and q.is_cuda)
                                    or not q.is_cuda):
-        vfar = gather_far_rows_zero_copy(v_host, bt_dev, sel.idx)
+        vfar = gather_far_rows_zero_copy(v_host, bt_dev, sel.idx, grid=gather_grid)
     else:
         bt_cpu = block_tables_cpu if block_tables_cpu is not None else block_tables.cpu()
         vfar = gather_far_rows_copy_engine(v_host, bt_cpu, sel.idx)
