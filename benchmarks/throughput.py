@@ -71,6 +71,7 @@ from kcache_dist.parallel import (all_reduce_min, current_state, exit_on_lost_ra
 from kcache_dist.sampling_params import SamplingParams  # noqa: E402
 
 from device_timing import device_copy_Bps, host_to_device_Bps  # noqa: E402
+from selection_check import SelectionCheck  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("full", "kcache")
@@ -135,6 +136,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-selection", action="store_true",
+                   help="check every KCache selection on the host (slow: the timings then mean nothing); the "
+                        "counts go to the JSON's selection_check, the first faulty row to <out>.faulty_row.pt")
     p.add_argument("--plot-only", metavar="JSON", default=None,
                    help="only redraw the PNGs and print the table of an earlier run's JSON (no engine, no GPU)")
     args = p.parse_args(argv)
@@ -879,13 +883,23 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         print(f"wrote {', '.join(write_plots(result, args.plot_only))}", flush=True)
         return result
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with tempfile.TemporaryDirectory(prefix="kcache_throughput_") as scratch_dir, exit_on_lost_rank():
-        result = run(args, scratch_dir)
+    check = SelectionCheck().install() if args.check_selection else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="kcache_throughput_") as scratch_dir, exit_on_lost_rank():
+            result = run(args, scratch_dir)
+    finally:
+        if check is not None:
+            check.uninstall()
     if result is None:
         return None
     name = result["model"]["name"]
     out = args.out or os.path.join(RESULTS_DIR, f"throughput_{name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if check is not None:
+        result["selection_check"] = check.summary()
+        print(f"selection check: {check.faulty} faulty rows of {check.rows} in {check.calls} calls", flush=True)
+        if check.first_faulty is not None:
+            torch.save(check.first_faulty, out.removesuffix(".json") + ".faulty_row.pt")
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     pngs = write_plots(result, out)
