@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--parts", default="greedy,serve,profile,throughput")
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
-    p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the throughput runs")
+    p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the profile and throughput runs")
     p.add_argument("--enforce-eager", action="store_true",
                    help="throughput runs without CUDA graphs (so full mode is timed in micro-batches too)")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
@@ -255,6 +255,8 @@ def main() -> None:
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.tps = sorted({int(t) for t in args.tp.split(",")} - {1})
+    if not args.tps or args.tps[0] < 1:
+        p.error("--tp: give tensor-parallel sizes above 1, e.g. 2 or 2,4")
     args.tp = max(args.tps)
     parts = args.parts.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
