@@ -658,7 +658,8 @@ def plot(result: dict, path_prefix: str) -> list[str]:
     for kind in ("decode", "roofline"):
         fig, axes = plt.subplots(1, len(contexts), figsize=(4.6 * len(contexts), 3.8), squeeze=False)
         for ax, context in zip(axes[0], contexts):
-            for (mode, (color, marker)), micro_batches in itertools.product(styles.items(), range(1, 9)):
+            counts = sorted({p.get("micro_batches", 1) for p in points})
+            for (mode, (color, marker)), micro_batches in itertools.product(styles.items(), counts):
                 rows = sorted((p for p in points if p["mode"] == mode and p["context"] == context
                                and p.get("micro_batches", 1) == micro_batches), key=lambda p: p["batch"])
                 if not rows:
