@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layers.paged_tiles import tile_rows, tile_scores
 from ..triton_interpreter import patch_if_interpreting
 from .selection import SelectionSpec
 
@@ -434,14 +435,7 @@ def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SCR_KE
         for start in range(lo, hi, BLOCK_N):
             offs = start + ni
             msk = offs < hi
-            blk = tl.load(bt_row + offs // BS, mask=msk, other=0)
-            kp = K + ((blk.to(tl.int64) * HKV + h) * BS + offs % BS)[:, None] * D + di[None, :]
-            k = tl.load(kp, mask=msk[:, None], other=0.0, eviction_policy="evict_first")
-            if K.dtype.element_ty == tl.float32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(msk[None, :], s, float("-inf"))
+            s = tile_scores(q, K, tile_rows(bt_row, offs, msk, h, di, HKV, BS, D), msk, qk_scale)
             tl.store(s_row + offs[None, :], s, mask=gmask[:, None] & msk[None, :], eviction_policy="evict_last")
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..triton_interpreter import patch_if_interpreting
+from .paged_tiles import tile_rows, tile_scores
 
 patch_if_interpreting()
 LOG2E = 1.4426950408889634
@@ -50,14 +51,8 @@ def _split_kernel(Q, K, V, BT, SEQ, OP, MP, LP, qk_scale, stride_bt, NSPLIT_MAX,
         for start in range(lo, hi, BLOCK_N):
             offs = start + ni
             msk = offs < hi
-            blk = tl.load(bt_row + offs // BS, mask=msk, other=0)
-            rows_at = ((blk.to(tl.int64) * HKV + h) * BS + offs % BS)[:, None] * D + di[None, :]
-            k = tl.load(K + rows_at, mask=msk[:, None], other=0.0, eviction_policy="evict_first")
-            if K.dtype.element_ty == tl.float32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(msk[None, :], s, float("-inf"))
+            rows_at = tile_rows(bt_row, offs, msk, h, di, HKV, BS, D)
+            s = tile_scores(q, K, rows_at, msk, qk_scale)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])

@@ -1,0 +1,31 @@
+"""Triton helpers shared by the kernels that stream a paged cache (inlined where they are called):
+the pool offsets of a tile of positions, and the masked scores of a query group against a K tile.
+
+A pool is [num_blocks, Hkv, bs, D]; a sequence's block table row maps position p to block
+table[p // bs], row p % bs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_rows(bt_row, offs, msk, h, di, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    """Element offsets [BLOCK_N, D] into a pool of positions offs [BLOCK_N] (msk: which are real)
+    of KV head h, through the block-table row bt_row (int32 pointer)."""
+    blk = tl.load(bt_row + offs // BS, mask=msk, other=0)
+    return ((blk.to(tl.int64) * HKV + h) * BS + offs % BS)[:, None] * D + di[None, :]
+
+
+@triton.jit
+def tile_scores(q, K, rows_at, msk, qk_scale):
+    """Scores [GP, BLOCK_N] of q [GP, D] against the K rows at rows_at (`tile_rows`), times qk_scale,
+    -inf where msk is false. K is read once (evict first); fp32 K takes the exact dot product."""
+    k = tl.load(K + rows_at, mask=msk[:, None], other=0.0, eviction_policy="evict_first")
+    if K.dtype.element_ty == tl.float32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    return tl.where(msk[None, :], s, float("-inf"))
