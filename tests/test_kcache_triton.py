@@ -222,6 +222,9 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     from kcache_dist.kcache.reference import kcache_decode_reference
     from kcache_dist.kcache.selection import SelectionSpec
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
+    import os, sys, kcache_dist
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(kcache_dist.__file__)), "benchmarks"))
+    from selection_check import faulty_rows, replay
     seed = {seed}
     # (batch, hkv, group, head_dim, lens, block_size, spec, dtype, scratch_extra, bins, q scale)
     cases = [
@@ -240,6 +243,10 @@ INTERPRET_SCRIPT = textwrap.dedent("""
             poisoned = torch.full((b * hkv * spec.top_n,), -7, dtype=torch.int32)
             sel = score_and_select(q, kp, bt, torch.tensor(lens), max(lens), spec, d ** -0.5, cfg, idx_out=poisoned)
             check_selection(sel, lens, hkv, spec, (mode, i))
+            if mode == "row":  # the replay of benchmarks/selection_check.py reruns the selection exactly
+                assert not faulty_rows(sel.idx, torch.tensor(lens), hkv, spec).any(), (mode, i)
+                assert replay(sel, torch.tensor(lens), hkv, spec, cfg, b * hkv - 1) == dict(
+                    whole_launch=False, sequence_alone=False, row_alone=False), (mode, i)
             if qs == 1.0:
                 ref = kcache_decode_reference(q, kp, vp, vh, bt, lens, slots, spec, d ** -0.5)
                 out = torch.full_like(q, float("nan"))

@@ -566,11 +566,14 @@ class KPassConfig:
 @dataclass
 class SelectResult:
     """scores [rows, G, Cmax] fp32 log2-domain (a view; row stride scores.stride(1)); lse [rows, G];
-    idx [rows, top_n] int32 (ascending, -1 pad)."""
+    idx [rows, top_n] int32 (ascending, -1 pad); split_max, split_sum [rows, G, splits] fp32: the K
+    pass's softmax partials (max and sum of exp2 per split of `KPassConfig.split` positions)."""
 
     scores: torch.Tensor
     lse: torch.Tensor
     idx: torch.Tensor
+    split_max: Optional[torch.Tensor] = None
+    split_sum: Optional[torch.Tensor] = None
 
 
 def _next_pow2(x: int) -> int:
@@ -612,8 +615,8 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     lse = torch.empty(rows, G, dtype=torch.float32, device=dev)
     n_idx = rows * max(top_n, 1)
     idx = (torch.empty(n_idx, **i32) if idx_out is None else idx_out.view(-1)[:n_idx]).view(rows, max(top_n, 1))
-    keys = torch.empty(rows * cs if select else 1, **i32)
-    scr_pos = torch.empty(rows * scr_cap if select else 1, **i32)
+    keys = torch.empty(rows * cs if mode == "fused" else 1, **i32)  # "row": `select_from_partials` has its own
+    scr_pos = torch.empty(rows * scr_cap if mode == "fused" else 1, **i32)
     scr_key = torch.empty_like(scr_pos)
     cnt = torch.zeros(rows if mode == "fused" else 1, **i32)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
@@ -629,10 +632,41 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
         FUSED_SELECT=mode == "fused", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
         **(extra if mode == "fused" else {}))
     if mode == "row":
-        _select_kernel[(rows,)](seq, S, MP, LP, lse, keys, idx, scr_pos, scr_key, spec.sink_tokens,
-                                spec.recent_window, top_n, cs, nsplit_max, scr_cap, HKV=Hkv, SPLIT=cfg.split,
-                                num_warps=cfg.select_warps, **sel_shape, **extra)
-    return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n])
+        return select_from_partials(S[:, :, :cmax], MP, LP, seq, spec, cfg, Hkv, idx_out=idx)
+    return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n], MP, LP)
+
+
+def select_from_partials(scores: torch.Tensor, split_max: torch.Tensor, split_sum: torch.Tensor,
+                         seq_lens: torch.Tensor, spec: SelectionSpec, cfg: KPassConfig, num_kv_heads: int,
+                         idx_out: Optional[torch.Tensor] = None) -> SelectResult:
+    """The "row" selection alone, from a K pass's scores [rows, G, Cmax] (a view of a buffer whose row
+    stride is a whole number of key tiles, as `score_and_select` makes it) and partials [rows, G,
+    splits] of sequences with lengths seq_lens [B] (rows = B * num_kv_heads). Also replays a
+    selection on saved inputs. idx_out: as in `score_and_select`."""
+    rows, G, cmax = scores.shape
+    cs = scores.stride(1)
+    ts, tk = cfg.sel_tile or 128 * cfg.select_warps, cfg.key_tile or 256 * cfg.select_warps
+    if cs % tk or scores.stride(2) != 1 or scores.stride(0) != G * cs:
+        raise ValueError(f"scores need a row stride that is a multiple of the key tile {tk}, got {scores.stride()}")
+    nsplit_max = split_max.shape[2]
+    top_n = max(0, int(spec.top_n))
+    scr_cap = top_n + cfg.scratch_extra
+    dev = scores.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    lse = torch.empty(rows, G, dtype=torch.float32, device=dev)
+    n_idx = rows * max(top_n, 1)
+    idx = (torch.empty(n_idx, **i32) if idx_out is None else idx_out.view(-1)[:n_idx]).view(rows, max(top_n, 1))
+    keys = torch.empty(rows * cs, **i32)
+    scr_pos = torch.empty(rows * scr_cap, **i32)
+    scr_key = torch.empty_like(scr_pos)
+    seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
+    extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
+    _select_kernel[(rows,)](seq, scores, split_max, split_sum, lse, keys, idx, scr_pos, scr_key, spec.sink_tokens,
+                            spec.recent_window, top_n, cs, nsplit_max, scr_cap, HKV=num_kv_heads, SPLIT=cfg.split,
+                            G=G, GQ=_next_pow2(G), NSP=_next_pow2(nsplit_max), TS=ts, TK=tk, NB=cfg.bins,
+                            NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
+                            GROUP_SUM=spec.group_reduce == "sum", num_warps=cfg.select_warps, **extra)
+    return SelectResult(scores, lse, idx[:, :top_n], split_max, split_sum)
 
 
 def gather_far_rows_zero_copy(v_host: torch.Tensor, block_tables: torch.Tensor, idx: torch.Tensor,
