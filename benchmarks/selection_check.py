@@ -22,9 +22,8 @@ def faulty_rows(idx: torch.Tensor, seq_lens: torch.Tensor, num_kv_heads: int, sp
     """idx [B * Hkv, top_n] (row b * Hkv + h), seq_lens [B] -> bool [B * Hkv]: True where the row is
     not its sequence's min(top_n, far) far positions, ascending and distinct, followed by -1."""
     idx = idx.long().cpu()
-    lens = seq_lens.long().cpu().repeat_interleave(num_kv_heads)
-    sink_end = lens.clamp(max=spec.sink_tokens)
-    window_start = torch.maximum(sink_end, lens - spec.recent_window)
+    sink_end, window_start = torch.tensor([spec.split(int(n)) for n in seq_lens]).repeat_interleave(
+        num_kv_heads, dim=0).unbind(1)
     want = (window_start - sink_end).clamp(max=idx.shape[1])
     slot = torch.arange(idx.shape[1])
     should_hold = slot[None, :] < want[:, None]

@@ -93,7 +93,7 @@ class DecodeGraphs:
         return len(self._graphs)
 
     def applies_to(self, plan: StepPlan) -> bool:
-        return 0 < plan.num_seqs == plan.num_decodes and plan.num_seqs <= self.max_num_seqs
+        return plan.decode_only and plan.num_seqs <= self.max_num_seqs
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:

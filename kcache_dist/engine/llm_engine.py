@@ -256,8 +256,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        if plan.decode_only:
-            plan.micro_batches = self.decode_micro_batches
+        plan.micro_batches = self.decode_micro_batches  # the runner splits decode-only steps only
         self._send_to_workers(plan)
         logits = self.runner.execute(plan)
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
