@@ -2,12 +2,12 @@
 """The multi-GPU checks in one script, on a Llama-3-8B-shaped model with random weights (the same
 weights at every tensor-parallel size, `models/random_weights.py`):
 
-    python benchmarks/multi_gpu.py --tp 2,4 --parts greedy,serve,profile --out-dir benchmarks/results/multi_gpu
-    python benchmarks/multi_gpu.py --tp 2,4 --parts throughput --contexts 8192 --out-dir ...
+    python benchmarks/multi_gpu.py --tp 1,2,4 --parts greedy,serve,profile --out-dir benchmarks/results/multi_gpu
+    python benchmarks/multi_gpu.py --tp 1,2,4 --parts throughput --contexts 8192 --out-dir ...
 
-Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<N>_<parts>.json; N runs over
-the --tp sizes, the largest is M):
-  greedy      TP=1 (`python`) and each TP=N (`deepspeed --num_gpus N`) greedy tokens of the same
+Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<sizes>_<parts>.json, rewritten
+after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, the largest is M):
+  greedy      TP=1 (`python`) and each TP=N>1 (`deepspeed --num_gpus N`) greedy tokens of the same
               token-id prompts, full and KCache mode (float32, so that a different summation order
               of the row-parallel all-reduce does not flip near-tied random logits); every rank of
               the KCache run at TP=M reports its GPU's NUMA node and where its V pool's pages are
@@ -15,13 +15,14 @@ the --tp sizes, the largest is M):
   serve       `deepspeed --num_gpus M launch/serve.py` (KCache mode) answers a completion whose text
               must equal the TP=1 greedy text of the same prompt; SIGTERM to rank 0 (the DeepSpeed
               launcher does not pass it on) then stops every rank, and the launcher exits.
-  profile     `benchmarks/profile_decode.py` at the first context on one GPU and under each
-              `mpirun -np N` (same batch): kernel time per step, the NCCL all-reduce included, eager,
+  profile     `benchmarks/profile_decode.py` at the first context under each `mpirun -np N` (N=1:
+              one process on one GPU; same batch): kernel time per step, the NCCL all-reduce included, eager,
               eager in micro-batches and as a CUDA graph, and what the all-reduces cost a step with
               and without the micro-batch overlap (the steps timed again without them).
-  throughput  `benchmarks/throughput.py` at TP=1 (one GPU) and under each `mpirun -np N` at each
-              context, each mode at its planned largest batch, whole and in --micro-batches: total
-              and per-GPU decode tokens/s, TP scaling.
+  throughput  `benchmarks/throughput.py` under each `mpirun -np N` (N=1: one process on one GPU) at
+              each context, each mode at its planned largest batch, whole and in --micro-batches:
+              total and per-GPU decode tokens/s; TP scaling against the TP=1 result in --out-dir
+              (so the sizes can be run in separate calls: --tp 1,2 then --tp 4).
 """
 
 from __future__ import annotations
@@ -125,14 +126,14 @@ def _first_difference(a: list[list[int]], b: list[list[int]]) -> list:
 
 def part_greedy(args, model_dir: str) -> dict:
     out = {}
-    for tp in (1, *args.tps):
+    for tp in sorted({1, *args.tps}):
         path = os.path.join(args.out_dir, f"greedy_tp{tp}.json")
         script = [os.path.abspath(__file__), "--greedy-job", model_dir, path]
         cmd = [sys.executable, *script] if tp == 1 else ["deepspeed", "--num_gpus", str(tp), *script]
         out[f"tp{tp}_run"] = _run(cmd, path + ".log", 1200, _env())
     with open(os.path.join(args.out_dir, "greedy_tp1.json")) as f:
         one = json.load(f)
-    for tp in args.tps:
+    for tp in [t for t in args.tps if t > 1]:
         with open(os.path.join(args.out_dir, f"greedy_tp{tp}.json")) as f:
             many = json.load(f)
         for mode in MODES:
@@ -191,7 +192,7 @@ def part_serve(args, model_dir: str, expected: dict) -> dict:
 
 def part_profile(args) -> dict:
     context, out = args.contexts[0], {}
-    for tp in (1, *args.tps):
+    for tp in args.tps:
         path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
         script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
                   "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--host-memory-gb",
@@ -214,7 +215,7 @@ def part_throughput(args) -> dict:
               str(args.host_memory_gb), "--micro-batches", args.micro_batches,
               *(["--enforce-eager"] if args.enforce_eager else [])]
     for context in args.contexts:
-        for tp in (1, *args.tps):
+        for tp in args.tps:
             path = os.path.join(args.out_dir, f"throughput_tp{tp}_{context}.json")
             script = [os.path.join(ROOT, "benchmarks", "throughput.py"), "--contexts", str(context), *common,
                       "--out", path]
@@ -230,7 +231,38 @@ def part_throughput(args) -> dict:
                      "decode_tokens_per_s": p["decode_tokens_per_s"],
                      "per_gpu_decode_tokens_per_s": p["decode_tokens_per_s"] / tp, "step_s_median": p["step_s_median"]}
                     for p in points]
+    runs["scaling"] = tp_scaling(args.out_dir, args.contexts)
     return runs
+
+
+def tp_scaling(out_dir: str, contexts: list[int]) -> list[dict]:
+    """Per context, mode and TP size found in `out_dir`: the fastest decode tokens/s at the largest
+    batch, per GPU, against TP=1, and KCache over full at that size."""
+    rows = []
+    for context in contexts:
+        best = {}  # (tp, mode) -> point
+        for name in os.listdir(out_dir):
+            prefix, suffix = "throughput_tp", f"_{context}.json"
+            if not (name.startswith(prefix) and name.endswith(suffix)):
+                continue
+            tp = int(name[len(prefix):-len(suffix)])
+            with open(os.path.join(out_dir, name)) as f:
+                points = json.load(f)["points"]
+            for mode in MODES:
+                mine = [p for p in points if p["mode"] == mode]
+                if mine:
+                    top = max(p["batch"] for p in mine)
+                    best[tp, mode] = max((p for p in mine if p["batch"] == top), key=lambda p: p["decode_tokens_per_s"])
+        for (tp, mode), p in sorted(best.items()):
+            one = best.get((1, mode))
+            full = best.get((tp, "full"))
+            rows.append({"context": context, "tp": tp, "mode": mode, "batch": p["batch"],
+                         "micro_batches": p["micro_batches"], "decode_tokens_per_s": p["decode_tokens_per_s"],
+                         "per_gpu_decode_tokens_per_s": p["decode_tokens_per_s"] / tp,
+                         "over_tp1": p["decode_tokens_per_s"] / one["decode_tokens_per_s"] if one else None,
+                         "kcache_over_full": (p["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+                                              if mode == "kcache" and full else None)})
+    return rows
 
 
 def main() -> None:
@@ -254,11 +286,13 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
-    args.tps = sorted({int(t) for t in args.tp.split(",")} - {1})
-    if not args.tps or args.tps[0] < 1:
-        p.error("--tp: give tensor-parallel sizes above 1, e.g. 2 or 2,4")
-    args.tp = max(args.tps)
     parts = args.parts.split(",")
+    args.tps = sorted({int(t) for t in args.tp.split(",")})
+    if args.tps[0] < 1:
+        p.error("--tp: give tensor-parallel sizes of at least 1, e.g. 1,2,4")
+    args.tp = max(args.tps)
+    if args.tp == 1 and {"greedy", "serve"} & set(parts):
+        p.error("--tp: the greedy and serve parts need a size above 1, e.g. 1,2,4")
     os.makedirs(args.out_dir, exist_ok=True)
     import torch
 
@@ -267,6 +301,7 @@ def main() -> None:
     summary = {"tp": args.tps, "shape": args.shape,
                "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                "parts": {}}
+    out = os.path.join(args.out_dir, f"multi_gpu_tp{'-'.join(map(str, args.tps))}_{'_'.join(parts)}.json")
     with tempfile.TemporaryDirectory(prefix="kcache_multi_gpu_") as scratch:
         model_dir = write_shape_dir(args.shape, os.path.join(scratch, args.shape))
         for part in parts:
@@ -284,9 +319,8 @@ def main() -> None:
             except Exception as error:  # a failed part is reported; the others still run
                 summary["parts"][part] = {"error": f"{type(error).__name__}: {error}"}
             print(json.dumps({part: summary["parts"][part]}, indent=1)[:4000], flush=True)
-    out = os.path.join(args.out_dir, f"multi_gpu_tp{args.tp}_{'_'.join(parts)}.json")
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=1)
+            with open(out, "w") as f:  # after every part, so that a run cut short keeps what it did
+                json.dump(summary, f, indent=1)
     print(f"wrote {out}", flush=True)
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi", "topo", "-m"], check=False)
