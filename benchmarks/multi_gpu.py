@@ -16,9 +16,10 @@ after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, 
               must equal the TP=1 greedy text of the same prompt; SIGTERM to rank 0 (the DeepSpeed
               launcher does not pass it on) then stops every rank, and the launcher exits.
   profile     `benchmarks/profile_decode.py` at the first context under each `mpirun -np N` (N=1:
-              one process on one GPU; same batch): kernel time per step, the NCCL all-reduce included, eager,
-              eager in micro-batches and as a CUDA graph, and what the all-reduces cost a step with
-              and without the micro-batch overlap (the steps timed again without them).
+              one process on one GPU; same batch): device time per step, the NCCL all-reduces
+              included, whole and in micro-batches, op by op and as CUDA graphs, and what the
+              all-reduces cost a step with and without the micro-batch overlap (the steps timed
+              again without them).
   throughput  `benchmarks/throughput.py` under each `mpirun -np N` (N=1: one process on one GPU) at
               each context, each mode at its planned largest batch, whole and in --micro-batches:
               total and per-GPU decode tokens/s; TP scaling against the TP=1 result in --out-dir
@@ -213,7 +214,7 @@ def part_throughput(args) -> dict:
     common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
               "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
               str(args.host_memory_gb), "--micro-batches", args.micro_batches,
-              *(["--enforce-eager"] if args.enforce_eager else [])]
+              *({True: ["--enforce-eager"], False: ["--no-enforce-eager"]}.get(args.enforce_eager, []))]
     for context in args.contexts:
         for tp in args.tps:
             path = os.path.join(args.out_dir, f"throughput_tp{tp}_{context}.json")
@@ -280,8 +281,9 @@ def main() -> None:
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
     p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the profile and throughput runs")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="throughput runs without CUDA graphs (so full mode is timed in micro-batches too)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="throughput.py --enforce-eager (no CUDA graphs) or --no-enforce-eager (graphs in KCache "
+                        "mode too); default: the engine's, graphs in full mode only")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
     args = p.parse_args(argv)

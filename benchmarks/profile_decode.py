@@ -10,10 +10,12 @@ batch) with random weights; every sequence gets its own blocks, K (and the devic
 filled with random values, and a decode plan of one new token per sequence at position context - 1
 runs through `ModelRunner.execute` (forward + logits; no scheduling, sampling or detokenizing).
 Reported per mode, for the eager forward, the eager forward split into --micro-batches
-micro-batches on as many CUDA streams, and the CUDA-graph replay of the same step: the step's
-device time (CUDA events) and the host time until the call returns. Under tensor parallelism the
-two eager forwards are also timed with the all-reduces left out, which gives what the all-reduces
-cost a step, whole and split, and the fraction of that cost the split hides. For the eager forward
+micro-batches on as many CUDA streams, and the CUDA-graph replay of the step whole and split: the
+step's device time (CUDA events from the first launch to the end of the step, so an eager step
+slowed by its launches counts as slow) and the host time until the call returns. Under tensor
+parallelism every path is also timed with the all-reduces left out (graphs captured without them),
+which gives what the all-reduces cost a step, whole and split, and the fraction of that cost the
+split hides, for the eager steps and for the graphs. For the eager forward
 also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
 are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
 plan's blocks hold (said in the output) when the request is larger.
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig  # noqa: E402
+from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
@@ -110,18 +113,33 @@ def _without_all_reduce(run):
     return run_without
 
 
-def all_reduce_overlap(timings: dict, split: str) -> dict:
-    """What the all-reduces add to a step (with - without them, median device ms), whole and split
-    into micro-batches, and the fraction of it the split hides: 1 - split cost / whole cost."""
-    if "eager_no_all_reduce" not in timings:
-        return {}
+def all_reduce_overlap(timings: dict, whole: str, split: str) -> dict:
+    """What the all-reduces add to a step of path `whole` and of its micro-batched form `split`
+    (with - without them, median device ms), and the fraction of it the split hides:
+    1 - split cost / whole cost."""
     cost = {name: timings[name]["device_ms_median"] - timings[name + "_no_all_reduce"]["device_ms_median"]
-            for name in ("eager", split) if name + "_no_all_reduce" in timings}
-    out = {"all_reduce_ms_whole": cost["eager"]}
+            for name in (whole, split) if name in timings and name + "_no_all_reduce" in timings}
+    if whole not in cost:
+        return {}
+    out = {f"all_reduce_ms_{whole}": cost[whole]}
     if split in cost:
-        out.update({"all_reduce_ms_micro_batched": cost[split],
-                    "all_reduce_hidden_fraction": 1 - cost[split] / cost["eager"] if cost["eager"] > 0 else None})
+        out.update({f"all_reduce_ms_{split}": cost[split],
+                    f"all_reduce_hidden_fraction_{whole}": 1 - cost[split] / cost[whole] if cost[whole] > 0 else None})
     return out
+
+
+def graph_path(runner, micro_batches: int, own_graphs: bool):
+    """plan -> logits from CUDA graphs of the step in `micro_batches` micro-batches: the runner's
+    graphs, or (own_graphs) graphs of their own, so that a variant captured without all-reduces
+    does not replace the runner's."""
+    graphs = runner.decode_graphs
+    if own_graphs:
+        graphs = DecodeGraphs(runner.model, runner.kv_cache, graphs.max_num_seqs, runner.max_model_len,
+                              runner.block_size, runner.device, runner.micro_batch_streams)
+
+    def run(plan):
+        return runner.model.compute_logits(graphs.run(dataclasses.replace(plan, micro_batches=micro_batches)))
+    return run
 
 
 def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
@@ -142,17 +160,25 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     batch = min(batch, fits)
     fill_device_pools(runner.kv_cache)
     plan = decode_plan(batch, args.context, blocks_per_seq)
-    split = f"eager_{args.micro_batches}_micro_batches"
-    paths = {"eager": runner._execute_eager}
-    if args.micro_batches > 1:
-        paths[split] = lambda p: runner._execute_eager(dataclasses.replace(p, micro_batches=args.micro_batches))
-    if current_state().tp_size > 1:  # the same steps with the all-reduces left out (wrong sums, right timing)
+    m = args.micro_batches
+    tp = current_state().tp_size > 1
+    eager = runner._execute_eager
+    paths = {"eager": eager}
+    if m > 1:
+        paths[f"eager_{m}_micro_batches"] = lambda p: eager(dataclasses.replace(p, micro_batches=m))
+    if tp:  # the same steps with the all-reduces left out (wrong sums, right timing)
         for name in list(paths):
             paths[name + "_no_all_reduce"] = _without_all_reduce(paths[name])
     if runner.decode_graphs is not None:
-        paths["cuda_graph"] = runner.execute
+        counts = [1, m] if m > 1 else [1]
+        for count in counts:
+            name = "cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches"
+            paths[name] = graph_path(runner, count, own_graphs=False)
+            if tp:  # captured with the all-reduces left out
+                paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
     timings = {name: time_step(run, plan, args.steps, dev) for name, run in paths.items()}
-    overlap = all_reduce_overlap(timings, split)
+    overlap = {**all_reduce_overlap(timings, "eager", f"eager_{m}_micro_batches"),
+               **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches")}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         runner._execute_eager(plan)
         torch.cuda.synchronize(dev)

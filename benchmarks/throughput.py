@@ -106,8 +106,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--modes", default="kcache,full", help="engine modes, of: full, kcache, run in this order")
     p.add_argument("--micro-batches", default="1,2",
                    help="decode micro-batch counts timed at every point on the same engine (1: the step whole; "
-                        "EngineConfig.decode_micro_batches); steps that replay CUDA graphs are never split, so "
-                        "a mode with graphs is timed at 1 only")
+                        "EngineConfig.decode_micro_batches), op by op or from CUDA graphs (each count has its own)")
     p.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per point (>= 2)")
     p.add_argument("--warmup-steps", type=int, default=4, help="untimed decode steps before each point")
     p.add_argument("--prefill-seqs", type=int, default=2, help="prompts prefilled together for prefill tokens/s")
@@ -381,15 +380,14 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
                  bandwidth: dict, generator: torch.Generator, device: torch.device,
                  on_point: Callable[[dict], None]) -> list[dict]:
     """Prefill max(sizes) prompts, then time decode steps at each size, largest first, and at each
-    size with each of `args.micro_batches` (eager steps only)."""
+    size with each of `args.micro_batches`."""
     sizes = sorted(sizes, reverse=True)
-    micro_batch_counts = [1] if engine.runner.uses_cuda_graphs else args.micro_batches
     largest, budget = sizes[0], engine.config.max_num_batched_tokens
     if budget <= largest:
         raise ValueError(f"max_num_batched_tokens={budget} must exceed the batch ({largest}) so prompts can be "
                          "prefilled while the others decode")
     tokens_per_point = args.warmup_steps + args.decode_tokens
-    reserve = decode_reserve_tokens(largest, context, budget, len(sizes) * len(micro_batch_counts), tokens_per_point)
+    reserve = decode_reserve_tokens(largest, context, budget, len(sizes) * len(args.micro_batches), tokens_per_point)
     prompt_len = context - reserve
     if prompt_len < 1:
         raise ValueError(f"context {context} is too short for this sweep: it generates up to {reserve} tokens per "
@@ -411,12 +409,12 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
     hbm_Bps, h2d_Bps = bandwidth["hbm_copy_GBps"] * GB, bandwidth["h2d_GBps"] * GB
     plan = engine.runner.cache_plan
     points = []
-    for batch, micro_batches in itertools.product(sizes, micro_batch_counts):
+    for batch, micro_batches in itertools.product(sizes, args.micro_batches):
         for request_id in request_ids[batch:]:
             engine.abort_request(request_id)
         request_ids = request_ids[:batch]
         engine.decode_micro_batches = micro_batches
-        first_point = batch == largest and micro_batches == micro_batch_counts[0]
+        first_point = batch == largest and micro_batches == args.micro_batches[0]
         for _ in range(args.warmup_steps):
             engine.step()
         preemptions_before = engine.scheduler.num_preemptions
@@ -805,8 +803,7 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
             sizes, skipped = batch_sizes(args.batches, facts["max_batch"])
             if skipped:
                 errors.append(f"{what}: batches {skipped} skipped: the plan holds {facts['max_batch']} sequences")
-            counts = 1 if engine.runner.uses_cuda_graphs else len(args.micro_batches)
-            progress.add_total(len(sizes) * counts - (len(args.batches) if explicit else 1) * len(args.micro_batches))
+            progress.add_total((len(sizes) - (len(args.batches) if explicit else 1)) * len(args.micro_batches))
             if engine.is_scheduler:
                 try:
                     mode_points, pre = measure_mode(engine, sizes, context, args, bandwidth, generator, device,

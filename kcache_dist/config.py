@@ -112,10 +112,10 @@ class EngineConfig:
     bucket (`engine/cuda_graphs.py`): None (default) in full-KV mode only, False in both modes,
     True in neither (every step op by op). KCache decode gains 1-4% from graphs (its step waits on
     the PCIe fetch).
-    decode_micro_batches: a decode-only step that runs op by op (not from a CUDA graph) is split
-    into this many micro-batches, interleaved block by block on as many CUDA streams, so that one
-    micro-batch's V fetch from host memory and its tensor-parallel all-reduces overlap another's
-    kernels (`ModelRunner._execute_micro_batches`); 1 runs the step whole.
+    decode_micro_batches: a decode-only step is split into this many micro-batches, interleaved
+    block by block on as many CUDA streams, so that one micro-batch's V fetch from host memory and
+    its tensor-parallel all-reduces overlap another's kernels (`engine/micro_batches.py`), op by op
+    or captured in the step's CUDA graph; 1 runs the step whole.
     """
 
     model: Optional[str] = None

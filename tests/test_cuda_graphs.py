@@ -46,21 +46,26 @@ MODES = {
 }
 
 
-def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool):
+def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool, micro_batches: int = 1):
     llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=kcache, enforce_eager=enforce_eager,
-              max_model_len=512, max_num_seqs=8)
+              max_model_len=512, max_num_seqs=8, decode_micro_batches=micro_batches)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
     outputs = llm.generate(PROMPT_LIST, params)
     return llm, outputs
 
 
 @cuda
+@pytest.mark.parametrize("micro_batches", [1, 3])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_graph_decode_equals_eager_decode(tiny_llama_dir, mode):
+def test_graph_decode_equals_eager_decode(tiny_llama_dir, mode, micro_batches):
+    """Graphs of whole steps, and of steps in 3 micro-batches on 3 streams (batch buckets 8 / 4 / 2 in
+    3 / 3 / 2 parts, padding rows in some), against whole eager steps."""
     eager_llm, eager = _generate(tiny_llama_dir, MODES[mode], enforce_eager=True)
-    graph_llm, graphs = _generate(tiny_llama_dir, MODES[mode], enforce_eager=False)
+    graph_llm, graphs = _generate(tiny_llama_dir, MODES[mode], enforce_eager=False, micro_batches=micro_batches)
     assert eager_llm.engine.runner.decode_graphs is None
-    assert graph_llm.engine.runner.decode_graphs.num_captured >= 4  # batch 8 / 4 / 2 / 1 buckets, contexts 256 / 512
+    captured = graph_llm.engine.runner.decode_graphs._graphs
+    assert len(captured) >= 4  # batch 8 / 4 / 2 / 1 buckets, contexts 256 / 512
+    assert {parts for batch, _, parts in captured} == ({1} if micro_batches == 1 else {1, 2, 3})
     assert [len(o.outputs[0].token_ids) for o in graphs] == LENGTHS
     assert token_ids(graphs) == token_ids(eager)
     cache = graph_llm.engine.runner.kv_cache

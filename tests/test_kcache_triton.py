@@ -224,7 +224,8 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
     import os, sys, kcache_dist
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(kcache_dist.__file__)), "benchmarks"))
-    from selection_check import faulty_rows, replay
+    from selection_check import TAILS, buffer_rows, faulty_rows, replay, replay_saved
+    import dataclasses
     seed = {seed}
     # (batch, hkv, group, head_dim, lens, block_size, spec, dtype, scratch_extra, bins, q scale)
     cases = [
@@ -247,6 +248,11 @@ INTERPRET_SCRIPT = textwrap.dedent("""
                 assert not faulty_rows(sel.idx, torch.tensor(lens), hkv, spec).any(), (mode, i)
                 assert replay(sel, torch.tensor(lens), hkv, spec, cfg, b * hkv - 1) == dict(
                     whole_launch=False, sequence_alone=False, row_alone=False), (mode, i)
+                r = b * hkv - 1  # the last sequence's last KV head, saved and selected alone
+                saved = dict(row=r, seq_len=lens[-1], scores_buffer=buffer_rows(sel.scores, slice(r, r + 1))[0],
+                             context=sel.scores.shape[2], split_max=sel.split_max[r], split_sum=sel.split_sum[r],
+                             spec=dataclasses.asdict(spec), cfg=dataclasses.asdict(cfg))
+                assert replay_saved(saved, "cpu") == dict.fromkeys(TAILS, False), (mode, i)
             if qs == 1.0:
                 ref = kcache_decode_reference(q, kp, vp, vh, bt, lens, slots, spec, d ** -0.5)
                 out = torch.full_like(q, float("nan"))

@@ -1,7 +1,8 @@
-"""Micro-batched decode (EngineConfig.decode_micro_batches, ModelRunner._execute_micro_batches): a
-decode step split into micro-batches run block by block in turn (each on its own CUDA stream on a
-GPU) gives the tokens of the whole step, in full and KCache modes, on CPU and on a GPU; tensor
-parallel runs are in test_tp_engine.py."""
+"""Micro-batched decode (EngineConfig.decode_micro_batches, engine/micro_batches.py): a decode step
+split into micro-batches run block by block in turn (each on its own CUDA stream on a GPU) gives
+the tokens of the whole step, in full and KCache modes, on CPU and on a GPU; a decode graph's
+micro-batches are the right slices of its static rows (graphs themselves: test_cuda_graphs.py);
+tensor parallel runs are in test_tp_engine.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from conftest import PROMPTS
 from helpers import token_ids
 from kcache_dist import LLM, KCacheConfig, SamplingParams
+from kcache_dist.engine.cuda_graphs import PAD_SLOT, DecodeGraphs
+from kcache_dist.engine.micro_batches import MICRO_BATCH_FETCH_GRID, part_bounds
 from kcache_dist.engine.step_plan import StepPlan
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -36,6 +39,55 @@ def test_split_keeps_every_sequence_and_token_in_order():
     assert [p.seq_ids for p in plan.split(9)] == [[5], [6], [7], [8], [9]]
     whole = plan.split(1)[0]
     assert (whole.seq_ids, whole.token_ids, whole.sample) == (plan.seq_ids, plan.token_ids, plan.sample)
+
+
+def test_part_bounds():
+    assert part_bounds(7, 3) == [0, 2, 4, 7]
+    assert part_bounds(2, 5) == [0, 1, 2]
+    assert part_bounds(4, 1) == [0, 4]
+    assert part_bounds(0, 2) == [0, 0]
+
+
+class RowEcho(torch.nn.Module):
+    """A stand-in model whose hidden state of a row is that row's inputs: id, position, slot, length,
+    hot slot, first block; it records each context's fetch grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.fetch_grids = []
+
+    def forward(self, ids, positions, ctx):
+        self.fetch_grids.append(ctx.fetch_grid)
+        assert ctx.num_decodes == len(ids) == len(ctx.seq_lens_list) == len(ctx.query_start_loc) - 1
+        return torch.stack([ids, positions, ctx.slot_mapping, ctx.seq_lens, ctx.hot_slots,
+                            ctx.block_tables[:, 0].long()], 1)
+
+    def blocks(self, ids, positions, ctx):
+        yield ids[:, None]
+        yield self(ids, positions, ctx)
+
+
+def test_graph_micro_batches_are_slices_of_the_static_rows():
+    class Cache:
+        spare_hot_slot = 99
+
+    model = RowEcho()
+    graphs = DecodeGraphs(model, Cache(), max_num_seqs=8, max_model_len=64, block_size=4, device=torch.device("cpu"))
+    n = 7  # batch bucket 8: one padding row
+    tables = [[20 + i, 30 + i, 40 + i, 50 + i, 60 + i] for i in range(n)]
+    plan = StepPlan(seq_ids=list(range(n)), num_new_tokens=[1] * n, num_computed_tokens=[10 + i for i in range(n)],
+                    token_ids=[100 + i for i in range(n)], block_tables=tables, hot_slots=[n - i for i in range(n)],
+                    sample=[True] * n)
+    graphs._fill_inputs(plan, [11 + i for i in range(n)], 8)
+    want = torch.tensor([[100 + i, 10 + i, tables[i][(10 + i) // 4] * 4 + (10 + i) % 4, 11 + i, n - i, 20 + i]
+                         for i in range(n)]
+                        + [[0, 0, PAD_SLOT, 1, 99, 0]])
+    assert torch.equal(graphs.forward_static(8, 64, 1), want)
+    assert model.fetch_grids == [None]
+    for parts in (2, 3, 8):
+        model.fetch_grids.clear()
+        assert torch.equal(graphs.forward_static(8, 64, parts), want)
+        assert model.fetch_grids == [MICRO_BATCH_FETCH_GRID] * parts
 
 
 @pytest.mark.parametrize("device", DEVICES)

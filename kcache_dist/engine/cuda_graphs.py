@@ -11,6 +11,10 @@ one runs at a time). A padding row has slot -1 (writes nothing), a context of on
 graph ends at the final hidden states: logits (and, under tensor parallelism, their gather) run
 eagerly after the replay.
 
+A step whose plan asks for micro-batches (`StepPlan.micro_batches`, `EngineConfig.decode_micro_batches`)
+replays a graph of its own: the bucket's rows split into that many contiguous groups run block by
+block on as many streams (`micro_batches.run_interleaved`), captured with the streams' fork and join.
+
 Before its capture a graph's shapes run once eagerly (Triton compiles, cuBLAS picks its kernels),
 which makes the first step of each bucket cost about three forwards. Steps with a prefill run
 eagerly; which modes use graphs at all is `graphs_enabled`.
@@ -20,11 +24,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..forward_context import ForwardContext
+from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, part_bounds, run_interleaved
 from .step_plan import StepPlan
 
 PAD_SLOT = -1  # cache slot of a padding row: the store kernels skip it
@@ -68,12 +73,14 @@ class _Graph:
 class DecodeGraphs:
     """Captures and replays decode graphs for one model and its cache (see the module docstring).
 
-    forward(input_ids [T], positions [T], ctx) -> hidden [T, hidden] is the model's forward; the
-    cache must not change after construction (graphs hold its addresses)."""
+    model(input_ids [T], positions [T], ctx) -> hidden [T, hidden] is the forward, `model.blocks` the
+    same block by block (for micro-batches, on the streams of `streams`); the cache must not change
+    after construction (graphs hold its addresses)."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], kv_cache, max_num_seqs: int, max_model_len: int,
-                 block_size: int, device: torch.device):
-        self.forward = forward
+    def __init__(self, model: torch.nn.Module, kv_cache, max_num_seqs: int, max_model_len: int,
+                 block_size: int, device: torch.device, streams: Optional[MicroBatchStreams] = None):
+        self.model = model
+        self.streams = streams or MicroBatchStreams(device)
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -85,7 +92,7 @@ class DecodeGraphs:
         # rows: input ids, positions, slots, sequence lengths, hot slots
         self._inputs = torch.zeros(5, max_num_seqs, **i64)
         self._block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (batch, context, micro-batches)
         self._pool = None
 
     @property
@@ -100,8 +107,9 @@ class DecodeGraphs:
         """The final hidden states [B, hidden] of a decode-only plan (`applies_to`), from its graph."""
         num_seqs = plan.num_seqs
         seq_lens = [c + 1 for c in plan.num_computed_tokens]
-        key = (bucket_of(num_seqs, self.batch_buckets), bucket_of(max(seq_lens), self.context_buckets))
-        self._fill_inputs(plan, seq_lens, key[0])
+        batch = bucket_of(num_seqs, self.batch_buckets)
+        key = (batch, bucket_of(max(seq_lens), self.context_buckets), len(part_bounds(batch, plan.micro_batches)) - 1)
+        self._fill_inputs(plan, seq_lens, batch)
         self.kv_cache.join_offload()  # host writes of earlier eager steps land before the graph reads
         entry = self._graphs.get(key)
         if entry is None:
@@ -123,27 +131,42 @@ class DecodeGraphs:
         self._block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
         self._block_tables[num_seqs:batch].zero_()
 
-    def _context(self, batch: int, context: int) -> ForwardContext:
-        """The captured step's context: views of the static buffers (the Python lists are only
-        read by the CPU reference paths, never on CUDA)."""
-        _, positions, slots, seq_lens, hot_slots = self._inputs[:, :batch]
+    def _context(self, rows: slice, context: int) -> ForwardContext:
+        """The captured context of the static rows `rows` (a slice from 0 for the whole step): views
+        of the static buffers (the Python lists are only read by the CPU reference paths, never on
+        CUDA)."""
+        _, positions, slots, seq_lens, hot_slots = self._inputs[:, rows]
+        n = len(positions)
         return ForwardContext(
             positions=positions, slot_mapping=slots,
-            block_tables=self._block_tables[:batch, : -(-context // self.block_size)],
-            seq_lens=seq_lens, seq_lens_list=[context] * batch, max_seq_len=context,
-            query_start_loc=list(range(batch + 1)), num_decodes=batch,
-            hot_slots=hot_slots, hot_slots_list=list(range(batch)), kv_cache=self.kv_cache)
+            block_tables=self._block_tables[rows, : -(-context // self.block_size)],
+            seq_lens=seq_lens, seq_lens_list=[context] * n, max_seq_len=context,
+            query_start_loc=list(range(n + 1)), num_decodes=n,
+            hot_slots=hot_slots, hot_slots_list=list(range(n)), kv_cache=self.kv_cache)
 
-    def _capture(self, batch: int, context: int) -> _Graph:
-        ctx = self._context(batch, context)
-        ids = self._inputs[0, :batch]
-        self.forward(ids, ctx.positions, ctx)  # eager run of the same shapes: compiles, picks kernels
+    def forward_static(self, batch: int, context: int, micro_batches: int) -> torch.Tensor:
+        """What a graph captures: the forward of the static buffers' first `batch` rows, whole or in
+        `micro_batches` groups (`micro_batches.run_interleaved`) -> hidden [batch, hidden]."""
+        ids = self._inputs[0]
+        bounds = part_bounds(batch, micro_batches)
+        if len(bounds) == 2:
+            ctx = self._context(slice(0, batch), context)
+            return self.model(ids[:batch], ctx.positions, ctx)
+        inputs = []
+        for a, b in zip(bounds, bounds[1:]):
+            ctx = self._context(slice(a, b), context)
+            ctx.fetch_grid = MICRO_BATCH_FETCH_GRID
+            inputs.append((ids[a:b], ctx))
+        return torch.cat(run_interleaved(self.model, inputs, self.streams.get(len(inputs))))
+
+    def _capture(self, batch: int, context: int, micro_batches: int) -> _Graph:
+        self.forward_static(batch, context, micro_batches)  # eager run of the same shapes: compiles, picks kernels
         self.kv_cache.join_offload()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            hidden = self.forward(ids, ctx.positions, ctx)
+            hidden = self.forward_static(batch, context, micro_batches)
             self.kv_cache.join_offload()  # the offload branch rejoins before the capture ends
         self._pool = self._pool or graph.pool()
         entry = _Graph(graph, hidden)
-        self._graphs[(batch, context)] = entry
+        self._graphs[(batch, context, micro_batches)] = entry
         return entry

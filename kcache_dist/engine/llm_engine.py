@@ -110,7 +110,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.runner.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.generator = torch.Generator().manual_seed(config.seed)
-        # micro-batches of eager decode steps (EngineConfig.decode_micro_batches); the scheduling
+        # micro-batches of decode steps (EngineConfig.decode_micro_batches); the scheduling
         # rank puts it in each plan, so benchmarks may change it between steps
         self.decode_micro_batches = config.decode_micro_batches
         self._seq_ids = itertools.count()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -22,14 +21,12 @@ from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state
 from .cuda_graphs import DecodeGraphs, graphs_enabled
+from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, run_interleaved
 from .step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
-# CTAs of the zero-copy V gather in a micro-batched step: beside a K pass on another stream, a
-# 32-CTA gather hid 52-59% of itself and a full-grid one none (benchmarks/notes/kcache_triton.md, iv)
-MICRO_BATCH_FETCH_GRID = 32
 
 
 class ModelRunner:
@@ -53,12 +50,13 @@ class ModelRunner:
         if config.kcache.mode == "kcache" and config.kcache.dense_layers > model_config.num_hidden_layers:
             raise ValueError(f"kcache.dense_layers={config.kcache.dense_layers} exceeds the model's "
                              f"{model_config.num_hidden_layers} layers")
-        self._side_streams: list = []  # micro-batch streams 1.. (`_micro_batch_streams`)
+        self.micro_batch_streams = MicroBatchStreams(device)
         self.cache_plan = self._plan_cache()
         self.num_kv_blocks = self.cache_plan.num_blocks
         self.kv_cache = self._make_cache(self.num_kv_blocks)
         self.decode_graphs = (DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, max_model_len,
-                                           self.block_size, device) if self.uses_cuda_graphs else None)
+                                           self.block_size, device, self.micro_batch_streams)
+                             if self.uses_cuda_graphs else None)
 
     def release(self) -> None:
         """Drop the CUDA graphs (and so their memory pool), the cache and the model now."""
@@ -170,38 +168,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_rows])
 
     def _execute_micro_batches(self, parts: list[StepPlan]) -> torch.Tensor:
-        """Run the plans `parts` (the micro-batches of one decode step) interleaved block by block,
-        part i on stream i (part 0 on the current stream): while one micro-batch waits on its V
-        fetch from host memory or its all-reduce, another's kernels run. Logits in part order."""
+        """Run the plans `parts` (the micro-batches of one decode step) op by op, interleaved block
+        by block, part i on stream i (`micro_batches.run_interleaved`). Logits in part order."""
         prepared = [self._prepare(part) for part in parts]
         for _, ctx, _ in prepared:
             ctx.fetch_grid = MICRO_BATCH_FETCH_GRID
-        streams = self._micro_batch_streams(len(parts))
-        main, side = streams[0], streams[1:] if streams[0] is not None else []
-        for stream in side:
-            stream.wait_stream(main)  # inputs were made on the current stream
-        steps = [self.model.blocks(ids, ctx.positions, ctx) for ids, ctx, _ in prepared]
-        last = [None] * len(parts)
-        running = True
-        while running:
-            running = False
-            for i, blocks in enumerate(steps):
-                with _on_stream(streams[i]):
-                    hidden = next(blocks, None)
-                if hidden is not None:
-                    last[i], running = hidden, True
-        for stream in side:
-            main.wait_stream(stream)  # and later steps' ops on any stream follow this step's
+        last = run_interleaved(self.model, [(ids, ctx) for ids, ctx, _ in prepared],
+                               self.micro_batch_streams.get(len(parts)))
         hidden = torch.cat([h[rows] for h, (_, _, rows) in zip(last, prepared)])
         return self.model.compute_logits(hidden)
-
-    def _micro_batch_streams(self, count: int) -> list:
-        """[current stream] + count - 1 side streams of this device, made once (None on CPU)."""
-        if self.device.type != "cuda":
-            return [None] * count
-        while len(self._side_streams) < count - 1:
-            self._side_streams.append(torch.cuda.Stream(self.device))
-        return [torch.cuda.current_stream(self.device)] + self._side_streams[: count - 1]
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
         """(input ids [T], the forward context, rows [S] of the T new tokens whose logits are sampled)."""
@@ -235,8 +210,3 @@ class ModelRunner:
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)
         last_rows = [query_start_loc[i + 1] - 1 for i in range(plan.num_seqs) if plan.sample[i]]
         return input_ids, ctx, torch.tensor(last_rows, dtype=torch.long, device=dev)
-
-
-def _on_stream(stream):
-    """`torch.cuda.stream(stream)`, or nothing for None (CPU)."""
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .micro_batches import part_bounds
+
 
 @dataclass
 class StepPlan:
@@ -14,8 +16,8 @@ class StepPlan:
     ids are its slice of `token_ids` (flat, in sequence order); its cache blocks are
     `block_tables[i]` and its row in per-sequence buffers `hot_slots[i]`; `sample[i]` says whether
     the step ends its known tokens, so a next token is sampled from the logits of its last new token.
-    A decode-only step of eager ops runs as `micro_batches` micro-batches on as many CUDA streams
-    (`ModelRunner`), the same on every rank.
+    A decode-only step runs as `micro_batches` micro-batches on as many CUDA streams, op by op or
+    from its CUDA graph (`engine/micro_batches.py`), the same on every rank.
     """
 
     seq_ids: list[int]
@@ -42,8 +44,7 @@ class StepPlan:
     def split(self, parts: int) -> list["StepPlan"]:
         """The sequences in `parts` contiguous groups of near-equal size (at most num_seqs groups),
         each a plan of its own (micro_batches 1)."""
-        parts = max(1, min(parts, self.num_seqs))
-        bounds = [self.num_seqs * i // parts for i in range(parts + 1)]
+        bounds = part_bounds(self.num_seqs, parts)
         token_starts = [0]
         for n in self.num_new_tokens:
             token_starts.append(token_starts[-1] + n)
