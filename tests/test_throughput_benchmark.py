@@ -163,3 +163,27 @@ def test_profile_all_reduce_overlap_from_timings():
     assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_2_micro_batches": 2.0,
                                  "all_reduce_hidden_fraction_cuda_graph": 0.8})
     assert all_reduce_overlap(timings, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
+
+
+def test_multi_gpu_tp_scaling_from_result_files(tmp_path):
+    """benchmarks/multi_gpu.py: per TP size and mode, the fastest point at the largest batch, per GPU,
+    against TP=1 and KCache over full, from the throughput JSONs found in the directory."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from multi_gpu import tp_scaling
+
+    def point(mode, batch, micro_batches, tok_s):
+        return {"mode": mode, "batch": batch, "micro_batches": micro_batches, "decode_tokens_per_s": tok_s}
+    runs = {1: [point("full", 109, 1, 2000.0), point("full", 64, 1, 1500.0), point("kcache", 128, 1, 600.0),
+                point("kcache", 128, 2, 700.0)],
+            2: [point("full", 235, 1, 2500.0), point("kcache", 256, 1, 1050.0)],
+            4: [point("kcache", 512, 1, 1750.0)]}
+    for tp, points in runs.items():
+        (tmp_path / f"throughput_tp{tp}_8192.json").write_text(json.dumps({"points": points}))
+    (tmp_path / "throughput_tp2_32768.json").write_text(json.dumps({"points": [point("full", 9, 1, 1.0)]}))
+    rows = {(r["tp"], r["mode"]): r for r in tp_scaling(str(tmp_path), [8192])}
+    assert sorted(rows) == [(1, "full"), (1, "kcache"), (2, "full"), (2, "kcache"), (4, "kcache")]
+    assert rows[1, "kcache"]["micro_batches"] == 2 and rows[1, "kcache"]["kcache_over_full"] == pytest.approx(0.35)
+    assert rows[2, "kcache"]["per_gpu_decode_tokens_per_s"] == 525.0
+    assert rows[2, "kcache"]["over_tp1"] == pytest.approx(1.5)
+    assert rows[2, "full"]["over_tp1"] == pytest.approx(1.25) and rows[2, "full"]["kcache_over_full"] is None
+    assert rows[4, "kcache"]["over_tp1"] == pytest.approx(2.5) and rows[4, "kcache"]["kcache_over_full"] is None
