@@ -32,6 +32,10 @@ from ..config import KCacheConfig
 from ..forward_context import ForwardContext
 
 TopNAt = Callable[[int], int]
+# on_select(first position, top [Hkv, t, most], counts [t]): the far positions picked for the t query
+# positions from `first` on, per KV head; row i's picks are top[:, i, :counts[i]] when the counts
+# differ (picks sorted by score), all `most` of them otherwise (in no particular order)
+SelectionObserver = Callable[[int, torch.Tensor, list], None]
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def dense_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                             kcache: KCacheConfig, top_n_at: TopNAt, scale: float,
-                            max_scores_per_chunk: int = 1 << 23) -> torch.Tensor:
+                            max_scores_per_chunk: int = 1 << 23,
+                            on_select: Optional[SelectionObserver] = None) -> torch.Tensor:
     """KCache decode attention of T consecutive positions start .. start+T-1, each over its own context.
 
     q [T, Hq, D]; keys, values [Hkv, L, D] with L >= start + T (entries past a position are masked).
@@ -106,7 +111,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     with the largest group score (max or sum of the softmax probabilities over the query heads of a
     KV head). Probabilities use the exact softmax over 0..t; the output is the probability-weighted
     sum of the selected V rows, divided by their mass when `renormalize`. Returns [T, Hq, D].
-    Query rows are processed in chunks of about `max_scores_per_chunk` scores.
+    Query rows are processed in chunks of about `max_scores_per_chunk` scores. `on_select`, when
+    given, sees each chunk's far picks (`SelectionObserver`).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[0]
@@ -146,6 +152,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
             group_score[..., tail:].masked_fill_(tail_pos[None, :] >= window_start[:, None], -1.0)
             same_count = min(counts) == most
             top = torch.topk(group_score, most, dim=-1, sorted=not same_count).indices  # [Hkv, t, most]
+            if on_select is not None:
+                on_select(start + lo, top, counts)
             if same_count:
                 selected.scatter_(-1, top, True)
             else:  # rows keep their first counts[row] picks (sorted by score)
@@ -175,6 +183,8 @@ class _EmulatedCache:
         self.length = 0  # tokens whose K/V are stored; the forward's new tokens start here
         self.kcache: Optional[KCacheConfig] = None  # None: dense attention for every new token
         self.top_n_at: TopNAt = lambda seq_len: 0
+        # on_select(layer_idx, ...) sees every sparse layer's far picks (SelectionObserver's arguments)
+        self.on_select: Optional[Callable[..., None]] = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:
@@ -185,7 +195,8 @@ class _EmulatedCache:
         kc = self.kcache
         if kc is None or kc.mode == "full" or layer_idx < kc.dense_layers:
             return dense_causal_attention(q, keys, values, start, scale)
-        return sparse_decode_attention(q, keys, values, start, kc, self.top_n_at, scale)
+        observe = None if self.on_select is None else (lambda *picks: self.on_select(layer_idx, *picks))
+        return sparse_decode_attention(q, keys, values, start, kc, self.top_n_at, scale, on_select=observe)
 
 
 def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, max_len: int) -> torch.nn.Module:

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""How many of a decode step's top-N far positions recent steps already picked: what a device-side
+cache of recently fetched V rows would save of KCache's PCIe traffic.
+
+    python benchmarks/accuracy_data.py          # once: the text (shared with the accuracy benchmark)
+    python benchmarks/selection_reuse.py        # default model on CPU, float32
+    python benchmarks/selection_reuse.py --model PATH --device cuda --dtype bfloat16
+
+At the defaults KCache's decode step waits on the PCIe fetch of top_n V rows per sparse layer and
+KV head (README, Throughput). If consecutive steps pick mostly the same positions, keeping the rows
+fetched lately in device memory would leave only the new picks to fetch. This measures that on
+natural text, with the engine's decode-time selection (`kcache_dist.kcache.teacher_forced`): per
+document, one dense prefill, then for each context C (largest first) `--steps` decode positions
+ending at C run teacher-forced under each setting, and every sparse layer's far picks per KV head
+are recorded (`SelectionObserver`). Reported per context and setting, over layers, KV heads and
+steps (the first step of a block only fills the cache):
+- hit rate of a per-(layer, KV head) row cache that holds the c x top_n positions picked most
+  recently, for each c of --cache-factors: the share of a step's picks it already holds, so the
+  rows fetched per step fall to (1 - hit rate). c = 1 is the overlap with the previous step's set;
+- the device memory such a cache takes per sequence: c x top_n rows x head_dim x dtype bytes x
+  sparse layers x KV heads (against the V bytes per sequence that KCache moves to host memory).
+Writes benchmarks/results/selection_reuse_<model>.json and a PNG of hit rate against c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kcache_dist.config import KCacheConfig  # noqa: E402
+from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model  # noqa: E402
+
+import accuracy_data  # noqa: E402
+from accuracy import clean_text  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="local HF checkpoint directory (default: the embedded SmolLM2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--contexts", default="2048,4096,8192")
+    p.add_argument("--steps", type=int, default=128, help="decode positions per context")
+    p.add_argument("--top-n", default="1024,256", help="top_n of each setting (the other knobs: the defaults)")
+    p.add_argument("--cache-factors", default="1,1.5,2,4", help="row cache capacity in multiples of top_n")
+    p.add_argument("--docs", default="alice29.txt,bible_kjv.txt")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+class PickLog:
+    """The far picks of a teacher-forced decode: picks[(layer, kv_head)][position] = int64 array."""
+
+    def __init__(self) -> None:
+        self.picks: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
+
+    def __call__(self, layer: int, first: int, top: torch.Tensor, counts: list) -> None:
+        top = top.cpu().numpy()
+        for i, count in enumerate(counts):
+            for h in range(top.shape[0]):
+                self.picks[layer, h][first + i] = np.sort(top[h, i, :count])
+
+
+def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[int, int]:
+    """(picks already held, picks) over steps[1:] of one (layer, KV head), for a cache holding the
+    `capacity` positions picked most recently (steps[0] only fills it)."""
+    last = np.full(context, -1, dtype=np.int64)  # step at which each position was last picked
+    hits = total = 0
+    for t, picked in enumerate(steps):
+        if t > 0:
+            held = np.flatnonzero(last >= 0)
+            if len(held) > capacity:
+                held = held[np.argpartition(-last[held], capacity - 1)[:capacity]]
+            hits += np.isin(picked, held, assume_unique=True).sum()
+            total += len(picked)
+        last[picked] = t
+    return int(hits), int(total)
+
+
+def reuse(log: PickLog, top_n: int, factors: list[float], context: int) -> dict:
+    hits = {f: 0 for f in factors}
+    total = 0
+    for rows in log.picks.values():
+        steps = [rows[p] for p in sorted(rows)]
+        for f in factors:
+            h, n = cache_hits(steps, int(round(f * top_n)), context)
+            hits[f] += h
+        total += n
+    return {"picks": total, "hit_rate": {str(f): hits[f] / total if total else None for f in factors}}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in result["rows"]:
+        factors = [float(f) for f in row["hit_rate"]]
+        ax.plot(factors, list(row["hit_rate"].values()), marker="o",
+                label=f"top_n {row['top_n']}, context {row['context']}")
+    ax.set_xlabel("row cache capacity (x top_n)")
+    ax.set_ylabel("share of a step's picks already cached")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{result['model']}: V rows a device-side cache would not refetch", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    wall0 = time.perf_counter()
+    from transformers import AutoTokenizer
+    if args.model is None:
+        from kcache_dist.default_model import default_model_dir
+        model_dir, model_name = default_model_dir(), "smollm2-135m"
+    else:
+        model_dir, model_name = args.model, os.path.basename(os.path.normpath(args.model)).lower()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)
+    factors = [float(f) for f in args.cache_factors.split(",")]
+    settings = [KCacheConfig(mode="kcache", top_n=int(n)) for n in args.top_n.split(",")]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, device, dtype, contexts[0])
+    lm = TeacherForcedLM(model, capacity=contexts[0])
+    attn = model.model.layers[0].self_attn
+    num_kv_heads, head_dim = attn.num_kv_heads, attn.attn.head_dim
+    data = accuracy_data.ensure_data()
+    named = {p.name: p for p in data["books"]} | {"bible_kjv.txt": data["bible"]}
+    logs = defaultdict(PickLog)  # (context, top_n) -> picks of every document
+    for d, name in enumerate(args.docs.split(",")):
+        ids = tokenizer.encode(clean_text(open(named[name], encoding="utf-8").read()))[:contexts[0]]
+        if len(ids) < contexts[0]:
+            raise ValueError(f"{name} has {len(ids)} tokens, fewer than the longest context {contexts[0]}")
+        lm.truncate(0)
+        lm.prefill(ids[:contexts[0] - args.steps])
+        print(f"[{time.perf_counter() - wall0:6.0f}s] {name}: dense prefill of {lm.length} tokens", flush=True)
+        for context in contexts:
+            start = context - args.steps
+            for kc in settings:
+                log = logs[context, kc.top_n]
+                lm.truncate(start)
+                lm.cache.on_select = lambda layer, first, top, counts, d=d, log=log: log(
+                    (d, layer), first, top, counts)
+                try:
+                    lm.decode(ids[start:context], kc)
+                finally:
+                    lm.cache.on_select = None
+            print(f"[{time.perf_counter() - wall0:6.0f}s] {name}: context {context} decoded", flush=True)
+    sparse_layers = lm.num_layers - settings[0].dense_layers
+    rows = []
+    for (context, top_n), log in sorted(logs.items()):
+        r = reuse(log, top_n, factors, context)
+        row_bytes = head_dim * torch.finfo(dtype).bits // 8
+        rows.append({"context": context, "top_n": top_n, **r,
+                     "cache_bytes_per_sequence": {str(f): int(round(f * top_n)) * row_bytes * sparse_layers
+                                                  * num_kv_heads for f in factors},
+                     "host_v_bytes_per_sequence": context * row_bytes * sparse_layers * num_kv_heads})
+        print(f"context {context} top_n {top_n}: hit rate " + ", ".join(
+            f"{f}x {v:.3f}" for f, v in r["hit_rate"].items()), flush=True)
+    result = {"benchmark": "selection_reuse", "model": model_name, "dtype": str(dtype).replace("torch.", ""),
+              "device": str(device), "steps": args.steps, "docs": args.docs.split(","),
+              "kcache": {k: v for k, v in vars(settings[0]).items() if k != "top_n"},
+              "rows": rows, "seconds": round(time.perf_counter() - wall0, 1)}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"selection_reuse_{model_name}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, out.removesuffix(".json") + ".png")
+    print(f"wrote {out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""benchmarks/selection_reuse.py: the row-cache hit count by hand, and the picks the teacher-forced
+decode reports (`TeacherForcedLM.cache.on_select`) on the default model: the same whether a block
+runs in one forward or token by token, min(top_n, far) distinct far positions each."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pydoc_data.topics
+import torch
+
+from kcache_dist import KCacheConfig
+from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from selection_reuse import PickLog, cache_hits  # noqa: E402
+
+
+def test_cache_hits_by_hand():
+    steps = [np.array([1, 2]), np.array([2, 3]), np.array([1, 4]), np.array([3, 4])]
+    # capacity 2 holds the previous step's picks: 2 of {2, 3}, none of {1, 4}, 4 of {3, 4}
+    assert cache_hits(steps, 2, 8) == (2, 6)
+    # capacity 3: {1, 2} then {1, 2, 3} held in full (2 and 1 hit); before step 3 it keeps 1 and 4
+    # (picked at step 2) and one of 2, 3 (both last picked at step 1): 4 hits, and 3 if kept
+    hits, total = cache_hits(steps, 3, 8)
+    assert total == 6 and hits in (3, 4)
+    assert cache_hits(steps, 8, 8) == (4, 6)  # all ever picked: 2, then 1, then 3 and 4
+
+
+def test_observed_picks_match_token_by_token_decode(default_model_dir):
+    kc = KCacheConfig(mode="kcache", top_n=8, dense_layers=28, sink_tokens=2, recent_window=8)
+    model = load_model(default_model_dir, torch.device("cpu"), torch.float32, max_len=256)
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(default_model_dir).encode(pydoc_data.topics.topics["assignment"])[:96]
+    lm = TeacherForcedLM(model, capacity=256)
+    logs = {}
+    for how in ("block", "token by token"):
+        lm.truncate(0)
+        lm.prefill(ids[:80])
+        logs[how] = log = PickLog()
+        lm.cache.on_select = log
+        if how == "block":
+            lm.decode(ids[80:], kc)
+        else:
+            for token in ids[80:]:
+                lm.decode([token], kc)
+        lm.cache.on_select = None
+    block, single = logs["block"].picks, logs["token by token"].picks
+    assert sorted(block) == sorted(single) == [(layer, h) for layer in (28, 29) for h in range(3)]
+    for key, rows in block.items():
+        assert sorted(rows) == list(range(80, 96))
+        for position, picked in rows.items():
+            assert np.array_equal(picked, single[key][position]), (key, position)
+            seq_len = position + 1
+            assert len(set(picked.tolist())) == min(8, seq_len - 8 - 2)
+            assert picked.min() >= 2 and picked.max() < seq_len - 8
