@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-n", type=int, default=KCacheConfig().top_n)
     p.add_argument("--dense-layers", type=int, default=KCacheConfig().dense_layers)
     p.add_argument("--host-memory-gb", type=float, default=96.0)
+    p.add_argument("--row-cache-factor", type=float, default=KCacheConfig().row_cache_factor,
+                   help="KCacheConfig.row_cache_factor (the steps repeat one position: after the first, every "
+                        "pick hits)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--micro-batches", type=int, default=2,
                    help="also time the eager step split into this many micro-batches on as many streams (1: not)")
@@ -143,8 +146,8 @@ def graph_path(runner, micro_batches: int, own_graphs: bool):
 
 
 def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
-    kcache = (KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers) if mode == "kcache"
-              else KCacheConfig(mode="full"))
+    kcache = (KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers,
+                           row_cache_factor=args.row_cache_factor) if mode == "kcache" else KCacheConfig(mode="full"))
     engine = LLMEngine(EngineConfig(model=model_dir, dtype=args.dtype, max_model_len=args.context,
                                     max_num_seqs=batch, gpu_memory_utilization=args.gpu_memory_utilization,
                                     host_memory_gb=args.host_memory_gb, load_format="random", kcache=kcache,
@@ -197,6 +200,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             print("  all-reduce: " + ", ".join(f"{k} {v:.3f}" for k, v in overlap.items()), flush=True)
         for r in rows:
             print(f"  {r['device_ms']:9.3f} ms {100 * r['share']:5.1f}%  x{r['calls']:<5d} {r['name']}")
+    paths.clear()  # the closures hold the runner and graphs of their own
     del runner
     engine.release()
     del engine

@@ -131,6 +131,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--recent-window", type=int, default=kcache_defaults.recent_window)
     p.add_argument("--group-reduce", default=kcache_defaults.group_reduce, choices=["max", "sum"])
     p.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=kcache_defaults.renormalize)
+    p.add_argument("--row-cache-factor", type=float, default=kcache_defaults.row_cache_factor,
+                   help="KCacheConfig.row_cache_factor; with a row cache the roofline's PCIe bytes are its misses")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)
@@ -163,7 +165,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def kcache_knobs(args: argparse.Namespace) -> KCacheConfig:
     return KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers, sink_tokens=args.sink_tokens,
                         recent_window=args.recent_window, renormalize=args.renormalize,
-                        group_reduce=args.group_reduce)
+                        group_reduce=args.group_reduce, row_cache_factor=args.row_cache_factor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +438,8 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
         _sync(device)
         window_s = time.perf_counter() - window_start
         v_bytes_per_step = (_v_rows_fetched(engine) - rows_before) * row_bytes_per_v_row / args.decode_tokens
+        if engine.config.kcache.row_cache_factor:  # the far rows that crossed PCIe: the cache's misses
+            step_bytes = [dataclasses.replace(b, far_v_bytes=int(v_bytes_per_step)) for b in step_bytes]
         mean_bytes = _mean_bytes(step_bytes)
         roofline_s = statistics.fmean(b.roofline_s(hbm_Bps, h2d_Bps) for b in step_bytes)
         step_mean_s = window_s / args.decode_tokens

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -46,6 +47,10 @@ class KCacheConfig:
     mode: "full" keeps K and V of every layer in device memory and runs dense attention;
     "kcache" keeps K in device memory and V of the sparse layers in host memory, and each decode
     step attends to the sink, the recent window and the `top_n` highest-scoring other positions.
+    row_cache_factor: 0 (default) fetches every step's far V rows from host memory; a factor f >= 1
+    keeps, per running sequence, sparse layer and KV head, the ceil(f * top_n) far V rows picked
+    most recently in device memory and fetches only the picks it does not hold
+    (`kcache/row_cache.py`; benchmarks/notes/selection_reuse.md has the hit rates it was sized by).
     """
 
     mode: str = "full"
@@ -55,6 +60,12 @@ class KCacheConfig:
     recent_window: int = 128
     renormalize: bool = True
     group_reduce: str = "max"
+    row_cache_factor: float = 0.0
+
+    @property
+    def row_cache_rows(self) -> int:
+        """Rows of the device-side far-row cache per (sequence, sparse layer, KV head); 0: none."""
+        return math.ceil(self.row_cache_factor * self.top_n) if self.mode == "kcache" else 0
 
     def __post_init__(self) -> None:
         _require(self.mode in KCACHE_MODES, "kcache.mode", self.mode, " | ".join(KCACHE_MODES))
@@ -68,6 +79,9 @@ class KCacheConfig:
         _require(isinstance(self.renormalize, bool), "kcache.renormalize", self.renormalize, "true | false")
         _require(self.group_reduce in GROUP_REDUCES, "kcache.group_reduce", self.group_reduce,
                  " | ".join(GROUP_REDUCES))
+        factor = self.row_cache_factor
+        _require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and (factor == 0 or factor >= 1),
+                 "kcache.row_cache_factor", factor, "0 (no row cache) or a number >= 1")
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ def _case_id(c):
 @pytest.mark.parametrize("case, mode", MODE_CASES, ids=[_case_id(c) + "-" + m for c, m in MODE_CASES])
 def test_triton_matches_reference(case, mode):
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
+    from kcache_dist.kcache.row_cache import FarRowCache
 
     batch, hkv, group, head_dim, lens, bs, spec, dtype = case
     seed = fresh_seed()
@@ -224,6 +225,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     from kcache_dist.kcache.reference import kcache_decode_reference
     from kcache_dist.kcache.selection import SelectionSpec
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
+    from kcache_dist.kcache.row_cache import FarRowCache
     import os, sys, kcache_dist
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(kcache_dist.__file__)), "benchmarks"))
     from selection_check import TAILS, buffer_rows, replay, replay_saved
@@ -262,6 +264,15 @@ INTERPRET_SCRIPT = textwrap.dedent("""
                 err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
                 tol = 1e-5 if dt == torch.float32 else 4e-3
                 assert not out.isnan().any() and err < tol, (mode, i, err)
+                # through a far-row cache: the same output, the first call fetching every far row, the second none
+                cache = FarRowCache(1, max(slots) + 1, hkv, 2 * spec.top_n, max(lens), d, vp.dtype, torch.device("cpu"))
+                for rep in range(2):
+                    cached = torch.full_like(q, float("nan"))
+                    kcache_decode_triton(q, kp, vp, vh, bt, torch.tensor(lens), torch.tensor(slots), spec, d ** -0.5,
+                                         cfg=cfg, out=cached, row_cache=cache.layer(0))
+                    assert torch.equal(cached, out), (mode, i, rep)
+                far = sum(min(spec.top_n, max(0, n - spec.sink_tokens - spec.recent_window)) for n in lens)
+                assert int(cache.misses.sum()) == hkv * far, (mode, i, int(cache.misses.sum()))
         # ties (q = 0): the lowest far positions, through the scratch and past it
         spec = SelectionSpec(7, 3, 5, True, "max")
         q, kp, vp, vh, bt, slots, _, _ = paged_inputs(2, 2, 2, 16, [90, 50], 8, spec, seed=seed)

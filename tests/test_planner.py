@@ -6,6 +6,7 @@ Expected numbers are worked out here from the byte arithmetic, not read back fro
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import threading
 
@@ -18,7 +19,7 @@ from kcache_dist.cache.host_pool import HostPool
 from kcache_dist.cache.kcache_kv_cache import KCacheKVCache
 from kcache_dist.cache.planner import (BINDS_FIXED, BINDS_GPU, BINDS_HOST, BINDS_MEMLOCK, BINDS_SEQS_X_LEN, GIB,
                                        CacheGeometry, DeviceMemoryFacts, HostMemoryFacts, PlannerKnobs, agree,
-                                       plan_rank)
+                                       far_row_cache_slot_bytes, plan_rank)
 from kcache_dist.config import EngineConfig, KCacheConfig
 from kcache_dist.kcache.selection import SelectionSpec
 
@@ -380,6 +381,14 @@ def test_inputs_from_engine_config_and_their_checks():
     assert PlannerKnobs.from_engine_config(config, 8192, host_memory_per="node").host_memory_per == "node"
     full = CacheGeometry.from_engine_config(EngineConfig(), 32, 8, 128, 2)
     assert (full.mode, full.block_size, full.hot_rows, full.num_sparse_layers) == ("full", 16, 0, 0)
+    # a far-row cache of 1.5 x top_n rows per (sequence slot, sparse layer, KV head), as planned per slot
+    cached = CacheGeometry.from_engine_config(
+        EngineConfig(kcache=KCacheConfig(mode="kcache", top_n=1024, dense_layers=8, row_cache_factor=1.5)),
+        num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2, max_model_len=8192)
+    slot_bytes = 24 * 8 * (1537 * (128 * 2 + 4 + 8) + 8193 * 2) + 16
+    assert cached.row_cache_slot_bytes == far_row_cache_slot_bytes(24, 8, 1536, 8192, 128, 2) == slot_bytes
+    assert cached.hot_gpu_bytes(63) - dataclasses.replace(cached, row_cache_slot_bytes=0).hot_gpu_bytes(63) \
+        == 64 * slot_bytes
 
     with pytest.raises(ValueError, match="kcache.dense_layers=33 exceeds the model's 32 layers"):
         CacheGeometry("kcache", 32, 33, 8, 128, 2, 256)

@@ -29,6 +29,9 @@ class FullKVCache:
     def count_decode_fetch(self, seq_lens: list[int]) -> None:
         """Nothing to count: full-KV mode reads no V from host memory."""
 
+    def start_sequences(self, hot_slots: list[int]) -> None:
+        """Nothing is kept per sequence beyond its blocks."""
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:
         """Store the new k, v [T, Hkv, D]; return attention of q [T, Hq, D] over each context."""

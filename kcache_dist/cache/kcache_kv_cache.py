@@ -7,6 +7,9 @@ A sparse layer keeps:
   v hot    [num_slots + 1, Hkv, sink + window, D] device: each running sequence's sink rows and a
                                               ring of its last `recent_window` rows (the last
                                               slot is spare: CUDA-graph padding rows write it)
+  row cache [num_slots + 1, Hkv, C, D]    device, with `row_cache_rows` = C > 0 only: the far V rows
+                                              each sequence picked most recently (`FarRowCache`),
+                                              forgotten when a sequence starts (`start_sequences`)
 Block ids are shared by all pools, so one block table serves K and V. Prefill runs dense attention
 (earlier chunks' V read back from the host pool); a decode step runs KCache attention.
 
@@ -27,6 +30,7 @@ import torch
 
 from ..forward_context import ForwardContext
 from ..kcache.decode import far_rows_fetched, kcache_decode
+from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
 from .full_kv_cache import dense_attend
@@ -36,7 +40,8 @@ from .store_rows import store_rows
 
 class KCacheKVCache:
     def __init__(self, num_layers: int, dense_layers: int, num_blocks: int, num_slots: int, num_kv_heads: int,
-                 block_size: int, head_dim: int, spec: SelectionSpec, dtype: torch.dtype, device: torch.device):
+                 block_size: int, head_dim: int, spec: SelectionSpec, dtype: torch.dtype, device: torch.device,
+                 row_cache_rows: int = 0, max_model_len: int = 0):
         self.dense_layers = dense_layers
         self.spec = spec
         self.device = device
@@ -49,7 +54,9 @@ class KCacheKVCache:
         hot_shape = (num_slots + 1, num_kv_heads, spec.hot_rows, head_dim)  # + the spare slot
         self.spare_hot_slot = num_slots  # padding rows of CUDA-graph batches write their hot rows here
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
-        self.v_rows_fetched = 0  # far V rows read from host memory by decode steps, all layers (count_decode_fetch)
+        self.row_cache = (FarRowCache(num_sparse, num_slots + 1, num_kv_heads, row_cache_rows, max_model_len, head_dim,
+                                      dtype, device) if row_cache_rows else None)
+        self._far_rows_counted = 0  # without a row cache: far V rows the decode steps read (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
 
@@ -89,7 +96,8 @@ class KCacheKVCache:
                                        on_device=q.is_cuda)
             out[:nd] = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
                                      ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
-                                     self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid)
+                                     self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
+                                     row_cache=self.row_cache.layer(sparse) if self.row_cache else None)
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
@@ -103,11 +111,28 @@ class KCacheKVCache:
             out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length), values, scale)
         return out
 
+    def start_sequences(self, hot_slots: list[int]) -> None:
+        """Sequences whose first token is in the coming step took these hot slots: the row cache
+        forgets what the slots' earlier sequences picked (the model runner calls it before the step,
+        outside any CUDA graph)."""
+        if self.row_cache is not None:
+            for sparse in range(len(self.v_host)):
+                for slot in hot_slots:
+                    self.row_cache.reset(sparse, slot)
+
     def count_decode_fetch(self, seq_lens: list[int]) -> None:
         """Count the far V rows that decoding sequences of `seq_lens` (after the step) read from
         the host pool in every sparse layer (the model runner calls it once per step, so that
-        warm-up runs and graph replays count as what they are)."""
-        self.v_rows_fetched += len(self.v_host) * far_rows_fetched(seq_lens, self.k_caches[0].shape[1], self.spec)
+        warm-up runs and graph replays count as what they are). A row cache counts its own misses."""
+        if self.row_cache is None:
+            self._far_rows_counted += len(self.v_host) * far_rows_fetched(seq_lens, self.k_caches[0].shape[1],
+                                                                         self.spec)
+
+    @property
+    def v_rows_fetched(self) -> int:
+        """Far V rows read from host memory by decode steps so far, all sparse layers (with a row
+        cache: its misses, read from the device)."""
+        return self._far_rows_counted if self.row_cache is None else int(self.row_cache.misses.sum())
 
     def join_offload(self) -> None:
         """The current stream waits, on the device, for every host write issued so far. Outside a

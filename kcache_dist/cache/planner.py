@@ -11,6 +11,8 @@ layer's K or V on this rank's KV heads: num_kv_heads x head_dim x dtype_bytes):
     kcache mode   GPU:  n x block_size x (num_layers + dense_layers) rows   (K of all layers, V of dense)
                         + hot V rows: sparse layers x (max_num_seqs + 1) x (sink + window) rows
                           (fixed; the extra slot takes the padding rows of CUDA-graph batches)
+                        + with kcache.row_cache_factor: (max_num_seqs + 1) x the far-row cache of
+                          one sequence slot (`far_row_cache_slot_bytes`)
                   host: n x block_size x (num_layers - dense_layers) rows   (V of sparse layers; each
                         layer's view aligned to 4 KiB, as `HostPool.take` lays it out)
 
@@ -139,6 +141,16 @@ class HostMemoryFacts:
         _check_int("HostMemoryFacts.ranks_on_node", self.ranks_on_node, 1)
 
 
+def far_row_cache_slot_bytes(num_sparse_layers: int, num_kv_heads: int, capacity: int, max_model_len: int,
+                             head_dim: int, dtype_bytes: int) -> int:
+    """GPU bytes of one sequence slot of `kcache.row_cache.FarRowCache`: per sparse layer and KV
+    head, capacity + 1 slots (V row, int32 position, int64 stamp) and a position map of
+    max_model_len + 1 entries (int16, int32 from 2^15 slots); an int64 clock and miss count."""
+    map_bytes = 2 if capacity < 2 ** 15 else 4
+    per_head = (capacity + 1) * (head_dim * dtype_bytes + 4 + 8) + (max_model_len + 1) * map_bytes
+    return num_sparse_layers * num_kv_heads * per_head + 2 * 8
+
+
 @dataclass(frozen=True)
 class CacheGeometry:
     """The shape of one rank's cache.
@@ -147,6 +159,7 @@ class CacheGeometry:
     num_kv_heads: KV heads held by this rank (after TP sharding or replication).
     dtype_bytes: bytes of one cache element (2 for bf16/fp16).
     hot_rows: V rows per (sequence, KV head, sparse layer) kept on the GPU: sink + recent window.
+    row_cache_slot_bytes: GPU bytes of the far-row cache of one sequence slot (0: no row cache).
     """
 
     mode: str
@@ -157,6 +170,7 @@ class CacheGeometry:
     dtype_bytes: int
     block_size: int
     hot_rows: int = 0
+    row_cache_slot_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -165,18 +179,23 @@ class CacheGeometry:
             _check_int(f"CacheGeometry.{name}", getattr(self, name), 1)
         _check_int("CacheGeometry.dense_layers", self.dense_layers, 0)
         _check_int("CacheGeometry.hot_rows", self.hot_rows, 0)
+        _check_int("CacheGeometry.row_cache_slot_bytes", self.row_cache_slot_bytes, 0)
         if self.mode == "kcache" and self.dense_layers > self.num_layers:
             raise ValueError(f"kcache.dense_layers={self.dense_layers} exceeds the model's {self.num_layers} layers")
 
     @classmethod
     def from_engine_config(cls, config: Any, num_layers: int, num_kv_heads: int, head_dim: int,
-                           dtype_bytes: int) -> "CacheGeometry":
-        """Geometry of an `EngineConfig` (mode, dense layers, block size, sink + window) for a
-        model of `num_layers` layers whose attention holds `num_kv_heads` KV heads on this rank."""
+                           dtype_bytes: int, max_model_len: int = 0) -> "CacheGeometry":
+        """Geometry of an `EngineConfig` (mode, dense layers, block size, sink + window, row cache)
+        for a model of `num_layers` layers whose attention holds `num_kv_heads` KV heads on this
+        rank; max_model_len sizes the row cache's position map."""
         kc = config.kcache
+        kcache = kc.mode == "kcache"
+        row_cache = (far_row_cache_slot_bytes(num_layers - kc.dense_layers, num_kv_heads, kc.row_cache_rows,
+                                              max_model_len, head_dim, dtype_bytes) if kc.row_cache_rows else 0)
         return cls(mode=kc.mode, num_layers=num_layers, dense_layers=kc.dense_layers, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, dtype_bytes=dtype_bytes, block_size=config.resolved_block_size,
-                   hot_rows=kc.sink_tokens + kc.recent_window if kc.mode == "kcache" else 0)
+                   hot_rows=kc.sink_tokens + kc.recent_window if kcache else 0, row_cache_slot_bytes=row_cache)
 
     @property
     def row_bytes(self) -> int:
@@ -213,9 +232,11 @@ class CacheGeometry:
         return self.row_bytes * self.block_size
 
     def hot_gpu_bytes(self, max_num_seqs: int) -> int:
-        """The GPU buffer of sink + window V rows: one slot per running sequence and a spare one
-        (written by the padding rows of CUDA-graph batches), per sparse layer."""
-        return self.num_sparse_layers * (max_num_seqs + 1) * self.hot_rows * self.row_bytes
+        """The GPU buffers kept per sequence slot: sink + window V rows (per sparse layer) and the
+        far-row cache, one slot per running sequence and a spare one (written by the padding rows
+        of CUDA-graph batches)."""
+        return (max_num_seqs + 1) * (self.num_sparse_layers * self.hot_rows * self.row_bytes
+                                     + self.row_cache_slot_bytes)
 
     def gpu_cache_bytes(self, num_blocks: int, max_num_seqs: int) -> int:
         """GPU bytes of `num_blocks` blocks plus the hot V rows."""
@@ -489,8 +510,9 @@ class CachePlan:
         lines.append(f"  plan: {self.num_blocks} blocks = {self.num_cache_tokens} tokens on each rank; "
                      f"{self.num_full_length_seqs} sequence(s) of max_model_len={self.max_model_len} at once "
                      f"(max_num_seqs {self.max_num_seqs}); bound by {self.binding} on rank {self.binding_rank}")
+        per_seq = "hot V rows and row cache" if g.row_cache_slot_bytes else "hot V rows"
         lines.append(f"  per token: {g.describe_per_token()}; GPU cache {_gib(self.gpu_cache_bytes)} "
-                     f"(hot V rows {_gib(self.hot_gpu_bytes)}), host V pool {_gib(self.host_pool_bytes)}")
+                     f"({per_seq} {_gib(self.hot_gpu_bytes)}), host V pool {_gib(self.host_pool_bytes)}")
         return "\n".join(lines)
 
 
@@ -636,7 +658,8 @@ def _gpu_shortfall(plan: CachePlan, b: RankBudget) -> str:
                 f"{d.activation_peak_bytes} activations, {d.free_bytes} free - {d.activation_peak_bytes} activations) "
                 f"but needs {need} bytes = {plan.blocks_per_seq} blocks x {block_bytes} bytes")
     if hot:
-        text += f" + {hot} bytes of hot V rows for max_num_seqs={k.max_num_seqs} (and a spare slot)"
+        what = "hot V rows and row cache" if g.row_cache_slot_bytes else "hot V rows"
+        text += f" + {hot} bytes of {what} for max_num_seqs={k.max_num_seqs} (and a spare slot)"
     return text
 
 

@@ -85,7 +85,8 @@ class ModelRunner:
                                dtype, self.device)
         spec = SelectionSpec(kc.top_n, kc.sink_tokens, kc.recent_window, kc.renormalize, kc.group_reduce)
         return KCacheKVCache(mc.num_hidden_layers, kc.dense_layers, num_blocks, self.config.max_num_seqs,
-                             self.num_kv_heads, self.block_size, mc.head_dim, spec, dtype, self.device)
+                             self.num_kv_heads, self.block_size, mc.head_dim, spec, dtype, self.device,
+                             row_cache_rows=kc.row_cache_rows, max_model_len=self.max_model_len)
 
     def _plan_cache(self) -> CachePlan:
         """Measure this rank's memory, plan the cache blocks and agree on them with every rank
@@ -93,7 +94,7 @@ class ModelRunner:
         cfg, mc = self.config, self.model_config
         state = current_state()
         geometry = CacheGeometry.from_engine_config(cfg, mc.num_hidden_layers, self.num_kv_heads, mc.head_dim,
-                                                    self.dtype.itemsize)
+                                                    self.dtype.itemsize, self.max_model_len)
         knobs = PlannerKnobs.from_engine_config(cfg, self.max_model_len)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -149,6 +150,9 @@ class ModelRunner:
         """Run the plan's new tokens through the model; logits [S, vocab] float32 of the S
         sequences whose `plan.sample` is true, in plan order. A decode-only step replays a CUDA
         graph when the runner has them."""
+        new_sequences = [slot for slot, start in zip(plan.hot_slots, plan.num_computed_tokens) if start == 0]
+        if new_sequences:
+            self.kv_cache.start_sequences(new_sequences)
         if self.decode_graphs is not None and self.decode_graphs.applies_to(plan):
             hidden = self.decode_graphs.run(plan)
             if not all(plan.sample):

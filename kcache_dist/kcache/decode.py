@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .reference import kcache_decode_reference
+from .row_cache import FarRowCacheLayer
 from .selection import SelectionSpec
 
 
@@ -18,7 +19,8 @@ def far_rows_fetched(seq_lens: list[int], num_kv_heads: int, spec: SelectionSpec
 def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, v_hot: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, hot_slots: torch.Tensor,
                   seq_lens_list: list[int], hot_slots_list: list[int], spec: SelectionSpec,
-                  scale: float, max_seq_len: int, fetch_grid: Optional[int] = None) -> torch.Tensor:
+                  scale: float, max_seq_len: int, fetch_grid: Optional[int] = None,
+                  row_cache: Optional[FarRowCacheLayer] = None) -> torch.Tensor:
     """One decode token per sequence.
 
     q [B, Hq, D] (device); k_cache [NB, Hkv, bs, D] (device); v_host [NB, Hkv, bs, D] (host memory,
@@ -26,7 +28,8 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
     block_tables [B, max_blocks] int32, seq_lens [B] int64, hot_slots [B] int64 (device) and the
     same lengths and slots as Python lists (read by the CPU reference only); max_seq_len >=
     max(seq_lens) sizes the CUDA path's scratch, so no host synchronisation is needed; fetch_grid:
-    CTAs of the CUDA path's V gather (None: its default).
+    CTAs of the CUDA path's V gather (None: its default); row_cache: the layer's far-row cache
+    (`row_cache.py`; sequence b in cache slot hot_slots[b]), None to fetch every far row.
     Returns out [B, Hq, D]. On CUDA the host pool is read by kernels, in stream order.
     """
     if q.is_cuda:
@@ -36,6 +39,6 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
             kcache_decode_triton = None
         if kcache_decode_triton is not None:
             return kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
-                                        max_seq_len=max_seq_len, gather_grid=fetch_grid)
+                                        max_seq_len=max_seq_len, gather_grid=fetch_grid, row_cache=row_cache)
     return kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec,
-                                   scale)
+                                   scale, row_cache=row_cache)

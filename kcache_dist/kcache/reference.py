@@ -11,10 +11,15 @@ With top_n + sink + window >= L, sel is every position and o equals dense attent
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Optional
+
 import torch
 
 from ..layers.paged_attention import gather_context
 from .selection import SelectionSpec
+
+if TYPE_CHECKING:
+    from .row_cache import FarRowCacheLayer
 
 
 def select_far_positions(probs: torch.Tensor, sink_end: int, window_start: int, spec: SelectionSpec) -> torch.Tensor:
@@ -35,12 +40,14 @@ def gather_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.
 
 
 def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.Tensor, v_hot: torch.Tensor,
-                      block_table: torch.Tensor, seq_len: int, spec: SelectionSpec, scale: float) -> torch.Tensor:
+                      block_table: torch.Tensor, seq_len: int, spec: SelectionSpec, scale: float,
+                      fetch_far: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """One sequence's decode step.
 
     q [Hq, D]; k_cache [NB, Hkv, bs, D] (device); v_far_pool [NB, Hkv, bs, D] (host memory);
-    v_hot [Hkv, sink + window, D] this sequence's hot rows (device); block_table [>= blocks].
-    Returns [Hq, D] in q's dtype.
+    v_hot [Hkv, sink + window, D] this sequence's hot rows (device); block_table [>= blocks];
+    fetch_far(far positions [Hkv, n]) -> their V rows [Hkv, n, D] (default: `gather_rows` from the
+    pool; the far-row cache passes its own). Returns [Hq, D] in q's dtype.
     """
     num_kv_heads = k_cache.shape[1]
     qg = q.view(num_kv_heads, -1, q.shape[-1]).float()  # [Hkv, G, D]
@@ -53,7 +60,8 @@ def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.
     if window_start > sink_end:
         far_pos = select_far_positions(probs, sink_end, window_start, spec)  # [Hkv, n]
         p_far = probs.gather(-1, far_pos[:, None, :].expand(-1, qg.shape[1], -1))
-        v_far = gather_rows(v_far_pool, block_table, far_pos).to(q.device).float()
+        v_far = (gather_rows(v_far_pool, block_table, far_pos) if fetch_far is None
+                 else fetch_far(far_pos)).to(q.device).float()
         p_sel, v_sel = torch.cat([p_sel, p_far], -1), torch.cat([v_sel, v_far], 1)
     out = torch.einsum("hgn,hnd->hgd", p_sel, v_sel)
     if spec.renormalize:
@@ -63,8 +71,16 @@ def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.
 
 def kcache_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.Tensor, v_hot: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: list[int], hot_slots: list[int],
-                            spec: SelectionSpec, scale: float) -> torch.Tensor:
+                            spec: SelectionSpec, scale: float,
+                            row_cache: Optional["FarRowCacheLayer"] = None) -> torch.Tensor:
     """Batch of decode steps. q [B, Hq, D]; v_hot [num_slots, Hkv, sink + window, D];
-    block_tables [B, max_blocks]; seq_lens, hot_slots: B ints. Returns [B, Hq, D]."""
+    block_tables [B, max_blocks]; seq_lens, hot_slots: B ints; row_cache: far V rows through the
+    layer's far-row cache (`row_cache.py`), sequence b in cache slot hot_slots[b]. Returns [B, Hq, D]."""
+    def through_cache(b: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        if row_cache is None:
+            return None
+        slot = torch.tensor([hot_slots[b]])
+        return lambda far_pos: row_cache.fetch(slot, far_pos[None], lambda idx: gather_rows(
+            v_far_pool, block_tables[b], idx[0].clamp(min=0))[None])[0]
     return torch.stack([kcache_decode_one(q[b], k_cache, v_far_pool, v_hot[hot_slots[b]], block_tables[b],
-                                          seq_lens[b], spec, scale) for b in range(q.shape[0])])
+                                          seq_lens[b], spec, scale, through_cache(b)) for b in range(q.shape[0])])

@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ..layers.paged_tiles import tile_rows, tile_scores
 from ..triton_interpreter import patch_if_interpreting
+from .row_cache import FarRowCacheLayer
 from .selection import SelectionSpec
 
 LOG2E = 1.4426950408889634
@@ -761,12 +762,15 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
                          spec: SelectionSpec, scale: float, max_seq_len: Optional[int] = None,
                          fetch: str = "zero_copy", cfg: Optional[KPassConfig] = None,
                          block_tables_cpu: Optional[torch.Tensor] = None,
-                         out: Optional[torch.Tensor] = None, gather_grid: Optional[int] = None) -> torch.Tensor:
+                         out: Optional[torch.Tensor] = None, gather_grid: Optional[int] = None,
+                         row_cache: Optional[FarRowCacheLayer] = None) -> torch.Tensor:
     """KCache decode attention, one token per sequence (arguments as `kcache_decode`).
 
     fetch: "zero_copy" (Triton gather from pinned host memory through UVA; falls back to
     "copy_engine" when v_host is not pinned) or "copy_engine"; gather_grid: CTAs of the zero-copy
-    gather (None: 2 per SM). Returns o [B, Hq, D] in q's dtype.
+    gather (None: 2 per SM); row_cache: the far rows through the layer's far-row cache (sequence b
+    in cache slot hot_slots[b]), which gathers only the picks it does not hold.
+    Returns o [B, Hq, D] in q's dtype.
     """
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item())
@@ -774,13 +778,21 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
     bt_dev = block_tables.to(q.device)
     sel = score_and_select(q, k_cache, bt_dev, seq_dev, max_seq_len, spec, scale, cfg)
     top_n = sel.idx.shape[1]
+
+    def gather(idx: torch.Tensor) -> torch.Tensor:  # idx [B * Hkv, top_n] -> rows [B * Hkv, top_n, D]
+        if fetch == "zero_copy" and (v_host.device == q.device or (v_host.is_pinned() and q.is_cuda)
+                                     or not q.is_cuda):
+            return gather_far_rows_zero_copy(v_host, bt_dev, idx, grid=gather_grid)
+        bt_cpu = block_tables_cpu if block_tables_cpu is not None else block_tables.cpu()
+        return gather_far_rows_copy_engine(v_host, bt_cpu, idx)
+
     if top_n == 0:
         vfar = None
-    elif fetch == "zero_copy" and (v_host.device == q.device or (v_host.is_pinned() and q.is_cuda)
-                                   or not q.is_cuda):
-        vfar = gather_far_rows_zero_copy(v_host, bt_dev, sel.idx, grid=gather_grid)
+    elif row_cache is not None:
+        shape = (q.shape[0], k_cache.shape[1], top_n)
+        vfar = row_cache.fetch(hot_slots, sel.idx.view(shape),
+                               lambda idx: gather(idx.view(sel.idx.shape).int()).view(*shape, -1)).flatten(0, 1)
     else:
-        bt_cpu = block_tables_cpu if block_tables_cpu is not None else block_tables.cpu()
-        vfar = gather_far_rows_copy_engine(v_host, bt_cpu, sel.idx)
+        vfar = gather(sel.idx)
     return sparse_output(sel, vfar, v_hot, seq_dev, hot_slots.to(q.device), spec, q.shape[1], out=out,
                          dtype=q.dtype)

@@ -59,8 +59,8 @@ ENGINE_FLAGS = [
     ("--cpu-kv-cache-gb", "cpu_kv_cache_gb", float, "cache size on a CPU device (default 4)"),
     ("--host-memory-gb", "host_memory_gb", float, "KCache mode: host memory for the V pool (default 32)"),
     ("--seed", "seed", int, "seed of requests that give none (default 0)"),
-    ("--decode-micro-batches", "decode_micro_batches", int, "split each eager decode step into N micro-batches on N "
-     "CUDA streams, overlapping one's V fetch and all-reduces with another's kernels (default 1: no split)"),
+    ("--decode-micro-batches", "decode_micro_batches", int, "split each decode step into N micro-batches on N CUDA "
+     "streams, overlapping one's V fetch and all-reduces with another's kernels (default 1: no split)"),
     ("--load-format", "load_format", str, "safetensors: the model directory's checkpoint (default) | random: "
      "random weights of the model's shape, for benchmarks (the directory needs only config.json and a tokenizer)"),
 ]
@@ -77,6 +77,8 @@ KCACHE_FLAGS = [
     ("--recent-window", "recent_window", int, "last tokens always attended (default 128)"),
     ("--group-reduce", "group_reduce", str, "GQA selection from the " + " | ".join(GROUP_REDUCES)
      + " of the query heads' probabilities (default max)"),
+    ("--row-cache-factor", "row_cache_factor", float, "keep the ceil(F x top_n) far V rows picked most recently "
+     "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default 0: none)"),
 ]
 _CHOICES = {"dtype": list(DTYPE_NAMES + tuple(DTYPE_ALIASES)), "device": list(DEVICE_NAMES),
             "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES)}
