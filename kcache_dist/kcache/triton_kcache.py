@@ -40,7 +40,7 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
 2. A fetch of the selected far V rows from the host pool into vfar [rows, top_n, D] on the device:
    `gather_far_rows_zero_copy` (a persistent Triton kernel reading pinned host memory through UVA)
    or `gather_far_rows_copy_engine` (indices to the host, CPU gather into pinned staging, one H2D
-   copy on the copy engines).
+   copy on the copy engines); with a far-row cache (`row_cache.py`) only the picks it misses.
 3. `sparse_output`: o[g] = sum_{hot + far} p[g, j] v_j (/ sum p when renormalizing), p from S and lse,
    hot rows from v_hot, far rows from vfar.
 
