@@ -493,6 +493,18 @@ def parse_extra(spec: str) -> list[Setting]:
     return out
 
 
+def model_choice(model: Optional[str], device: str, dtype: Optional[str]) -> tuple[str, str, torch.device, torch.dtype]:
+    """(checkpoint directory, short name, device, dtype) of --model / --device / --dtype: the
+    embedded SmolLM2 when no model is given; float32 on CPU and bfloat16 elsewhere by default."""
+    if model is None:
+        from kcache_dist.default_model import default_model_dir
+        model_dir, model_name = default_model_dir(), "smollm2-135m"
+    else:
+        model_dir, model_name = model, os.path.basename(os.path.normpath(model)).lower()
+    where = torch.device(device)
+    return model_dir, model_name, where, getattr(torch, dtype or ("float32" if where.type == "cpu" else "bfloat16"))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -503,13 +515,7 @@ def main(argv=None) -> None:
         print(f"[{time.perf_counter() - wall0:7.1f}s cpu {time.process_time() - cpu0:7.1f}s] {msg}", flush=True)
 
     from transformers import AutoTokenizer
-    if args.model is None:
-        from kcache_dist.default_model import default_model_dir
-        model_dir, model_name = default_model_dir(), "smollm2-135m"
-    else:
-        model_dir, model_name = args.model, os.path.basename(os.path.normpath(args.model)).lower()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    model_dir, model_name, device, dtype = model_choice(args.model, args.device, args.dtype)
     contexts = [int(c) for c in args.contexts.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     capacity = max(contexts + [QA_MIN_CAPACITY if args.qa_questions else 0])

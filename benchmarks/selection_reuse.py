@@ -40,7 +40,7 @@ from kcache_dist.config import KCacheConfig  # noqa: E402
 from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model  # noqa: E402
 
 import accuracy_data  # noqa: E402
-from accuracy import clean_text  # noqa: E402
+from accuracy import clean_text, model_choice  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,13 +125,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     wall0 = time.perf_counter()
     from transformers import AutoTokenizer
-    if args.model is None:
-        from kcache_dist.default_model import default_model_dir
-        model_dir, model_name = default_model_dir(), "smollm2-135m"
-    else:
-        model_dir, model_name = args.model, os.path.basename(os.path.normpath(args.model)).lower()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    model_dir, model_name, device, dtype = model_choice(args.model, args.device, args.dtype)
     contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)
     factors = [float(f) for f in args.cache_factors.split(",")]
     settings = [KCacheConfig(mode="kcache", top_n=int(n)) for n in args.top_n.split(",")]

@@ -5,6 +5,7 @@ slot on reset."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -111,7 +112,7 @@ def test_engine_with_a_row_cache_gives_the_same_tokens_and_fetches_fewer_rows(ti
     runs = {}
     for factor in (0, 2):
         llm = LLM(device="cpu", model=tiny_llama_dir, max_num_seqs=2,
-                  kcache=KCacheConfig(**{**vars(small), "row_cache_factor": factor}))
+                  kcache=dataclasses.replace(small, row_cache_factor=factor))
         runs[factor] = (token_ids(llm.generate(prompts, params)), llm.engine.runner.kv_cache.v_rows_fetched)
         assert (llm.engine.runner.kv_cache.row_cache is None) == (factor == 0)
     (plain, plain_rows), (cached, cached_rows) = runs[0], runs[2]
