@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--row-cache-factor", type=float, default=KCacheConfig().row_cache_factor,
                    help="KCacheConfig.row_cache_factor (the steps repeat one position: after the first, every "
                         "pick hits)")
+    p.add_argument("--row-cache-hit-rate", type=float, default=1.0,
+                   help="with a row cache: before every step forget a random 1 - this share of its rows, so that "
+                        "the step's repeated picks hit at about this rate (e.g. 0.89, the default model's rate at "
+                        "8K: benchmarks/notes/selection_reuse.md)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--micro-batches", type=int, default=2,
                    help="also time the eager step split into this many micro-batches on as many streams (1: not)")
@@ -85,13 +89,17 @@ def fill_device_pools(cache) -> None:
             t.normal_(0, 1)
 
 
-def time_step(run, plan: StepPlan, steps: int, dev: torch.device) -> dict:
-    """Median device time (CUDA events) and host time until `run(plan)` returns, after two warm-up calls."""
+def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=None) -> dict:
+    """Median device time (CUDA events) and host time until `run(plan)` returns, after two warm-up
+    calls; `before_step()` (untimed) runs before each call."""
+    before_step = before_step or (lambda: None)
     for _ in range(2):  # compile, capture
+        before_step()
         run(plan)
     torch.cuda.synchronize(dev)
     device_ms, host_ms = [], []
     for _ in range(steps):
+        before_step()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
@@ -179,7 +187,19 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             paths[name] = graph_path(runner, count, own_graphs=False)
             if tp:  # captured with the all-reduces left out
                 paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
-    timings = {name: time_step(run, plan, args.steps, dev) for name, run in paths.items()}
+    row_cache = getattr(runner.kv_cache, "row_cache", None)
+    before_step = None
+    if row_cache is not None and args.row_cache_hit_rate < 1.0:
+        generator = torch.Generator(device=dev).manual_seed(0)
+        before_step = lambda: row_cache.forget_random(1.0 - args.row_cache_hit_rate, generator)  # noqa: E731
+    misses_before = int(row_cache.misses.sum()) if row_cache is not None else 0
+    timings = {name: time_step(run, plan, args.steps, dev, before_step) for name, run in paths.items()}
+    hit_rate = None
+    if row_cache is not None:  # over every step run, the first (all misses) included
+        steps_run = len(paths) * (args.steps + 2)
+        picks = steps_run * batch * len(row_cache.rows) * row_cache.rows[0].shape[1] * min(
+            args.top_n, args.context - runner.config.kcache.sink_tokens - runner.config.kcache.recent_window)
+        hit_rate = 1.0 - (int(row_cache.misses.sum()) - misses_before) / picks
     overlap = {**all_reduce_overlap(timings, "eager", f"eager_{m}_micro_batches"),
                **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches")}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -190,10 +210,14 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     rows = [{"name": e.key[:90], "calls": e.count, "device_ms": e.self_device_time_total / 1e3,
              "share": e.self_device_time_total / total_us if total_us else 0.0} for e in events[: args.rows]]
     result = {"mode": mode, "batch": batch, "context": args.context, "block_size": runner.block_size,
+              "row_cache_factor": args.row_cache_factor if mode == "kcache" else 0.0,
+              "row_cache_hit_rate_requested": args.row_cache_hit_rate if row_cache is not None else None,
+              "row_cache_hit_rate_measured": hit_rate,
               **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},
               "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows, **overlap}
     if rank0:
-        print(f"\n== {mode} batch {batch} @ {args.context}, TP={current_state().tp_size}: " + "; ".join(
+        cached = f", row cache hit rate {hit_rate:.3f}" if hit_rate is not None else ""
+        print(f"\n== {mode} batch {batch} @ {args.context}, TP={current_state().tp_size}{cached}: " + "; ".join(
             f"{name} device {t['device_ms_median']:.2f} ms, host until return {t['host_ms_median']:.2f} ms"
             for name, t in timings.items()), flush=True)
         if overlap:

@@ -385,7 +385,7 @@ def test_inputs_from_engine_config_and_their_checks():
     cached = CacheGeometry.from_engine_config(
         EngineConfig(kcache=KCacheConfig(mode="kcache", top_n=1024, dense_layers=8, row_cache_factor=1.5)),
         num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2, max_model_len=8192)
-    slot_bytes = 24 * 8 * (1537 * (128 * 2 + 4 + 8) + 8193 * 2) + 16
+    slot_bytes = 24 * (8 * (1537 * (128 * 2 + 4 + 8) + 8193 * 2) + 8) + 8  # + a clock per layer, a miss count
     assert cached.row_cache_slot_bytes == far_row_cache_slot_bytes(24, 8, 1536, 8192, 128, 2) == slot_bytes
     assert cached.hot_gpu_bytes(63) - dataclasses.replace(cached, row_cache_slot_bytes=0).hot_gpu_bytes(63) \
         == 64 * slot_bytes

@@ -9,9 +9,13 @@ import dataclasses
 import os
 import sys
 
+import textwrap
+
 import numpy as np
 import pytest
 import torch
+
+from helpers import HAS_TRITON, fresh_seed, run_under_triton_interpreter
 
 from kcache_dist.kcache.row_cache import FarRowCache
 
@@ -80,6 +84,26 @@ def test_reset_forgets_a_slot_and_only_that_slot():
     cache.reset(1, 0)
     cache.fetch(1, slots, idx, lambda i: host_rows(pool, slots, i))
     assert int(cache.misses.sum()) == 3 * H * N  # slot 0 fetched again, slot 1 still held
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
+def test_forget_random_turns_that_share_of_repeated_picks_into_misses(share):
+    g = torch.Generator().manual_seed(7)
+    pool = torch.randn(2, H, L, D, generator=g)
+    cache = FarRowCache(2, 2, H, 64, L, D, torch.float32, torch.device("cpu"))
+    slots = torch.tensor([0, 1])
+    idx = torch.stack([torch.stack([torch.randperm(L, generator=g)[:64] for _ in range(H)]) for _ in range(2)])
+    for sparse in range(2):
+        cache.fetch(sparse, slots, idx, lambda i: host_rows(pool, slots, i))
+    before = int(cache.misses.sum())
+    cache.forget_random(share, generator=torch.Generator().manual_seed(1))
+    for sparse in range(2):
+        rows = cache.fetch(sparse, slots, idx, lambda i: host_rows(pool, slots, i))
+        assert torch.equal(rows, host_rows(pool, slots, idx))
+    missed, picks = int(cache.misses.sum()) - before, 2 * idx.numel()
+    assert abs(missed / picks - share) <= 0.05, (missed, picks)
+    with pytest.raises(ValueError, match=r"share must be in \[0, 1\], got 1.5"):
+        cache.forget_random(1.5)
 
 
 def test_more_picks_than_capacity_is_an_error():
@@ -156,3 +180,60 @@ def test_cuda_engine_with_a_row_cache_gives_the_same_tokens(tiny_llama_dir, enfo
         runs[factor] = (token_ids(llm.generate(prompts, params)), llm.engine.runner.kv_cache.v_rows_fetched)
     assert runs[2][0] == runs[0][0]
     assert 0 < runs[2][1] < runs[0][1]
+
+
+# the Triton bookkeeping (`row_cache_triton.assign_rows`) against the torch reference
+# (`FarRowCache.assign`): the same slots, misses and cache state, step after step
+ASSIGN_SCRIPT = textwrap.dedent("""
+    import torch
+    from kcache_dist.kcache.row_cache import FarRowCache
+    from kcache_dist.kcache.row_cache_triton import assign_rows
+
+    def check(L, H, n, capacity, slots, steps, spread, device, seed):
+        g = torch.Generator().manual_seed(seed)
+        ref = FarRowCache(2, max(slots) + 2, H, capacity, L, 4, torch.float32, torch.device("cpu"))
+        dut = FarRowCache(2, max(slots) + 2, H, capacity, L, 4, torch.float32, torch.device(device))
+        slots = torch.tensor(slots)
+        B = len(slots)
+        for step in range(steps):
+            lo = step * spread  # the picks drift, as a growing context's do
+            idx = torch.stack([torch.stack([torch.randperm(3 * n, generator=g)[:n] + lo for _ in range(H)])
+                               for _ in range(B)])
+            idx[-1, :, n // 2:] = -1  # a short row
+            idx[-1, -1] = -1  # and an empty one, as CUDA-graph padding
+            for sparse in range(2):
+                slot, miss = ref.assign(sparse, slots, idx)
+                far_row, miss_idx = assign_rows(dut, sparse, slots.to(device), idx.view(-1, n).int().to(device))
+                flat = (slots[:, None, None] * H + torch.arange(H)[None, :, None]) * (capacity + 1) + slot
+                assert torch.equal(far_row.cpu().view(B, H, n).long(), torch.where(idx >= 0, flat, -1)), (step, sparse)
+                assert torch.equal(miss_idx.cpu().view(B, H, n).long(), torch.where(miss, idx, -1)), (step, sparse)
+                for name in ("positions", "last_used"):
+                    a, b = getattr(ref, name)[sparse], getattr(dut, name)[sparse].cpu()
+                    assert torch.equal(a[..., :capacity], b[..., :capacity]), (name, step, sparse)
+                assert torch.equal(ref.slot_of[sparse][..., :L], dut.slot_of[sparse].cpu()[..., :L]), (step, sparse)
+        assert torch.equal(ref.misses, dut.misses.cpu()) and torch.equal(ref.clock, dut.clock.cpu())
+        assert 0 < int(ref.misses.sum()) < steps * 2 * B * H * n
+
+    for i, (capacity, spread) in enumerate([(16, 1), (24, 3), (40, 0)]):
+        check(L=120, H=2, n=16, capacity=capacity, slots=[3, 0, 1], steps=8, spread=spread, device="DEVICE",
+              seed=SEED + i)
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_assign_kernel_equals_the_torch_reference_under_interpreter():
+    seed = fresh_seed()
+    script = ASSIGN_SCRIPT.replace("DEVICE", "cpu").replace("SEED", str(seed))
+    run_under_triton_interpreter(script, seed, timeout_s=300)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA device and triton")
+def test_assign_kernel_equals_the_torch_reference_on_cuda():
+    """Real sizes (top_n 1024, 2x capacity, 8 KV heads, 8K positions) besides the tiny ones."""
+    seed = fresh_seed()
+    namespace = {}
+    exec(ASSIGN_SCRIPT.replace("DEVICE", "cuda").replace("SEED", str(seed)).replace(
+        'print("interpreter ok")', ""), namespace)
+    namespace["check"](L=8192, H=8, n=1024, capacity=2048, slots=[5, 2, 9, 0], steps=6, spread=300, device="cuda",
+                       seed=seed)

@@ -145,10 +145,10 @@ def far_row_cache_slot_bytes(num_sparse_layers: int, num_kv_heads: int, capacity
                              head_dim: int, dtype_bytes: int) -> int:
     """GPU bytes of one sequence slot of `kcache.row_cache.FarRowCache`: per sparse layer and KV
     head, capacity + 1 slots (V row, int32 position, int64 stamp) and a position map of
-    max_model_len + 1 entries (int16, int32 from 2^15 slots); an int64 clock and miss count."""
+    max_model_len + 1 entries (int16, int32 from 2^15 slots) and an int64 clock; an int64 miss count."""
     map_bytes = 2 if capacity < 2 ** 15 else 4
     per_head = (capacity + 1) * (head_dim * dtype_bytes + 4 + 8) + (max_model_len + 1) * map_bytes
-    return num_sparse_layers * num_kv_heads * per_head + 2 * 8
+    return num_sparse_layers * (num_kv_heads * per_head + 8) + 8
 
 
 @dataclass(frozen=True)

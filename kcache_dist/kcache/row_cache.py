@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+AGE_BUCKETS = 128  # eviction tells ages (steps since a row was last picked) apart up to this many
+
 # gather(idx [B, Hkv, n] int, -1 = none) -> rows [B, Hkv, n, D] from host memory (any value where -1)
 GatherRows = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,9 +35,11 @@ class FarRowCache:
     `capacity` of the rows and `max_model_len` of the map are trash. num_slots counts the spare
     slot of CUDA-graph padding rows.
 
-    First version, in torch indexing: the misses are gathered into a [B, Hkv, n, D] tensor and
-    copied into their slots, and the picks are copied out of the cache again; a gather straight
-    into the slots and an output kernel that reads the cache by slot would save those copies."""
+    `assign` is the step's bookkeeping (which slot holds each pick, which picks miss) in torch, the
+    reference of `row_cache_triton.assign_rows`; `fetch` is the reference path's whole fetch. On
+    CUDA the Triton decode gathers the misses from host memory straight into their slots and its
+    output kernel reads the far rows from the cache by slot.
+    """
 
     def __init__(self, num_sparse_layers: int, num_slots: int, num_kv_heads: int, capacity: int,
                  max_model_len: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -51,8 +55,8 @@ class FarRowCache:
         self.slot_of = [torch.full((num_slots, num_kv_heads, max_model_len + 1), -1, dtype=map_dtype, device=device)
                         for _ in range(num_sparse_layers)]  # position -> cache slot; + the trash position
         # per sequence slot, so that micro-batches (disjoint slots, on different streams) never
-        # update the same element: fetches so far (the stamps' clock) and rows gathered from host memory
-        self.clock = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        # update the same element: per layer, steps so far (the stamps' clock); rows gathered from host memory
+        self.clock = torch.zeros(num_sparse_layers, num_slots, dtype=torch.int64, device=device)
         self.misses = torch.zeros(num_slots, dtype=torch.int64, device=device)
 
     def layer(self, sparse: int) -> "FarRowCacheLayer":
@@ -64,17 +68,38 @@ class FarRowCache:
         self.last_used[sparse][slot] = -1
         self.slot_of[sparse][slot] = -1
 
-    def fetch(self, sparse: int, seq_slots: torch.Tensor, idx: torch.Tensor, gather: GatherRows) -> torch.Tensor:
-        """The V rows of the far positions idx [B, Hkv, n] (int, -1 = none; distinct per (b, h);
-        n <= capacity) of the sequences in slots seq_slots [B] (distinct, except padding rows whose
-        idx are all -1), layer `sparse`: rows [B, Hkv, n, D], zero where idx is -1. Rows the cache
-        does not hold come from `gather`, which is called once, with the misses only."""
+    def forget_random(self, share: float, generator: torch.Generator | None = None) -> None:
+        """Forget each held row with probability `share`, in every layer and slot (benchmarks: a
+        step that repeats the last step's picks then hits about 1 - share of them, the hit rate of a
+        real model's consecutive steps, e.g. benchmarks/notes/selection_reuse.md)."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {share}")
+        for positions, last_used, slot_of in zip(self.positions, self.last_used, self.slot_of):
+            drop = torch.rand(positions.shape, generator=generator, device=positions.device) < share
+            drop[..., self.capacity] = False  # the trash slot
+            drop &= positions >= 0
+            s, h, _ = drop.nonzero(as_tuple=True)
+            slot_of[s, h, positions[drop].long()] = -1
+            positions[drop] = -1
+            last_used[drop] = -1
+
+    def assign(self, sparse: int, seq_slots: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Torch reference of one step's bookkeeping in layer `sparse` (`row_cache_triton.assign_rows`
+        does the same on CUDA, element for element): the picks idx [B, Hkv, n] (int, -1 = none;
+        distinct per (b, h); n <= capacity) of the sequences in slots seq_slots [B] (distinct, except
+        padding rows whose idx are all -1). Returns (slot [B, Hkv, n] int64: the cache slot that holds
+        or will hold each pick, `capacity` (trash) where idx is -1; miss [B, Hkv, n] bool: picks the
+        cache did not hold, whose rows the caller must write into their slot).
+
+        Eviction, least recently picked first in steps: a slot's age is the number of this layer's
+        steps of its sequence slot since it was last picked (hits count as picked now), capped at
+        AGE_BUCKETS - 1, empty slots the oldest; the misses take the m oldest slots (ties: lowest slot
+        first), in slot order, in the order of the picks."""
         B, H, n = idx.shape
         if n > self.capacity:
             raise ValueError(f"{n} picks per row exceed the row cache's capacity {self.capacity}")
         C, L = self.capacity, self.max_model_len
-        rows, positions, last_used, slot_of = (self.rows[sparse], self.positions[sparse], self.last_used[sparse],
-                                               self.slot_of[sparse])
+        positions, last_used, slot_of = self.positions[sparse], self.last_used[sparse], self.slot_of[sparse]
         dev = idx.device
         seq_slots = seq_slots.to(dev).long()
         s = seq_slots[:, None, None].expand(B, H, n)
@@ -82,31 +107,48 @@ class FarRowCache:
         idx = idx.long()
         valid = idx >= 0
         pos = torch.where(valid, idx, L)  # the trash position maps to -1, always
-        now = self.clock[seq_slots] + 1
-        self.clock[seq_slots] = now
-        now = now[:, None, None].expand(B, H, n)
+        now = self.clock[sparse, seq_slots] + 1
+        self.clock[sparse, seq_slots] = now
+        now = now[:, None, None]
         slot = slot_of[s, h, pos].long()
         hit = valid & (slot >= 0)
         miss = valid & ~hit
-        # victims: the n least recently picked slots once this step's hits count as picked now; the
-        # misses take the first of them, all older than every hit (C - hits >= n - hits = misses)
-        stamps = last_used[seq_slots]  # [B, H, C + 1], a copy
-        stamps.scatter_(-1, torch.where(hit, slot, C), now)
-        victims = torch.topk(stamps[..., :C], n, dim=-1, largest=False).indices  # ascending stamps
-        rank = (miss.long().cumsum(-1) - 1).clamp(min=0)
-        victim = victims.gather(-1, rank)  # the slot each miss goes to
-        # the victims' old positions leave the map
-        old = positions[s, h, victim].long()
-        slot_of[s, h, torch.where(miss & (old >= 0), old, L)] = -1
-        fetched = gather(torch.where(miss, idx, -1))  # [B, H, n, D]
-        write = torch.where(miss, victim, C)  # non-misses write the trash slot
-        rows[s, h, write] = fetched.to(rows.dtype)
+        last_used[s, h, torch.where(hit, slot, C)] = now.expand(B, H, n)
+        stamps = last_used[seq_slots][..., :C]  # [B, H, C]
+        age = torch.where(stamps < 0, AGE_BUCKETS - 1, (now - stamps).clamp(max=AGE_BUCKETS - 1))
+        m = miss.sum(-1, keepdim=True)  # [B, H, 1]
+        ages = torch.arange(AGE_BUCKETS, device=dev)
+        hist = torch.nn.functional.one_hot(age, AGE_BUCKETS).sum(-2)  # [B, H, AGE_BUCKETS]
+        at_least = hist.flip(-1).cumsum(-1).flip(-1)  # slots of age >= a
+        cut = torch.where(at_least >= m, ages, 0).amax(-1, keepdim=True)  # the youngest age evicted
+        older = torch.where(ages > cut, hist, 0).sum(-1, keepdim=True)
+        tie = age == cut
+        victim = (age > cut) | (tie & (tie.cumsum(-1) - 1 < m - older))
+        slot_ids = torch.arange(C, device=dev).expand(B, H, C)
+        victims = torch.sort(torch.where(victim, slot_ids, C), dim=-1).values[..., :n]  # ascending, C-padded
+        victim_of_pick = victims.gather(-1, (miss.long().cumsum(-1) - 1).clamp(min=0))
+        write = torch.where(miss, victim_of_pick, C)  # non-misses write the trash slot
+        old = positions[s, h, write].long()
+        none = torch.full((), -1, dtype=slot_of.dtype, device=dev)  # a device value: graph capture allows no host copy
+        slot_of[s, h, torch.where(miss & (old >= 0), old, L)] = none
+        slot_of[s, h, torch.where(miss, pos, L)] = torch.where(miss, write, -1).to(slot_of.dtype)
         positions[s, h, write] = torch.where(miss, idx, -1).int()
-        slot_of[s, h, torch.where(miss, pos, L)] = torch.where(miss, victim, -1).to(slot_of.dtype)
-        final = torch.where(hit, slot, write)
-        last_used[s, h, final] = now
+        last_used[s, h, write] = now.expand(B, H, n)
         self.misses.index_add_(0, seq_slots, miss.sum((1, 2)))
-        return torch.where(valid[..., None], rows[s, h, final], torch.zeros((), dtype=rows.dtype, device=dev))
+        return torch.where(hit, slot, write), miss
+
+    def fetch(self, sparse: int, seq_slots: torch.Tensor, idx: torch.Tensor, gather: GatherRows) -> torch.Tensor:
+        """The V rows of the far positions idx [B, Hkv, n] (as `assign`): rows [B, Hkv, n, D], zero
+        where idx is -1. Rows the cache does not hold come from `gather`, which is called once, with
+        the misses only."""
+        B, H, n = idx.shape
+        rows = self.rows[sparse]
+        slot, miss = self.assign(sparse, seq_slots, idx)
+        s = seq_slots.to(idx.device).long()[:, None, None].expand(B, H, n)
+        h = torch.arange(H, device=idx.device)[None, :, None].expand(B, H, n)
+        fetched = gather(torch.where(miss, idx, -1))  # [B, H, n, D]
+        rows[s, h, torch.where(miss, slot, self.capacity)] = fetched.to(rows.dtype)
+        return torch.where((idx >= 0)[..., None], rows[s, h, slot], torch.zeros((), dtype=rows.dtype, device=idx.device))
 
 
 @dataclass(frozen=True)

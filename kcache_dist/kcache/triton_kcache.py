@@ -40,7 +40,9 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
 2. A fetch of the selected far V rows from the host pool into vfar [rows, top_n, D] on the device:
    `gather_far_rows_zero_copy` (a persistent Triton kernel reading pinned host memory through UVA)
    or `gather_far_rows_copy_engine` (indices to the host, CPU gather into pinned staging, one H2D
-   copy on the copy engines); with a far-row cache (`row_cache.py`) only the picks it misses.
+   copy on the copy engines). With a far-row cache (`row_cache.py`), `row_cache_triton.assign_rows`
+   finds the slot of every pick and the picks it misses; only those are read from host memory,
+   straight into their slots, and step 3 reads every far row from the cache by slot.
 3. `sparse_output`: o[g] = sum_{hot + far} p[g, j] v_j (/ sum p when renormalizing), p from S and lse,
    hot rows from v_hot, far rows from vfar.
 
@@ -59,6 +61,7 @@ import triton.language as tl
 from ..layers.paged_tiles import tile_rows, tile_scores
 from ..triton_interpreter import patch_if_interpreting
 from .row_cache import FarRowCacheLayer
+from .row_cache_triton import assign_rows
 from .selection import SelectionSpec
 
 LOG2E = 1.4426950408889634
@@ -465,10 +468,11 @@ def _select_kernel(SEQ, S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, sink, windo
 
 
 @triton.jit
-def _gather_kernel(VP, BT, IDX, OUT, n_rows, stride_bt, top_n,
-                   HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr):
+def _gather_kernel(VP, BT, IDX, OUT, DST, n_rows, stride_bt, top_n,
+                   HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, HAS_DST: tl.constexpr):
     """Persistent zero-copy gather. VP [NB, HKV, BS, D] (pinned host, read through UVA);
-    IDX [rows * top_n] positions (-1 = none); OUT [rows * top_n, D] device."""
+    IDX [rows * top_n] positions (-1 = none); OUT [rows * top_n, D] device, or with HAS_DST
+    OUT [any, D] and entry r written to row DST[r]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     ri = tl.arange(0, R)
@@ -484,15 +488,17 @@ def _gather_kernel(VP, BT, IDX, OUT, n_rows, stride_bt, top_n,
         blk = tl.load(BT + b.to(tl.int64) * stride_bt + pos // BS, mask=ok, other=0)
         src = ((blk.to(tl.int64) * HKV + h) * BS + pos % BS) * D
         v = tl.load(VP + src[:, None] + di[None, :], mask=ok[:, None], other=0.0)
-        tl.store(OUT + r.to(tl.int64)[:, None] * D + di[None, :], v, mask=ok[:, None])
+        dst = tl.load(DST + r, mask=ok, other=0).to(tl.int64) if HAS_DST else r.to(tl.int64)
+        tl.store(OUT + dst[:, None] * D + di[None, :], v, mask=ok[:, None])
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, VHOT, SEQ, SLOTS, OUT, sink, window, top_n, Cs, hot_rows,
+def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, window, top_n, Cs, hot_rows,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       R: tl.constexpr, RENORM: tl.constexpr):
+                       R: tl.constexpr, RENORM: tl.constexpr, HAS_FAR_ROW: tl.constexpr):
     """grid (rows,). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D]) and
-    the fetched far rows (VFAR [rows, top_n, D]); p = exp2(S - lse). OUT [B, HKV*G, D]."""
+    the fetched far rows (VFAR [rows, top_n, D], or with HAS_FAR_ROW VFAR [any, D] and pick j of the
+    row in row FAR_ROW[row, j]); p = exp2(S - lse). OUT [B, HKV*G, D]."""
     row = tl.program_id(0)
     b = row // HKV
     h = row % HKV
@@ -526,7 +532,11 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, VHOT, SEQ, SLOTS, OUT, sink, window, t
         t = t0 + ri
         pos = tl.load(IDX + far_base + t, mask=t < top_n, other=-1)
         ok = pos >= 0
-        v = tl.load(VFAR + (far_base + t)[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
+        if HAS_FAR_ROW:
+            vrow = tl.load(FAR_ROW + far_base + t, mask=ok, other=0).to(tl.int64)
+        else:
+            vrow = far_base + t
+        v = tl.load(VFAR + vrow[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
         s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
         p = tl.exp2(s - lse[:, None])
         acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -672,17 +682,21 @@ def select_from_partials(scores: torch.Tensor, split_max: torch.Tensor, split_su
 
 def gather_far_rows_zero_copy(v_host: torch.Tensor, block_tables: torch.Tensor, idx: torch.Tensor,
                               out: Optional[torch.Tensor] = None, grid: Optional[int] = None,
-                              rows_per_step: int = 32, num_warps: int = 4) -> torch.Tensor:
+                              rows_per_step: int = 32, num_warps: int = 4,
+                              dst_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero-copy gather of the selected far V rows straight from pinned host memory (UVA).
 
     v_host [NB, Hkv, bs, D] pinned host (or device) memory; block_tables [B, max_blocks] int32 on the
     device; idx [B * Hkv, top_n] int32 positions (-1 = none). Returns out [B * Hkv, top_n, D] on the
-    device (rows of -1 entries are left unwritten).
+    device (rows of -1 entries are left unwritten); with dst_rows [B * Hkv, top_n] int32, entry
+    (r, j) goes to row dst_rows[r, j] of out [any, D] instead (a far-row cache's slots).
     """
     rows, top_n = idx.shape
     _, Hkv, bs, D = v_host.shape
     dev = block_tables.device
     if out is None:
+        if dst_rows is not None:
+            raise ValueError("dst_rows needs the out tensor it indexes")
         out = torch.empty(rows, top_n, D, dtype=v_host.dtype, device=dev)
     n = rows * top_n
     if n == 0:
@@ -691,8 +705,9 @@ def gather_far_rows_zero_copy(v_host: torch.Tensor, block_tables: torch.Tensor, 
         grid = 2 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     grid = max(1, min(grid, triton.cdiv(n, rows_per_step)))
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
-    _gather_kernel[(grid,)](v_host, bt, idx.contiguous(), out, n, bt.stride(0), top_n, HKV=Hkv, D=D, BS=bs,
-                            R=rows_per_step, num_warps=num_warps)
+    dst = dst_rows.contiguous() if dst_rows is not None else idx
+    _gather_kernel[(grid,)](v_host, bt, idx.contiguous(), out, dst, n, bt.stride(0), top_n, HKV=Hkv, D=D, BS=bs,
+                            R=rows_per_step, num_warps=num_warps, HAS_DST=dst_rows is not None)
     return out
 
 
@@ -736,8 +751,9 @@ def gather_far_rows_copy_engine(v_host: torch.Tensor, block_tables_cpu: torch.Te
 def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, seq_lens: torch.Tensor,
                   hot_slots: torch.Tensor, spec: SelectionSpec, num_q_heads: int,
                   out: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-                  rows_per_step: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """o [B, Hq, D] from the selection, the fetched far rows vfar [rows, top_n, D] and v_hot
+                  rows_per_step: int = 64, num_warps: int = 4, far_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """o [B, Hq, D] from the selection, the fetched far rows vfar [rows, top_n, D] (or vfar [any, D]
+    and far_rows [rows, top_n] int32: the row of each pick, e.g. a far-row cache's) and v_hot
     [slots, Hkv, sink + window, D]."""
     rows, G, _ = sel.scores.shape
     _, Hkv, hot_rows, D = v_hot.shape
@@ -750,10 +766,11 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     slots = hot_slots if hot_slots.dtype == torch.int64 else hot_slots.long()
     vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=out.device)
-    _sparse_out_kernel[(rows,)](sel.scores, sel.lse, idx, vfar, vhot, seq, slots, out, spec.sink_tokens,
+    far = far_rows.contiguous() if far_rows is not None else idx
+    _sparse_out_kernel[(rows,)](sel.scores, sel.lse, idx, vfar, far, vhot, seq, slots, out, spec.sink_tokens,
                                 spec.recent_window, top_n, sel.scores.stride(1), max(hot_rows, 1), HKV=Hkv, G=G,
                                 GP=max(16, _next_pow2(G)), D=D, R=rows_per_step, RENORM=spec.renormalize,
-                                num_warps=num_warps)
+                                num_warps=num_warps, HAS_FAR_ROW=far_rows is not None)
     return out
 
 
@@ -779,20 +796,26 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
     sel = score_and_select(q, k_cache, bt_dev, seq_dev, max_seq_len, spec, scale, cfg)
     top_n = sel.idx.shape[1]
 
-    def gather(idx: torch.Tensor) -> torch.Tensor:  # idx [B * Hkv, top_n] -> rows [B * Hkv, top_n, D]
-        if fetch == "zero_copy" and (v_host.device == q.device or (v_host.is_pinned() and q.is_cuda)
-                                     or not q.is_cuda):
-            return gather_far_rows_zero_copy(v_host, bt_dev, idx, grid=gather_grid)
-        bt_cpu = block_tables_cpu if block_tables_cpu is not None else block_tables.cpu()
-        return gather_far_rows_copy_engine(v_host, bt_cpu, idx)
-
+    zero_copy = fetch == "zero_copy" and (v_host.device == q.device or (v_host.is_pinned() and q.is_cuda)
+                                          or not q.is_cuda)
+    slots_dev = hot_slots.to(q.device)
+    far_rows = None
     if top_n == 0:
         vfar = None
-    elif row_cache is not None:
-        shape = (q.shape[0], k_cache.shape[1], top_n)
-        vfar = row_cache.fetch(hot_slots, sel.idx.view(shape),
-                               lambda idx: gather(idx.view(sel.idx.shape).int()).view(*shape, -1)).flatten(0, 1)
+    elif row_cache is not None:  # misses from host memory into their cache slots; every far row read from the cache
+        far_rows, miss_idx = assign_rows(row_cache.cache, row_cache.sparse, slots_dev, sel.idx)
+        vfar = row_cache.cache.rows[row_cache.sparse].view(-1, v_host.shape[-1])
+        if zero_copy:
+            gather_far_rows_zero_copy(v_host, bt_dev, miss_idx, out=vfar, grid=gather_grid, dst_rows=far_rows)
+        else:
+            missed = miss_idx.view(-1) >= 0
+            fetched = gather_far_rows_copy_engine(v_host, block_tables_cpu if block_tables_cpu is not None
+                                                  else block_tables.cpu(), miss_idx)
+            vfar[far_rows.view(-1)[missed].long()] = fetched.view(-1, vfar.shape[-1])[missed]
+    elif zero_copy:
+        vfar = gather_far_rows_zero_copy(v_host, bt_dev, sel.idx, grid=gather_grid)
     else:
-        vfar = gather(sel.idx)
-    return sparse_output(sel, vfar, v_hot, seq_dev, hot_slots.to(q.device), spec, q.shape[1], out=out,
-                         dtype=q.dtype)
+        vfar = gather_far_rows_copy_engine(v_host, block_tables_cpu if block_tables_cpu is not None
+                                           else block_tables.cpu(), sel.idx)
+    return sparse_output(sel, vfar, v_hot, seq_dev, slots_dev, spec, q.shape[1], out=out, dtype=q.dtype,
+                         far_rows=far_rows)
