@@ -123,8 +123,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=engine_defaults.max_num_batched_tokens)
     p.add_argument("--max-batch", type=int, default=512, help="cap on the planned batch (max_num_seqs)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode op by op; --no-enforce-eager: CUDA graphs in KCache mode too (default: the "
-                        "engine's, graphs in full-KV mode only)")
+                   help="decode op by op (default: the engine's, CUDA graphs for decode steps on CUDA)")
     p.add_argument("--top-n", type=int, default=kcache_defaults.top_n)
     p.add_argument("--dense-layers", type=int, default=kcache_defaults.dense_layers)
     p.add_argument("--sink-tokens", type=int, default=kcache_defaults.sink_tokens)

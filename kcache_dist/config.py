@@ -123,9 +123,10 @@ class EngineConfig:
     every tensor_parallel_size; for runs of a model's shape: the directory then needs only
     config.json and a tokenizer.
     enforce_eager: on CUDA, decode-only steps replay CUDA graphs captured per (batch, context)
-    bucket (`engine/cuda_graphs.py`): None (default) in full-KV mode only, False in both modes,
-    True in neither (every step op by op). KCache decode gains 1-4% from graphs (its step waits on
-    the PCIe fetch).
+    bucket (`engine/cuda_graphs.py`) unless this is True (every step op by op); None (default) and
+    False are the same. KCache decode steps of batch 64 at 8K on an H100 took 5-24% less device
+    time as graphs (95.5 against 100.1 ms without a row cache, 33.3 against 43.6 ms with every
+    pick held by one; benchmarks/results/row_cache_h100/).
     decode_micro_batches: a decode-only step is split into this many micro-batches, interleaved
     block by block on as many CUDA streams, so that one micro-batch's V fetch from host memory and
     its tensor-parallel all-reduces overlap another's kernels (`engine/micro_batches.py`), op by op

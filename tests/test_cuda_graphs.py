@@ -14,11 +14,10 @@ from kcache_dist.engine.cuda_graphs import batch_buckets, bucket_of, context_buc
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_graphs_by_default_in_full_mode_only():
-    assert graphs_enabled(None, "full", "cuda", True) and not graphs_enabled(None, "kcache", "cuda", True)
-    assert graphs_enabled(False, "full", "cuda", True) and graphs_enabled(False, "kcache", "cuda", True)
-    assert not graphs_enabled(True, "full", "cuda", True) and not graphs_enabled(True, "kcache", "cuda", True)
-    assert not graphs_enabled(False, "full", "cpu", True) and not graphs_enabled(False, "full", "cuda", False)
+def test_graphs_by_default_on_cuda():
+    assert graphs_enabled(None, "cuda", True) and graphs_enabled(False, "cuda", True)
+    assert not graphs_enabled(True, "cuda", True)
+    assert not graphs_enabled(False, "cpu", True) and not graphs_enabled(False, "cuda", False)
 
 
 def test_batch_buckets():

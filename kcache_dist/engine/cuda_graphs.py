@@ -36,12 +36,10 @@ PAD_SLOT = -1  # cache slot of a padding row: the store kernels skip it
 MIN_CONTEXT_BUCKET = 256
 
 
-def graphs_enabled(enforce_eager: Optional[bool], mode: str, device_type: str, has_triton: bool) -> bool:
-    """Whether decode steps replay graphs (EngineConfig.enforce_eager): on CUDA with Triton, in full
-    mode unless enforce_eager is True, in KCache mode only when it is False."""
-    if device_type != "cuda" or not has_triton or enforce_eager:
-        return False
-    return enforce_eager is False or mode == "full"
+def graphs_enabled(enforce_eager: Optional[bool], device_type: str, has_triton: bool) -> bool:
+    """Whether decode steps replay graphs (EngineConfig.enforce_eager): on CUDA with Triton, in
+    full-KV and KCache mode, unless enforce_eager is True."""
+    return device_type == "cuda" and has_triton and not enforce_eager
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

@@ -75,7 +75,7 @@ class ModelRunner:
     @property
     def uses_cuda_graphs(self) -> bool:
         """Whether decode-only steps replay CUDA graphs (`cuda_graphs.graphs_enabled`)."""
-        return graphs_enabled(self.config.enforce_eager, self.config.kcache.mode, self.device.type,
+        return graphs_enabled(self.config.enforce_eager, self.device.type,
                               has_triton=importlib.util.find_spec("triton") is not None)
 
     def _make_cache(self, num_blocks: int):

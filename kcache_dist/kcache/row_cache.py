@@ -118,7 +118,7 @@ class FarRowCache:
         age = torch.where(stamps < 0, AGE_BUCKETS - 1, (now - stamps).clamp(max=AGE_BUCKETS - 1))
         m = miss.sum(-1, keepdim=True)  # [B, H, 1]
         ages = torch.arange(AGE_BUCKETS, device=dev)
-        hist = torch.nn.functional.one_hot(age, AGE_BUCKETS).sum(-2)  # [B, H, AGE_BUCKETS]
+        hist = torch.zeros(B, H, AGE_BUCKETS, dtype=torch.int64, device=dev).scatter_add_(-1, age, torch.ones_like(age))
         at_least = hist.flip(-1).cumsum(-1).flip(-1)  # slots of age >= a
         cut = torch.where(at_least >= m, ages, 0).amax(-1, keepdim=True)  # the youngest age evicted
         older = torch.where(ages > cut, hist, 0).sum(-1, keepdim=True)

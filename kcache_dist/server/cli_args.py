@@ -109,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name, kind, help_text in ENGINE_FLAGS:
         engine.add_argument(flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=help_text)
     engine.add_argument("--enforce-eager", dest="enforce_eager", action=argparse.BooleanOptionalAction, default=None,
-                        help="run every step op by op; --no-enforce-eager: decode steps replay CUDA graphs in "
-                             "KCache mode too (default: CUDA graphs in full-KV mode only)")
+                        help="run every step op by op (default: on CUDA, decode steps replay CUDA graphs)")
     engine.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int, default=None,
                         metavar="N", help=TENSOR_PARALLEL_HELP)
     kcache = parser.add_argument_group("KCache attention")
