@@ -15,8 +15,8 @@ Block ids are shared by all pools, so one block table serves K and V. Prefill ru
 
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
-it (on the GPU for the decode kernels, which read host memory, on the CPU for the prefill's
-host-side reads). A decode-only step makes no host synchronisation, so it can be captured in a
+it (on the GPU for the kernels that read host memory: the decode's fetch and, on CUDA, a prefill
+chunk's read of its earlier chunks' V). A decode-only step makes no host synchronisation, so it can be captured in a
 CUDA graph: inside a capture the offload branch forks from the capture stream and `join_offload`
 joins it back before the capture ends; a replay is preceded by `join_offload` for earlier writes.
 """
@@ -103,8 +103,7 @@ class KCacheKVCache:
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
             num_earlier = length - (end - start)
             if num_earlier:  # a later chunk of a long prompt: read the earlier chunks' V back
-                self._wait_for_host_writes(earlier_writes, on_device=False)
-                earlier = gather_context(v_host, table.to(v_host.device), num_earlier).to(q.device)
+                earlier = self._read_host_context(v_host, table, num_earlier, earlier_writes, q.device)
             else:
                 earlier = v.new_empty(v.shape[1], 0, v.shape[2])
             values = torch.cat([earlier, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
@@ -171,6 +170,22 @@ class KCacheKVCache:
             torch.cuda.current_stream(self.device).wait_event(done.event)
         else:
             done.event.synchronize()
+
+    def _read_host_context(self, v_host: torch.Tensor, table: torch.Tensor, length: int,
+                           earlier_writes: Optional["_OffloadDone"], device: torch.device) -> torch.Tensor:
+        """One sequence's first `length` V rows of a sparse layer, [Hkv, length, D] on `device`: on
+        CUDA read from the pinned pool by a Triton kernel after the GPU waits for the offload;
+        elsewhere (or without Triton) gathered on the host after the host waits, then copied."""
+        if device.type == "cuda" and v_host.is_pinned():
+            try:
+                from ..kcache.triton_kcache import gather_context_zero_copy
+            except ImportError:  # no Triton: the host-side gather below
+                gather_context_zero_copy = None
+            if gather_context_zero_copy is not None:
+                self._wait_for_host_writes(earlier_writes, on_device=True)
+                return gather_context_zero_copy(v_host, table.to(device), length)
+        self._wait_for_host_writes(earlier_writes, on_device=False)
+        return gather_context(v_host, table.to(v_host.device), length).to(device)
 
     def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
         """Copy new V rows that are sink positions or among the last `recent_window` of their
