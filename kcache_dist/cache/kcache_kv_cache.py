@@ -15,10 +15,11 @@ Block ids are shared by all pools, so one block table serves K and V. Prefill ru
 
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
-it (on the GPU for the kernels that read host memory: the decode's fetch and, on CUDA, a prefill
-chunk's read of its earlier chunks' V). A decode-only step makes no host synchronisation, so it can be captured in a
-CUDA graph: inside a capture the offload branch forks from the capture stream and `join_offload`
-joins it back before the capture ends; a replay is preceded by `join_offload` for earlier writes.
+it on the GPU (the kernels that read host memory: the decode's fetch and a prefill chunk's read
+of its earlier chunks' V). A decode-only step makes no host synchronisation, so it can be
+captured in a CUDA graph: inside a capture the offload branch forks from the capture stream and
+`join_offload` joins it back before the capture ends; a replay is preceded by `join_offload` for
+earlier writes.
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ class FarRowCache:
         h = torch.arange(H, device=idx.device)[None, :, None].expand(B, H, n)
         fetched = gather(torch.where(miss, idx, -1))  # [B, H, n, D]
         rows[s, h, torch.where(miss, slot, self.capacity)] = fetched.to(rows.dtype)
-        return torch.where((idx >= 0)[..., None], rows[s, h, slot], torch.zeros((), dtype=rows.dtype, device=idx.device))
+        zero = torch.zeros((), dtype=rows.dtype, device=idx.device)
+        return torch.where((idx >= 0)[..., None], rows[s, h, slot], zero)
 
 
 @dataclass(frozen=True)
