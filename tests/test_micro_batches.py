@@ -41,6 +41,14 @@ def test_split_keeps_every_sequence_and_token_in_order():
     assert (whole.seq_ids, whole.token_ids, whole.sample) == (plan.seq_ids, plan.token_ids, plan.sample)
 
 
+def test_block_table_tensor_pads_ragged_tables_with_block_zero():
+    plan = StepPlan([0, 1, 2], [1, 1, 1], [5, 40, 17], [7, 8, 9], [[3, 9], [4, 1, 8, 2, 6], [11]], [0, 1, 2],
+                    [True] * 3)
+    tables = plan.block_table_tensor()
+    assert tables.dtype == torch.int32 and tables.device.type == "cpu"
+    assert tables.tolist() == [[3, 9, 0, 0, 0], [4, 1, 8, 2, 6], [11, 0, 0, 0, 0]]
+
+
 def test_part_bounds():
     assert part_bounds(7, 3) == [0, 2, 4, 7]
     assert part_bounds(2, 5) == [0, 1, 2]

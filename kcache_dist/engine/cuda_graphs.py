@@ -124,9 +124,8 @@ class DecodeGraphs:
         rows = torch.tensor([plan.token_ids + [0] * pad, plan.num_computed_tokens + [0] * pad,
                              slots + [PAD_SLOT] * pad, seq_lens + [1] * pad, plan.hot_slots + [spare] * pad])
         self._inputs[:, :batch].copy_(rows, non_blocking=True)
-        width = max(len(t) for t in plan.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in plan.block_tables], dtype=torch.int32)
-        self._block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
+        tables = plan.block_table_tensor()
+        self._block_tables[:num_seqs, :tables.shape[1]].copy_(tables, non_blocking=True)
         self._block_tables[num_seqs:batch].zero_()
 
     def _context(self, rows: slice, context: int) -> ForwardContext:

@@ -195,13 +195,11 @@ class ModelRunner:
                 slots.append(table[pos // bs] * bs + pos % bs)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
-        max_blocks = max(len(t) for t in plan.block_tables)
-        tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
         dev = self.device
         ctx = ForwardContext(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_tables=plan.block_table_tensor().to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
             seq_lens_list=seq_lens,
             max_seq_len=max(seq_lens),

