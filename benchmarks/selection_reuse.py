@@ -17,6 +17,7 @@ steps (the first step of a block only fills the cache):
 - hit rate of a per-(layer, KV head) row cache that holds the c x top_n positions picked most
   recently, for each c of --cache-factors: the share of a step's picks it already holds, so the
   rows fetched per step fall to (1 - hit rate). c = 1 is the overlap with the previous step's set;
+  the same for the engine's own cache (`FarRowCache`, c >= 1) replayed on the picks;
 - the device memory such a cache takes per sequence: c x top_n rows x head_dim x dtype bytes x
   sparse layers x KV heads (against the V bytes per sequence that KCache moves to host memory).
 Writes benchmarks/results/selection_reuse_<model>.json and a PNG of hit rate against c.
@@ -87,6 +88,28 @@ def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[in
     return int(hits), int(total)
 
 
+def engine_cache_hits(rows: list[list[np.ndarray]], capacity: int, context: int) -> tuple[int, int]:
+    """(picks already held, picks) over steps[1:] of every row (one (layer, KV head) each, all with
+    the same number of steps), replayed through the engine's own cache (`FarRowCache.assign`: its
+    eviction, ages capped and ties broken by slot), one sequence slot per row."""
+    from kcache_dist.kcache.row_cache import FarRowCache
+
+    n = max(len(picked) for steps in rows for picked in steps)
+    cache = FarRowCache(1, len(rows), 1, capacity, context, 1, torch.float32, torch.device("cpu"))
+    slots = torch.arange(len(rows))
+    hits = total = 0
+    for t in range(len(rows[0])):
+        idx = torch.full((len(rows), 1, n), -1, dtype=torch.int64)
+        for r, steps in enumerate(rows):
+            idx[r, 0, :len(steps[t])] = torch.from_numpy(steps[t])
+        _, miss = cache.assign(0, slots, idx)
+        if t > 0:
+            picks = int((idx >= 0).sum())
+            hits += picks - int(miss.sum())
+            total += picks
+    return hits, total
+
+
 def reuse(log: PickLog, top_n: int, factors: list[float], context: int) -> dict:
     hits = {f: 0 for f in factors}
     total = 0
@@ -96,7 +119,10 @@ def reuse(log: PickLog, top_n: int, factors: list[float], context: int) -> dict:
             h, n = cache_hits(steps, int(round(f * top_n)), context)
             hits[f] += h
         total += n
-    return {"picks": total, "hit_rate": {str(f): hits[f] / total if total else None for f in factors}}
+    all_rows = [[rows[p] for p in sorted(rows)] for rows in log.picks.values()]
+    engine = {f: engine_cache_hits(all_rows, int(round(f * top_n)), context) for f in factors if f >= 1}
+    return {"picks": total, "hit_rate": {str(f): hits[f] / total if total else None for f in factors},
+            "engine_cache_hit_rate": {str(f): h / n if n else None for f, (h, n) in engine.items()}}
 
 
 def plot(result: dict, path: str) -> None:

@@ -15,7 +15,7 @@ from kcache_dist import KCacheConfig
 from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from selection_reuse import PickLog, cache_hits  # noqa: E402
+from selection_reuse import PickLog, cache_hits, engine_cache_hits  # noqa: E402
 
 
 def test_cache_hits_by_hand():
@@ -27,6 +27,21 @@ def test_cache_hits_by_hand():
     hits, total = cache_hits(steps, 3, 8)
     assert total == 6 and hits in (3, 4)
     assert cache_hits(steps, 8, 8) == (4, 6)  # all ever picked: 2, then 1, then 3 and 4
+
+
+def test_engine_cache_hits_by_hand_and_against_the_simulation():
+    steps = [np.array([1, 2]), np.array([2, 3]), np.array([1, 4]), np.array([3, 4])]
+    assert engine_cache_hits([steps], 2, 8) == (2, 6)
+    # capacity 3: 1, 2, 3 take slots 0, 1, 2; before step 3, 2 and 3 are equally old and the lower
+    # slot goes (2), so 3 and 4 both hit: 4
+    assert engine_cache_hits([steps], 3, 8) == (4, 6)
+    assert engine_cache_hits([steps, steps[::-1]], 8, 8) == (8, 12)
+    g = np.random.default_rng(0)  # drifting picks: the engine's eviction within 2% of exact LRU
+    rows = [[np.sort(g.choice(60, 16, replace=False) + t) for t in range(40)] for _ in range(3)]
+    simulated = [cache_hits(r, 24, 200) for r in rows]
+    hits, total = engine_cache_hits(rows, 24, 200)
+    assert total == sum(n for _, n in simulated)
+    assert abs(hits - sum(h for h, _ in simulated)) <= 0.02 * total
 
 
 def test_observed_picks_match_token_by_token_decode(default_model_dir):
