@@ -81,7 +81,7 @@ def test_reset_forgets_a_slot_and_only_that_slot():
     assert int(cache.misses.sum()) == 2 * H * N
     cache.fetch(1, slots, idx, lambda i: host_rows(pool, slots, i))
     assert int(cache.misses.sum()) == 2 * H * N  # all held
-    cache.reset(1, 0)
+    cache.reset([0])
     cache.fetch(1, slots, idx, lambda i: host_rows(pool, slots, i))
     assert int(cache.misses.sum()) == 3 * H * N  # slot 0 fetched again, slot 1 still held
 

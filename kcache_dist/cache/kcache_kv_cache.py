@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..forward_context import ForwardContext
-from ..kcache.decode import far_rows_fetched, kcache_decode
+from ..kcache.decode import far_rows_fetched, kcache_decode, triton_kernels
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
@@ -116,9 +116,7 @@ class KCacheKVCache:
         forgets what the slots' earlier sequences picked (the model runner calls it before the step,
         outside any CUDA graph)."""
         if self.row_cache is not None:
-            for sparse in range(len(self.v_host)):
-                for slot in hot_slots:
-                    self.row_cache.reset(sparse, slot)
+            self.row_cache.reset(hot_slots)
 
     def count_decode_fetch(self, seq_lens: list[int]) -> None:
         """Count the far V rows that decoding sequences of `seq_lens` (after the step) read from
@@ -177,14 +175,10 @@ class KCacheKVCache:
         """One sequence's first `length` V rows of a sparse layer, [Hkv, length, D] on `device`: on
         CUDA read from the pinned pool by a Triton kernel after the GPU waits for the offload;
         elsewhere (or without Triton) gathered on the host after the host waits, then copied."""
-        if device.type == "cuda" and v_host.is_pinned():
-            try:
-                from ..kcache.triton_kcache import gather_context_zero_copy
-            except ImportError:  # no Triton: the host-side gather below
-                gather_context_zero_copy = None
-            if gather_context_zero_copy is not None:
-                self._wait_for_host_writes(earlier_writes, on_device=True)
-                return gather_context_zero_copy(v_host, table.to(device), length)
+        kernels = triton_kernels() if device.type == "cuda" and v_host.is_pinned() else None
+        if kernels is not None:
+            self._wait_for_host_writes(earlier_writes, on_device=True)
+            return kernels.gather_context_zero_copy(v_host, table.to(device), length)
         self._wait_for_host_writes(earlier_writes, on_device=False)
         return gather_context(v_host, table.to(v_host.device), length).to(device)
 

@@ -11,6 +11,15 @@ from .row_cache import FarRowCacheLayer
 from .selection import SelectionSpec
 
 
+def triton_kernels():
+    """The `triton_kcache` module, or None where Triton is not importable (the torch paths run then)."""
+    try:
+        from . import triton_kcache
+    except ImportError:
+        return None
+    return triton_kcache
+
+
 def far_rows_fetched(seq_lens: list[int], num_kv_heads: int, spec: SelectionSpec) -> int:
     """V rows a decode batch reads from host memory: min(top_n, far positions) per (sequence, KV head)."""
     return num_kv_heads * sum(min(spec.top_n, max(0, n - spec.sink_tokens - spec.recent_window)) for n in seq_lens)
@@ -32,13 +41,9 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
     (`row_cache.py`; sequence b in cache slot hot_slots[b]), None to fetch every far row.
     Returns out [B, Hq, D]. On CUDA the host pool is read by kernels, in stream order.
     """
-    if q.is_cuda:
-        try:
-            from .triton_kcache import kcache_decode_triton
-        except ImportError:  # no Triton: the torch reference below
-            kcache_decode_triton = None
-        if kcache_decode_triton is not None:
-            return kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
-                                        max_seq_len=max_seq_len, gather_grid=fetch_grid, row_cache=row_cache)
+    kernels = triton_kernels() if q.is_cuda else None
+    if kernels is not None:
+        return kernels.kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
+                                            max_seq_len=max_seq_len, gather_grid=fetch_grid, row_cache=row_cache)
     return kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec,
                                    scale, row_cache=row_cache)

@@ -62,11 +62,14 @@ class FarRowCache:
     def layer(self, sparse: int) -> "FarRowCacheLayer":
         return FarRowCacheLayer(self, sparse)
 
-    def reset(self, sparse: int, slot: int) -> None:
-        """Forget what layer `sparse` holds for sequence slot `slot` (a new sequence took it)."""
-        self.positions[sparse][slot] = -1
-        self.last_used[sparse][slot] = -1
-        self.slot_of[sparse][slot] = -1
+    def reset(self, slots: list[int]) -> None:
+        """Forget what every layer holds for the sequence slots `slots` (new sequences took them):
+        three writes per layer, however many slots."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.clock.device)
+        for positions, last_used, slot_of in zip(self.positions, self.last_used, self.slot_of):
+            positions[index] = -1
+            last_used[index] = -1
+            slot_of[index] = -1
 
     def forget_random(self, share: float, generator: torch.Generator | None = None) -> None:
         """Forget each held row with probability `share`, in every layer and slot (benchmarks: a

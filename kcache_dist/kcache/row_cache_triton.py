@@ -71,10 +71,6 @@ def _assign_kernel(IDX, SEQ_SLOTS, NOW, SLOT_OF, POSITIONS, LAST_USED, VICTIMS, 
     tl.atomic_add(MISSES + s, m.to(tl.int64))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def assign_rows(cache: FarRowCache, sparse: int, seq_slots: torch.Tensor,
                 idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`FarRowCache.assign` of layer `sparse` in one kernel. seq_slots [B] (int, on idx's device);
@@ -97,10 +93,11 @@ def assign_rows(cache: FarRowCache, sparse: int, seq_slots: torch.Tensor,
     miss_idx = torch.empty_like(idx)
     if n == 0:
         return far_row, miss_idx
-    CP = _next_pow2(cache.capacity)
+    CP = triton.next_power_of_2(cache.capacity)
     _assign_kernel[(rows,)](idx, slots, now, cache.slot_of[sparse], cache.positions[sparse], cache.last_used[sparse],
                             victims, far_row, miss_idx, cache.misses, n, cache.capacity, cache.max_model_len,
-                            HKV=H, NP=_next_pow2(n), CP=CP, NB=AGE_BUCKETS, num_warps=max(4, min(16, CP // 256)))
+                            HKV=H, NP=triton.next_power_of_2(n), CP=CP, NB=AGE_BUCKETS,
+                            num_warps=max(4, min(16, CP // 256)))
     return far_row, miss_idx
 
 
