@@ -165,6 +165,24 @@ def test_selection_exact_with_keys_on_coarse_bin_edges(mode):
 
 
 @cuda
+def test_selection_of_a_recorded_row_is_exact():
+    """A row recorded from an engine run (`throughput.py --check-selection`) that the row selection
+    got wrong on an H100, every time, until each thread took the stored lse instead of its own
+    register copy: its key bound, one ulp apart between threads, put the n-th key's neighbour (on a
+    coarse bin edge) inside the candidates for some threads and outside for others."""
+    from kcache_dist.kcache.triton_kcache import KPassConfig, select_from_partials
+
+    saved = torch.load(os.path.join(os.path.dirname(__file__), "data", "selection_row_h100.pt"), weights_only=False)
+    spec, length = SelectionSpec(**saved["spec"]), saved["seq_len"]
+    for copies in (1, 16):
+        scores = saved["scores_buffer"].cuda()[None].repeat(copies, 1, 1)[:, :, :saved["context"]]
+        sel = select_from_partials(scores, saved["split_max"].cuda()[None].repeat(copies, 1, 1),
+                                   saved["split_sum"].cuda()[None].repeat(copies, 1, 1),
+                                   torch.full((copies,), length, device="cuda"), spec, KPassConfig(), 1)
+        check_selection(sel, [length] * copies, 1, spec, f"{copies} copies")
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_full_budget_equals_dense(dtype):
     from kcache_dist.kcache.triton_kcache import kcache_decode_triton

@@ -10,8 +10,8 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    is among the top_n of the row (ties at the n-th key go to the lowest positions). One CTA selects a
    row (`_row_select`), on int32 keys whose signed order is the float order:
      a. one pass over the row's S writes the keys (KEYS [rows, Cs]) and a 64-bin histogram of them in
-        half log2 units below the row's key bound max_g (max_j S[g, j] - lse_g) (known from the
-        partials; tl.histogram of few bins is cheap, unlike the 2048 bins this replaced);
+        half log2 units below the row's key bound max_g (max_j S[g, j] - lse_g) (+ log2 G for group
+        sums; known from the partials; tl.histogram of few bins is cheap, unlike the 2048 bins this replaced);
      b. the bin holding the n-th key is read off the histogram; one pass copies the keys of that bin
         and the bins above it (n plus the rest of the bin) with their positions, ascending, into the
         row's scratch (top_n + scratch_extra slots); the keys above the bin and the bin's [min, max]
@@ -28,15 +28,16 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    - "row" (default): one CTA per row after the K pass;
    - "fused": inside the K pass, the last CTA of each row (atomic ticket) selects the row while
      other rows' K still streams, reading the row's S back from L2. 4% faster than "row" at B=128
-     x 8 KV heads @ 32K (H200); not the default while the fault below is open (its faulty rows did
-     not always repeat on a rerun of the same call, row's did).
+     x 8 KV heads @ 32K (H200), 8% slower at B=32 (benchmarks/notes/kcache_triton.md).
    Output: idx [rows, top_n] int32 far positions ascending, -1 padded; lse [rows, G] (log2 domain).
-   Known fault: in engine runs on an H200 about one row in 10^5 - 10^6 came out with one slot
-   unwritten or holding a stale scratch value and the top_n-th position missing, deterministically
-   for the batch's data, in "row" and "fused" alike; the same row selected alone (the kernel
-   compiled for one KV head) was exact, and the interpreter is exact. Not found yet. The row's slots
-   are cleared to -1 before the selection and any entry outside the far range is reset to -1 after
-   it, so such a row attends to one far position fewer and no fetch reads a wrong address.
+   Fixed fault: in engine runs about one row in 10^5 - 10^6 came out with the top_n-th position
+   missing and one slot unwritten (H200 and H100). The threads of the selecting CTA held lse, a float
+   reduction, in register copies that differed in the last bits; the key bound and bin edges computed
+   from them then differed by one key between threads, so the candidates' count and their stores
+   disagreed when a key sat on the edge. Every thread now reads the stored lse, and the bound is a
+   max (plus a constant); the recorded row is a GPU test. The row's slots are still cleared to -1
+   before the selection and any entry outside the far range is reset to -1 after it, so no fetch
+   can read a wrong address.
 2. A fetch of the selected far V rows from the host pool into vfar [rows, top_n, D] on the device:
    `gather_far_rows_zero_copy` (a persistent Triton kernel reading pinned host memory through UVA)
    or `gather_far_rows_copy_engine` (indices to the host, CPU gather into pinned staging, one H2D
@@ -138,12 +139,13 @@ def _coarse_bin(key, ktop, NB1: tl.constexpr, BPL: tl.constexpr):
 
 
 @triton.jit
-def _row_key_bound(m, lse, GROUP_SUM: tl.constexpr):
-    """Upper bound of a row's keys from its per-head max scores m [GQ] (-inf padded) and lse."""
-    x = m - lse
-    mx = tl.max(x, 0)
+def _row_key_bound(m, lse, G: tl.constexpr, GROUP_SUM: tl.constexpr):
+    """Upper bound of a row's keys from its per-head max scores m [GQ] (-inf padded) and lse: max_g
+    (m_g - lse_g), plus log2(G) for group sums. A max and a constant only: a float sum here could
+    come out different in different threads, and every thread must bin the keys alike."""
+    mx = tl.max(m - lse, 0)
     if GROUP_SUM:
-        return mx + tl.log2(tl.sum(tl.exp2(x - mx), 0))
+        return mx + tl.log2(G * 1.0)
     else:
         return mx
 
@@ -328,6 +330,10 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
     gq = tl.arange(0, GQ)
     tl.store(LSE + row * G + gq, lse, mask=gq < G)
     tl.debug_barrier()
+    # Every thread takes the stored lse: the threads' register copies of this float reduction can
+    # differ in the last bits (seen: two values 2 ulps apart, half the CTA each), and the key bound
+    # and the bin edges below must be the same numbers in every thread (module docstring, "Fixed")
+    lse = tl.load(LSE + row * G + gq, mask=gq < G, other=0.0)
     sink_end = tl.minimum(sink, L)
     window_start = tl.maximum(sink_end, L - window)
     far = window_start - sink_end
@@ -343,7 +349,7 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
             krow = KEYS + row.to(tl.int64) * Cs
             srow = S + (row * G).to(tl.int64) * Cs
             scr = row.to(tl.int64) * scr_cap
-            ktop = _row_key_bound(m, lse, GROUP_SUM)
+            ktop = _row_key_bound(m, lse, G, GROUP_SUM)
             # a: keys of whole tiles [a0, a1) (KEY_NONE outside the far range) and their coarse histogram
             #    below the row's key bound
             ts = tl.arange(0, TS)
@@ -587,10 +593,6 @@ class SelectResult:
     split_sum: Optional[torch.Tensor] = None
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
 def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      max_seq_len: int, spec: SelectionSpec, scale: float, cfg: Optional[KPassConfig] = None,
                      select: bool = True, idx_out: Optional[torch.Tensor] = None) -> SelectResult:
@@ -632,14 +634,14 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     cnt = torch.zeros(rows if mode == "fused" else 1, **i32)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
-    sel_shape = dict(G=G, GQ=_next_pow2(G), NSP=_next_pow2(nsplit_max), TS=ts, TK=tk, NB=cfg.bins,
-                     NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
+    sel_shape = dict(G=G, GQ=triton.next_power_of_2(G), NSP=triton.next_power_of_2(nsplit_max), TS=ts, TK=tk,
+                     NB=cfg.bins, NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
                      GROUP_SUM=spec.group_reduce == "sum")
     extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
     _kpass_kernel[(nsplit_max, rows)](
         q, k_cache, bt, seq, S, MP, LP, lse, keys, idx, cnt, scr_pos, scr_key,
         scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap,
-        HKV=Hkv, GP=max(16, _next_pow2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
+        HKV=Hkv, GP=max(16, triton.next_power_of_2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
         FUSED_SELECT=mode == "fused", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
         **(extra if mode == "fused" else {}))
     if mode == "row":
@@ -674,8 +676,8 @@ def select_from_partials(scores: torch.Tensor, split_max: torch.Tensor, split_su
     extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
     _select_kernel[(rows,)](seq, scores, split_max, split_sum, lse, keys, idx, scr_pos, scr_key, spec.sink_tokens,
                             spec.recent_window, top_n, cs, nsplit_max, scr_cap, HKV=num_kv_heads, SPLIT=cfg.split,
-                            G=G, GQ=_next_pow2(G), NSP=_next_pow2(nsplit_max), TS=ts, TK=tk, NB=cfg.bins,
-                            NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
+                            G=G, GQ=triton.next_power_of_2(G), NSP=triton.next_power_of_2(nsplit_max), TS=ts,
+                            TK=tk, NB=cfg.bins, NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
                             GROUP_SUM=spec.group_reduce == "sum", num_warps=cfg.select_warps, **extra)
     return SelectResult(scores, lse, idx[:, :top_n], split_max, split_sum)
 
@@ -779,7 +781,7 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     far = far_rows.contiguous() if far_rows is not None else idx
     _sparse_out_kernel[(rows,)](sel.scores, sel.lse, idx, vfar, far, vhot, seq, slots, out, spec.sink_tokens,
                                 spec.recent_window, top_n, sel.scores.stride(1), max(hot_rows, 1), HKV=Hkv, G=G,
-                                GP=max(16, _next_pow2(G)), D=D, R=rows_per_step, RENORM=spec.renormalize,
+                                GP=max(16, triton.next_power_of_2(G)), D=D, R=rows_per_step, RENORM=spec.renormalize,
                                 num_warps=num_warps, HAS_FAR_ROW=far_rows is not None)
     return out
 

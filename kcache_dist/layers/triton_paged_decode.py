@@ -96,10 +96,6 @@ def _combine_kernel(SEQ, OP, MP, LP, OUT, NSPLIT_MAX, HKV: tl.constexpr, G: tl.c
     tl.store(OUT + (row * G + gi)[:, None] * D + di[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
@@ -122,7 +118,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     q = q.contiguous()
-    gp = max(16, _next_pow2(G))
+    gp = max(16, triton.next_power_of_2(G))
     _split_kernel[(nsplit_max, rows)](q, k_cache, v_cache, bt, seq, op, mp, lp, scale * LOG2E, bt.stride(0),
                                       nsplit_max, HKV=Hkv, G=G, GP=gp, D=D, BS=bs, SPLIT=split_tokens,
                                       BLOCK_N=min(BLOCK_N, split_tokens), num_warps=4, num_stages=3)
