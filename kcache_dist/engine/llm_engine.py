@@ -34,6 +34,7 @@ from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .block_table_sync import BlockTableSync, StepPlanDelta
 from .step_plan import KeepAlive
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class LLMEngine:
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._by_request: dict[str, Sequence] = {}
         self._last_message_to_workers_s = time.monotonic()
+        self._block_tables = BlockTableSync()  # the plans' block tables as the workers hold them
         # Registered after init_parallel's hooks, so it runs before them (atexit is last-in, first-out).
         atexit.register(_release_at_exit, weakref.ref(self))
 
@@ -192,10 +194,10 @@ class LLMEngine:
 
     def run_worker(self) -> None:
         """On the other ranks of a tensor-parallel group: run each step plan the scheduling rank
-        sends (a `KeepAlive` is a no-op), until it sends None (`stop_workers`)."""
+        sends (as a `StepPlanDelta`; a `KeepAlive` is a no-op), until it sends None (`stop_workers`)."""
         while (message := tp_broadcast_object(None)) is not None:
-            if not isinstance(message, KeepAlive):
-                self.runner.execute(message)
+            if isinstance(message, StepPlanDelta):
+                self.runner.execute(self._block_tables.decode(message))
 
     def stop_workers(self) -> None:
         """On the scheduling rank: release the workers from `run_worker`."""
@@ -257,7 +259,8 @@ class LLMEngine:
         if plan is None:
             return []
         plan.micro_batches = self.decode_micro_batches  # the runner splits decode-only steps only
-        self._send_to_workers(plan)
+        if self.parallel.tp_size > 1:
+            self._send_to_workers(self._block_tables.encode(plan))
         logits = self.runner.execute(plan)
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
         tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)

@@ -1,5 +1,6 @@
 """What the scheduling rank sends its tensor-parallel workers, in plain data: each step's plan
-(`StepPlan`), a `KeepAlive` while there is no work, or None to stop them."""
+(`StepPlan`, sent with only the block-table entries the workers lack: `block_table_sync.py`), a
+`KeepAlive` while there is no work, or None to stop them."""
 
 from __future__ import annotations
 
