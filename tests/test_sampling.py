@@ -119,6 +119,40 @@ def test_incremental_detokenizer_equals_whole_decode(default_model_dir):
     assert all("\ufffd" not in p for p in pieces)  # incomplete characters are held back
 
 
+def _wordpiece_tokenizer():
+    """A WordPiece tokenizer whose decode cleans up spaces before punctuation (no direct backend decode)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[SEP]", "hello", "world", ",", ".", "##s", "it"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]",
+                                   clean_up_tokenization_spaces=True)
+
+
+def test_decoder_gives_the_tokenizers_decode(default_model_dir, tokenizer_dir):
+    """`decoder_for` (the Rust backend's decode where that is the same) against tokenizer.decode on
+    random ids, special tokens included, for BPE tokenizers and a WordPiece one that cleans up."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from kcache_dist.engine.detokenizer import decoder_for
+
+    wordpiece = _wordpiece_tokenizer()
+    assert wordpiece.decode([2, 4, 3, 5]) == "hello, world."  # the clean-up this test must keep
+    rng = random.Random(0)
+    for tok in (AutoTokenizer.from_pretrained(default_model_dir), AutoTokenizer.from_pretrained(tokenizer_dir),
+                wordpiece):
+        for skip in (True, False):
+            decode = decoder_for(tok, skip)
+            for _ in range(200):
+                ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 12))]
+                assert decode(ids) == tok.decode(ids, skip_special_tokens=skip), (type(tok).__name__, ids)
+
+
 def test_find_stop_spans_and_earliest():
     assert find_stop("hello world", 3, ("wor",)) == (6, "wor")  # completed by the last 3 chars
     assert find_stop("hello world", 1, ("hello",)) is None  # completed earlier: already checked

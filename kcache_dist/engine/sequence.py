@@ -25,6 +25,7 @@ class Sequence:
         self.params = params
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self._prompt_token_ids = list(prompt_token_ids)  # every output of the request shares it (no copy a step)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.hot_slot: Optional[int] = None  # row in per-sequence device buffers while running
@@ -43,7 +44,7 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return self._prompt_token_ids
 
     @property
     def output_token_ids(self) -> list[int]:
