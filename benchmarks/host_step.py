@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""The host side of an engine decode step: scheduling, sampling, detokenizing and outputs, with the
+forward stubbed out (CPU, no GPU needed).
+
+    python benchmarks/host_step.py                       # 267 sequences of 8K, full mode
+    python benchmarks/host_step.py --batch 64 --profile  # and the cProfile table of the timed steps
+
+An engine on the `tiny-llama` shape (block size 16, as full mode on a GPU) gets --batch prompts of
+--prompt-tokens random tokens; its runner's `execute` returns random logits, so prefill and decode
+cost no compute. Once every sequence decodes, --steps decode steps are timed. What is left is what a
+GPU step pays on top of its forward at that batch (README, Throughput: "The engine's host step").
+The step plan that tensor-parallel workers would get is also encoded and decoded as the engine
+does (`BlockTableSync`) and timed with pickling, against pickling the whole plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pickle
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from kcache_dist import SamplingParams  # noqa: E402
+from kcache_dist.config import EngineConfig, KCacheConfig  # noqa: E402
+from kcache_dist.engine.block_table_sync import BlockTableSync  # noqa: E402
+from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
+from kcache_dist.models.named_shapes import shape_config, write_shape_dir  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=267)
+    p.add_argument("--prompt-tokens", type=int, default=7000)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="print the cProfile table of the timed steps")
+    p.add_argument("--out", default=None, help="JSON file for the result")
+    return p.parse_args(argv)
+
+
+def _ms(seconds: list[float]) -> dict:
+    return {"median": 1e3 * statistics.median(seconds), "min": 1e3 * min(seconds)}
+
+
+def run(args: argparse.Namespace, scratch_dir: str) -> dict:
+    model_dir = write_shape_dir("tiny-llama", os.path.join(scratch_dir, "tiny-llama"))
+    shape = shape_config("tiny-llama")
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    kv_bytes_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * 4  # float32
+    cache_gb = 1.1 * args.batch * args.max_model_len * kv_bytes_per_token / 2 ** 30  # every sequence at full length
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_model_len=args.max_model_len,
+                                    max_num_seqs=args.batch, max_num_batched_tokens=max(8192, args.prompt_tokens),
+                                    load_format="random", kcache=KCacheConfig(mode="full"), cpu_kv_cache_gb=cache_gb))
+    vocab = engine.model_config.vocab_size
+    engine.runner.execute = lambda plan: torch.randn(sum(plan.sample), vocab)
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=args.max_model_len, ignore_eos=True)
+    for _ in range(args.batch):
+        engine.add_request(torch.randint(0, vocab, (args.prompt_tokens,), generator=generator).tolist(), params)
+    while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+        engine.step()
+    running = len(engine.scheduler.running)
+    if running < args.batch:
+        raise SystemExit(f"only {running} of {args.batch} sequences decode together; raise --max-model-len")
+    engine.step()  # warm
+    step_s, profiler = [], cProfile.Profile() if args.profile else None
+    for _ in range(args.steps):
+        if profiler:
+            profiler.enable()
+        t0 = time.perf_counter()
+        engine.step()
+        step_s.append(time.perf_counter() - t0)
+        if profiler:
+            profiler.disable()
+    plan = engine.scheduler.schedule()  # one more decode plan, as the scheduling rank sends it
+    whole_s, delta_s = [], []
+    sender, receiver = BlockTableSync(), BlockTableSync()
+    receiver.decode(pickle.loads(pickle.dumps(sender.encode(plan))))
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        pickle.loads(pickle.dumps(plan))
+        whole_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        receiver.decode(pickle.loads(pickle.dumps(sender.encode(plan))))
+        delta_s.append(time.perf_counter() - t0)
+    result = {"benchmark": "host_step", "batch": running, "prompt_tokens": args.prompt_tokens,
+              "blocks_per_table": max(map(len, plan.block_tables)), "cpu_threads": torch.get_num_threads(),
+              "decode_step_ms": _ms(step_s),
+              "plan_to_workers_ms": {"whole": _ms(whole_s), "block_table_delta": _ms(delta_s)},
+              "plan_bytes": {"whole": len(pickle.dumps(plan)), "block_table_delta": len(pickle.dumps(sender.encode(plan)))}}
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        result = run(args, scratch)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
