@@ -97,7 +97,8 @@ def run(args: argparse.Namespace, scratch_dir: str) -> dict:
               "blocks_per_table": max(map(len, plan.block_tables)), "cpu_threads": torch.get_num_threads(),
               "decode_step_ms": _ms(step_s),
               "plan_to_workers_ms": {"whole": _ms(whole_s), "block_table_delta": _ms(delta_s)},
-              "plan_bytes": {"whole": len(pickle.dumps(plan)), "block_table_delta": len(pickle.dumps(sender.encode(plan)))}}
+              "plan_bytes": {"whole": len(pickle.dumps(plan)),
+                             "block_table_delta": len(pickle.dumps(sender.encode(plan)))}}
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)
     return result

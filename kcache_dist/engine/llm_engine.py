@@ -28,13 +28,13 @@ from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import init_parallel, tp_broadcast_object
 from ..sampling_params import SamplingParams
+from .block_table_sync import BlockTableSync, StepPlanDelta
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .block_table_sync import BlockTableSync, StepPlanDelta
 from .step_plan import KeepAlive
 
 logger = logging.getLogger(__name__)
