@@ -26,6 +26,8 @@ class ForwardContext:
     kv_cache: the cache object whose `attend(layer_idx, q, k, v, ctx)` runs attention.
     fetch_grid: CTAs of KCache's zero-copy V gather (None: its default, 2 per SM). A micro-batched
     step gives a small grid, so that the gather leaves SMs to the other micro-batch's kernels.
+    token_seqs [T] int64 (device): the sequence (0..B-1) of each new token, for work per token that
+    must not wait on the host (None where a context is built without it).
     """
 
     positions: torch.Tensor
@@ -40,6 +42,7 @@ class ForwardContext:
     hot_slots_list: list[int]
     kv_cache: Any
     fetch_grid: Optional[int] = None
+    token_seqs: Optional[torch.Tensor] = None
 
     @property
     def num_seqs(self) -> int:

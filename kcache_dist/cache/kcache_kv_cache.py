@@ -184,16 +184,18 @@ class KCacheKVCache:
 
     def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
         """Copy new V rows that are sink positions or among the last `recent_window` of their
-        sequence into the sequence's hot rows."""
+        sequence into the sequence's hot rows; the other rows go to the spare slot, which no
+        sequence reads (so nothing here waits on the host: no boolean indexing)."""
         if self.spec.hot_rows == 0:
             return
-        counts = torch.tensor([ctx.query_start_loc[i + 1] - ctx.query_start_loc[i] for i in range(ctx.num_seqs)],
-                              device=v.device)
-        seq_end = torch.repeat_interleave(ctx.seq_lens, counts)  # [T] length of each token's sequence
-        slot = torch.repeat_interleave(ctx.hot_slots, counts)
+        seqs = ctx.token_seqs
+        if seqs is None:
+            counts = [ctx.query_start_loc[i + 1] - ctx.query_start_loc[i] for i in range(ctx.num_seqs)]
+            seqs = torch.repeat_interleave(torch.arange(ctx.num_seqs), torch.tensor(counts)).to(v.device)
         pos = ctx.positions
-        keep = (pos < self.spec.sink_tokens) | (pos >= seq_end - self.spec.recent_window)
-        v_hot[slot[keep], :, self.spec.hot_row(pos[keep])] = v[keep]
+        keep = (pos < self.spec.sink_tokens) | (pos >= ctx.seq_lens[seqs] - self.spec.recent_window)
+        slot = torch.where(keep, ctx.hot_slots[seqs], self.spare_hot_slot)
+        v_hot[slot, :, self.spec.hot_row(pos)] = v
 
     def _write_hot_decode(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
         """`_write_hot` for a decode-only step (one token per sequence, each in its own hot slot),

@@ -189,10 +189,12 @@ class ModelRunner:
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        for n, start, table in zip(plan.num_new_tokens, plan.num_computed_tokens, plan.block_tables):
+        token_seqs: list[int] = []
+        for i, (n, start, table) in enumerate(zip(plan.num_new_tokens, plan.num_computed_tokens, plan.block_tables)):
             for pos in range(start, start + n):
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
+            token_seqs.extend([i] * n)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
         dev = self.device
@@ -208,6 +210,7 @@ class ModelRunner:
             hot_slots=torch.tensor(plan.hot_slots, dtype=torch.long, device=dev),
             hot_slots_list=plan.hot_slots,
             kv_cache=self.kv_cache,
+            token_seqs=torch.tensor(token_seqs, dtype=torch.long, device=dev),
         )
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)
         last_rows = [query_start_loc[i + 1] - 1 for i in range(plan.num_seqs) if plan.sample[i]]
