@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""The host side of an engine decode step: scheduling, sampling, detokenizing and outputs, with the
-forward stubbed out (CPU, no GPU needed).
+"""The host side of an engine decode step: scheduling, the forward's inputs, sampling, detokenizing
+and outputs, with the forward itself stubbed out (CPU, no GPU needed).
 
     python benchmarks/host_step.py                       # 267 sequences of 8K, full mode
     python benchmarks/host_step.py --batch 64 --profile  # and the cProfile table of the timed steps
 
 An engine on the `tiny-llama` shape (block size 16, as full mode on a GPU) gets --batch prompts of
---prompt-tokens random tokens; its runner's `execute` returns random logits, so prefill and decode
-cost no compute. Once every sequence decodes, --steps decode steps are timed. What is left is what a
+--prompt-tokens random tokens; its runner builds each step's inputs (`ModelRunner._prepare`: positions,
+cache slots, padded block tables) and returns random logits, so prefill and decode cost no compute. Once every sequence decodes, --steps decode steps are timed. What is left is what a
 GPU step pays on top of its forward at that batch (README, Throughput: "The engine's host step").
 The step plan that tensor-parallel workers would get is also encoded and decoded as the engine
 does (`BlockTableSync`) and timed with pickling, against pickling the whole plan.
@@ -62,7 +62,12 @@ def run(args: argparse.Namespace, scratch_dir: str) -> dict:
                                     max_num_seqs=args.batch, max_num_batched_tokens=max(8192, args.prompt_tokens),
                                     load_format="random", kcache=KCacheConfig(mode="full"), cpu_kv_cache_gb=cache_gb))
     vocab = engine.model_config.vocab_size
-    engine.runner.execute = lambda plan: torch.randn(sum(plan.sample), vocab)
+    runner = engine.runner
+
+    def prepare_only(plan):  # the step's inputs are built as for a forward; the forward itself is skipped
+        runner._prepare(plan)
+        return torch.randn(sum(plan.sample), vocab)
+    runner.execute = prepare_only
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.max_model_len, ignore_eos=True)
     for _ in range(args.batch):
