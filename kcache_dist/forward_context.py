@@ -27,7 +27,8 @@ class ForwardContext:
     fetch_grid: CTAs of KCache's zero-copy V gather (None: its default, 2 per SM). A micro-batched
     step gives a small grid, so that the gather leaves SMs to the other micro-batch's kernels.
     token_seqs [T] int64 (device): the sequence (0..B-1) of each new token, for work per token that
-    must not wait on the host (None where a context is built without it).
+    must not wait on the host (set by the model runner's steps; None in the decode-only contexts of
+    CUDA graphs and the teacher-forced emulation, which do not use it).
     """
 
     positions: torch.Tensor

@@ -185,13 +185,11 @@ class KCacheKVCache:
     def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
         """Copy new V rows that are sink positions or among the last `recent_window` of their
         sequence into the sequence's hot rows; the other rows go to the spare slot, which no
-        sequence reads (so nothing here waits on the host: no boolean indexing)."""
+        sequence reads (so nothing here waits on the host: no boolean indexing). Needs
+        ctx.token_seqs, which the model runner sets for every step it prepares."""
         if self.spec.hot_rows == 0:
             return
         seqs = ctx.token_seqs
-        if seqs is None:
-            counts = [ctx.query_start_loc[i + 1] - ctx.query_start_loc[i] for i in range(ctx.num_seqs)]
-            seqs = torch.repeat_interleave(torch.arange(ctx.num_seqs), torch.tensor(counts)).to(v.device)
         pos = ctx.positions
         keep = (pos < self.spec.sink_tokens) | (pos >= ctx.seq_lens[seqs] - self.spec.recent_window)
         slot = torch.where(keep, ctx.hot_slots[seqs], self.spare_hot_slot)
