@@ -21,7 +21,8 @@ def test_covering_budget_equals_full_mode(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     full = token_ids(LLM(device="cpu", model=model_dir).generate(PROMPTS, GREEDY_64))
     for kcache in (COVERING, KCacheConfig(mode="kcache", top_n=100, dense_layers=0, sink_tokens=0,
-                                          recent_window=0, group_reduce="sum", renormalize=False)):
+                                          recent_window=0, group_reduce="sum", renormalize=False),
+                   KCacheConfig(mode="kcache", top_n=100, dense_layers=1, sink_tokens=4, recent_window=0)):
         llm = LLM(device="cpu", model=model_dir, kcache=kcache)
         assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == full
         assert llm.engine.runner.kv_cache.v_rows_fetched > 0  # the far rows did come from the host pool

@@ -85,4 +85,6 @@ def test_full_budget_equals_dense_attention(dtype, tol):
 def test_hot_row_ring():
     spec = SelectionSpec(top_n=1, sink_tokens=3, recent_window=4, renormalize=True, group_reduce="max")
     assert spec.hot_row(torch.arange(12)).tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 3]
+    no_window = SelectionSpec(top_n=1, sink_tokens=3, recent_window=0, renormalize=True, group_reduce="max")
+    assert no_window.hot_row(torch.arange(6)).tolist() == [0, 1, 2, 2, 2, 2]  # past the sink: in range, unread
     assert spec.split(2) == (2, 2) and spec.split(10) == (3, 6) and spec.split(5) == (3, 3)

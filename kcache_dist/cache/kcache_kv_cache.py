@@ -205,7 +205,7 @@ class KCacheKVCache:
         if self.spec.recent_window:
             v_hot[slot, :, self.spec.hot_row(pos)] = v
             return
-        row = pos.clamp(max=self.spec.hot_rows - 1)
+        row = self.spec.hot_row(pos)
         keep = (pos < self.spec.sink_tokens)[:, None, None]
         v_hot[slot, :, row] = torch.where(keep, v, v_hot[slot, :, row])
 

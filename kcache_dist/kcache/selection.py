@@ -31,8 +31,9 @@ class SelectionSpec:
 
     def hot_row(self, positions: torch.Tensor) -> torch.Tensor:
         """Row in the hot buffer of each position (sink positions first, then a ring of the window).
-        Only meaningful for sink positions and the last `recent_window` positions."""
+        Only meaningful for sink positions and the last `recent_window` positions; any other
+        position still maps to a row in range (writers send such rows to a slot nobody reads)."""
         if self.recent_window == 0:
-            return positions
+            return positions.clamp(max=self.sink_tokens - 1)
         ring = self.sink_tokens + (positions - self.sink_tokens) % self.recent_window
         return torch.where(positions < self.sink_tokens, positions, ring)
