@@ -77,7 +77,7 @@ def decode_plan(batch: int, context: int, blocks_per_seq: int) -> StepPlan:
     """One new token per sequence at position context - 1; sequence i owns blocks
     [i * blocks_per_seq, (i + 1) * blocks_per_seq)."""
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
-    return StepPlan(list(range(batch)), [1] * batch, [context - 1] * batch, [1] * batch, tables,
+    return StepPlan(list(range(batch)), [1] * batch, [context - 1] * batch, [1] * batch, [0] * batch, tables,
                     list(range(batch)), [True] * batch)
 
 
@@ -149,7 +149,8 @@ def graph_path(runner, micro_batches: int, own_graphs: bool):
                               runner.block_size, runner.device, runner.micro_batch_streams)
 
     def run(plan):
-        return runner.model.compute_logits(graphs.run(dataclasses.replace(plan, micro_batches=micro_batches)))
+        tables = runner.block_table_rows.gather(plan.hot_slots)
+        return runner.model.compute_logits(graphs.run(dataclasses.replace(plan, micro_batches=micro_batches), tables))
     return run
 
 
@@ -171,6 +172,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     batch = min(batch, fits)
     fill_device_pools(runner.kv_cache)
     plan = decode_plan(batch, args.context, blocks_per_seq)
+    runner.block_table_rows.write(plan)  # every path below reads the plan's block tables from the runner
     m = args.micro_batches
     tp = current_state().tp_size > 1
     eager = runner._execute_eager

@@ -6,6 +6,7 @@ tensor parallel runs are in test_tp_engine.py."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,24 +30,17 @@ PROMPT_LIST = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(len(LENGTH
 
 def test_split_keeps_every_sequence_and_token_in_order():
     plan = StepPlan(seq_ids=[5, 6, 7, 8, 9], num_new_tokens=[1, 1, 1, 3, 2], num_computed_tokens=[9, 8, 7, 0, 4],
-                    token_ids=list(range(100, 108)), block_tables=[[1], [2], [3], [4, 5], [6]],
-                    hot_slots=[0, 1, 2, 3, 4], sample=[True, True, True, False, True], micro_batches=2)
+                    token_ids=list(range(100, 108)), kept_blocks=[0, 0, 0, 0, 1],
+                    new_blocks=[[1], [2], [3], [4, 5], []], hot_slots=[0, 1, 2, 3, 4],
+                    sample=[True, True, True, False, True], micro_batches=2)
     parts = plan.split(2)
     assert [p.seq_ids for p in parts] == [[5, 6], [7, 8, 9]]
     assert [p.token_ids for p in parts] == [[100, 101], [102, 103, 104, 105, 106, 107]]
-    assert [p.block_tables for p in parts] == [[[1], [2]], [[3], [4, 5], [6]]]
+    assert [(p.kept_blocks, p.new_blocks) for p in parts] == [([0, 0], [[1], [2]]), ([0, 0, 1], [[3], [4, 5], []])]
     assert all(p.micro_batches == 1 for p in parts)
     assert [p.seq_ids for p in plan.split(9)] == [[5], [6], [7], [8], [9]]
     whole = plan.split(1)[0]
     assert (whole.seq_ids, whole.token_ids, whole.sample) == (plan.seq_ids, plan.token_ids, plan.sample)
-
-
-def test_block_table_tensor_pads_ragged_tables_with_block_zero():
-    plan = StepPlan([0, 1, 2], [1, 1, 1], [5, 40, 17], [7, 8, 9], [[3, 9], [4, 1, 8, 2, 6], [11]], [0, 1, 2],
-                    [True] * 3)
-    tables = plan.block_table_tensor()
-    assert tables.dtype == torch.int32 and tables.device.type == "cpu"
-    assert tables.tolist() == [[3, 9, 0, 0, 0], [4, 1, 8, 2, 6], [11, 0, 0, 0, 0]]
 
 
 def test_part_bounds():
@@ -84,9 +78,9 @@ def test_graph_micro_batches_are_slices_of_the_static_rows():
     n = 7  # batch bucket 8: one padding row
     tables = [[20 + i, 30 + i, 40 + i, 50 + i, 60 + i] for i in range(n)]
     plan = StepPlan(seq_ids=list(range(n)), num_new_tokens=[1] * n, num_computed_tokens=[10 + i for i in range(n)],
-                    token_ids=[100 + i for i in range(n)], block_tables=tables, hot_slots=[n - i for i in range(n)],
-                    sample=[True] * n)
-    graphs._fill_inputs(plan, [11 + i for i in range(n)], 8)
+                    token_ids=[100 + i for i in range(n)], kept_blocks=[0] * n, new_blocks=tables,
+                    hot_slots=[n - i for i in range(n)], sample=[True] * n)
+    graphs._fill_inputs(plan, np.array(tables, dtype=np.int32), [11 + i for i in range(n)], 8)
     want = torch.tensor([[100 + i, 10 + i, tables[i][(10 + i) // 4] * 4 + (10 + i) % 4, 11 + i, n - i, 20 + i]
                          for i in range(n)]
                         + [[0, 0, PAD_SLOT, 1, 99, 0]])

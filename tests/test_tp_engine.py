@@ -54,8 +54,8 @@ def test_random_weights_tp2_equal_tp1(shape, tmp_path):
 
 def test_tp2_with_preemption_and_chunked_prefill_equals_tp1(tiny_llama_dir):
     """Sequences preempted (their blocks freed, new tables when they come back) and prompts
-    prefilled in chunks: the workers rebuild every plan's block tables from the deltas the
-    scheduling rank sends (`engine/block_table_sync.py`), and the tokens are one process's."""
+    prefilled in chunks: the workers keep every plan's block tables from the blocks each plan
+    adds (`engine/block_table_rows.py`), and the tokens are one process's."""
     from kcache_dist import LLM, SamplingParams
 
     engine = {"block_size": 4, "num_kv_blocks": 16, "max_model_len": 64, "max_num_batched_tokens": 7}

@@ -26,9 +26,11 @@ import bisect
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..forward_context import ForwardContext
+from .block_table_rows import cache_slots
 from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, part_bounds, run_interleaved
 from .step_plan import StepPlan
 
@@ -101,13 +103,14 @@ class DecodeGraphs:
         return plan.decode_only and plan.num_seqs <= self.max_num_seqs
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """The final hidden states [B, hidden] of a decode-only plan (`applies_to`), from its graph."""
+    def run(self, plan: StepPlan, block_tables: np.ndarray) -> torch.Tensor:
+        """The final hidden states [B, hidden] of a decode-only plan (`applies_to`), from its graph;
+        block_tables int32 [B, longest table] are its sequences' (`BlockTableRows.gather`)."""
         num_seqs = plan.num_seqs
         seq_lens = [c + 1 for c in plan.num_computed_tokens]
         batch = bucket_of(num_seqs, self.batch_buckets)
         key = (batch, bucket_of(max(seq_lens), self.context_buckets), len(part_bounds(batch, plan.micro_batches)) - 1)
-        self._fill_inputs(plan, seq_lens, batch)
+        self._fill_inputs(plan, block_tables, seq_lens, batch)
         self.kv_cache.join_offload()  # host writes of earlier eager steps land before the graph reads
         entry = self._graphs.get(key)
         if entry is None:
@@ -116,16 +119,15 @@ class DecodeGraphs:
         self.kv_cache.join_offload()
         return entry.hidden[:num_seqs]
 
-    def _fill_inputs(self, plan: StepPlan, seq_lens: list[int], batch: int) -> None:
-        bs, num_seqs = self.block_size, plan.num_seqs
+    def _fill_inputs(self, plan: StepPlan, block_tables: np.ndarray, seq_lens: list[int], batch: int) -> None:
+        num_seqs = plan.num_seqs
         pad = batch - num_seqs
         spare = getattr(self.kv_cache, "spare_hot_slot", 0)  # full mode has no hot buffer
-        slots = [table[pos // bs] * bs + pos % bs for table, pos in zip(plan.block_tables, plan.num_computed_tokens)]
+        slots = cache_slots(block_tables, np.arange(num_seqs), np.array(plan.num_computed_tokens), self.block_size)
         rows = torch.tensor([plan.token_ids + [0] * pad, plan.num_computed_tokens + [0] * pad,
-                             slots + [PAD_SLOT] * pad, seq_lens + [1] * pad, plan.hot_slots + [spare] * pad])
+                             slots.tolist() + [PAD_SLOT] * pad, seq_lens + [1] * pad, plan.hot_slots + [spare] * pad])
         self._inputs[:, :batch].copy_(rows, non_blocking=True)
-        tables = plan.block_table_tensor()
-        self._block_tables[:num_seqs, :tables.shape[1]].copy_(tables, non_blocking=True)
+        self._block_tables[:num_seqs, :block_tables.shape[1]].copy_(torch.from_numpy(block_tables), non_blocking=True)
         self._block_tables[num_seqs:batch].zero_()
 
     def _context(self, rows: slice, context: int) -> ForwardContext:

@@ -28,14 +28,13 @@ from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import init_parallel, tp_broadcast_object
 from ..sampling_params import SamplingParams
-from .block_table_sync import BlockTableSync, StepPlanDelta
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .step_plan import KeepAlive
+from .step_plan import KeepAlive, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +118,6 @@ class LLMEngine:
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._by_request: dict[str, Sequence] = {}
         self._last_message_to_workers_s = time.monotonic()
-        self._block_tables = BlockTableSync()  # the plans' block tables as the workers hold them
         # Registered after init_parallel's hooks, so it runs before them (atexit is last-in, first-out).
         atexit.register(_release_at_exit, weakref.ref(self))
 
@@ -194,10 +192,10 @@ class LLMEngine:
 
     def run_worker(self) -> None:
         """On the other ranks of a tensor-parallel group: run each step plan the scheduling rank
-        sends (as a `StepPlanDelta`; a `KeepAlive` is a no-op), until it sends None (`stop_workers`)."""
+        sends (a `KeepAlive` is a no-op), until it sends None (`stop_workers`)."""
         while (message := tp_broadcast_object(None)) is not None:
-            if isinstance(message, StepPlanDelta):
-                self.runner.execute(self._block_tables.decode(message))
+            if isinstance(message, StepPlan):
+                self.runner.execute(message)
 
     def stop_workers(self) -> None:
         """On the scheduling rank: release the workers from `run_worker`."""
@@ -259,8 +257,7 @@ class LLMEngine:
         if plan is None:
             return []
         plan.micro_batches = self.decode_micro_batches  # the runner splits decode-only steps only
-        if self.parallel.tp_size > 1:
-            self._send_to_workers(self._block_tables.encode(plan))
+        self._send_to_workers(plan)
         logits = self.runner.execute(plan)
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
         tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)

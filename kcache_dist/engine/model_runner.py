@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import logging
 
+import numpy as np
 import torch
 
 from ..cache.full_kv_cache import FullKVCache
@@ -20,6 +21,7 @@ from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state
+from .block_table_rows import BlockTableRows, cache_slots
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, run_interleaved
 from .step_plan import StepPlan
@@ -51,6 +53,7 @@ class ModelRunner:
             raise ValueError(f"kcache.dense_layers={config.kcache.dense_layers} exceeds the model's "
                              f"{model_config.num_hidden_layers} layers")
         self.micro_batch_streams = MicroBatchStreams(device)
+        self.block_table_rows = BlockTableRows(config.max_num_seqs, -(-max_model_len // self.block_size))
         self.cache_plan = self._plan_cache()
         self.num_kv_blocks = self.cache_plan.num_blocks
         self.kv_cache = self._make_cache(self.num_kv_blocks)
@@ -125,12 +128,13 @@ class ModelRunner:
         stand_in_bytes = torch.cuda.memory_allocated(dev) - base_bytes
         n = min(cfg.max_num_batched_tokens, self.max_model_len - 1)
         num_seqs = cfg.max_num_seqs
-        prefill = StepPlan([0], [n], [self.max_model_len - n], [0] * n, [blocks], [0], [True])
+        prefill = StepPlan([0], [n], [self.max_model_len - n], [0] * n, [0], [blocks], [0], [True])
         decode = StepPlan(list(range(num_seqs)), [1] * num_seqs, [self.max_model_len - 1] * num_seqs,
-                          [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)), [True] * num_seqs,
-                          micro_batches=cfg.decode_micro_batches)
+                          [0] * num_seqs, [0] * num_seqs, [blocks] * num_seqs, list(range(num_seqs)),
+                          [True] * num_seqs, micro_batches=cfg.decode_micro_batches)
         peaks = []
         for plan in (prefill, decode):
+            self.block_table_rows.write(plan)
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             self._execute_eager(plan)
@@ -150,11 +154,12 @@ class ModelRunner:
         """Run the plan's new tokens through the model; logits [S, vocab] float32 of the S
         sequences whose `plan.sample` is true, in plan order. A decode-only step replays a CUDA
         graph when the runner has them."""
+        self.block_table_rows.write(plan)
         new_sequences = [slot for slot, start in zip(plan.hot_slots, plan.num_computed_tokens) if start == 0]
         if new_sequences:
             self.kv_cache.start_sequences(new_sequences)
         if self.decode_graphs is not None and self.decode_graphs.applies_to(plan):
-            hidden = self.decode_graphs.run(plan)
+            hidden = self.decode_graphs.run(plan, self.block_table_rows.gather(plan.hot_slots))
             if not all(plan.sample):
                 hidden = hidden[torch.tensor([i for i, s in enumerate(plan.sample) if s], device=self.device)]
             logits = self.model.compute_logits(hidden)
@@ -164,7 +169,8 @@ class ModelRunner:
         return logits
 
     def _execute_eager(self, plan: StepPlan) -> torch.Tensor:
-        """`execute` op by op; a decode-only plan with `micro_batches` > 1 as micro-batches."""
+        """`execute` op by op, once the plan's block tables are written (`BlockTableRows.write`); a
+        decode-only plan with `micro_batches` > 1 as micro-batches."""
         if plan.micro_batches > 1 and plan.decode_only and plan.num_seqs > 1:
             return self._execute_micro_batches(plan.split(plan.micro_batches))
         input_ids, ctx, last_rows = self._prepare(plan)
@@ -183,25 +189,24 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
-        """(input ids [T], the forward context, rows [S] of the T new tokens whose logits are sampled)."""
-        bs = self.block_size
+        """(input ids [T], the forward context, rows [S] of the T new tokens whose logits are sampled)
+        of a plan whose block tables are written."""
         positions: list[int] = []
-        slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         token_seqs: list[int] = []
-        for i, (n, start, table) in enumerate(zip(plan.num_new_tokens, plan.num_computed_tokens, plan.block_tables)):
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
+        for i, (n, start) in enumerate(zip(plan.num_new_tokens, plan.num_computed_tokens)):
+            positions.extend(range(start, start + n))
             token_seqs.extend([i] * n)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
+        block_tables = self.block_table_rows.gather(plan.hot_slots)
+        slots = cache_slots(block_tables, np.array(token_seqs), np.array(positions), self.block_size)
         dev = self.device
         ctx = ForwardContext(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=plan.block_table_tensor().to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
             seq_lens_list=seq_lens,
             max_seq_len=max(seq_lens),

@@ -5,7 +5,9 @@ remaining budget for a prompt being prefilled in chunks. When a running sequence
 none is free, the newest running sequence is preempted: its blocks are freed and it goes back to
 the front of the queue, to be recomputed from its prompt and the tokens it already produced.
 Waiting sequences are admitted, oldest first, while the budget, `max_num_seqs` and free blocks
-allow (a sequence is admitted only when blocks for all its known tokens are free).
+allow (a sequence is admitted only when blocks for all its known tokens are free). A sequence
+holds a hot slot from admission until it finishes or is preempted, and its block table only grows
+meanwhile, so a plan carries only the blocks added since its previous plan (`block_table_rows.py`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Scheduler:
             self.block_manager.grow(seq.block_table, seq.num_tokens)
             self.waiting.popleft()
             seq.hot_slot = self._free_hot_slots.pop()
+            seq.num_slot_blocks = 0
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)
@@ -70,12 +73,18 @@ class Scheduler:
         if not scheduled:
             return None
         scheduled.sort(key=lambda item: item[1] != 1)  # stable: one-token sequences first
+        kept_blocks, new_blocks = [], []
+        for s, _ in scheduled:  # the runners write the plan's blocks into the sequences' hot slot rows
+            kept_blocks.append(s.num_slot_blocks)
+            new_blocks.append(s.block_table[s.num_slot_blocks:])
+            s.num_slot_blocks = len(s.block_table)
         return StepPlan(
             seq_ids=[s.seq_id for s, _ in scheduled],
             num_new_tokens=[n for _, n in scheduled],
             num_computed_tokens=[s.num_computed_tokens for s, _ in scheduled],
             token_ids=[t for s, n in scheduled for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n]],
-            block_tables=[list(s.block_table) for s, _ in scheduled],
+            kept_blocks=kept_blocks,
+            new_blocks=new_blocks,
             hot_slots=[s.hot_slot for s, _ in scheduled],
             sample=[s.num_computed_tokens + n == s.num_tokens for s, n in scheduled],
         )

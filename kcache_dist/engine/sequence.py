@@ -29,6 +29,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.hot_slot: Optional[int] = None  # row in per-sequence device buffers while running
+        self.num_slot_blocks = 0  # leading blocks of block_table that the runners' row for hot_slot holds
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.output_text = ""

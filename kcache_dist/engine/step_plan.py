@@ -1,13 +1,10 @@
 """What the scheduling rank sends its tensor-parallel workers, in plain data: each step's plan
-(`StepPlan`, sent with only the block-table entries the workers lack: `block_table_sync.py`), a
-`KeepAlive` while there is no work, or None to stop them."""
+(`StepPlan`, whose block tables come as what changed since the runners last had them:
+`block_table_rows.py`), a `KeepAlive` while there is no work, or None to stop them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-import torch
 
 from .micro_batches import part_bounds
 
@@ -17,9 +14,11 @@ class StepPlan:
     """Sequences to run this step, those with one new token first.
 
     For sequence i: `num_new_tokens[i]` tokens starting at position `num_computed_tokens[i]`, whose
-    ids are its slice of `token_ids` (flat, in sequence order); its cache blocks are
-    `block_tables[i]` and its row in per-sequence buffers `hot_slots[i]`; `sample[i]` says whether
-    the step ends its known tokens, so a next token is sampled from the logits of its last new token.
+    ids are its slice of `token_ids` (flat, in sequence order); its row in per-sequence buffers is
+    `hot_slots[i]`; its cache blocks are the `kept_blocks[i]` first that its hot slot's row of the
+    runner's block tables holds from earlier plans (0: its table starts anew) followed by
+    `new_blocks[i]` (`block_table_rows.py`); `sample[i]` says whether the step ends its known
+    tokens, so a next token is sampled from the logits of its last new token.
     A decode-only step runs as `micro_batches` micro-batches on as many CUDA streams, op by op or
     from its CUDA graph (`engine/micro_batches.py`), the same on every rank.
     """
@@ -28,7 +27,8 @@ class StepPlan:
     num_new_tokens: list[int]
     num_computed_tokens: list[int]
     token_ids: list[int]
-    block_tables: list[list[int]]
+    kept_blocks: list[int]
+    new_blocks: list[list[int]]
     hot_slots: list[int]
     sample: list[bool]
     micro_batches: int = 1
@@ -45,26 +45,18 @@ class StepPlan:
     def decode_only(self) -> bool:
         return 0 < self.num_seqs == self.num_decodes
 
-    def block_table_tensor(self) -> torch.Tensor:
-        """block_tables as one CPU int32 tensor [num_seqs, longest table], padded with block 0
-        (filled row by row through numpy: a third of torch.tensor's time on nested lists, ~2 ms
-        against ~7 ms for 267 tables of 512 blocks)."""
-        width = max(len(t) for t in self.block_tables)
-        out = np.zeros((self.num_seqs, width), dtype=np.int32)
-        for row, table in zip(out, self.block_tables):
-            row[:len(table)] = table
-        return torch.from_numpy(out)
-
     def split(self, parts: int) -> list["StepPlan"]:
         """The sequences in `parts` contiguous groups of near-equal size (at most num_seqs groups),
-        each a plan of its own (micro_batches 1)."""
+        each a plan of its own (micro_batches 1); the runner writes the whole plan's block tables
+        (`BlockTableRows.write`) before it runs the parts."""
         bounds = part_bounds(self.num_seqs, parts)
         token_starts = [0]
         for n in self.num_new_tokens:
             token_starts.append(token_starts[-1] + n)
         return [StepPlan(self.seq_ids[a:b], self.num_new_tokens[a:b], self.num_computed_tokens[a:b],
-                         self.token_ids[token_starts[a]:token_starts[b]], self.block_tables[a:b],
-                         self.hot_slots[a:b], self.sample[a:b]) for a, b in zip(bounds, bounds[1:])]
+                         self.token_ids[token_starts[a]:token_starts[b]], self.kept_blocks[a:b],
+                         self.new_blocks[a:b], self.hot_slots[a:b], self.sample[a:b])
+                for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True)
