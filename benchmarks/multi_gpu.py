@@ -197,7 +197,7 @@ def part_profile(args) -> dict:
         path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
         script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
                   "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--host-memory-gb",
-                  str(args.host_memory_gb), "--row-cache-factor", str(args.row_cache_factor), "--out", path]
+                  str(args.host_memory_gb), *_row_cache_flag(args), "--out", path]
         cmd = script if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), *script]
         env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
         out[f"tp{tp}"] = {"run": _run(cmd, path + ".log", 900, env), "json": os.path.basename(path)}
@@ -209,12 +209,16 @@ def part_profile(args) -> dict:
     return out
 
 
+def _row_cache_flag(args) -> list[str]:
+    return [] if args.row_cache_factor is None else ["--row-cache-factor", str(args.row_cache_factor)]
+
+
 def part_throughput(args) -> dict:
     runs = {}
     common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
               "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
               str(args.host_memory_gb), "--micro-batches", args.micro_batches, "--modes", args.modes,
-              "--row-cache-factor", str(args.row_cache_factor),
+              *_row_cache_flag(args),
               *({True: ["--enforce-eager"], False: ["--no-enforce-eager"]}.get(args.enforce_eager, []))]
     for context in args.contexts:
         for tp in args.tps:
@@ -286,8 +290,8 @@ def main() -> None:
                    help="throughput.py --enforce-eager (no CUDA graphs); default: the engine's, CUDA graphs")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
     p.add_argument("--modes", default="kcache,full", help="throughput.py --modes")
-    p.add_argument("--row-cache-factor", type=float, default=0.0,
-                   help="KCacheConfig.row_cache_factor of the profile and throughput runs")
+    p.add_argument("--row-cache-factor", type=float, default=None,
+                   help="KCacheConfig.row_cache_factor of the profile and throughput runs (default: the engine's)")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]

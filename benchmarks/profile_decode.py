@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense-layers", type=int, default=KCacheConfig().dense_layers)
     p.add_argument("--host-memory-gb", type=float, default=96.0)
     p.add_argument("--row-cache-factor", type=float, default=KCacheConfig().row_cache_factor,
-                   help="KCacheConfig.row_cache_factor (the steps repeat one position: after the first, every "
-                        "pick hits)")
+                   help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA; the steps repeat one "
+                        "position: after the first, every pick hits)")
     p.add_argument("--row-cache-hit-rate", type=float, default=1.0,
                    help="with a row cache: before every step forget a random 1 - this share of its rows, so that "
                         "the step's repeated picks hit at about this rate (e.g. 0.89, the default model's rate at "
@@ -212,7 +212,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     rows = [{"name": e.key[:90], "calls": e.count, "device_ms": e.self_device_time_total / 1e3,
              "share": e.self_device_time_total / total_us if total_us else 0.0} for e in events[: args.rows]]
     result = {"mode": mode, "batch": batch, "context": args.context, "block_size": runner.block_size,
-              "row_cache_factor": args.row_cache_factor if mode == "kcache" else 0.0,
+              "row_cache_factor": engine.config.kcache.row_cache_factor if mode == "kcache" else 0.0,
               "row_cache_hit_rate_requested": args.row_cache_hit_rate if row_cache is not None else None,
               "row_cache_hit_rate_measured": hit_rate,
               **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},

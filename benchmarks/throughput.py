@@ -131,7 +131,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--group-reduce", default=kcache_defaults.group_reduce, choices=["max", "sum"])
     p.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=kcache_defaults.renormalize)
     p.add_argument("--row-cache-factor", type=float, default=kcache_defaults.row_cache_factor,
-                   help="KCacheConfig.row_cache_factor; with a row cache the roofline's PCIe bytes are its misses")
+                   help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA); with a row cache the "
+                   "roofline's PCIe bytes are its misses")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)
@@ -854,7 +855,7 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
                    or "cpu", "world_size": world_size, "tensor_parallel_size": tp, "launcher": launcher},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "plot_only")},  # no machine's paths
-        "kcache_config": dataclasses.asdict(kcache_knobs(args)),
+        "kcache_config": dataclasses.asdict(kcache_knobs(args).for_device(device.type)),
         "bandwidth": bandwidth,
         "plans": plans,
         "points": points,

@@ -72,7 +72,8 @@ def test_unknown_config_keys():
     ({"kcache": {"top_n": 0}}, "invalid value for 'kcache.top_n': 0; allowed: an integer >= 1"),
     ({"kcache": {"group_reduce": "mean"}}, "invalid value for 'kcache.group_reduce': 'mean'; allowed: max | sum"),
     ({"kcache": {"row_cache_factor": 0.5}},
-     r"invalid value for 'kcache.row_cache_factor': 0.5; allowed: 0 \(no row cache\) or a number >= 1"),
+     r"invalid value for 'kcache.row_cache_factor': 0.5; allowed: null \(2 on CUDA, 0 on CPU\), 0 \(no row cache\) "
+     r"or a number >= 1"),
     ({"gpu_memory_utilization": 1.5}, r"invalid value for 'gpu_memory_utilization': 1.5; allowed: a number in \(0, 1\]"),
     ({"max_num_seqs": 0}, "invalid value for 'max_num_seqs': 0; allowed: an integer >= 1"),
     ({"parallel": {"tensor_parallel_size": "2"}},

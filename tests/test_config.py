@@ -53,3 +53,16 @@ def test_llm_keywords_override_the_config_file(tiny_llama_dir, tmp_path):
     llm = LLM(device="cpu", model=tiny_llama_dir, config=str(path), max_model_len=80)
     assert (llm.config.max_num_seqs, llm.config.max_model_len, llm.config.dtype) == (3, 80, "bfloat16")
     assert llm.engine.max_model_len == 80
+
+
+def test_row_cache_factor_defaults_by_device(tiny_llama_dir):
+    """None until the device is known: 2 x top_n on CUDA, none on CPU (host memory is the device's)."""
+    default = KCacheConfig(mode="kcache")
+    assert default.row_cache_factor is None
+    assert default.for_device("cuda").row_cache_factor == 2.0 and default.for_device("cpu").row_cache_factor == 0
+    explicit = KCacheConfig(mode="kcache", row_cache_factor=1.5)
+    assert explicit.for_device("cuda") is explicit and explicit.for_device("cpu") is explicit
+    with pytest.raises(ValueError, match=r"kcache.row_cache_factor is None until the device is known"):
+        default.row_cache_rows
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=dataclasses.replace(default, dense_layers=1))
+    assert llm.engine.config.kcache.row_cache_factor == 0 and llm.engine.runner.kv_cache.row_cache is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,11 +29,13 @@ def test_full_mode_on_cuda_matches_transformers(fixture, request):
 def test_kcache_on_cuda_equals_full_mode(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     full = token_ids(LLM(model=model_dir, dtype="float32", device="cuda").generate(PROMPTS, GREEDY))
-    llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=COVERING)
-    cache = llm.engine.runner.kv_cache
-    assert cache.host_pool.pinned and cache.v_host[0].is_pinned() and not cache.v_host[0].is_cuda
-    assert token_ids(llm.generate(PROMPTS, GREEDY)) == full
-    assert cache.v_rows_fetched > 0
+    for kcache in (COVERING, dataclasses.replace(COVERING, row_cache_factor=0)):  # the far-row cache by default
+        llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=kcache)
+        cache = llm.engine.runner.kv_cache
+        assert cache.host_pool.pinned and cache.v_host[0].is_pinned() and not cache.v_host[0].is_cuda
+        assert (cache.row_cache is None) == (kcache.row_cache_factor == 0)
+        assert token_ids(llm.generate(PROMPTS, GREEDY)) == full
+        assert cache.v_rows_fetched > 0
 
 
 def test_kcache_chunked_prefill_and_preemption_on_cuda(tiny_llama_dir):

@@ -373,7 +373,8 @@ def test_geometry_matches_the_cache_classes(kv_heads, block_size, num_blocks):
 
 def test_inputs_from_engine_config_and_their_checks():
     config = EngineConfig(max_num_seqs=32, gpu_memory_utilization=0.8, host_memory_gb=48, num_kv_blocks=None,
-                          kcache=KCacheConfig(mode="kcache", dense_layers=3, sink_tokens=8, recent_window=64))
+                          kcache=KCacheConfig(mode="kcache", dense_layers=3, sink_tokens=8, recent_window=64,
+                                              row_cache_factor=0))
     geometry = CacheGeometry.from_engine_config(config, num_layers=32, num_kv_heads=4, head_dim=128, dtype_bytes=2)
     assert geometry == CacheGeometry("kcache", 32, 3, 4, 128, 2, 256, 72)
     knobs = PlannerKnobs.from_engine_config(config, max_model_len=8192)

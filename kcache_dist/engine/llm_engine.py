@@ -11,6 +11,7 @@ rank has no work, `keepalive` tells the workers it is still there (see `keepaliv
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import itertools
 import logging
@@ -81,6 +82,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         """Joins the job's ranks first (layers read their tensor-parallel rank when built)."""
         device_type = resolve_device_type(config.device)
+        config = dataclasses.replace(config, kcache=config.kcache.for_device(device_type))
         tp = config.parallel.tensor_parallel_size
         self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s,
                                       allow_cross_node_tp=config.parallel.allow_cross_node_tp)

@@ -78,7 +78,8 @@ KCACHE_FLAGS = [
     ("--group-reduce", "group_reduce", str, "GQA selection from the " + " | ".join(GROUP_REDUCES)
      + " of the query heads' probabilities (default max)"),
     ("--row-cache-factor", "row_cache_factor", float, "keep the ceil(F x top_n) far V rows picked most recently "
-     "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default 0: none)"),
+     "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default 2 on CUDA, "
+     "0 on CPU; 0: none)"),
 ]
 _CHOICES = {"dtype": list(DTYPE_NAMES + tuple(DTYPE_ALIASES)), "device": list(DEVICE_NAMES),
             "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES)}
