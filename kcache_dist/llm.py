@@ -45,8 +45,8 @@ class LLM:
             overrides["kcache"] = kcache
         if tensor_parallel_size is not None:
             overrides["parallel"] = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
-        self.config = dataclasses.replace(base, **overrides)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(dataclasses.replace(base, **overrides))
+        self.config = self.engine.config  # as run: defaults that depend on the device made definite
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -65,4 +65,4 @@ def test_row_cache_factor_defaults_by_device(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"kcache.row_cache_factor is None until the device is known"):
         default.row_cache_rows
     llm = LLM(device="cpu", model=tiny_llama_dir, kcache=dataclasses.replace(default, dense_layers=1))
-    assert llm.engine.config.kcache.row_cache_factor == 0 and llm.engine.runner.kv_cache.row_cache is None
+    assert llm.config.kcache.row_cache_factor == 0 and llm.engine.runner.kv_cache.row_cache is None
