@@ -287,7 +287,7 @@ class LLMEngine:
                 return
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.output_text += detok.flush()
