@@ -151,9 +151,10 @@ def test_deepspeed_tp2_worker_killed_mid_stream_gives_503_then_every_process_exi
                                                                                           tmp_path):
     """SIGKILL to the worker while a stream runs: the stream ends with an error event naming the lost
     rank; new requests and /health get 503 naming it while rank 0 waits out its grace period (the
-    launcher's SIGTERM meanwhile is only logged); then rank 0 exits 1 with the message and the
-    launcher exits non-zero, all within LOST_RANK_EXIT_S of the kill. (mpirun kills rank 0 as soon
-    as a rank dies: under it there are no 503s to see.)"""
+    launcher's SIGTERM meanwhile is only logged; if it reaches rank 0 before rank 0 has seen the
+    lost rank, rank 0 drains instead, as its log must then show); then rank 0 exits 1 with the
+    message and the launcher exits non-zero, all within LOST_RANK_EXIT_S of the kill. (mpirun kills
+    rank 0 as soon as a rank dies: under it there are no 503s to see.)"""
     server = deepspeed_tp2_server(tiny_llama_dir, tmp_path)
     lost = r"lost rank\(s\) \[1\] of the tensor-parallel group"
     try:
@@ -172,24 +173,38 @@ def test_deepspeed_tp2_worker_killed_mid_stream_gives_503_then_every_process_exi
                 pass
         assert time.monotonic() - killed_at < LOST_RANK_EXIT_GRACE_S, "the stream ended after rank 0 had exited"
 
-        refused = httpx.post(server.base_url + "/v1/completions", timeout=10.0,
-                             json={"model": tiny_llama_dir, "prompt": "Hello", "max_tokens": 4})
-        assert refused.status_code == 503, refused.text
-        error = refused.json()["error"]
-        assert error["type"] == "server_error" and re.search("^the engine failed: rank 0: " + lost, error["message"])
-        health = httpx.get(server.base_url + "/health", timeout=10.0)
-        assert health.status_code == 503 and re.search(lost, health.json()["error"]["message"]), health.text
+        try:
+            refused = httpx.post(server.base_url + "/v1/completions", timeout=10.0,
+                                 json={"model": tiny_llama_dir, "prompt": "Hello", "max_tokens": 4})
+        except httpx.ConnectError:  # rank 0 drained: the launcher's SIGTERM came first (the log must show it)
+            refused = None
+        if refused is not None:
+            assert refused.status_code == 503, refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "server_error" and re.search("^the engine failed: rank 0: " + lost,
+                                                                 error["message"])
+            health = httpx.get(server.base_url + "/health", timeout=10.0)
+            assert health.status_code == 503 and re.search(lost, health.json()["error"]["message"]), health.text
 
         status = server.process.wait(timeout=LOST_RANK_EXIT_S - (time.monotonic() - killed_at))
         _, alive = psutil.wait_procs(job, timeout=max(0.1, LOST_RANK_EXIT_S - (time.monotonic() - killed_at)))
         assert not alive, f"still running {LOST_RANK_EXIT_S} s after the kill: {alive}"
         log = server.log()
         assert status != 0, log[-3000:]
-        assert re.search(r"\[rank 0\] ERROR kcache_dist.server: rank 0: " + lost + r".*; answering 503 for "
-                         f"{LOST_RANK_EXIT_GRACE_S:g} s, then exiting with status 1", log), log[-3000:]
-        assert "[rank 0] WARNING kcache_dist.server.http_server: received SIGTERM: the server is exiting by itself" \
-            in log, log[-3000:]  # DeepSpeed's launch.py terminates rank 0 once rank 1 has died
-        assert re.search(r"kcache_dist: rank 0: " + lost + r".*; exiting with status 1", log), log[-3000:]
+        answering_503 = re.search(r"\[rank 0\] ERROR kcache_dist.server: rank 0: " + lost + r".*; answering 503 "
+                                  f"for {LOST_RANK_EXIT_GRACE_S:g} s, then exiting with status 1", log)
+        assert answering_503, log[-3000:]
+        # DeepSpeed's launch.py terminates rank 0 once it sees rank 1 dead (it polls every second):
+        # mostly after rank 0 has seen the lost rank, so the signal is only logged, the 503s above
+        # were answered and rank 0 exits by itself; on a loaded machine the signal can come first:
+        # rank 0 drains (no 503s to see), and the launcher's kill may end it before its last line.
+        if refused is not None:
+            assert "[rank 0] WARNING kcache_dist.server.http_server: received SIGTERM: the server is exiting by " \
+                "itself" in log, log[-3000:]
+            assert re.search(r"kcache_dist: rank 0: " + lost + r".*; exiting with status 1", log), log[-3000:]
+        else:
+            drained = log.find("[rank 0] INFO kcache_dist.server.http_server: received SIGTERM: draining")
+            assert 0 <= drained < answering_503.start(), log[-3000:]
         assert f"Process {rank0.pid} exits successfully." not in log, log[-3000:]
     finally:
         server.stop()
