@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layers.paged_tiles import tile_rows, tile_scores
+from ..layers.paged_tiles import probs_times_values, tile_rows, tile_scores
 from ..triton_interpreter import patch_if_interpreting
 from .row_cache import FarRowCacheLayer
 from .row_cache_triton import assign_rows
@@ -499,15 +499,6 @@ def _gather_kernel(VP, BT, IDX, OUT, DST, n_rows, stride_bt, top_n,
 
 
 @triton.jit
-def _accumulate_pv(acc, p, v):
-    """acc [GP, D] fp32 + p [GP, R] fp32 @ v [R, D]: on the tensor cores with p in v's dtype (as
-    dense attention kernels do) for 16-bit V, exact fp32 FMAs for fp32 V."""
-    if v.dtype == tl.float32:
-        return acc + tl.dot(p, v, input_precision="ieee")
-    return acc + tl.dot(p.to(v.dtype), v)
-
-
-@triton.jit
 def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, window, top_n, Cs, hot_rows,
                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        R: tl.constexpr, RENORM: tl.constexpr, HAS_FAR_ROW: tl.constexpr):
@@ -540,7 +531,7 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, 
         v = tl.load(VHOT + (hot_base + hrow).to(tl.int64)[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
         s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
         p = tl.exp2(s - lse[:, None])
-        acc = _accumulate_pv(acc, p, v)
+        acc += probs_times_values(p, v)
         z += tl.sum(p, 1)
     far_base = row.to(tl.int64) * top_n
     for t0 in range(0, top_n, R):
@@ -554,7 +545,7 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, 
         v = tl.load(VFAR + vrow[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
         s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
         p = tl.exp2(s - lse[:, None])
-        acc = _accumulate_pv(acc, p, v)
+        acc += probs_times_values(p, v)
         z += tl.sum(p, 1)
     if RENORM:
         acc = acc / tl.where(z > 0, z, 1.0)[:, None]

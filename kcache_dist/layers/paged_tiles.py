@@ -1,5 +1,6 @@
 """Triton helpers shared by the kernels that stream a paged cache (inlined where they are called):
-the pool offsets of a tile of positions, and the masked scores of a query group against a K tile.
+the pool offsets of a tile of positions, the masked scores of a query group against a K tile, and
+probabilities times a V tile.
 
 A pool is [num_blocks, Hkv, bs, D]; a sequence's block table row maps position p to block
 table[p // bs], row p % bs.
@@ -29,3 +30,12 @@ def tile_scores(q, K, rows_at, msk, qk_scale):
     else:
         s = tl.dot(q, tl.trans(k)) * qk_scale
     return tl.where(msk[None, :], s, float("-inf"))
+
+
+@triton.jit
+def probs_times_values(p, v):
+    """p [GP, R] fp32 @ v [R, D] in fp32: on the tensor cores with p in v's dtype for 16-bit V (as
+    dense attention kernels do), exact fp32 FMAs for fp32 V."""
+    if v.dtype == tl.float32:
+        return tl.dot(p, v, input_precision="ieee")
+    return tl.dot(p.to(v.dtype), v)

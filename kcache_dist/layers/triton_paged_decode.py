@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..triton_interpreter import patch_if_interpreting
-from .paged_tiles import tile_rows, tile_scores
+from .paged_tiles import probs_times_values, tile_rows, tile_scores
 
 patch_if_interpreting()
 LOG2E = 1.4426950408889634
@@ -58,10 +58,7 @@ def _split_kernel(Q, K, V, BT, SEQ, OP, MP, LP, qk_scale, stride_bt, NSPLIT_MAX,
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + rows_at, mask=msk[:, None], other=0.0, eviction_policy="evict_first")
-            if V.dtype.element_ty == tl.float32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + probs_times_values(p, v)
             m_i = m_new
         part = (split * (tl.num_programs(1) * G) + row * G + gi).to(tl.int64)
         tl.store(OP + part[:, None] * D + di[None, :], acc, mask=gmask[:, None])
