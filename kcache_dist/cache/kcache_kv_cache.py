@@ -53,7 +53,8 @@ class KCacheKVCache:
         self.k_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.dense_v_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(dense_layers)]
         hot_shape = (num_slots + 1, num_kv_heads, spec.hot_rows, head_dim)  # + the spare slot
-        self.spare_hot_slot = num_slots  # padding rows of CUDA-graph batches write their hot rows here
+        # the spare slot takes the hot rows of CUDA-graph padding rows and of rows outside sink and window
+        self.spare_hot_slot = num_slots
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
         self.row_cache = (FarRowCache(num_sparse, num_slots + 1, num_kv_heads, row_cache_rows, max_model_len, head_dim,
                                       dtype, device) if row_cache_rows else None)
@@ -196,18 +197,15 @@ class KCacheKVCache:
         v_hot[slot, :, self.spec.hot_row(pos)] = v
 
     def _write_hot_decode(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
-        """`_write_hot` for a decode-only step (one token per sequence, each in its own hot slot),
-        without host synchronisation: with a recent window every new row is kept; without one, a
-        row past the sink writes back what its slot already held."""
+        """`_write_hot` for a decode-only step (one token per sequence, each in its own hot slot, so
+        no ctx.token_seqs): with a recent window every new row is kept; without one, a row past the
+        sink goes to the spare slot."""
         if self.spec.hot_rows == 0:
             return
         pos, slot = ctx.positions, ctx.hot_slots
-        if self.spec.recent_window:
-            v_hot[slot, :, self.spec.hot_row(pos)] = v
-            return
-        row = self.spec.hot_row(pos)
-        keep = (pos < self.spec.sink_tokens)[:, None, None]
-        v_hot[slot, :, row] = torch.where(keep, v, v_hot[slot, :, row])
+        if not self.spec.recent_window:
+            slot = torch.where(pos < self.spec.sink_tokens, slot, self.spare_hot_slot)
+        v_hot[slot, :, self.spec.hot_row(pos)] = v
 
 
 @dataclass(frozen=True)

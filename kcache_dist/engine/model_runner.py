@@ -200,11 +200,12 @@ class ModelRunner:
             token_seqs.extend([i] * n)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
+        positions_np, token_seqs_np = np.array(positions, dtype=np.int64), np.array(token_seqs, dtype=np.int64)
         block_tables = self.block_table_rows.gather(plan.hot_slots)
-        slots = cache_slots(block_tables, np.array(token_seqs), np.array(positions), self.block_size)
+        slots = cache_slots(block_tables, token_seqs_np, positions_np, self.block_size)
         dev = self.device
         ctx = ForwardContext(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            positions=torch.from_numpy(positions_np).to(dev),
             slot_mapping=torch.from_numpy(slots).to(dev),
             block_tables=torch.from_numpy(block_tables).to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
@@ -215,7 +216,7 @@ class ModelRunner:
             hot_slots=torch.tensor(plan.hot_slots, dtype=torch.long, device=dev),
             hot_slots_list=plan.hot_slots,
             kv_cache=self.kv_cache,
-            token_seqs=torch.tensor(token_seqs, dtype=torch.long, device=dev),
+            token_seqs=torch.from_numpy(token_seqs_np).to(dev),
         )
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)
         last_rows = [query_start_loc[i + 1] - 1 for i in range(plan.num_seqs) if plan.sample[i]]
