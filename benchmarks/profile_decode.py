@@ -223,7 +223,8 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             f"{name} device {t['device_ms_median']:.2f} ms, host until return {t['host_ms_median']:.2f} ms"
             for name, t in timings.items()), flush=True)
         if overlap:
-            print("  all-reduce: " + ", ".join(f"{k} {v:.3f}" for k, v in overlap.items()), flush=True)
+            print("  all-reduce: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in overlap.items()),
+                  flush=True)
         for r in rows:
             print(f"  {r['device_ms']:9.3f} ms {100 * r['share']:5.1f}%  x{r['calls']:<5d} {r['name']}")
     paths.clear()  # the closures hold the runner and graphs of their own
