@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The host side of an engine decode step: scheduling, the forward's inputs, sampling, detokenizing
-and outputs, with the forward itself stubbed out (CPU, no GPU needed).
+"""The host side of an engine decode step: scheduling, the forward's inputs, sampling and detokenizing
+(outputs only as requests finish: FINAL_ONLY, as `LLM.generate` asks), with the forward itself
+stubbed out (CPU, no GPU needed).
 
     python benchmarks/host_step.py                       # 267 sequences of 8K, full mode
     python benchmarks/host_step.py --batch 64 --profile  # and the cProfile table of the timed steps
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from kcache_dist import SamplingParams  # noqa: E402
+from kcache_dist import RequestOutputKind, SamplingParams  # noqa: E402
 from kcache_dist.config import EngineConfig, KCacheConfig  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.models.named_shapes import shape_config, write_shape_dir  # noqa: E402
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace, scratch_dir: str) -> dict:
         return torch.randn(sum(plan.sample), vocab)
     runner.execute = prepare_only
     generator = torch.Generator().manual_seed(0)
-    params = SamplingParams(temperature=0, max_tokens=args.max_model_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.max_model_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for _ in range(args.batch):
         engine.add_request(torch.randint(0, vocab, (args.prompt_tokens,), generator=generator).tolist(), params)
     while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):

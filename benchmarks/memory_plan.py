@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kcache_dist import KCacheConfig, SamplingParams  # noqa: E402
+from kcache_dist import KCacheConfig, RequestOutputKind, SamplingParams  # noqa: E402
 from kcache_dist.config import EngineConfig  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
@@ -37,7 +37,8 @@ GIB = 1 << 30
 def run_requests(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, vocab: int, seed: int) -> float:
     """Generate for `batch` random prompts; returns seconds."""
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0)
+    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for i in range(batch):
         engine.add_request(torch.randint(1, vocab, (prompt_len,), generator=g).tolist(), params, request_id=f"{seed}-{i}")
     start = time.perf_counter()

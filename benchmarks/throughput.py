@@ -68,7 +68,7 @@ from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.models.named_shapes import NAMED_SHAPES, write_shape_dir  # noqa: E402
 from kcache_dist.parallel import (all_reduce_min, current_state, exit_on_lost_rank, init_parallel,  # noqa: E402
                                   launched_world_size, shutdown_parallel, strip_local_rank_arg)
-from kcache_dist.sampling_params import SamplingParams  # noqa: E402
+from kcache_dist.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 from device_timing import device_copy_Bps, host_to_device_Bps  # noqa: E402
 from selection_check import SelectionCheck  # noqa: E402
@@ -394,7 +394,8 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
     if prompt_len < 1:
         raise ValueError(f"context {context} is too short for this sweep: it generates up to {reserve} tokens per "
                          "sequence (fewer batch sizes or decode tokens would fit)")
-    params = SamplingParams(temperature=0, max_tokens=reserve, ignore_eos=True)
+    # DELTA: a timed step's outputs are counted (one per sequence that got a token), not read
+    params = SamplingParams(temperature=0, max_tokens=reserve, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
     vocab = engine.model_config.vocab_size
     request_ids = [engine.add_request(random_prompt(generator, vocab, prompt_len), params) for _ in range(largest)]
     t0, fill_steps = time.perf_counter(), 0
@@ -488,7 +489,7 @@ def measure_prefill(engine: LLMEngine, context: int, num_seqs: int, generator: t
                     device: torch.device) -> dict:
     """Time to first token of a lone prompt of context - 1 tokens, then prefill tokens/s of
     num_seqs such prompts submitted together (one output token each: every step is a prefill)."""
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     prompt_len, vocab = context - 1, engine.model_config.vocab_size
     prompt = random_prompt(generator, vocab, prompt_len)
     _sync(device)

@@ -3,8 +3,8 @@
 from .config import EngineConfig, KCacheConfig, ParallelConfig
 from .llm import LLM
 from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "KCacheConfig", "ParallelConfig", "RequestOutput",
-           "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "EngineConfig", "KCacheConfig", "ParallelConfig",
+           "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

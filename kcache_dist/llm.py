@@ -15,7 +15,7 @@ from .config import EngineConfig, KCacheConfig, ParallelConfig
 from .engine.llm_engine import LLMEngine, Prompt
 from .outputs import RequestOutput
 from .parallel import dp_gather_objects
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, str]
 
@@ -69,6 +69,7 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         for p, sp in zip(prompts, params):  # every rank validates every prompt before any is queued
             self.engine.validate(p, sp)
+        params = [dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY) for sp in params]  # one output each
         engine, state = self.engine, self.engine.parallel
         mine = [i for i in range(len(prompts)) if i % state.dp_size == state.dp_rank]  # this replica's share
         results: dict[int, RequestOutput] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -13,6 +14,14 @@ from .config import is_int as _is_int, is_number as _is_number
 GREEDY_TEMPERATURE = 1e-5
 
 
+class RequestOutputKind(enum.Enum):
+    """Which outputs the engine's `step` returns for a request, as in vLLM."""
+
+    CUMULATIVE = 0  # one every step: all the text and token ids so far
+    DELTA = 1  # one every step: only the text and token ids new since the request's previous output
+    FINAL_ONLY = 2  # one, when the request finishes: all its text and token ids
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's tokens are chosen and when it stops.
@@ -20,7 +29,8 @@ class SamplingParams:
     temperature 0 (or below GREEDY_TEMPERATURE, as in vLLM) means greedy. top_k <= 0 and top_p == 1 disable those filters. `stop` strings
     end the output and are cut from its text (the token that completed one stays in token_ids);
     `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it too. `seed` makes sampling
-    reproducible whatever else runs in the same batch.
+    reproducible whatever else runs in the same batch. `output_kind` says which outputs the engine
+    returns (`RequestOutputKind`; `LLM.generate` asks for FINAL_ONLY).
     """
 
     n: int = 1
@@ -33,6 +43,7 @@ class SamplingParams:
     stop_token_ids: Optional[Sequence[int]] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -60,6 +71,9 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens must be true or false, got {self.skip_special_tokens!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError("output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), "
+                             f"got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:

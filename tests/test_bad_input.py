@@ -51,6 +51,9 @@ def test_token_ids_outside_vocabulary(llm):
     ({"stop": [""]}, "stop must hold non-empty strings, got ''"),
     ({"seed": 1.5}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None, got 1.5"),
     ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None, got 18446744073709551616"),
+    ({"output_kind": 1}, r"output_kind must be a RequestOutputKind \(CUMULATIVE, DELTA or FINAL_ONLY\), got 1"),
+    ({"output_kind": "DELTA"}, r"output_kind must be a RequestOutputKind \(CUMULATIVE, DELTA or FINAL_ONLY\), "
+                               r"got 'DELTA'"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message}$"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 # Prompt tokens kept as left context, so that the first output token decodes with the spacing it
 # has in the running text (sentencepiece drops a leading space at the start of a decode).
@@ -60,3 +60,36 @@ def find_stop(text: str, num_new_chars: int, stops: tuple[str, ...]) -> Optional
         if index >= 0 and (best is None or index < best[0]):
             best = (index, stop)
     return best
+
+
+def held_back_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+class StreamedText:
+    """What was reported of one sequence's text; `next_piece` says what to report now.
+
+    A stop string is cut out of the text once it is complete, so text that might be the start of
+    one is held back until it is known not to be; the pieces reported then add up to the final
+    text exactly (what `find_stop` cuts starts after every piece reported before it).
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(stop)
+        self.num_chars_sent = 0
+
+    def next_piece(self, text: str, finished: bool) -> str:
+        """The new text to report, given the cumulative `text` (final when `finished`)."""
+        end = len(text) if finished else len(text) - held_back_length(text, self.stop)
+        if end <= self.num_chars_sent:
+            return ""
+        piece = text[self.num_chars_sent:end]
+        self.num_chars_sent = end
+        return piece

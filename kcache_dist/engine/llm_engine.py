@@ -1,7 +1,8 @@
 """The engine: requests in, a step at a time, outputs out.
 
 Owns the tokenizer, the scheduler and the model runner. `add_request` validates and queues;
-`step` runs one scheduled forward, samples, detokenizes and reports the sequences that finished.
+`step` runs one scheduled forward, samples, detokenizes and returns outputs as each request's
+`output_kind` asks.
 
 Under tensor parallelism the first rank of the group schedules (`is_scheduler`): `step` sends
 each plan to the other ranks, which run `run_worker` until `stop_workers`. While the scheduling
@@ -28,7 +29,7 @@ from ..config import EngineConfig
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import init_parallel, tp_broadcast_object
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
 from .model_runner import ModelRunner
@@ -175,8 +176,8 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
-        """Stop a request and free its blocks; its final output (finish_reason "abort"), or None
-        if no such request is running or waiting."""
+        """Stop a request and free its blocks; its final output (finish_reason "abort"; all its text
+        and token ids, whatever its output_kind), or None if no such request is running or waiting."""
         seq = self._by_request.get(request_id)
         if seq is None:
             return None
@@ -253,8 +254,8 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return an output for every request that got a token in it
-        (text and token ids so far; `finished` set on the last one)."""
+        """Run one scheduled forward; return the outputs of the requests that got a token in it, as
+        their `output_kind` asks (`finished` set on a request's last one)."""
         plan = self.scheduler.schedule()
         if plan is None:
             return []
@@ -270,7 +271,9 @@ class LLMEngine:
             self._append_token(seq, token)
             if seq.finish_reason is not None:
                 self._release(seq)
-            outputs.append(self._output(seq))
+            output = self._step_output(seq)
+            if output is not None:
+                outputs.append(output)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int) -> None:
@@ -298,12 +301,28 @@ class LLMEngine:
         del self._detokenizers[seq.seq_id]
         del self._by_request[seq.request_id]
 
+    @classmethod
+    def _step_output(cls, seq: Sequence) -> Optional[RequestOutput]:
+        """The output of a request that just got a token, by its output_kind; None if it gets none now."""
+        kind, finished = seq.params.output_kind, seq.finish_reason is not None
+        if kind is RequestOutputKind.DELTA:
+            text = seq.streamed_text.next_piece(seq.output_text, finished)
+            token_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_output_tokens_sent:]
+            seq.num_output_tokens_sent = seq.num_output_tokens
+            return cls._output(seq, text, token_ids)
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        return cls._output(seq)
+
     @staticmethod
-    def _output(seq: Sequence) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
-            outputs=[CompletionOutput(0, seq.output_text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)],
-            finished=seq.finish_reason is not None)
+    def _output(seq: Sequence, text: Optional[str] = None, token_ids: Optional[list[int]] = None) -> RequestOutput:
+        """The request's output: all its text and token ids so far (a copy: later steps leave it
+        as it is), unless given."""
+        completion = CompletionOutput(0, seq.output_text if text is None else text,
+                                      seq.output_token_ids if token_ids is None else token_ids,
+                                      seq.finish_reason, seq.stop_reason)
+        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
+                             outputs=[completion], finished=seq.finish_reason is not None)
 
 
 def _release_at_exit(engine_ref: "weakref.ref[LLMEngine]") -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..sampling_params import SamplingParams
+from .detokenizer import StreamedText
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +36,9 @@ class Sequence:
         self.output_text = ""
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[object] = None
+        # what the request's DELTA outputs carried so far
+        self.num_output_tokens_sent = 0
+        self.streamed_text = StreamedText(params.stop)
         self.generator: Optional[torch.Generator] = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

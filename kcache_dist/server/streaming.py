@@ -8,43 +8,17 @@ final text exactly.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from starlette.responses import StreamingResponse
+
+from ..engine.detokenizer import StreamedText, held_back_length  # noqa: F401 (the app's, and the tests')
 
 SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def held_back_length(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    longest = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest
-
-
-class StreamedText:
-    """Tracks what was sent of one request's text; `next_piece` says what to send now."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = tuple(stop)
-        self.sent = ""
-
-    def next_piece(self, text: str, finished: bool) -> str:
-        """The new text to send, given the cumulative `text` (final when `finished`)."""
-        end = len(text) if finished else len(text) - held_back_length(text, self.stop)
-        if end <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        piece = text[len(self.sent):end]
-        self.sent += piece
-        return piece
 
 
 class EventStreamResponse(StreamingResponse):
