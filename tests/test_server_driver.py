@@ -4,14 +4,15 @@ abort, shutdown), the stop-string hold-back of streamed text, and /metrics in KC
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from conftest import PROMPTS
-from kcache_dist import LLM, KCacheConfig, SamplingParams
-from kcache_dist.server.engine_driver import EngineDriver, ServerDraining
+from kcache_dist import LLM, CompletionOutput, KCacheConfig, RequestOutput, RequestOutputKind, SamplingParams
+from kcache_dist.engine.detokenizer import StreamedText, held_back_length
+from kcache_dist.server.engine_driver import EngineDriver, RequestStream, ServerDraining
 from kcache_dist.server.metrics import render_prometheus
-from kcache_dist.server.streaming import StreamedText, held_back_length
 
 TIMEOUT_S = 60
 
@@ -36,6 +37,27 @@ def test_streamed_pieces_add_up_to_the_cut_text():
     pieces.append(tracker.next_piece(cumulative[-1], finished=True))
     assert pieces == ["Hel", "lo ", "", "ENx", " ", ""]
     assert "".join(pieces) == cumulative[-1]
+
+
+def test_request_stream_joins_delta_outputs_that_piled_up():
+    def delta(text: str, token: int, finish_reason=None) -> RequestOutput:
+        return RequestOutput("r", "Hi", [7], [CompletionOutput(0, text, [token], finish_reason)],
+                             finished=finish_reason is not None)
+
+    async def scenario():
+        queue = asyncio.Queue()
+        stream = RequestStream("r", queue, driver=None, output_kind=RequestOutputKind.DELTA)
+        queue.put_nowait(delta("He", 1))
+        queue.put_nowait(delta("llo", 2))
+        first = await stream.__anext__()
+        assert (first.outputs[0].text, first.outputs[0].token_ids, stream.num_output_tokens) == ("Hello", [1, 2], 2)
+        queue.put_nowait(delta(" you", 3))
+        queue.put_nowait(delta("", 4, "stop"))
+        last = await stream.__anext__()
+        assert (last.outputs[0].text, last.outputs[0].token_ids, last.finished) == (" you", [3, 4], True)
+        assert last.outputs[0].finish_reason == "stop" and stream.num_output_tokens == 4 and stream.finished
+
+    run(scenario())
 
 
 # ---- the driver -------------------------------------------------------------------------------------
@@ -76,6 +98,31 @@ def test_driver_batches_concurrent_requests_and_reports_kcache_metrics(kcache_ll
     text = render_prometheus(stats, "tiny")
     assert f'kcache_dist_v_bytes_fetched_total{{model_name="tiny"}} {stats.v_bytes_fetched_total}' in text
     assert 'kcache_dist_cache_mode_info{model_name="tiny",kcache_mode="kcache"} 1' in text
+
+
+def test_driver_delta_requests_as_the_server_submits_them(kcache_llm):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = kcache_llm.generate(PROMPTS, params)
+    delta = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+    driver = EngineDriver(kcache_llm.engine).start()
+
+    async def one(i: int, prompt: str):
+        stream = await driver.submit(prompt, delta, f"d{i}")
+        return await stream.final_output(), stream.num_output_tokens
+
+    async def all_requests():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+
+    try:
+        got = run(all_requests())
+    finally:
+        assert driver.shutdown(timeout_s=TIMEOUT_S)
+    assert [(o.outputs[0].text, o.outputs[0].token_ids) for o, _ in got] == \
+        [(o.outputs[0].text, o.outputs[0].token_ids) for o in expected]
+    assert [n for _, n in got] == [24] * len(PROMPTS)
+    stats = driver.stats()
+    assert stats.num_generation_tokens_total == 24 * len(PROMPTS)
+    assert stats.num_prompt_tokens_total == sum(len(o.prompt_token_ids) for o in expected)  # each prompt once
 
 
 def test_driver_rejects_bad_requests_aborts_and_stops_accepting(tiny_llama_dir):

@@ -13,6 +13,7 @@ The app never touches the engine or CUDA; all engine work goes through the drive
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from . import openai_format as fmt
 from .api_key import APIKeyCheck
 from .body_limit import BodySizeLimit
@@ -35,7 +36,7 @@ from .engine_driver import EngineDriver, EngineFailure, RequestStream, ServerDra
 from .errors import APIError, bad_request, error_body
 from .metrics import PROMETHEUS_CONTENT_TYPE, render_prometheus
 from .protocol import ChatCompletionRequest, CompletionRequest, Prompt, parse_request
-from .streaming import SSE_DONE, EventStreamResponse, StreamedText, sse_event
+from .streaming import SSE_DONE, EventStreamResponse, sse_event
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
                               param="model", code="model_not_found")
 
     async def submit(prompt: Prompt, params: SamplingParams, request_id: str, prompt_param: str) -> RequestStream:
+        """The request's stream of DELTA outputs: a step copies none of the text or token ids before them."""
         try:
-            return await driver.submit(prompt, params, request_id)
+            return await driver.submit(prompt, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA),
+                                       request_id)
         except ValueError as e:  # the engine's validation: the prompt's length, token ids, ...
             raise bad_request(str(e), param=prompt_param) from None
         except ServerDraining as e:
@@ -108,12 +111,13 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
 
         if body.wants_stream:
             async def events() -> AsyncIterator[str]:
-                async for piece, output in text_pieces(stream, params):
+                async for piece, output in text_pieces(stream):
                     finish = output.outputs[0].finish_reason if output.finished else None
                     if piece or finish:
                         yield sse_event(fmt.completion_chunk(request_id, created, body.model, piece, finish))
                 if body.include_usage_in_stream:
-                    yield sse_event(fmt.usage_chunk(request_id, created, body.model, "text_completion", usage_of(output)))
+                    yield sse_event(fmt.usage_chunk(request_id, created, body.model, "text_completion",
+                                                    usage_of(output, stream)))
             return EventStreamResponse(guarded(events(), stream), on_close=stream.abort)
 
         output = await final_output_unless_disconnected(stream, request)
@@ -121,7 +125,7 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         completion = output.outputs[0]
         return JSONResponse(fmt.completion_response(request_id, created, body.model, completion.text,
-                                                    completion.finish_reason, usage_of(output)))
+                                                    completion.finish_reason, usage_of(output, stream)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -139,7 +143,7 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
             async def events() -> AsyncIterator[str]:
                 yield sse_event(fmt.chat_chunk(request_id, created, body.model, {"role": "assistant", "content": ""},
                                                None))
-                async for piece, output in text_pieces(stream, params):
+                async for piece, output in text_pieces(stream):
                     if piece:
                         yield sse_event(fmt.chat_chunk(request_id, created, body.model, {"content": piece}, None))
                     if output.finished:
@@ -147,7 +151,7 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
                                                        output.outputs[0].finish_reason))
                 if body.include_usage_in_stream:
                     yield sse_event(fmt.usage_chunk(request_id, created, body.model, "chat.completion.chunk",
-                                                    usage_of(output)))
+                                                    usage_of(output, stream)))
             return EventStreamResponse(guarded(events(), stream), on_close=stream.abort)
 
         output = await final_output_unless_disconnected(stream, request)
@@ -155,7 +159,7 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         completion = output.outputs[0]
         return JSONResponse(fmt.chat_response(request_id, created, body.model, completion.text,
-                                              completion.finish_reason, usage_of(output)))
+                                              completion.finish_reason, usage_of(output, stream)))
 
     return app
 
@@ -177,18 +181,18 @@ async def read_json(request: Request):
     return body
 
 
-def usage_of(output: RequestOutput) -> dict[str, int]:
-    return fmt.usage(len(output.prompt_token_ids), len(output.outputs[0].token_ids))
+def usage_of(output: RequestOutput, stream: RequestStream) -> dict[str, int]:
+    """Token counts of the request `stream` has run to its end (`output`)."""
+    return fmt.usage(len(output.prompt_token_ids), stream.num_output_tokens)
 
 
-async def text_pieces(stream: RequestStream, params: SamplingParams) -> AsyncIterator[tuple[str, RequestOutput]]:
+async def text_pieces(stream: RequestStream) -> AsyncIterator[tuple[str, RequestOutput]]:
     """(new text to send, newest output) as the request runs; raises APIError if it was aborted."""
-    text = StreamedText(params.stop)
     async for output in stream:
         if output.outputs[0].finish_reason == "abort":
             raise APIError(503, "the request was aborted before it finished (the server is shutting down)",
                            "server_error")
-        yield text.next_piece(output.outputs[0].text, output.finished), output
+        yield output.outputs[0].text, output
 
 
 async def guarded(events: AsyncIterator[str], stream: RequestStream) -> AsyncIterator[str]:

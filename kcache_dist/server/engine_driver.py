@@ -4,8 +4,9 @@ HTTP handlers (on the asyncio event loop) never touch the engine. They `submit` 
 puts a command on a thread-safe queue and waits until the driver thread has run
 `engine.add_request` (its ValueError comes back to the handler, for a 400). Before every step the
 driver applies all queued commands, so requests that arrive while others run join the batch at the
-next step (continuous batching). After a step, each request's cumulative output is handed to that
-request's asyncio queue on its event loop (`call_soon_threadsafe`); `RequestStream` reads it.
+next step (continuous batching). After a step, each request's output (as its `output_kind` asks) is
+handed to that request's asyncio queue on its event loop (`call_soon_threadsafe`); `RequestStream`
+reads it.
 `abort` (a client went away) is a command too: the engine frees the request's blocks.
 
 Overload: with `max_queued_requests`, a submit that finds that many requests already queued (sent
@@ -31,6 +32,7 @@ every later submit gets an `EngineFailure` whose message carries that error (e.g
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -39,7 +41,7 @@ from typing import Callable, Optional, Union
 
 from ..outputs import RequestOutput
 from ..parallel import RankLostError
-from ..sampling_params import SamplingParams
+from ..sampling_params import RequestOutputKind, SamplingParams
 from .engine_stats import EngineStats, StatsRecorder
 
 logger = logging.getLogger(__name__)
@@ -91,19 +93,22 @@ class _AbortAll:
 
 
 class RequestStream:
-    """The outputs of one request, as the engine produces them (each holds all text so far).
+    """The outputs of one request, as the engine produces them for its `output_kind`.
 
-    `async for output in stream` yields the newest output whenever there is news (outputs that
-    piled up while the consumer was busy are skipped: each one is cumulative) and stops after the
-    finished one. Raises `EngineFailure` if the engine failed the request.
+    `async for output in stream` yields whenever there is news and stops after the finished output;
+    outputs that piled up while the consumer was busy come as one (the newest, or DELTA outputs
+    joined). `num_output_tokens` counts the request's output tokens yielded so far. Raises
+    `EngineFailure` if the engine failed the request.
     """
 
     def __init__(self, request_id: str, queue: "asyncio.Queue[Union[RequestOutput, BaseException]]",
-                 driver: "EngineDriver"):
+                 driver: "EngineDriver", output_kind: RequestOutputKind):
         self.request_id = request_id
         self._queue = queue
         self._driver = driver
+        self.output_kind = output_kind
         self.finished = False
+        self.num_output_tokens = 0
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -111,22 +116,42 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
-        if isinstance(item, BaseException):
+        items = [await self._queue.get()]
+        while not isinstance(items[-1], BaseException) and not items[-1].finished and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        if isinstance(items[-1], BaseException):
             self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+            raise items[-1]
+        output = self._joined(items)
+        self.finished = output.finished
+        num_tokens = len(output.outputs[0].token_ids)
+        self.num_output_tokens = self.num_output_tokens + num_tokens if self._is_delta(output) else num_tokens
+        return output
 
     async def final_output(self) -> RequestOutput:
-        """Wait for the finished output."""
-        output = None
+        """Wait for the finished output; all the request's text and token ids, whatever its kind."""
+        outputs: list[RequestOutput] = []
         async for output in self:
-            pass
-        assert output is not None and output.finished
-        return output
+            if not self._is_delta(output):
+                outputs.clear()
+            outputs.append(output)
+        assert outputs and outputs[-1].finished
+        return self._joined(outputs)
+
+    def _is_delta(self, output: RequestOutput) -> bool:
+        """Whether `output` holds only what is new since the request's previous one (a DELTA
+        request's, except the abort's, which holds everything)."""
+        return self.output_kind is RequestOutputKind.DELTA and output.outputs[0].finish_reason != "abort"
+
+    def _joined(self, outputs: list[RequestOutput]) -> RequestOutput:
+        """One output in place of this request's consecutive `outputs`: the last, or if that is a
+        delta, the deltas' text and token ids joined."""
+        last = outputs[-1]
+        if len(outputs) == 1 or not self._is_delta(last):
+            return last
+        completion = dataclasses.replace(last.outputs[0], text="".join(o.outputs[0].text for o in outputs),
+                                         token_ids=[t for o in outputs for t in o.outputs[0].token_ids])
+        return dataclasses.replace(last, outputs=[completion])
 
     def abort(self) -> None:
         """Stop the request (if it is still running) and free its blocks."""
@@ -214,7 +239,7 @@ class EngineDriver:
         except asyncio.CancelledError:
             self.abort(request_id)  # the caller went away before the engine took the request
             raise
-        return RequestStream(request_id, subscriber.queue, self)
+        return RequestStream(request_id, subscriber.queue, self, params.output_kind)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks (nothing happens if it already finished)."""
@@ -316,6 +341,7 @@ class EngineDriver:
             logger.exception("engine step failed; dropping the %d requests in flight", len(self._subscribers))
             for request_id in list(self._subscribers):
                 self._deliver(self._subscribers.pop(request_id), EngineFailure(f"engine step failed: {e}"))
+                self._recorder.forget(request_id)
                 try:
                     self._engine.abort_request(request_id)
                 except Exception:

@@ -50,13 +50,16 @@ class StatsRecorder:
         self.num_generation_tokens_total = 0
         self.num_token_steps_total = 0
         self.num_finished_total: dict[str, int] = collections.Counter()
+        self._requests_with_tokens: set[str] = set()  # unfinished requests that got a token (prompt counted)
         self._recent_steps: collections.deque[tuple[float, float, int]] = collections.deque()  # (end, seconds, tokens)
 
     def record_step(self, outputs: list[RequestOutput], step_seconds: float, now: Optional[float] = None) -> None:
-        """One engine step produced one token for each of `outputs`."""
+        """One engine step produced one token for each of `outputs` (CUMULATIVE or DELTA ones: a
+        FINAL_ONLY request's tokens would count as one, at its end)."""
         now = time.monotonic() if now is None else now
         for out in outputs:
-            if len(out.outputs[0].token_ids) == 1:  # the first token: its prompt was just prefilled
+            if out.request_id not in self._requests_with_tokens:  # the first token: its prompt was just prefilled
+                self._requests_with_tokens.add(out.request_id)
                 self.num_prompt_tokens_total += len(out.prompt_token_ids)
             if out.finished:
                 self.record_finished(out)
@@ -65,7 +68,12 @@ class StatsRecorder:
         self._recent_steps.append((now, step_seconds, len(outputs)))
 
     def record_finished(self, output: RequestOutput) -> None:
+        self.forget(output.request_id)
         self.num_finished_total[output.outputs[0].finish_reason or "unknown"] += 1
+
+    def forget(self, request_id: str) -> None:
+        """The request is over (finished, or dropped by the driver)."""
+        self._requests_with_tokens.discard(request_id)
 
     def decode_throughput(self, now: Optional[float] = None) -> float:
         """Generated tokens per second of engine step time over the last `window_s` (0 when idle)."""

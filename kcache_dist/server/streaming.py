@@ -1,8 +1,6 @@
-"""Server-sent events: the pieces of text to send as a request's cumulative output grows.
-
-The engine cuts a stop string out of the text once it is complete, so text that might be the start
-of a stop string is held back until it is known not to be one; the pieces sent then add up to the
-final text exactly.
+"""Server-sent events. The pieces of text they carry are the engine's DELTA outputs, which hold
+back text that might be the start of a stop string (`engine.detokenizer.StreamedText`): the pieces
+sent add up to the final text exactly.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ import json
 from typing import Any, Callable
 
 from starlette.responses import StreamingResponse
-
-from ..engine.detokenizer import StreamedText, held_back_length  # noqa: F401 (the app's, and the tests')
 
 SSE_DONE = "data: [DONE]\n\n"
 
