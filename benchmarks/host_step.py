@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""The host side of an engine decode step: scheduling, the forward's inputs, sampling and detokenizing
-(outputs only as requests finish: FINAL_ONLY, as `LLM.generate` asks), with the forward itself
-stubbed out (CPU, no GPU needed).
+"""The host side of an engine decode step: scheduling, the forward's inputs, sampling, detokenizing
+and outputs (by default only as requests finish: FINAL_ONLY, as `LLM.generate` asks), with the
+forward itself stubbed out (CPU, no GPU needed).
 
     python benchmarks/host_step.py                       # 267 sequences of 8K, full mode
     python benchmarks/host_step.py --batch 64 --profile  # and the cProfile table of the timed steps
+    python benchmarks/host_step.py --prompt-tokens 100 --max-model-len 4224 --output-tokens 4000 \
+        --output-kind cumulative                         # outputs 4000 tokens long, every step reported
 
 An engine on the `tiny-llama` shape (block size 16, as full mode on a GPU) gets --batch prompts of
 --prompt-tokens random tokens; its runner builds each step's inputs (`ModelRunner._prepare`: positions,
@@ -44,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=7000)
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--output-tokens", type=int, default=0,
+                   help="decode steps run untimed before the timed ones (outputs that long when timed)")
+    p.add_argument("--output-kind", choices=[k.name.lower() for k in RequestOutputKind], default="final_only",
+                   help="SamplingParams.output_kind of the requests (LLM.generate asks for final_only)")
     p.add_argument("--profile", action="store_true", help="print the cProfile table of the timed steps")
     p.add_argument("--out", default=None, help="JSON file for the result")
     return p.parse_args(argv)
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace, scratch_dir: str) -> dict:
     runner.execute = prepare_only
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.max_model_len, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            output_kind=RequestOutputKind[args.output_kind.upper()])
     for _ in range(args.batch):
         engine.add_request(torch.randint(0, vocab, (args.prompt_tokens,), generator=generator).tolist(), params)
     while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
@@ -80,6 +86,8 @@ def run(args: argparse.Namespace, scratch_dir: str) -> dict:
     running = len(engine.scheduler.running)
     if running < args.batch:
         raise SystemExit(f"only {running} of {args.batch} sequences decode together; raise --max-model-len")
+    for _ in range(args.output_tokens):
+        engine.step()
     engine.step()  # warm
     step_s, profiler = [], cProfile.Profile() if args.profile else None
     for _ in range(args.steps):
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace, scratch_dir: str) -> dict:
         pickle.loads(pickle.dumps(plan))
         delta_s.append(time.perf_counter() - t0)
     result = {"benchmark": "host_step", "batch": running, "prompt_tokens": args.prompt_tokens,
+              "output_tokens_before_timing": args.output_tokens, "output_kind": args.output_kind,
               "blocks_per_table": max(map(len, tables.values())), "cpu_threads": torch.get_num_threads(),
               "decode_step_ms": _ms(step_s),
               "plan_to_workers_ms": {"whole": _ms(whole_s), "block_table_delta": _ms(delta_s)},
