@@ -37,7 +37,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, Hq * D], k [T, Hkv * D] -> rotated q, k of the same shapes."""
+        """positions [T]; q [T, Hq * D], k [T, Hkv * D] -> rotated q, k of the same shapes: one
+        Triton kernel for CUDA tensors (`triton_rotary`, the same numbers), the reference otherwise."""
+        if q.is_cuda and q.dtype == k.dtype and q.stride(-1) == 1 and k.stride(-1) == 1:
+            try:
+                from .triton_rotary import rotary_triton
+            except ImportError:  # no Triton: the reference
+                return self.rotate_reference(positions, q, k)
+            return rotary_triton(positions, q, k, self.cos, self.sin, self.head_dim)
+        return self.rotate_reference(positions, q, k)
+
+    def rotate_reference(self, positions: torch.Tensor, q: torch.Tensor,
+                         k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` in torch ops (any device): cos and sin in the activations' dtype, as in HF."""
         cos = self.cos[positions].repeat(1, 2).unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].repeat(1, 2).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
