@@ -142,9 +142,10 @@ def part_stride(dev, h2d: float) -> list[dict]:
     return points
 
 
-def far_rows(B: int, top_n: int, gen) -> tuple[torch.Tensor, list[int]]:
+def far_rows(B: int, top_n: int, gen, dev) -> torch.Tensor:
+    """[B * HKV, top_n] sorted random far positions of B sequences of CONTEXT - U[0, 48] tokens, on dev."""
     lens = (CONTEXT - torch.randint(0, 49, (B,), generator=gen)).tolist()
-    return random_idx(lens, top_n, gen), lens
+    return random_idx(lens, top_n, gen).to(dev)
 
 
 def time_gather(pool, bt, idx, grid: int) -> float:
@@ -168,7 +169,7 @@ def part_pools(dev, h2d: float, gen) -> list[dict]:
         kinds["driver_vmm"] = driver
         bt = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(B, -1).to(dev)
         for top_n in (256, 1024):
-            idx = far_rows(B, top_n, gen)[0].to(dev)
+            idx = far_rows(B, top_n, gen, dev)
             for kind, pool in kinds.items():
                 for grid in (132, 264, 528):
                     ms = time_gather(pool, bt, idx, grid)
@@ -206,7 +207,7 @@ def part_order(dev, h2d: float, gen) -> list[dict]:
     del fill
     points = []
     for top_n in (256, 1024):
-        idx = far_rows(B, top_n, gen)[0].to(dev)
+        idx = far_rows(B, top_n, gen, dev)
         n = idx.numel()
         for layout in ("random", "contiguous", "shuffled_sequences"):
             bt = block_tables(layout, B, gen, dev)
