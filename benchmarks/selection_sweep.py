@@ -28,10 +28,13 @@ from kcache_dist.kcache.triton_kcache import KPassConfig, score_and_select  # no
 from kernels import D, DT, HKV, HQ, SINK, WINDOW, baselines, bench, check_selection, tables, warm_up  # noqa: E402
 
 POINTS = [(32, 8192), (72, 8192), (32, 32768), (21, 32768)]  # 72 @ 8K and 21 @ 32K: the engine's KCache batches
-VARIANTS = {"row": KPassConfig(), "row_w4": KPassConfig(select_warps=4), "row_w16": KPassConfig(select_warps=16),
-            "row_bins16": KPassConfig(bins=16), "row_bins64": KPassConfig(bins=64),
-            "row_stg2": KPassConfig(select_stages=2), "row_stg4": KPassConfig(select_stages=4),
-            "row_nocap": KPassConfig(maxnreg=0), "row_w16_stg2": KPassConfig(select_warps=16, select_stages=2),
+VARIANTS = {"row": KPassConfig(select_mode="row"), "row_w4": KPassConfig(select_mode="row", select_warps=4),
+            "row_w16": KPassConfig(select_mode="row", select_warps=16),
+            "row_bins16": KPassConfig(select_mode="row", bins=16), "row_bins64": KPassConfig(select_mode="row", bins=64),
+            "row_stg2": KPassConfig(select_mode="row", select_stages=2),
+            "row_stg4": KPassConfig(select_mode="row", select_stages=4),
+            "row_nocap": KPassConfig(select_mode="row", maxnreg=0),
+            "row_w16_stg2": KPassConfig(select_mode="row", select_warps=16, select_stages=2),
             "fused": KPassConfig(select_mode="fused")}
 
 

@@ -223,6 +223,26 @@ def test_copy_engine_fetch_equals_zero_copy():
                 assert torch.equal(a[r, i].cpu(), cpu[2][int(cpu[4][bb, p // bs]), h, p % bs]), seed
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_select_mode_auto_and_bad_mode():
+    """"auto" selects inside the K pass from FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device,
+    in its own kernel below that and off CUDA; an unknown mode is refused by name."""
+    from kcache_dist.kcache.triton_kcache import (FUSED_SELECT_ROWS_PER_SM, KPassConfig, _resolve_select_mode,
+                                                  score_and_select)
+
+    assert _resolve_select_mode("auto", 10 ** 6, torch.device("cpu")) == "row"
+    assert _resolve_select_mode("fused", 1, torch.device("cpu")) == "fused"
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cuda_dev = torch.device("cuda", 0)
+        assert _resolve_select_mode("auto", FUSED_SELECT_ROWS_PER_SM * sms, cuda_dev) == "fused"
+        assert _resolve_select_mode("auto", FUSED_SELECT_ROWS_PER_SM * sms - 1, cuda_dev) == "row"
+    spec = SelectionSpec(top_n=4, sink_tokens=0, recent_window=0, renormalize=True, group_reduce="max")
+    with pytest.raises(ValueError, match="select_mode must be 'auto', 'row' or 'fused', not 'topk'"):
+        score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
+                         torch.tensor([4]), 4, spec, 1.0, KPassConfig(select_mode="topk"))
+
+
 @cuda
 def test_kcache_decode_dispatches_to_triton():
     from kcache_dist.kcache.decode import kcache_decode
@@ -315,6 +335,39 @@ CONTEXT_SCRIPT = textwrap.dedent("""
         assert torch.equal(got, gather_context(pool, table, length)), (hkv, bs, d, length)
     print("interpreter ok")
 """)
+
+
+SPARSE_OUT_SCRIPT = textwrap.dedent("""
+    import torch
+    from test_kcache_reference import paged_inputs
+    from kcache_dist.kcache.reference import kcache_decode_reference
+    from kcache_dist.kcache.selection import SelectionSpec
+    from kcache_dist.kcache.triton_kcache import (KPassConfig, gather_far_rows_zero_copy, score_and_select,
+                                                  sparse_output)
+    seed = {seed}
+    for i, spec in enumerate([SelectionSpec(40, 2, 6, True, "max"), SelectionSpec(37, 0, 3, False, "sum")]):
+        lens = [300, 90, 45]
+        q, kp, vp, vh, bt, slots, _, _ = paged_inputs(3, 2, 2, 16, lens, 8, spec, torch.float32, seed=seed + i)
+        ref = kcache_decode_reference(q, kp, vp, vh, bt, lens, slots, spec, 0.25)
+        cfg = KPassConfig(split=32, block_n=16, sel_tile=16, key_tile=32, scratch_extra=64, select_warps=4)
+        sel = score_and_select(q, kp, bt, torch.tensor(lens), max(lens), spec, 0.25, cfg)
+        vfar = gather_far_rows_zero_copy(vp, bt, sel.idx)
+        for parts in (1, 2, 3):  # 16 picks a step: parts of 16 or 32 picks, the last one short
+            out = torch.full_like(q, float("nan"))
+            sparse_output(sel, vfar, vh, torch.tensor(lens), torch.tensor(slots), spec, q.shape[1], out=out,
+                          parts=parts, rows_per_step=16)
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert not out.isnan().any() and err < 1e-5, (i, parts, err)
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_output_split_over_several_ctas_under_interpreter():
+    """`sparse_output` with each row's picks split over 1, 2 or 3 programs (the second kernel adding
+    their sums, renormalised or not) gives the reference's output."""
+    seed = fresh_seed()
+    run_under_triton_interpreter(SPARSE_OUT_SCRIPT.format(seed=seed), seed, timeout_s=120)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

@@ -25,10 +25,11 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    (near-uniform rows, ties such as q = 0), the same count passes run over the row's keys from their
    [min, max] until the candidates fit the scratch (or the n-th key is found), then b-d. Exact in
    every case; only slower. Where the row selection runs (`KPassConfig.select_mode`):
-   - "row" (default): one CTA per row after the K pass;
+   - "row": one CTA per row after the K pass;
    - "fused": inside the K pass, the last CTA of each row (atomic ticket) selects the row while
      other rows' K still streams, reading the row's S back from L2. 4% faster than "row" at B=128
-     x 8 KV heads @ 32K (H200), 8% slower at B=32 (benchmarks/notes/kcache_triton.md).
+     x 8 KV heads @ 32K (H200), 8% slower at B=32 (benchmarks/notes/kcache_triton.md);
+   - "auto" (default): "fused" from FUSED_SELECT_ROWS_PER_SM rows per SM up, else "row".
    Output: idx [rows, top_n] int32 far positions ascending, -1 padded; lse [rows, G] (log2 domain).
    Fixed fault: in engine runs about one row in 10^5 - 10^6 came out with the top_n-th position
    missing and one slot unwritten (H200 and H100). The threads of the selecting CTA held lse, a float
@@ -45,7 +46,8 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    finds the slot of every pick and the picks it misses; only those are read from host memory,
    straight into their slots, and step 3 reads every far row from the cache by slot.
 3. `sparse_output`: o[g] = sum_{hot + far} p[g, j] v_j (/ sum p when renormalizing), p from S and lse,
-   hot rows from v_hot, far rows from vfar.
+   hot rows from v_hot, far rows from vfar; each row's picks split over two CTAs whose fp32 sums a
+   second kernel adds.
 
 `kcache_decode_triton` runs the three; `kcache_decode` dispatches to it for CUDA tensors.
 """
@@ -72,6 +74,8 @@ patch_if_interpreting()
 
 COARSE_BINS = 64           # keys pass: histogram bins below the row's key bound ...
 COARSE_BINS_PER_LOG2 = 2.0  # ... of 1/2 log2 unit; the last bin takes every key 31.5 units down or more
+FUSED_SELECT_ROWS_PER_SM = 4  # "auto" selects inside the K pass from this many rows (sequence x KV head) per SM:
+#                               ahead of "row" there on an H100, behind below (benchmarks/notes/kcache_triton.md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,20 +503,20 @@ def _gather_kernel(VP, BT, IDX, OUT, DST, n_rows, stride_bt, top_n,
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, window, top_n, Cs, hot_rows,
-                       HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       R: tl.constexpr, RENORM: tl.constexpr, HAS_FAR_ROW: tl.constexpr):
-    """grid (rows,). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D]) and
-    the fetched far rows (VFAR [rows, top_n, D], or with HAS_FAR_ROW VFAR [any, D] and pick j of the
-    row in row FAR_ROW[row, j]); p = exp2(S - lse). OUT [B, HKV*G, D]."""
+def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART, sink, window, top_n,
+                       Cs, hot_rows, picks_per_part, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                       D: tl.constexpr, R: tl.constexpr, RENORM: tl.constexpr, HAS_FAR_ROW: tl.constexpr,
+                       PARTS: tl.constexpr, STAGES: tl.constexpr):
+    """grid (rows, PARTS). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D])
+    and the fetched far rows (VFAR [rows, top_n, D], or with HAS_FAR_ROW VFAR [any, D] and pick j of
+    the row in row FAR_ROW[row, j]); p = exp2(S - lse). Part k takes the picks [k, k + 1) *
+    picks_per_part (part 0 also the hot rows). PARTS == 1: OUT [B, HKV*G, D] directly; else each part
+    writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and Z_PART [PARTS, B*HKV*G] (sum p) for
+    `_sparse_out_combine_kernel`: lse is the whole row's, so the parts add without rescaling."""
     row = tl.program_id(0)
+    part = tl.program_id(1)
     b = row // HKV
     h = row % HKV
-    L = tl.load(SEQ + b).to(tl.int32)
-    slot = tl.load(SLOTS + b)
-    sink_end = tl.minimum(sink, L)
-    window_start = tl.maximum(sink_end, L - window)
-    nhot = sink_end + (L - window_start)
     gi = tl.arange(0, GP)
     di = tl.arange(0, D)
     ri = tl.arange(0, R)
@@ -521,22 +525,31 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, 
     s_row = S + (row * G + gi).to(tl.int64)[:, None] * Cs
     acc = tl.zeros([GP, D], tl.float32)
     z = tl.zeros([GP], tl.float32)
-    hot_base = (slot * HKV + h) * hot_rows
-    wdiv = tl.maximum(window, 1)
-    for t0 in range(0, nhot, R):
-        t = t0 + ri
-        ok = t < nhot
-        pos = tl.where(t < sink_end, t, window_start + t - sink_end)
-        hrow = tl.where(pos < sink, pos, sink + (pos - sink) % wdiv)
-        v = tl.load(VHOT + (hot_base + hrow).to(tl.int64)[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
-        s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        acc += probs_times_values(p, v)
-        z += tl.sum(p, 1)
+    if part == 0:
+        L = tl.load(SEQ + b).to(tl.int32)
+        slot = tl.load(SLOTS + b)
+        sink_end = tl.minimum(sink, L)
+        window_start = tl.maximum(sink_end, L - window)
+        nhot = sink_end + (L - window_start)
+        hot_base = (slot * HKV + h) * hot_rows
+        wdiv = tl.maximum(window, 1)
+        for t0 in range(0, nhot, R):
+            t = t0 + ri
+            ok = t < nhot
+            pos = tl.where(t < sink_end, t, window_start + t - sink_end)
+            hrow = tl.where(pos < sink, pos, sink + (pos - sink) % wdiv)
+            v = tl.load(VHOT + (hot_base + hrow).to(tl.int64)[:, None] * D + di[None, :], mask=ok[:, None],
+                        other=0.0)
+            s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            acc += probs_times_values(p, v)
+            z += tl.sum(p, 1)
     far_base = row.to(tl.int64) * top_n
-    for t0 in range(0, top_n, R):
+    first = part * picks_per_part
+    end = tl.minimum(first + picks_per_part, top_n)
+    for t0 in tl.range(first, end, R, num_stages=STAGES):
         t = t0 + ri
-        pos = tl.load(IDX + far_base + t, mask=t < top_n, other=-1)
+        pos = tl.load(IDX + far_base + t, mask=t < end, other=-1)
         ok = pos >= 0
         if HAS_FAR_ROW:
             vrow = tl.load(FAR_ROW + far_base + t, mask=ok, other=0).to(tl.int64)
@@ -547,12 +560,35 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, sink, 
         p = tl.exp2(s - lse[:, None])
         acc += probs_times_values(p, v)
         z += tl.sum(p, 1)
+    q_rows = row * G + gi  # = b * (HKV * G) + h * G + gi
+    if PARTS == 1:
+        if RENORM:
+            acc = acc / tl.where(z > 0, z, 1.0)[:, None]
+        tl.store(OUT + q_rows[:, None] * D + di[None, :], acc.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    else:
+        all_q_rows = tl.num_programs(0) * G
+        tl.store(OUT_PART + (part * all_q_rows + q_rows).to(tl.int64)[:, None] * D + di[None, :], acc,
+                 mask=gmask[:, None])
+        tl.store(Z_PART + part * all_q_rows + q_rows, z, mask=gmask)
+
+
+@triton.jit
+def _sparse_out_combine_kernel(OUT_PART, Z_PART, OUT, all_q_rows, QB: tl.constexpr, D: tl.constexpr,
+                               PARTS: tl.constexpr, RENORM: tl.constexpr):
+    """grid (cdiv(all_q_rows, QB),): OUT [all_q_rows, D] = sum of the parts' OUT_PART (/ the sum of
+    their Z_PART when renormalizing), in OUT's dtype."""
+    qi = tl.program_id(0) * QB + tl.arange(0, QB)
+    di = tl.arange(0, D)
+    live = qi < all_q_rows
+    acc = tl.zeros([QB, D], tl.float32)
+    z = tl.zeros([QB], tl.float32)
+    for k in tl.static_range(PARTS):
+        acc += tl.load(OUT_PART + (k * all_q_rows + qi).to(tl.int64)[:, None] * D + di[None, :],
+                       mask=live[:, None], other=0.0)
+        z += tl.load(Z_PART + k * all_q_rows + qi, mask=live, other=0.0)
     if RENORM:
         acc = acc / tl.where(z > 0, z, 1.0)[:, None]
-    tl.store(OUT + (b * (HKV * G) + h * G + gi)[:, None] * D + di[None, :], acc.to(OUT.dtype.element_ty),
-             mask=gmask[:, None])
-
-
+    tl.store(OUT + qi.to(tl.int64)[:, None] * D + di[None, :], acc.to(OUT.dtype.element_ty), mask=live[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,8 +603,9 @@ class KPassConfig:
     block_n: int = 128       # positions per K tile
     num_warps: int = 4
     num_stages: int = 3
-    select_mode: str = "row"  # "row": one CTA per row after the K pass; "fused": the last CTA of a row,
-    #                           inside the K pass (see the module docstring)
+    select_mode: str = "auto"  # "row": one CTA per row after the K pass; "fused": the last CTA of a row,
+    #                            inside the K pass (see the module docstring); "auto": fused from
+    #                            FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device up, else row
     sel_tile: int = 0        # positions per step of the keys pass over S (0: 128 per warp of the CTA)
     key_tile: int = 0        # keys per step of the passes over keys, a multiple of sel_tile (0: 256 per
     #                          warp; 4 warps with larger tiles need more than 128 registers)
@@ -609,9 +646,9 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     G = Hq // Hkv
     rows = B * Hkv
     dev = q.device
-    if cfg.select_mode not in ("fused", "row"):
-        raise ValueError(f"select_mode must be 'row' or 'fused', not {cfg.select_mode!r}")
-    mode = cfg.select_mode if select else "none"
+    if cfg.select_mode not in ("auto", "fused", "row"):
+        raise ValueError(f"select_mode must be 'auto', 'row' or 'fused', not {cfg.select_mode!r}")
+    mode = _resolve_select_mode(cfg.select_mode, rows, dev) if select else "none"
     warps = cfg.select_warps if mode == "row" else cfg.num_warps
     ts, tk = cfg.sel_tile or 128 * warps, cfg.key_tile or 256 * warps
     if tk % ts:
@@ -647,6 +684,25 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     if mode == "row":
         return select_from_partials(S[:, :, :cmax], MP, LP, seq, spec, cfg, Hkv, idx_out=idx)
     return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n], MP, LP)
+
+
+def _resolve_select_mode(select_mode: str, rows: int, device: torch.device) -> str:
+    """"auto" -> "fused" where the rows fill FUSED_SELECT_ROWS_PER_SM per SM of a CUDA device, else "row"."""
+    if select_mode != "auto":
+        return select_mode
+    if device.type != "cuda":
+        return "row"
+    return "fused" if rows >= FUSED_SELECT_ROWS_PER_SM * _sm_count(device) else "row"
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+_SM_COUNTS: dict[int, int] = {}
 
 
 def select_from_partials(scores: torch.Tensor, split_max: torch.Tensor, split_sum: torch.Tensor,
@@ -763,26 +819,43 @@ def gather_far_rows_copy_engine(v_host: torch.Tensor, block_tables_cpu: torch.Te
 def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, seq_lens: torch.Tensor,
                   hot_slots: torch.Tensor, spec: SelectionSpec, num_q_heads: int,
                   out: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-                  rows_per_step: int = 64, num_warps: int = 4, far_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  far_rows: Optional[torch.Tensor] = None, parts: int = 2, rows_per_step: int = 64,
+                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """o [B, Hq, D] from the selection, the fetched far rows vfar [rows, top_n, D] (or vfar [any, D]
     and far_rows [rows, top_n] int32: the row of each pick, e.g. a far-row cache's) and v_hot
-    [slots, Hkv, sink + window, D]."""
+    [slots, Hkv, sink + window, D]. Each row's picks are split over `parts` CTAs whose fp32 sums a
+    second kernel adds (parts=1: one CTA a row, no second kernel). The defaults were the fastest
+    launch on an H100 over the engine's 8K and 32K batches (benchmarks/notes/kcache_triton.md)."""
     rows, G, _ = sel.scores.shape
     _, Hkv, hot_rows, D = v_hot.shape
     B = rows // Hkv
     top_n = sel.idx.shape[1]
+    dev = sel.scores.device
     if out is None:
-        out = torch.empty(B, num_q_heads, D, dtype=dtype or v_hot.dtype, device=sel.scores.device)
+        out = torch.empty(B, num_q_heads, D, dtype=dtype or v_hot.dtype, device=dev)
     idx = sel.idx.contiguous()
-    vfar = vfar if top_n else torch.empty(rows, 1, D, dtype=v_hot.dtype, device=out.device)
+    vfar = vfar if top_n else torch.empty(rows, 1, D, dtype=v_hot.dtype, device=dev)
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     slots = hot_slots if hot_slots.dtype == torch.int64 else hot_slots.long()
-    vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=out.device)
+    vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=dev)
     far = far_rows.contiguous() if far_rows is not None else idx
-    _sparse_out_kernel[(rows,)](sel.scores, sel.lse, idx, vfar, far, vhot, seq, slots, out, spec.sink_tokens,
-                                spec.recent_window, top_n, sel.scores.stride(1), max(hot_rows, 1), HKV=Hkv, G=G,
-                                GP=max(16, triton.next_power_of_2(G)), D=D, R=rows_per_step, RENORM=spec.renormalize,
-                                num_warps=num_warps, HAS_FAR_ROW=far_rows is not None)
+    parts = max(1, min(parts, triton.cdiv(top_n, rows_per_step)))
+    picks_per_part = triton.cdiv(triton.cdiv(top_n, parts), rows_per_step) * rows_per_step
+    all_q_rows = rows * G
+    out_part = torch.empty(parts if parts > 1 else 1, all_q_rows if parts > 1 else 1, D, dtype=torch.float32,
+                           device=dev)
+    z_part = torch.empty(out_part.shape[:2], dtype=torch.float32, device=dev)
+    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, vhot, seq, slots, out, out_part, z_part,
+                                      spec.sink_tokens, spec.recent_window, top_n, sel.scores.stride(1),
+                                      max(hot_rows, 1), picks_per_part, HKV=Hkv, G=G,
+                                      GP=max(16, triton.next_power_of_2(G)), D=D, R=rows_per_step,
+                                      RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None, PARTS=parts,
+                                      STAGES=num_stages, num_warps=num_warps)
+    if parts > 1:
+        q_block = 16
+        _sparse_out_combine_kernel[(triton.cdiv(all_q_rows, q_block),)](out_part, z_part, out, all_q_rows,
+                                                                        QB=q_block, D=D, PARTS=parts,
+                                                                        RENORM=spec.renormalize, num_warps=4)
     return out
 
 
