@@ -50,6 +50,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
+def check_within_ulps(out: torch.Tensor, ref: torch.Tensor, seed: int) -> None:
+    """16-bit: every element within 2 ulp of the reference (the spacing of its dtype at the
+    reference's magnitude) and 99% equal; float32: within 16 ulp."""
+    info = torch.finfo(ref.dtype)
+    magnitude = ref.double().abs().clamp(min=info.tiny)  # subnormals: the spacing of the smallest normals
+    ulp = torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
+    worst = ((out.double() - ref.double()).abs() / ulp).max().item()
+    equal = (out == ref).double().mean().item()
+    wide = ref.dtype == torch.float32
+    assert worst <= (16.0 if wide else 2.0) and (wide or equal >= 0.99), \
+        f"seed {seed}: worst {worst:.2f} ulp, {100 * equal:.2f}% equal ({ref.dtype})"
+
+
 def run_under_triton_interpreter(script: str, seed: int, timeout_s: float) -> None:
     """Run `script` (Python source that prints "interpreter ok" when its checks pass) in a
     subprocess with TRITON_INTERPRET=1 and no visible GPU, the repository and tests/ importable."""

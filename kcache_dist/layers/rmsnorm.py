@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -20,16 +20,27 @@ class RMSNorm(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         param.data.copy_(read_all(loaded))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]: one Triton kernel for CUDA tensors (`triton_rmsnorm`),
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """x [T, hidden] -> rms_norm(x) [T, hidden]; with `residual` [T, hidden] (the residual stream
+        that x, a layer's output, is added to): -> (rms_norm(x + residual), x + residual), the sum
+        rounded to the dtype before the norm. One Triton kernel for CUDA tensors (`triton_rmsnorm`),
         the torch reference otherwise."""
-        if x.is_cuda and x.dtype == self.weight.dtype and x.stride(-1) == 1:
-            try:
-                from .triton_rmsnorm import rms_norm_triton
-            except ImportError:  # no Triton: the reference
-                return rms_norm_reference(x, self.weight, self.eps)
-            return rms_norm_triton(x, self.weight, self.eps)
-        return rms_norm_reference(x, self.weight, self.eps)
+        takes_kernel = x.is_cuda and all(t.dtype == self.weight.dtype and t.stride(-1) == 1
+                                         for t in (x, residual) if t is not None)
+        kernels = _triton_rmsnorm() if takes_kernel else None
+        if residual is None:
+            return (kernels.rms_norm_triton if kernels else rms_norm_reference)(x, self.weight, self.eps)
+        return (kernels.add_rms_norm_triton if kernels else add_rms_norm_reference)(x, residual, self.weight,
+                                                                                   self.eps)
+
+
+def _triton_rmsnorm():
+    """The module `triton_rmsnorm`, or None without Triton (the reference runs then)."""
+    try:
+        from . import triton_rmsnorm
+    except ImportError:
+        return None
+    return triton_rmsnorm
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,3 +49,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [..., hidden], weight [hidden] -> (rms_norm_reference(x + residual), x + residual):
+    the sum in x's dtype, as a decoder layer adds its output to the residual stream."""
+    summed = x + residual
+    return rms_norm_reference(summed, weight, eps), summed

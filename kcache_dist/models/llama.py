@@ -6,7 +6,7 @@ attention runs is the cache's business.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -58,11 +58,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def attention_block(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return hidden + self.self_attn(positions, self.input_layernorm(hidden), ctx)
+    def attention_block(self, positions: torch.Tensor, delta: torch.Tensor, residual: Optional[torch.Tensor],
+                        ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream [T, hidden] is `residual` + `delta` (the previous block's output) or,
+        in the first layer, `delta` alone (the embeddings; `residual` None). -> (this block's output,
+        the residual stream it is to be added to)."""
+        if residual is None:
+            normed, residual = self.input_layernorm(delta), delta
+        else:
+            normed, residual = self.input_layernorm(delta, residual)
+        return self.self_attn(positions, normed, ctx), residual
 
-    def mlp_block(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def mlp_block(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attention_block` for the MLP: the residual stream is `residual` + `delta` (the attention
+        block's output) -> (this block's output, the residual stream it is to be added to)."""
+        normed, residual = self.post_attention_layernorm(delta, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -80,17 +91,18 @@ class LlamaModel(nn.Module):
         return hidden
 
     def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> Iterator[torch.Tensor]:
-        """`forward` one block at a time: yields the residual stream after each layer's attention
-        block and after its MLP block (each ends in the tensor-parallel all-reduce of its output
-        projection), then the final normed hidden states. The model runner interleaves micro-batches
-        block by block."""
-        hidden = self.embed_tokens(input_ids)
+        """`forward` one block at a time: yields the output of each layer's attention block and of
+        its MLP block (each ends in the tensor-parallel all-reduce of its output projection), then
+        the final normed hidden states. A block's output is added to the residual stream by the
+        norm that follows it (`RMSNorm(delta, residual)`, one kernel on CUDA), as the sum rounded
+        to the dtype. The model runner interleaves micro-batches block by block."""
+        delta, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden = layer.attention_block(positions, hidden, ctx)
-            yield hidden
-            hidden = layer.mlp_block(hidden)
-            yield hidden
-        yield self.norm(hidden)
+            delta, residual = layer.attention_block(positions, delta, residual, ctx)
+            yield delta
+            delta, residual = layer.mlp_block(delta, residual)
+            yield delta
+        yield self.norm(delta, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
