@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..triton_kernels import kernel_module
 from .reference import kcache_decode_reference
 from .row_cache import FarRowCacheLayer
 from .selection import SelectionSpec
@@ -13,11 +14,7 @@ from .selection import SelectionSpec
 
 def triton_kernels():
     """The `triton_kcache` module, or None where Triton is not importable (the torch paths run then)."""
-    try:
-        from . import triton_kcache
-    except ImportError:
-        return None
-    return triton_kcache
+    return kernel_module("kcache.triton_kcache")
 
 
 def far_rows_fetched(seq_lens: list[int], num_kv_heads: int, spec: SelectionSpec) -> int:

@@ -3,17 +3,16 @@
 import torch
 import torch.nn.functional as F
 
+from ..triton_kernels import kernel_module
+
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2 * I] (gate then up) -> silu(gate) * up [T, I]: one Triton kernel for CUDA
     tensors (`triton_activation`, the same numbers), the torch reference otherwise."""
-    if gate_up.is_cuda and gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16) and gate_up.stride(-1) == 1:
-        try:
-            from .triton_activation import silu_and_mul_triton
-        except ImportError:  # no Triton: the reference
-            return silu_and_mul_reference(gate_up)
-        return silu_and_mul_triton(gate_up)
-    return silu_and_mul_reference(gate_up)
+    takes_kernel = gate_up.is_cuda and gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+        and gate_up.stride(-1) == 1
+    kernels = kernel_module("layers.triton_activation") if takes_kernel else None
+    return kernels.silu_and_mul_triton(gate_up) if kernels else silu_and_mul_reference(gate_up)
 
 
 def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from ..triton_kernels import kernel_module
+
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """cache [NB, H, bs, D], block_table [>= ceil(length / bs)] -> one sequence's [H, length, D]."""
@@ -67,10 +69,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """`decode_attention` on any device (same arguments): the Triton split-K kernel for CUDA
     tensors when Triton is importable, the torch reference above otherwise."""
-    if q.is_cuda:
-        try:
-            from .triton_paged_decode import paged_decode_attention_triton
-        except ImportError:  # no Triton: the reference
-            return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    kernels = kernel_module("layers.triton_paged_decode") if q.is_cuda else None
+    if kernels:
+        return kernels.paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
     return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..triton_kernels import kernel_module
 from .linear import read_all
 
 
@@ -27,20 +28,11 @@ class RMSNorm(nn.Module):
         the torch reference otherwise."""
         takes_kernel = x.is_cuda and all(t.dtype == self.weight.dtype and t.stride(-1) == 1
                                          for t in (x, residual) if t is not None)
-        kernels = _triton_rmsnorm() if takes_kernel else None
+        kernels = kernel_module("layers.triton_rmsnorm") if takes_kernel else None
         if residual is None:
             return (kernels.rms_norm_triton if kernels else rms_norm_reference)(x, self.weight, self.eps)
         return (kernels.add_rms_norm_triton if kernels else add_rms_norm_reference)(x, residual, self.weight,
                                                                                    self.eps)
-
-
-def _triton_rmsnorm():
-    """The module `triton_rmsnorm`, or None without Triton (the reference runs then)."""
-    try:
-        from . import triton_rmsnorm
-    except ImportError:
-        return None
-    return triton_rmsnorm
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..models.model_config import RopeConfig
+from ..triton_kernels import kernel_module
 
 
 def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -39,12 +40,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, Hq * D], k [T, Hkv * D] -> rotated q, k of the same shapes: one
         Triton kernel for CUDA tensors (`triton_rotary`, the same numbers), the reference otherwise."""
-        if q.is_cuda and q.dtype == k.dtype and q.stride(-1) == 1 and k.stride(-1) == 1:
-            try:
-                from .triton_rotary import rotary_triton
-            except ImportError:  # no Triton: the reference
-                return self.rotate_reference(positions, q, k)
-            return rotary_triton(positions, q, k, self.cos, self.sin, self.head_dim)
+        takes_kernel = q.is_cuda and q.dtype == k.dtype and q.stride(-1) == 1 and k.stride(-1) == 1
+        kernels = kernel_module("layers.triton_rotary") if takes_kernel else None
+        if kernels:
+            return kernels.rotary_triton(positions, q, k, self.cos, self.sin, self.head_dim)
         return self.rotate_reference(positions, q, k)
 
     def rotate_reference(self, positions: torch.Tensor, q: torch.Tensor,
