@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """How fast the zero-copy V fetch reads pinned host memory, as its rows spread over the pool (one GPU).
 
-    PYTHONUNBUFFERED=1 python benchmarks/fetch_footprint.py OUT.json
+    PYTHONUNBUFFERED=1 python benchmarks/fetch_footprint.py OUT.json [--parts stride,pools,order]
+    PYTHONUNBUFFERED=1 python benchmarks/fetch_footprint.py OUT.json --parts concurrent --gpus 1,2,4
 
 `benchmarks/kernels.py` found the gather at 91-92% of bulk H2D except on the 8.6 GB pool of
 B=128 x 32K at top 256 (30%). The parts below look for the cause; each prints its points and the
@@ -24,6 +25,7 @@ JSON holds them all, with the bulk H2D figure measured at the start of the same 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -235,16 +237,80 @@ def part_order(dev, h2d: float, gen) -> list[dict]:
     return points
 
 
+CONCURRENT_STRIDES = [(4096, 1 * GIB)] + [(65536, span * GIB) for span in (1, 2, 4, 8)]
+
+
+def concurrent_worker(gpu: int, barrier, results) -> None:
+    """One process of the concurrent part: GPU `gpu`, its own 8 GiB NUMA-local HostPool."""
+    torch.cuda.set_device(gpu)
+    dev = torch.device("cuda", gpu)
+    pool = HostPool(8 * GIB, dev)
+    rows = pool.take((8 * GIB // ROW_BYTES, D), DT)
+    bulk = rows.view(-1)[: GIB // DT.itemsize]
+    bulk_dst = torch.empty_like(bulk, device=dev)
+    points = []
+    barrier.wait()
+    ms = bench(lambda: bulk_dst.copy_(bulk, non_blocking=True), reps=10)
+    points.append({"what": "h2d_copy_1GiB", "ms": ms, "GBps": GIB / ms / 1e6})
+    for stride, span in CONCURRENT_STRIDES:
+        n = span // stride
+        src = torch.arange(n, device=dev, dtype=torch.int64) * (stride // ROW_BYTES)
+        dst = torch.arange(n, device=dev, dtype=torch.int64)
+        out = torch.empty(n, D, dtype=DT, device=dev)
+        _gather_rows[(264,)](rows, src, dst, out, n, D=D, R=32, num_warps=4)  # compiled before the barrier
+        torch.cuda.synchronize()
+        barrier.wait()
+        ms = bench(lambda: _gather_rows[(264,)](rows, src, dst, out, n, D=D, R=32, num_warps=4), reps=10)
+        points.append({"what": "stride_gather", "stride_bytes": stride, "span_GiB": span / GIB, "rows": n, "ms": ms,
+                       "ns_per_row": ms * 1e6 / n, "GBps": gbps(n, ms)})
+    results.put({"gpu": gpu, "numa_node": pool.numa_node, "points": points})
+
+
+def part_concurrent(gpu_counts: list[int]) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    runs = []
+    for n in gpu_counts:
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=concurrent_worker, args=(g, barrier, results)) for g in range(n)]
+        for proc in procs:
+            proc.start()
+        per_gpu = sorted((results.get(timeout=600) for _ in procs), key=lambda r: r["gpu"])
+        for proc in procs:
+            proc.join()
+        log(json.dumps({"gpus": n, "per_gpu": per_gpu}))
+        runs.append({"gpus": n, "per_gpu": per_gpu})
+    return runs
+
+
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "fetch_footprint.json"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", default="fetch_footprint.json")
+    p.add_argument("--parts", default="stride,pools,order", help="of: stride, pools, order, concurrent")
+    p.add_argument("--gpus", default="1,2,4", help="GPU counts of the concurrent part (GPUs 0 .. N-1)")
+    args = p.parse_args()
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - {"stride", "pools", "order", "concurrent"})
+    if unknown:
+        p.error(f"unknown parts: {', '.join(unknown)}")
+    out_path = args.out
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator().manual_seed(0)
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
               **baselines(dev)}
     h2d = result["h2d_GBps"]
-    result["stride"] = part_stride(dev, h2d)
-    result["pools"] = part_pools(dev, h2d, gen)
-    result["order"] = part_order(dev, h2d, gen)
+    if "stride" in parts:
+        result["stride"] = part_stride(dev, h2d)
+    if "pools" in parts:
+        result["pools"] = part_pools(dev, h2d, gen)
+    if "order" in parts:
+        result["order"] = part_order(dev, h2d, gen)
+    if "concurrent" in parts:
+        counts = [int(n) for n in args.gpus.split(",")]
+        if max(counts) > torch.cuda.device_count():
+            p.error(f"--gpus asks for {max(counts)} GPUs; {torch.cuda.device_count()} are visible")
+        result["concurrent"] = part_concurrent(counts)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {out_path}")

@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 
 from kcache_dist.parallel.launcher import mpirun_flags  # noqa: E402
 
+from host_budget import AUTO, host_memory_gb_arg  # noqa: E402
 from server_load import free_port, wait_until_healthy  # noqa: E402
 
 DEFAULT_SHAPE = "llama3-8b"
@@ -285,7 +286,8 @@ def main() -> None:
     p.add_argument("--parts", default="greedy,serve,profile,throughput")
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
-    p.add_argument("--host-memory-gb", type=float, default=48.0, help="per rank, for the profile and throughput runs")
+    p.add_argument("--host-memory-gb", type=host_memory_gb_arg, default=AUTO,
+                   help="per rank, for the profile and throughput runs; 'auto': benchmarks/host_budget.py")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="throughput.py --enforce-eager (no CUDA graphs); default: the engine's, CUDA graphs")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
