@@ -8,8 +8,10 @@ weights at every tensor-parallel size, `models/random_weights.py`):
 Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<sizes>_<parts>.json, rewritten
 after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, the largest is M):
   greedy      TP=1 (`python`) and each TP=N>1 (`deepspeed --num_gpus N`) greedy tokens of the same
-              token-id prompts, full and KCache mode (float32, so that a different summation order
-              of the row-parallel all-reduce does not flip near-tied random logits); every rank of
+              token-id prompts, full and KCache mode, and at N>1 KCache mode with the row-parallel
+              linears summed in 4 chunks (`ParallelConfig.all_reduce_chunks`), each against TP=1
+              (float32, so that a different summation order of the row-parallel all-reduce does
+              not flip near-tied random logits); every rank of
               the KCache run at TP=M reports its GPU's NUMA node and where its V pool's pages are
               (move_pages over a sample of pages).
   serve       `deepspeed --num_gpus M launch/serve.py` (KCache mode) answers a completion whose text
@@ -17,9 +19,9 @@ after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, 
               launcher does not pass it on) then stops every rank, and the launcher exits.
   profile     `benchmarks/profile_decode.py` at the first context under each `mpirun -np N` (N=1:
               one process on one GPU; same batch): device time per step, the NCCL all-reduces
-              included, whole and in micro-batches, op by op and as CUDA graphs, and what the
-              all-reduces cost a step with and without the micro-batch overlap (the steps timed
-              again without them).
+              included, whole and in micro-batches, op by op and as CUDA graphs, also with the
+              row-parallel linears summed in --all-reduce-chunks chunks, and what the all-reduces
+              cost a step with and without either overlap (the steps timed again without them).
   throughput  `benchmarks/throughput.py` under each `mpirun -np N` (N=1: one process on one GPU) at
               each context, each mode at its planned largest batch, whole and in --micro-batches:
               total and per-GPU decode tokens/s; TP scaling against the TP=1 result in --out-dir
@@ -52,6 +54,7 @@ PROMPT_LENGTHS = [1500, 700, 64]  # KCache (top_n 1024) selects in the first pro
 MAX_MODEL_LEN = 2048
 SERVE_START_TIMEOUT_S = 600
 MODES = ("full", "kcache")
+GREEDY_RUNS = [("full", 1), ("kcache", 1), ("kcache", 4)]  # (mode, all_reduce_chunks); chunks > 1 only at TP > 1
 
 
 def prompts(vocab_size: int) -> list[list[int]]:
@@ -67,17 +70,21 @@ def greedy_job(model_dir: str, out_path: str) -> None:
 
     from kcache_dist import LLM, KCacheConfig, SamplingParams
     from kcache_dist.cache.numa import gpu_numa_node, pages_per_node
+    from kcache_dist.config import ParallelConfig
     from kcache_dist.parallel import current_state, launched_world_size
 
     tp = launched_world_size()
     result = {"tp": tp, "modes": {}}
-    for mode in MODES:
+    for mode, chunks in GREEDY_RUNS:
+        if chunks > 1 and tp == 1:
+            continue
         llm = LLM(model=model_dir, load_format="random", dtype="float32", tensor_parallel_size=tp,
-                  max_model_len=MAX_MODEL_LEN, max_num_seqs=8, kcache=KCacheConfig(mode=mode))
+                  parallel=ParallelConfig(all_reduce_chunks=chunks), max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
+                  kcache=KCacheConfig(mode=mode))
         state = current_state()
         outputs = llm.generate(prompts(llm.engine.model_config.vocab_size),
                                SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True))
-        result["modes"][mode] = {"token_ids": [o.outputs[0].token_ids for o in outputs],
+        result["modes"][mode if chunks == 1 else f"{mode}_all_reduce_chunks_{chunks}"] = {"token_ids": [o.outputs[0].token_ids for o in outputs],
                                  "texts": [o.outputs[0].text for o in outputs]}
         pool = getattr(llm.engine.runner.kv_cache, "host_pool", None)
         if pool is not None:
@@ -138,9 +145,9 @@ def part_greedy(args, model_dir: str) -> dict:
     for tp in [t for t in args.tps if t > 1]:
         with open(os.path.join(args.out_dir, f"greedy_tp{tp}.json")) as f:
             many = json.load(f)
-        for mode in MODES:
-            a, b = one["modes"][mode]["token_ids"], many["modes"][mode]["token_ids"]
-            out[f"tp{tp}_{mode}"] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
+        for run, tokens in many["modes"].items():  # runs in all-reduce chunks against TP=1 of their mode
+            a, b = one["modes"][run.split("_all_reduce_chunks_")[0]]["token_ids"], tokens["token_ids"]
+            out[f"tp{tp}_{run}"] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
     numa = []
     for rank in range(args.tp):
         with open(os.path.join(args.out_dir, f"greedy_tp{args.tp}.json.rank{rank}.numa.json")) as f:
@@ -198,7 +205,8 @@ def part_profile(args) -> dict:
         path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
         script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
                   "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--host-memory-gb",
-                  str(args.host_memory_gb), *_row_cache_flag(args), "--out", path]
+                  str(args.host_memory_gb), "--all-reduce-chunks", str(args.all_reduce_chunks), *_row_cache_flag(args),
+                  "--out", path]
         cmd = script if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), *script]
         env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
         out[f"tp{tp}"] = {"run": _run(cmd, path + ".log", 900, env), "json": os.path.basename(path)}
@@ -286,6 +294,7 @@ def main() -> None:
     p.add_argument("--parts", default="greedy,serve,profile,throughput")
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
+    p.add_argument("--all-reduce-chunks", type=int, default=4, help="profile_decode.py --all-reduce-chunks")
     p.add_argument("--host-memory-gb", type=host_memory_gb_arg, default=AUTO,
                    help="per rank, for the profile and throughput runs; 'auto': benchmarks/host_budget.py")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,

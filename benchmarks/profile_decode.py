@@ -15,7 +15,9 @@ step's device time (CUDA events from the first launch to the end of the step, so
 slowed by its launches counts as slow) and the host time until the call returns. Under tensor
 parallelism every path is also timed with the all-reduces left out (graphs captured without them),
 which gives what the all-reduces cost a step, whole and split, and the fraction of that cost the
-split hides, for the eager steps and for the graphs. For the eager forward
+split hides, for the eager steps and for the graphs; with --all-reduce-chunks N also for the
+graph of the whole step whose row-parallel linears sum their output in N chunks, each chunk's
+all-reduce beside the next chunk's GEMM (`ParallelConfig.all_reduce_chunks`). For the eager forward
 also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
 are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
 plan's blocks hold (said in the output) when the request is larger.
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the step's repeated picks hit at about this rate (e.g. 0.89, the default model's rate at "
                         "8K: benchmarks/notes/selection_reuse.md)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--all-reduce-chunks", type=int, default=1,
+                   help="under tensor parallelism, also time the CUDA-graph step with each row-parallel linear "
+                        "summed in this many chunks (ParallelConfig.all_reduce_chunks; 1: not)")
     p.add_argument("--micro-batches", type=int, default=2,
                    help="also time the eager step split into this many micro-batches on as many streams (1: not)")
     p.add_argument("--rows", type=int, default=25, help="profiler rows to print")
@@ -117,19 +122,32 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
 def _without_all_reduce(run):
     """`run` with the model's tensor-parallel all-reduces replaced by nothing (every rank alike)."""
     def run_without(plan):
-        saved = (linear.tp_all_reduce, embedding.tp_all_reduce)
+        saved = (linear.tp_all_reduce, embedding.tp_all_reduce, linear.tp_all_reduce_chunks)
         linear.tp_all_reduce = embedding.tp_all_reduce = lambda x: x
+        linear.tp_all_reduce_chunks = lambda chunks: [chunk() for chunk in chunks]
         try:
             return run(plan)
         finally:
-            linear.tp_all_reduce, embedding.tp_all_reduce = saved
+            linear.tp_all_reduce, embedding.tp_all_reduce, linear.tp_all_reduce_chunks = saved
     return run_without
 
 
+def _in_all_reduce_chunks(run, model, chunks: int):
+    """`run` with every row-parallel linear summing its output in `chunks` chunks
+    (`ParallelConfig.all_reduce_chunks`); a graph captured by `run` keeps them."""
+    def run_chunked(plan):
+        linear.set_all_reduce_chunks(model, chunks)
+        try:
+            return run(plan)
+        finally:
+            linear.set_all_reduce_chunks(model, 1)
+    return run_chunked
+
+
 def all_reduce_overlap(timings: dict, whole: str, split: str) -> dict:
-    """What the all-reduces add to a step of path `whole` and of its micro-batched form `split`
-    (with - without them, median device ms), and the fraction of it the split hides:
-    1 - split cost / whole cost."""
+    """What the all-reduces add to a step of path `whole` and of its overlapped form `split`
+    (micro-batches or all-reduce chunks; with - without them, median device ms), and the fraction
+    of it the split hides: 1 - split cost / whole cost."""
     cost = {name: timings[name]["device_ms_median"] - timings[name + "_no_all_reduce"]["device_ms_median"]
             for name in (whole, split) if name in timings and name + "_no_all_reduce" in timings}
     if whole not in cost:
@@ -137,7 +155,7 @@ def all_reduce_overlap(timings: dict, whole: str, split: str) -> dict:
     out = {f"all_reduce_ms_{whole}": cost[whole]}
     if split in cost:
         out.update({f"all_reduce_ms_{split}": cost[split],
-                    f"all_reduce_hidden_fraction_{whole}": 1 - cost[split] / cost[whole] if cost[whole] > 0 else None})
+                    f"all_reduce_hidden_fraction_{split}": 1 - cost[split] / cost[whole] if cost[whole] > 0 else None})
     return out
 
 
@@ -191,6 +209,12 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             paths[name] = graph_path(runner, count, own_graphs=False)
             if tp:  # captured with the all-reduces left out
                 paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
+        c = args.all_reduce_chunks
+        if tp and c > 1:  # the whole step, each row-parallel linear summed in c chunks beside the next's GEMM
+            name = f"cuda_graph_{c}_all_reduce_chunks"
+            paths[name] = _in_all_reduce_chunks(graph_path(runner, 1, own_graphs=True), runner.model, c)
+            paths[name + "_no_all_reduce"] = _without_all_reduce(
+                _in_all_reduce_chunks(graph_path(runner, 1, own_graphs=True), runner.model, c))
     row_cache = getattr(runner.kv_cache, "row_cache", None)
     before_step = None
     if row_cache is not None and args.row_cache_hit_rate < 1.0:
@@ -205,7 +229,8 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             args.top_n, args.context - runner.config.kcache.sink_tokens - runner.config.kcache.recent_window)
         hit_rate = 1.0 - (int(row_cache.misses.sum()) - misses_before) / picks
     overlap = {**all_reduce_overlap(timings, "eager", f"eager_{m}_micro_batches"),
-               **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches")}
+               **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
+               **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{args.all_reduce_chunks}_all_reduce_chunks")}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         runner._execute_eager(plan)
         torch.cuda.synchronize(dev)

@@ -104,11 +104,16 @@ class ParallelConfig:
     """How the model is spread over processes: heads sharded over `tensor_parallel_size` ranks; a
     job with more ranks runs world / tensor_parallel_size data-parallel replicas. A collective that
     waits longer than `collective_timeout_s` for a peer fails (a dead rank ends the job). A
-    tensor-parallel group stays inside one node unless `allow_cross_node_tp`."""
+    tensor-parallel group stays inside one node unless `allow_cross_node_tp`.
+    all_reduce_chunks: with tensor_parallel_size > 1, each row-parallel linear (attention output,
+    MLP down projection) computes its output columns in this many chunks and sums each over the
+    ranks on a collective stream while the next chunk's GEMM runs (the weights are still read
+    once); 1 (default): one GEMM, then one all-reduce on the compute stream."""
 
     tensor_parallel_size: int = 1
     collective_timeout_s: float = 60.0
     allow_cross_node_tp: bool = False
+    all_reduce_chunks: int = 1
 
     def __post_init__(self) -> None:
         _require(is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
@@ -117,6 +122,8 @@ class ParallelConfig:
                  "parallel.collective_timeout_s", self.collective_timeout_s, "a number > 0")
         _require(isinstance(self.allow_cross_node_tp, bool), "parallel.allow_cross_node_tp",
                  self.allow_cross_node_tp, "true | false")
+        _require(is_int(self.all_reduce_chunks) and self.all_reduce_chunks >= 1, "parallel.all_reduce_chunks",
+                 self.all_reduce_chunks, "an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence, Union
 
-from .config import EngineConfig, KCacheConfig, ParallelConfig
+from .config import EngineConfig, KCacheConfig
 from .engine.llm_engine import LLMEngine, Prompt
 from .outputs import RequestOutput
 from .parallel import dp_gather_objects
@@ -44,7 +44,8 @@ class LLM:
         if kcache is not None:
             overrides["kcache"] = kcache
         if tensor_parallel_size is not None:
-            overrides["parallel"] = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+            overrides["parallel"] = dataclasses.replace(overrides.get("parallel", base.parallel),
+                                                        tensor_parallel_size=tensor_parallel_size)
         self.engine = LLMEngine(dataclasses.replace(base, **overrides))
         self.config = self.engine.config  # as run: defaults that depend on the device made definite
 

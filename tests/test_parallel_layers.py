@@ -172,3 +172,50 @@ def test_sharded_layers_equal_unsharded(world, tp, num_kv_heads, tmp_path):
                          "embedding": VOCAB * HIDDEN, "merged": sum(MERGED_SIZES) * (HIDDEN + 1)}
         for name, total in full_elements.items():
             assert read[name] < total, (rank, name, read[name], total)
+
+
+def test_chunk_bounds():
+    from kcache_dist.layers.linear import chunk_bounds
+
+    assert chunk_bounds(4096, 4) == [0, 1024, 2048, 3072, 4096]
+    assert chunk_bounds(4096, 3) == [0, 1344, 2752, 4096]  # inner bounds whole multiples of 64
+    assert chunk_bounds(200, 3) == [0, 64, 128, 200]
+    assert chunk_bounds(100, 4) == [0, 64, 100]  # fewer chunks where the size is too small
+    assert chunk_bounds(64, 4) == [0, 64]
+    assert chunk_bounds(10, 2, alignment=1) == [0, 5, 10]
+
+
+CHUNKED_OUT = 200  # chunks [0, 64), [64, 128), [128, 200)
+
+
+def _row_linear_chunked(weight, bias, x_shards):
+    from kcache_dist.layers.linear import RowParallelLinear, set_all_reduce_chunks
+    from kcache_dist.parallel import tp_all_reduce_chunks, tp_rank
+
+    layer = RowParallelLinear(ROW_IN, CHUNKED_OUT, bias=True, dtype=torch.float32)
+    layer.weight_loader(layer.weight, weight)
+    layer.weight_loader(layer.bias, bias)
+    x = x_shards[tp_rank()]
+    with torch.no_grad():
+        whole = layer(x)
+        set_all_reduce_chunks(torch.nn.Sequential(layer), 3)
+        chunked = layer(x)
+    rank = tp_rank()
+    sums = tp_all_reduce_chunks([lambda: torch.full((2, 3), float(rank)), lambda: torch.full((4,), 10.0 * rank)])
+    return {"whole": whole, "chunked": chunked, "chunks": layer.all_reduce_chunks, "sums": sums}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_row_parallel_linear_in_all_reduce_chunks_equals_unsharded(tp):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh each run
+    weight, bias = torch.randn(CHUNKED_OUT, ROW_IN, generator=g), torch.randn(CHUNKED_OUT, generator=g)
+    x = torch.randn(NUM_TOKENS, ROW_IN, generator=g)
+    results = run_ranks(_row_linear_chunked, tp, tp, args=(weight, bias, list(x.chunk(tp, dim=-1))))
+    expected = F.linear(x, weight, bias)
+    rank_sum = float(sum(range(tp)))
+    for result in results:
+        assert result["chunks"] == 3
+        torch.testing.assert_close(result["whole"], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["chunked"], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["sums"][0], torch.full((2, 3), rank_sum), rtol=0, atol=0)
+        torch.testing.assert_close(result["sums"][1], torch.full((4,), 10.0 * rank_sum), rtol=0, atol=0)

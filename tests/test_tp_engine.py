@@ -16,6 +16,7 @@ import pytest
 
 from dist_scripts.generate import PROMPTS, generate
 from dist_scripts.multiprocess import free_port, run_rank_outcomes
+from kcache_dist.config import ParallelConfig
 from kcache_dist.models.named_shapes import write_shape_dir
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -79,10 +80,12 @@ def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):
     assert run_job(4, tiny_llama_dir, 2, KCACHE, 16, prompts) == reference
 
 
-def test_default_model_tp3(default_model_dir):
+def test_default_model_tp3_in_all_reduce_chunks(default_model_dir):
+    """Hidden size 576: each row-parallel linear sums its output in 3 chunks of 192 columns."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     reference = generate(None, 1, None, 12, prompts)
-    assert run_job(3, None, 3, None, 12, prompts, timeout_s=240) == reference
+    engine = {"parallel": ParallelConfig(all_reduce_chunks=3, collective_timeout_s=90.0)}
+    assert run_job(3, None, 3, None, 12, prompts, None, engine, timeout_s=240) == reference
 
 
 def test_tp_size_that_does_not_divide_the_heads(tiny_llama_dir):
@@ -129,3 +132,15 @@ def test_deepspeed_launcher_two_ranks_equal_one_process(tiny_llama_dir):
     command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", SCRIPT, "--model", tiny_llama_dir,
                "--tp", "2"]
     assert _launch(command) == reference
+
+
+def test_tensor_parallel_size_argument_keeps_the_other_parallel_settings(tiny_llama_dir):
+    from kcache_dist import LLM
+
+    llm = LLM(model=tiny_llama_dir, device="cpu", tensor_parallel_size=1,
+              parallel=ParallelConfig(collective_timeout_s=90.0, all_reduce_chunks=2))
+    try:
+        assert llm.config.parallel == ParallelConfig(tensor_parallel_size=1, collective_timeout_s=90.0,
+                                                     all_reduce_chunks=2)
+    finally:
+        llm.engine.release()

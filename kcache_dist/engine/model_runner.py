@@ -16,6 +16,7 @@ from ..cache.planner import CacheGeometry, CachePlan, PlannerKnobs, agree, plan_
 from ..config import EngineConfig
 from ..forward_context import ForwardContext
 from ..kcache.selection import SelectionSpec
+from ..layers.linear import set_all_reduce_chunks
 from ..models.loader import iterate_checkpoint, load_weights
 from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
@@ -46,6 +47,7 @@ class ModelRunner:
         else:
             load_weights(self.model, iterate_checkpoint(model_dir), f"checkpoint in '{model_dir}'")
         self.model.eval()
+        set_all_reduce_chunks(self.model, config.parallel.all_reduce_chunks)
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.model_config = model_config
         self.max_model_len = max_model_len

@@ -12,8 +12,8 @@ Works under `deepspeed --num_gpus N script.py`, torchrun, `mpirun -np N python s
 a plain single process (rank 0 of 1, no process group).
 """
 
-from .collectives import (all_reduce_min, barrier, dp_gather_objects, tp_all_reduce, tp_broadcast_object,
-                          tp_gather_last_dim)
+from .collectives import (all_reduce_min, barrier, dp_gather_objects, tp_all_reduce, tp_all_reduce_chunks,
+                          tp_broadcast_object, tp_gather_last_dim)
 from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank
 from .launcher import strip_local_rank_arg
 from .process_group import init_parallel, launched_world_size, shutdown_parallel
@@ -22,6 +22,7 @@ from .state import ParallelState, current_state, tp_rank, tp_size, world_size
 __all__ = [
     "init_parallel", "launched_world_size", "shutdown_parallel", "ParallelState", "current_state", "tp_rank",
     "tp_size", "world_size",
-    "tp_all_reduce", "tp_gather_last_dim", "tp_broadcast_object", "dp_gather_objects", "all_reduce_min", "barrier",
+    "tp_all_reduce", "tp_all_reduce_chunks", "tp_gather_last_dim", "tp_broadcast_object", "dp_gather_objects",
+    "all_reduce_min", "barrier",
     "RankLostError", "exit_for_lost_rank", "exit_on_lost_rank", "strip_local_rank_arg",
 ]
