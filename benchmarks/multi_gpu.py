@@ -43,9 +43,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kcache_dist.config import parse_host_memory_gb  # noqa: E402
 from kcache_dist.parallel.launcher import mpirun_flags  # noqa: E402
 
-from host_budget import AUTO, host_memory_gb_arg  # noqa: E402
 from server_load import free_port, wait_until_healthy  # noqa: E402
 
 DEFAULT_SHAPE = "llama3-8b"
@@ -295,8 +295,8 @@ def main() -> None:
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
     p.add_argument("--all-reduce-chunks", type=int, default=4, help="profile_decode.py --all-reduce-chunks")
-    p.add_argument("--host-memory-gb", type=host_memory_gb_arg, default=AUTO,
-                   help="per rank, for the profile and throughput runs; 'auto': benchmarks/host_budget.py")
+    p.add_argument("--host-memory-gb", type=parse_host_memory_gb, default="auto",
+                   help="per rank, for the profile and throughput runs, or 'auto' (EngineConfig.host_memory_gb)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="throughput.py --enforce-eager (no CUDA graphs); default: the engine's, CUDA graphs")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")

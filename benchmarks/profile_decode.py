@@ -41,15 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig  # noqa: E402
+from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig, parse_host_memory_gb  # noqa: E402
 from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
 from kcache_dist.parallel import current_state, init_parallel, launched_world_size, strip_local_rank_arg  # noqa: E402
-
-from host_budget import host_memory_gb_arg, resolve_host_memory_gb  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
     p.add_argument("--top-n", type=int, default=KCacheConfig().top_n)
     p.add_argument("--dense-layers", type=int, default=KCacheConfig().dense_layers)
-    p.add_argument("--host-memory-gb", type=host_memory_gb_arg, default=96.0, help="per rank, or 'auto' (host_budget.py)")
+    p.add_argument("--host-memory-gb", type=parse_host_memory_gb, default="auto",
+                   help="per rank, or 'auto' (EngineConfig.host_memory_gb)")
     p.add_argument("--row-cache-factor", type=float, default=KCacheConfig().row_cache_factor,
                    help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA; the steps repeat one "
                         "position: after the first, every pick hits)")
@@ -266,7 +265,6 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
 def main(argv=None) -> dict:
     args = parse_args(strip_local_rank_arg(sys.argv[1:] if argv is None else argv))
     init_parallel(launched_world_size(), device_type="cuda")
-    args.host_memory_gb = resolve_host_memory_gb(args.host_memory_gb, torch.device("cuda", torch.cuda.current_device()))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     batches = {k: int(v) for k, v in (pair.split("=") for pair in args.batch.split(","))}
     with tempfile.TemporaryDirectory() as scratch:

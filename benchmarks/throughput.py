@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from kcache_dist.cache.decode_traffic import DecodeStepBytes, decode_step_bytes  # noqa: E402
-from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig  # noqa: E402
+from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig, parse_host_memory_gb  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine, resolve_device_type  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.models.named_shapes import NAMED_SHAPES, write_shape_dir  # noqa: E402
@@ -71,7 +71,6 @@ from kcache_dist.parallel import (all_reduce_min, current_state, exit_on_lost_ra
 from kcache_dist.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 from device_timing import device_copy_Bps, host_to_device_Bps  # noqa: E402
-from host_budget import AUTO, AUTO_FRACTION, host_memory_gb_arg, resolve_host_memory_gb  # noqa: E402
 from selection_check import SelectionCheck  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -117,10 +116,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", help="float32 | float16 | bfloat16 | auto (the engine's rule)")
     p.add_argument("--gpu-memory-utilization", type=float, default=engine_defaults.gpu_memory_utilization)
-    p.add_argument("--host-memory-gb", type=host_memory_gb_arg, default=AUTO,
-                   help="GiB of host memory for each rank's V pool (KCache), or 'auto': "
-                        f"{AUTO_FRACTION * 100:.0f}%% of what its NUMA node has available over the ranks on that node "
-                        f"(the engine's own default is {engine_defaults.host_memory_gb:g})")
+    p.add_argument("--host-memory-gb", type=parse_host_memory_gb, default=engine_defaults.host_memory_gb,
+                   help="GiB of host memory for each rank's V pool (KCache), or 'auto' (EngineConfig.host_memory_gb)")
     p.add_argument("--cpu-kv-cache-gb", type=float, default=engine_defaults.cpu_kv_cache_gb,
                    help="cache budget on a CPU device")
     p.add_argument("--max-num-batched-tokens", type=int, default=engine_defaults.max_num_batched_tokens)
@@ -779,7 +776,6 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
     state = init_parallel(tp, device_type=device_type, timeout_s=args.collective_timeout_s)
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     is_rank0 = state.rank == 0
-    args.host_memory_gb = resolve_host_memory_gb(args.host_memory_gb, device)
     explicit = isinstance(args.batches, list)
     progress = Progress(len(args.contexts) * len(args.modes) * (2 + (len(args.batches) if explicit else 1)
                                                                 * len(args.micro_batches))
@@ -788,7 +784,6 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
     bandwidth = measure_bandwidths(device, bandwidth_bytes)
     progress.write(f"bandwidth on {device}: HBM copy {bandwidth['hbm_copy_GBps']:.1f} GB/s, "
                    f"H2D {bandwidth['h2d_GBps']:.1f} GB/s")
-    progress.write(f"host V budget: {args.host_memory_gb:g} GiB per rank")
     points, prefill, plans, errors = [], [], [], []
     generator = torch.Generator().manual_seed(args.seed)
     dtype = None

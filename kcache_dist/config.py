@@ -12,12 +12,13 @@ Unknown keys and invalid values raise `ValueError` naming the key and what is al
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -34,6 +35,17 @@ GPU_ROW_CACHE_FACTOR = 2.0
 def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
     if not condition:
         raise ValueError(f"invalid value for '{key}': {value!r}; allowed: {allowed}")
+
+
+def parse_host_memory_gb(text: str) -> Union[float, str]:
+    """A command line's host_memory_gb (an argparse type): "auto" or a number > 0."""
+    try:
+        value = text if text == "auto" else float(text)
+    except ValueError:
+        value = None
+    if value is None or (value != "auto" and not value > 0):
+        raise argparse.ArgumentTypeError(f"invalid value for 'host_memory_gb': {text!r}; allowed: auto | a number > 0")
+    return value
 
 
 def is_int(value: Any) -> bool:
@@ -138,7 +150,9 @@ class EngineConfig:
     PCIe speed (measured on an H100: 48-50 GB/s with 256-token blocks, 19 GB/s with 16).
     num_kv_blocks: fixed number of cache blocks (None sizes
     the cache from memory: `gpu_memory_utilization` of the GPU, or `cpu_kv_cache_gb` on CPU; in
-    KCache mode also at most `host_memory_gb` of host memory for V).
+    KCache mode also at most `host_memory_gb` GiB of host memory a rank for V; "auto" (default):
+    80% of what the rank's NUMA node has available, split evenly among the ranks on that node,
+    so that on a GPU with much memory the host does not bind KCache below full mode's batch).
     load_format: "safetensors" reads the weights from the model directory's checkpoint; "random"
     draws every checkpoint tensor whole from a generator seeded by `seed` and its name
     (`models/random_weights.py`) and loads it like a checkpoint's, so the model is the same at
@@ -166,7 +180,7 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 4.0
-    host_memory_gb: float = 32.0
+    host_memory_gb: Union[float, str] = "auto"
     seed: int = 0
     load_format: str = "safetensors"
     enforce_eager: Optional[bool] = None
@@ -197,8 +211,8 @@ class EngineConfig:
                  "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
         _require(is_number(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0, "cpu_kv_cache_gb",
                  self.cpu_kv_cache_gb, "a number > 0")
-        _require(is_number(self.host_memory_gb) and self.host_memory_gb > 0, "host_memory_gb",
-                 self.host_memory_gb, "a number > 0")
+        _require(self.host_memory_gb == "auto" or (is_number(self.host_memory_gb) and self.host_memory_gb > 0),
+                 "host_memory_gb", self.host_memory_gb, "auto | a number > 0")
         _require(is_int(self.seed), "seed", self.seed, "an integer")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, " | ".join(LOAD_FORMATS))
         _require(self.enforce_eager is None or isinstance(self.enforce_eager, bool), "enforce_eager",

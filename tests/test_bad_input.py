@@ -143,3 +143,17 @@ def test_host_memory_too_small_for_one_sequence(tiny_llama_dir):
 def test_kcache_dense_layers_beyond_the_model(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"^kcache.dense_layers=3 exceeds the model's 2 layers$"):
         LLM(device="cpu", model=tiny_llama_dir, kcache=KCacheConfig(mode="kcache", dense_layers=3))
+
+
+def test_host_memory_gb_flag(capsys):
+    from kcache_dist.server.cli_args import build_parser, engine_config_from_args
+
+    parser = build_parser()
+    assert engine_config_from_args(parser.parse_args([])).host_memory_gb == "auto"
+    assert engine_config_from_args(parser.parse_args(["--host-memory-gb", "48"])).host_memory_gb == 48.0
+    assert engine_config_from_args(parser.parse_args(["--host-memory-gb", "auto"])).host_memory_gb == "auto"
+    for bad in ("0", "lots"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--host-memory-gb", bad])
+        assert (f"argument --host-memory-gb: invalid value for 'host_memory_gb': {bad!r}; allowed: auto | a number > 0"
+                in capsys.readouterr().err)

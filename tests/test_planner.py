@@ -271,8 +271,32 @@ def test_memlock_too_small():
     assert str(error.value) == (
         "the KV cache cannot hold one sequence of max_model_len=131072 (512 blocks of 256 tokens) on rank 0 (GPU "
         "cuda:0, NUMA node 0). Host memory is short by 8044675072 bytes (7.49 GiB): the V pool may use 8388608 bytes "
-        "= min(host_memory_gb=32 per rank (34359738368), memlock limit 8388608) but needs 8053063680 bytes = 30 "
-        "sparse layers x 268435456 bytes. No max_model_len fits: raise the locked-memory limit (ulimit -l).")
+        "= min(host_memory_gb=auto with the node's memory unknown: 32 GiB per rank (34359738368), memlock limit "
+        "8388608) but needs 8053063680 bytes = 30 sparse layers x 268435456 bytes. No max_model_len fits: raise the "
+        "locked-memory limit (ulimit -l).")
+
+
+def test_auto_host_memory_is_a_share_of_the_node_split_over_its_ranks():
+    """host_memory_gb="auto" (the default): 0.8 of the node's available memory over its ranks."""
+    device = h100(0, 79, LLAMA3_8B_WEIGHT_BYTES, 2 * GIB)
+    roomy = HostMemoryFacts(numa_node=0, node_available_bytes=100 * GIB, ranks_on_node=4)
+    plan = agree([plan_rank(0, device, roomy, kcache_geometry(8), PlannerKnobs(64, 131072))])
+    budget = plan.rank_budget(0)
+    assert (budget.host_budget_by_knob_bytes, budget.host_budget_by_node_bytes) == (20 * GIB, 25 * GIB)
+    assert budget.host_cache_budget_bytes == 20 * GIB
+    assert "host_memory_gb auto (0.8 of the node's available memory per node)" in plan.table().splitlines()[0]
+
+    short = HostMemoryFacts(numa_node=0, node_available_bytes=20 * GIB, ranks_on_node=4)
+    with pytest.raises(ValueError) as error:
+        agree([plan_rank(0, device, short, kcache_geometry(8), PlannerKnobs(64, 131072))])
+    assert 30 * 268435456 - 4 * GIB == 3758096384
+    assert str(error.value) == (
+        "the KV cache cannot hold one sequence of max_model_len=131072 (512 blocks of 256 tokens) on rank 0 (GPU "
+        "cuda:0, NUMA node 0). Host memory is short by 3758096384 bytes (3.50 GiB): the V pool may use 4294967296 "
+        "bytes = min(host_memory_gb=auto: 0.8 x node available 21474836480 / 4 ranks (4294967296), node available "
+        "21474836480 / 4 ranks (5368709120)) but needs 8053063680 bytes = 30 sparse layers x 268435456 bytes. What "
+        "fits: max_model_len <= 69888; otherwise free host memory or set host_memory_gb (auto takes 0.8 of what the "
+        "node has available).")
 
 
 # ------------------------------------------------------------------------------------ the collective spelling

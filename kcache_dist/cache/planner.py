@@ -31,7 +31,11 @@ Budgets:
     host  min(host_memory_gb GiB per rank          (host_memory_per="rank"), or
               host_memory_gb GiB / ranks on node   (host_memory_per="node": a per-NUMA-node figure
                                                    split evenly among the local ranks whose GPU
-                                                   hangs off that node),
+                                                   hangs off that node), or, for
+                                                   host_memory_gb="auto",
+              HOST_MEMORY_AUTO_FRACTION x node available bytes / ranks on node
+                                                   (HOST_MEMORY_AUTO_FALLBACK_GB per rank when
+                                                   the node's memory is unknown),
               node available bytes / ranks on node (when known),
               RLIMIT_MEMLOCK soft limit            (only with memlock_limits_pinning=True, and when
                                                    not unlimited; it is per process))
@@ -57,6 +61,11 @@ GIB = 1 << 30
 HOST_POOL_ALIGNMENT_BYTES = 4096  # HostPool.take starts each layer's view on a 4 KiB boundary
 MODES = ("full", "kcache")
 HOST_MEMORY_PER = ("rank", "node")
+HOST_MEMORY_AUTO = "auto"
+# host_memory_gb="auto": the share of the node's available memory the V pools of its ranks may pin
+# (the rest stays to the OS, the page cache and the processes); a fixed figure where unknown.
+HOST_MEMORY_AUTO_FRACTION = 0.8
+HOST_MEMORY_AUTO_FALLBACK_GB = 32.0
 
 BINDS_GPU = "gpu"
 BINDS_HOST = "host"
@@ -267,7 +276,9 @@ class PlannerKnobs:
     gpu_memory_utilization: fraction of the GPU's total memory the process may fill with weights,
         activations and cache.
     host_memory_gb: GiB of host memory the V pool may use: per rank when host_memory_per="rank",
-        per NUMA node (split evenly among the ranks on that node) when host_memory_per="node".
+        per NUMA node (split evenly among the ranks on that node) when host_memory_per="node";
+        "auto": HOST_MEMORY_AUTO_FRACTION of what the rank's NUMA node has available, split evenly
+        among the ranks on that node.
     num_kv_blocks: a fixed block count (None: as many as memory allows); it must still fit.
     memlock_limits_pinning: whether RLIMIT_MEMLOCK caps the host V pool (see the module docstring:
         cudaHostRegister was measured not to be charged to it, so off by default).
@@ -276,7 +287,7 @@ class PlannerKnobs:
     max_num_seqs: int
     max_model_len: int
     gpu_memory_utilization: float = 0.9
-    host_memory_gb: float = 32.0
+    host_memory_gb: Union[float, str] = HOST_MEMORY_AUTO
     host_memory_per: str = "rank"
     num_kv_blocks: Optional[int] = None
     memlock_limits_pinning: bool = False
@@ -288,9 +299,10 @@ class PlannerKnobs:
         utilization = self.gpu_memory_utilization
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {utilization!r}")
-        if isinstance(self.host_memory_gb, bool) or not isinstance(self.host_memory_gb, (int, float)) \
-                or not self.host_memory_gb > 0:
-            raise ValueError(f"host_memory_gb must be a number > 0, got {self.host_memory_gb!r}")
+        if self.host_memory_gb != HOST_MEMORY_AUTO and (
+                isinstance(self.host_memory_gb, bool) or not isinstance(self.host_memory_gb, (int, float))
+                or not self.host_memory_gb > 0):
+            raise ValueError(f"host_memory_gb must be 'auto' or a number > 0, got {self.host_memory_gb!r}")
         if self.host_memory_per not in HOST_MEMORY_PER:
             raise ValueError(f"host_memory_per must be one of {' | '.join(HOST_MEMORY_PER)}, "
                              f"got {self.host_memory_per!r}")
@@ -307,8 +319,22 @@ class PlannerKnobs:
                    num_kv_blocks=config.num_kv_blocks)
 
     @property
-    def host_memory_knob_bytes(self) -> int:
-        return int(self.host_memory_gb * GIB)
+    def host_memory_auto(self) -> bool:
+        return self.host_memory_gb == HOST_MEMORY_AUTO
+
+    def host_memory_knob_bytes(self, host: HostMemoryFacts) -> int:
+        """What host_memory_gb allows this rank (before the node's and the memlock limits)."""
+        if self.host_memory_auto:
+            if host.node_available_bytes is None:
+                return int(HOST_MEMORY_AUTO_FALLBACK_GB * GIB)
+            return int(HOST_MEMORY_AUTO_FRACTION * host.node_available_bytes) // host.ranks_on_node
+        knob = int(self.host_memory_gb * GIB)
+        return knob // host.ranks_on_node if self.host_memory_per == "node" else knob
+
+    def describe_host_memory(self) -> str:
+        if self.host_memory_auto:
+            return f"host_memory_gb auto ({HOST_MEMORY_AUTO_FRACTION:g} of the node's available memory per node)"
+        return f"host_memory_gb {self.host_memory_gb:g} per {self.host_memory_per}"
 
 
 # --------------------------------------------------------------------------------------------- one rank
@@ -359,9 +385,7 @@ def _rank_budget(rank: int, device: DeviceMemoryFacts, host: HostMemoryFacts, ge
 
     by_knob = by_node = by_memlock = host_budget = host_binding = host_fit = None
     if geometry.num_sparse_layers:
-        by_knob = knobs.host_memory_knob_bytes
-        if knobs.host_memory_per == "node":
-            by_knob //= host.ranks_on_node
+        by_knob = knobs.host_memory_knob_bytes(host)
         if host.node_available_bytes is not None:
             by_node = host.node_available_bytes // host.ranks_on_node
         by_memlock = host.memlock_limit_bytes if knobs.memlock_limits_pinning else None
@@ -505,7 +529,7 @@ class CachePlan:
                  + (", agreed by MIN" if self.agreed and self.world_size > 1 else "")
                  + ("" if len(self.rank_budgets) == self.world_size else " (this rank and the binding rank shown)")
                  + f"; block {g.block_size} tokens; gpu_memory_utilization {k.gpu_memory_utilization:g}, "
-                   f"host_memory_gb {k.host_memory_gb:g} per {k.host_memory_per}"]
+                   + k.describe_host_memory()]
         lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
         lines.append(f"  plan: {self.num_blocks} blocks = {self.num_cache_tokens} tokens on each rank; "
                      f"{self.num_full_length_seqs} sequence(s) of max_model_len={self.max_model_len} at once "
@@ -665,7 +689,13 @@ def _gpu_shortfall(plan: CachePlan, b: RankBudget) -> str:
 
 def _host_limit_terms(plan: CachePlan, b: RankBudget) -> list[str]:
     k, h = plan.knobs, b.host
-    if k.host_memory_per == "node":
+    if k.host_memory_auto and h.node_available_bytes is not None:
+        terms = [f"host_memory_gb=auto: {HOST_MEMORY_AUTO_FRACTION:g} x node available {h.node_available_bytes} / "
+                 f"{h.ranks_on_node} ranks ({b.host_budget_by_knob_bytes})"]
+    elif k.host_memory_auto:
+        terms = [f"host_memory_gb=auto with the node's memory unknown: {HOST_MEMORY_AUTO_FALLBACK_GB:g} GiB per rank "
+                 f"({b.host_budget_by_knob_bytes})"]
+    elif k.host_memory_per == "node":
         terms = [f"host_memory_gb={k.host_memory_gb:g} per node / {h.ranks_on_node} ranks "
                  f"({b.host_budget_by_knob_bytes})"]
     else:
@@ -713,6 +743,9 @@ def _what_fits(plan: CachePlan, b: RankBudget, gpu_short: bool, host_short: bool
             and b.host_budget_by_node_bytes < b.host_budget_by_knob_bytes:
         node = "unknown" if b.host.numa_node is None else b.host.numa_node
         remedies.append(f"free host memory on NUMA node {node} or start fewer ranks on it")
+    elif host_short and k.host_memory_auto:
+        remedies.append(f"free host memory or set host_memory_gb (auto takes {HOST_MEMORY_AUTO_FRACTION:g} of what "
+                        "the node has available)")
     elif host_short:
         remedies.append("raise host_memory_gb")
     if options:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KCACHE_MODES, EngineConfig
+from ..config import (DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KCACHE_MODES, EngineConfig,
+                      parse_host_memory_gb)
 from .body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 API_KEY_ENV_VAR = "KCACHE_DIST_API_KEY"
@@ -57,7 +58,8 @@ ENGINE_FLAGS = [
     ("--gpu-memory-utilization", "gpu_memory_utilization", float,
      "fraction of GPU memory for weights and cache (default 0.9)"),
     ("--cpu-kv-cache-gb", "cpu_kv_cache_gb", float, "cache size on a CPU device (default 4)"),
-    ("--host-memory-gb", "host_memory_gb", float, "KCache mode: host memory for the V pool (default 32)"),
+    ("--host-memory-gb", "host_memory_gb", parse_host_memory_gb, "KCache mode: GiB of host memory a rank for the V "
+     "pool, or auto (default): 80%% of what the rank's NUMA node has available over the ranks on that node"),
     ("--seed", "seed", int, "seed of requests that give none (default 0)"),
     ("--decode-micro-batches", "decode_micro_batches", int, "split each decode step into N micro-batches on N CUDA "
      "streams, overlapping one's V fetch and all-reduces with another's kernels (default 1: no split)"),
