@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -157,3 +158,17 @@ def test_host_memory_gb_flag(capsys):
             parser.parse_args(["--host-memory-gb", bad])
         assert (f"argument --host-memory-gb: invalid value for 'host_memory_gb': {bad!r}; allowed: auto | a number > 0"
                 in capsys.readouterr().err)
+
+
+def test_server_without_its_http_packages_stops_before_the_engine(monkeypatch, capsys):
+    """Every rank checks, before any joins the job: no rank waits on a rank 0 that cannot serve."""
+    from kcache_dist.server import entrypoint
+
+    assert entrypoint.missing_http_packages() == []  # installed here
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "fastapi" else find_spec(name))
+    with pytest.raises(SystemExit) as exit_info:
+        entrypoint.main(["--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert ("the server needs the package(s) fastapi, which this Python cannot import; install kcache_dist with its "
+            "dependencies (pip install -e .)") in capsys.readouterr().err

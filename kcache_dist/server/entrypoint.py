@@ -32,10 +32,24 @@ logger = logging.getLogger("kcache_dist.server")
 LOST_RANK_EXIT_GRACE_S = 5.0  # after a lost rank, answer 503 this long (clients learn why), then exit 1
 
 
+HTTP_PACKAGES = ("fastapi", "uvicorn")  # rank 0's HTTP app (setup.py's install_requires)
+
+
+def missing_http_packages() -> list[str]:
+    """The HTTP server's packages this Python cannot import."""
+    import importlib.util
+
+    return [name for name in HTTP_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     # The DeepSpeed launcher appends --local_rank=N to each rank's arguments.
     args = parser.parse_args(strip_local_rank_arg(sys.argv[1:] if argv is None else argv))
+    missing = missing_http_packages()
+    if missing:  # every rank stops here, before any joins the job's collectives
+        parser.error(f"the server needs the package(s) {', '.join(missing)}, which this Python cannot import; "
+                     "install kcache_dist with its dependencies (pip install -e .)")
     try:
         config = engine_config_from_args(args, num_processes=launched_world_size())
         settings = server_settings_from_args(args, config)
