@@ -84,8 +84,9 @@ def greedy_job(model_dir: str, out_path: str) -> None:
         state = current_state()
         outputs = llm.generate(prompts(llm.engine.model_config.vocab_size),
                                SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True))
-        result["modes"][mode if chunks == 1 else f"{mode}_all_reduce_chunks_{chunks}"] = {"token_ids": [o.outputs[0].token_ids for o in outputs],
-                                 "texts": [o.outputs[0].text for o in outputs]}
+        run = mode if chunks == 1 else f"{mode}_all_reduce_chunks_{chunks}"
+        result["modes"][run] = {"token_ids": [o.outputs[0].token_ids for o in outputs],
+                                "texts": [o.outputs[0].text for o in outputs]}
         pool = getattr(llm.engine.runner.kv_cache, "host_pool", None)
         if pool is not None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else None

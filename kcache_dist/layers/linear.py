@@ -165,4 +165,3 @@ def set_all_reduce_chunks(model: nn.Module, chunks: int) -> None:
     for module in model.modules():
         if isinstance(module, RowParallelLinear):
             module.all_reduce_chunks = chunks
-
