@@ -284,7 +284,7 @@ def test_auto_host_memory_is_a_share_of_the_node_split_over_its_ranks():
     budget = plan.rank_budget(0)
     assert (budget.host_budget_by_knob_bytes, budget.host_budget_by_node_bytes) == (20 * GIB, 25 * GIB)
     assert budget.host_cache_budget_bytes == 20 * GIB
-    assert "host_memory_gb auto (0.8 of the node's available memory per node)" in plan.table().splitlines()[0]
+    assert "host_memory_gb auto (0.8 of the node's available memory over its ranks)" in plan.table().splitlines()[0]
 
     short = HostMemoryFacts(numa_node=0, node_available_bytes=20 * GIB, ranks_on_node=4)
     with pytest.raises(ValueError) as error:

@@ -333,7 +333,7 @@ class PlannerKnobs:
 
     def describe_host_memory(self) -> str:
         if self.host_memory_auto:
-            return f"host_memory_gb auto ({HOST_MEMORY_AUTO_FRACTION:g} of the node's available memory per node)"
+            return f"host_memory_gb auto ({HOST_MEMORY_AUTO_FRACTION:g} of the node's available memory over its ranks)"
         return f"host_memory_gb {self.host_memory_gb:g} per {self.host_memory_per}"
 
 
