@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kcache_dist import KCacheConfig, RequestOutputKind, SamplingParams  # noqa: E402
-from kcache_dist.config import EngineConfig  # noqa: E402
+from kcache_dist.config import EngineConfig, parse_host_memory_gb  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
 
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--host-memory-gb", type=float, default=96.0)
+    parser.add_argument("--host-memory-gb", type=parse_host_memory_gb, default="auto", help="per rank, or auto")
     parser.add_argument("--top-n", type=int, default=KCacheConfig.top_n)
     parser.add_argument("--dense-layers", type=int, default=KCacheConfig.dense_layers)
     parser.add_argument("--out", default="benchmarks/results/memory_plan.json")
