@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+from .cache.planner import HOST_MEMORY_AUTO
+
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 DEVICE_NAMES = ("auto", "cpu", "cuda")
@@ -40,10 +42,10 @@ def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
 def parse_host_memory_gb(text: str) -> Union[float, str]:
     """A command line's host_memory_gb (an argparse type): "auto" or a number > 0."""
     try:
-        value = text if text == "auto" else float(text)
+        value = text if text == HOST_MEMORY_AUTO else float(text)
     except ValueError:
         value = None
-    if value is None or (value != "auto" and not value > 0):
+    if value is None or (value != HOST_MEMORY_AUTO and not value > 0):
         raise argparse.ArgumentTypeError(f"invalid value for 'host_memory_gb': {text!r}; allowed: auto | a number > 0")
     return value
 
@@ -180,7 +182,7 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 4.0
-    host_memory_gb: Union[float, str] = "auto"
+    host_memory_gb: Union[float, str] = HOST_MEMORY_AUTO
     seed: int = 0
     load_format: str = "safetensors"
     enforce_eager: Optional[bool] = None
@@ -211,8 +213,9 @@ class EngineConfig:
                  "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
         _require(is_number(self.cpu_kv_cache_gb) and self.cpu_kv_cache_gb > 0, "cpu_kv_cache_gb",
                  self.cpu_kv_cache_gb, "a number > 0")
-        _require(self.host_memory_gb == "auto" or (is_number(self.host_memory_gb) and self.host_memory_gb > 0),
-                 "host_memory_gb", self.host_memory_gb, "auto | a number > 0")
+        host_gb = self.host_memory_gb
+        _require(host_gb == HOST_MEMORY_AUTO or (is_number(host_gb) and host_gb > 0), "host_memory_gb", host_gb,
+                 "auto | a number > 0")
         _require(is_int(self.seed), "seed", self.seed, "an integer")
         _require(self.load_format in LOAD_FORMATS, "load_format", self.load_format, " | ".join(LOAD_FORMATS))
         _require(self.enforce_eager is None or isinstance(self.enforce_eager, bool), "enforce_eager",
