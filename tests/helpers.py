@@ -52,15 +52,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_within_ulps(out: torch.Tensor, ref: torch.Tensor, seed: int) -> None:
     """16-bit: every element within 2 ulp of the reference (the spacing of its dtype at the
-    reference's magnitude) and 99% equal; float32: within 16 ulp."""
+    reference's magnitude) and all but 1% of them equal (2 allowed in any case: a tiny tensor may hold
+    one of the rare neighbouring roundings); float32: within 16 ulp."""
     info = torch.finfo(ref.dtype)
     magnitude = ref.double().abs().clamp(min=info.tiny)  # subnormals: the spacing of the smallest normals
     ulp = torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
     worst = ((out.double() - ref.double()).abs() / ulp).max().item()
-    equal = (out == ref).double().mean().item()
+    unequal = (out != ref).sum().item()
     wide = ref.dtype == torch.float32
-    assert worst <= (16.0 if wide else 2.0) and (wide or equal >= 0.99), \
-        f"seed {seed}: worst {worst:.2f} ulp, {100 * equal:.2f}% equal ({ref.dtype})"
+    assert worst <= (16.0 if wide else 2.0) and (wide or unequal <= max(2, 0.01 * ref.numel())), \
+        f"seed {seed}: worst {worst:.2f} ulp, {unequal} of {ref.numel()} unequal ({ref.dtype})"
 
 
 def run_under_triton_interpreter(script: str, seed: int, timeout_s: float) -> None:

