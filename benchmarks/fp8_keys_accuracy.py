@@ -2,18 +2,29 @@
 """Would an fp8 K cache keep KCache's accuracy? (A study for a capacity lever; nothing in the engine
 uses fp8 K.)
 
-    pip install matplotlib && python benchmarks/fp8_keys_accuracy.py [--out-dir DIR] [accuracy.py flags]
+    pip install matplotlib && python benchmarks/fp8_keys_accuracy.py [--out-dir DIR]
+        [--variants model_keys,fp8_keys,fp8_selection] [accuracy.py flags]
 
 KCache keeps the K of every layer on the GPU; its capacity over full mode is bounded by those
 bytes (with 8 dense layers of 32, a Llama-3-8B token holds 40 of full mode's 64 K/V rows on the
 GPU: 1.6x). K stored as float8 e4m3 would halve the sparse layers' K (28 of 64: 2.3x) and halve
 the bytes the K pass reads. This runs `benchmarks/accuracy.py` (teacher-forced decode emulation
-on the embedded SmolLM2-135M, CPU) twice on the same data and settings: as it is, and with the K
-that every sparse layer's decode attention scores rounded to float8 e4m3 with one scale per (KV
-head, position) — amax / 448, as a cache storing a scale beside each row would hold it. Dense
-layers, the dense prefill and V are unchanged. Both JSONs land in --out-dir, and a table of each
-setting's metrics relative to full attention, bf16/fp32 K against fp8 K, is printed and written to
-`fp8_keys_accuracy.json`.
+on the embedded SmolLM2-135M, CPU) on the same data and settings once per variant of the K that
+every sparse layer's decode attention uses:
+
+- `model_keys`: as it is;
+- `fp8_keys`: K rounded to float8 e4m3 with one scale per (KV head, position) — amax / 448, as a
+  cache storing a scale beside each row would hold it — for the scores, the selection and the
+  weights (fp8 K as the only copy);
+- `fp8_selection`: the fp8 K picks the top-N positions; the weights of the picked, sink and window
+  positions come from the model's K (a GPU copy of K in fp8 for the scoring pass, the exact K of
+  the picked rows fetched with their V from host memory, sink and window K kept exact on the GPU;
+  with `renormalize`, the default, the output is then the exact softmax over what was picked).
+
+Dense layers, the dense prefill and V are unchanged. Each variant's JSON lands in --out-dir
+(`fp8_keys_accuracy_<variant>.json`; a variant not in --variants is read from there when present),
+and a table of each setting's metrics relative to full attention per variant is printed and written
+to `fp8_keys_accuracy.json`.
 """
 
 from __future__ import annotations
@@ -43,12 +54,25 @@ def fp8_rounded_keys(keys: torch.Tensor) -> torch.Tensor:
     return ((keys.float() / scale).to(FP8).float() * scale).to(keys.dtype)
 
 
-def run_accuracy(argv: list[str], out: str, fp8_keys: bool) -> dict:
+VARIANTS = ("model_keys", "fp8_keys", "fp8_selection")
+
+
+def sparse_attention_with(variant: str):
+    """`teacher_forced.sparse_decode_attention` as the variant computes it (module docstring)."""
     original = teacher_forced.sparse_decode_attention
-    if fp8_keys:
-        def sparse_with_fp8_keys(q, keys, values, *args, **kwargs):
-            return original(q, fp8_rounded_keys(keys), values, *args, **kwargs)
-        teacher_forced.sparse_decode_attention = sparse_with_fp8_keys
+    if variant == "model_keys":
+        return original
+    if variant == "fp8_keys":
+        return lambda q, keys, values, *args, **kwargs: original(q, fp8_rounded_keys(keys), values, *args, **kwargs)
+    if variant == "fp8_selection":
+        return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
+                                                                 selection_keys=fp8_rounded_keys(keys), **kwargs)
+    raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def run_accuracy(argv: list[str], out: str, variant: str) -> dict:
+    original = teacher_forced.sparse_decode_attention
+    teacher_forced.sparse_decode_attention = sparse_attention_with(variant)
     try:
         accuracy.main(argv + ["--out", out])
     finally:
@@ -57,33 +81,52 @@ def run_accuracy(argv: list[str], out: str, fp8_keys: bool) -> dict:
         return json.load(f)
 
 
-def compare(base: dict, fp8: dict) -> list[dict]:
-    """Per setting: its metrics relative to full attention with the model's K and with fp8 K."""
-    rows = []
-    fp8_by_name = {r["setting"]["name"]: r for r in fp8["results"]}
-    for r in base["results"]:
-        name = r["setting"]["name"]
-        rows.append({"setting": name, "relative_to_full": r["relative_to_full"],
-                     "relative_to_full_fp8_keys": fp8_by_name[name]["relative_to_full"],
-                     "metrics": r["metrics"], "metrics_fp8_keys": fp8_by_name[name]["metrics"]})
-    return rows
+def same_accuracy_args(stored: dict, argv: list[str]) -> bool:
+    """Whether a stored run's `args` are what `argv` would give accuracy.py (its --out aside)."""
+    wanted = vars(accuracy.parse_args(argv))
+    return {k: v for k, v in stored.items() if k != "out"} == {k: v for k, v in wanted.items() if k != "out"}
+
+
+def compare(runs: dict[str, dict]) -> list[dict]:
+    """Per setting of the first run: each variant's metrics and their change relative to full attention."""
+    by_variant = {v: {r["setting"]["name"]: r for r in run["results"]} for v, run in runs.items()}
+    first = next(iter(runs.values()))
+    return [{"setting": r["setting"]["name"],
+             "relative_to_full": {v: results[r["setting"]["name"]]["relative_to_full"]
+                                  for v, results in by_variant.items()},
+             "metrics": {v: results[r["setting"]["name"]]["metrics"] for v, results in by_variant.items()}}
+            for r in first["results"]]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="variants to run; the others are read from --out-dir when their JSON is there")
     args, accuracy_argv = p.parse_known_args()
     accuracy_argv = accuracy_argv or DEFAULT_ACCURACY_ARGS
+    to_run = args.variants.split(",")
+    for variant in to_run:
+        sparse_attention_with(variant)  # an unknown name fails before any run
     os.makedirs(args.out_dir, exist_ok=True)
-    base = run_accuracy(accuracy_argv, os.path.join(args.out_dir, "fp8_keys_accuracy_model_keys.json"), False)
-    fp8 = run_accuracy(accuracy_argv, os.path.join(args.out_dir, "fp8_keys_accuracy_fp8_keys.json"), True)
-    rows = compare(base, fp8)
+    runs = {}
+    for variant in VARIANTS:
+        path = os.path.join(args.out_dir, f"fp8_keys_accuracy_{variant}.json")
+        if variant in to_run:
+            runs[variant] = run_accuracy(accuracy_argv, path, variant)
+        elif os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                runs[variant] = json.load(f)
+            if not same_accuracy_args(runs[variant]["args"], accuracy_argv):
+                raise SystemExit(f"{path} was run with other accuracy.py flags; add {variant} to --variants")
+    rows = compare(runs)
     out = os.path.join(args.out_dir, "fp8_keys_accuracy.json")
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"accuracy_args": accuracy_argv, "rows": rows}, f, indent=1)
+        json.dump({"accuracy_args": accuracy_argv, "variants": list(runs), "rows": rows}, f, indent=1)
     for row in rows:
-        print(f"{row['setting']}:\n  model K {json.dumps(row['relative_to_full'])}\n"
-              f"  fp8 K   {json.dumps(row['relative_to_full_fp8_keys'])}")
+        print(f"{row['setting']}:")
+        for variant, relative in row["relative_to_full"].items():
+            print(f"  {variant:14s} {json.dumps(relative)}")
     print(f"wrote {out}")
 
 

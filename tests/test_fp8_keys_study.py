@@ -1,15 +1,17 @@
-"""benchmarks/fp8_keys_accuracy.py: the fp8 rounding it applies to the sparse layers' K."""
+"""benchmarks/fp8_keys_accuracy.py: the fp8 rounding it applies to the sparse layers' K, and its
+variants' names."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from fp8_keys_accuracy import fp8_rounded_keys  # noqa: E402
+from fp8_keys_accuracy import fp8_rounded_keys, sparse_attention_with  # noqa: E402
 
 
 def test_rows_scaled_to_448_and_rounded_to_e4m3():
@@ -25,3 +27,9 @@ def test_rows_scaled_to_448_and_rounded_to_e4m3():
     assert bool(((rounded - keys).abs() <= bound * (1 + 1e-6)).all())
     on_grid = torch.tensor([[[448.0, -224.0, 1.0, 0.0]]])  # exactly representable at scale 1
     assert torch.equal(fp8_rounded_keys(on_grid), on_grid)
+
+
+def test_unknown_variant_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        sparse_attention_with("fp8")
+    assert str(err.value) == "unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection"

@@ -102,7 +102,8 @@ def dense_causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                             kcache: KCacheConfig, top_n_at: TopNAt, scale: float,
                             max_scores_per_chunk: int = 1 << 23,
-                            on_select: Optional[SelectionObserver] = None) -> torch.Tensor:
+                            on_select: Optional[SelectionObserver] = None,
+                            selection_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KCache decode attention of T consecutive positions start .. start+T-1, each over its own context.
 
     q [T, Hq, D]; keys, values [Hkv, L, D] with L >= start + T (entries past a position are masked).
@@ -112,13 +113,16 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     KV head). Probabilities use the exact softmax over 0..t; the output is the probability-weighted
     sum of the selected V rows, divided by their mass when `renormalize`. Returns [T, Hq, D].
     Query rows are processed in chunks of about `max_scores_per_chunk` scores. `on_select`, when
-    given, sees each chunk's far picks (`SelectionObserver`).
+    given, sees each chunk's far picks (`SelectionObserver`). `selection_keys` [Hkv, >= start + T, D],
+    when given, are the K the selection scores (a compressed copy of K, say); the weights of what
+    it picks still come from `keys`.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[0]
     group = num_heads // num_kv_heads
     end = start + num_tokens
     keys_t = keys[:, :end].float().transpose(1, 2)  # [Hkv, D, L]
+    selection_keys_t = None if selection_keys is None else selection_keys[:, :end].float().transpose(1, 2)
     values = values[:, :end].float()
     out = torch.empty_like(q)
     rows_per_chunk = max(1, max_scores_per_chunk // (num_heads * end))
@@ -135,19 +139,25 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
         sink_cols = int(sink_end.max())
         tail_pos = key_pos[tail:]
         future = tail_pos[None, :] >= seq_len[:, None]  # [t, L - tail]
-        # scores -> probabilities in place: [Hkv, G, t, L]
         qg = (q[lo:hi].float() * scale).view(t, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        probs = torch.bmm(qg.reshape(num_kv_heads, group * t, head_dim), keys_t).view(num_kv_heads, group, t, end)
-        probs[..., tail:].masked_fill_(future, float("-inf"))
-        probs.sub_(probs.amax(-1, keepdim=True)).exp_()
-        probs.div_(probs.sum(-1, keepdim=True))
+
+        def probabilities(k_t: torch.Tensor) -> torch.Tensor:
+            """scores -> probabilities in place: [Hkv, G, t, L]"""
+            p = torch.bmm(qg.reshape(num_kv_heads, group * t, head_dim), k_t).view(num_kv_heads, group, t, end)
+            p[..., tail:].masked_fill_(future, float("-inf"))
+            p.sub_(p.amax(-1, keepdim=True)).exp_()
+            return p.div_(p.sum(-1, keepdim=True))
+
+        probs = probabilities(keys_t)
+        selection_probs = probs if selection_keys_t is None else probabilities(selection_keys_t)
         # selection: sink + window always, top-n of the far positions by group score
         selected = torch.zeros(num_kv_heads, t, end, dtype=torch.bool, device=q.device)
         num_far = (window_start - sink_end).tolist()
         counts = [min(top_n_at(n), f) for n, f in zip(seq_len.tolist(), num_far)]
         most = max(counts, default=0)
         if most > 0:
-            group_score = probs.amax(1) if kcache.group_reduce == "max" else probs.sum(1)  # [Hkv, t, L]
+            group_score = (selection_probs.amax(1) if kcache.group_reduce == "max"
+                           else selection_probs.sum(1))  # [Hkv, t, L]
             group_score[..., :sink_cols] = -1.0
             group_score[..., tail:].masked_fill_(tail_pos[None, :] >= window_start[:, None], -1.0)
             same_count = min(counts) == most
