@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Would an fp8 K cache keep KCache's accuracy? (A study for a capacity lever; nothing in the engine
-uses fp8 K.)
+"""Would an fp8 K cache keep KCache's accuracy? (A study for a capacity lever; the `fp8_selection`
+variant is what the engine runs with `KCacheConfig(scoring_keys="fp8")`.)
 
     pip install matplotlib && python benchmarks/fp8_keys_accuracy.py [--out-dir DIR]
         [--variants model_keys,fp8_keys,fp8_selection] [accuracy.py flags]
@@ -36,22 +36,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 import accuracy  # noqa: E402
 from kcache_dist.kcache import teacher_forced  # noqa: E402
+from kcache_dist.kcache.fp8_keys import fp8_rounded  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
 DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024", "--scaled", "",
                          "--only", "top_n=256;top_n=1024", "--qa-questions", "50"]
-
-
-def fp8_rounded_keys(keys: torch.Tensor) -> torch.Tensor:
-    """keys [Hkv, L, D] as an fp8 e4m3 cache with a float32 scale per (head, position) returns them:
-    each row divided by amax / 448, rounded to e4m3, multiplied back; same dtype and shape."""
-    scale = keys.float().abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
-    return ((keys.float() / scale).to(FP8).float() * scale).to(keys.dtype)
 
 
 VARIANTS = ("model_keys", "fp8_keys", "fp8_selection")
@@ -63,10 +53,10 @@ def sparse_attention_with(variant: str):
     if variant == "model_keys":
         return original
     if variant == "fp8_keys":
-        return lambda q, keys, values, *args, **kwargs: original(q, fp8_rounded_keys(keys), values, *args, **kwargs)
+        return lambda q, keys, values, *args, **kwargs: original(q, fp8_rounded(keys), values, *args, **kwargs)
     if variant == "fp8_selection":
         return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
-                                                                 selection_keys=fp8_rounded_keys(keys), **kwargs)
+                                                                 selection_keys=fp8_rounded(keys), **kwargs)
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

@@ -62,7 +62,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from kcache_dist.cache.decode_traffic import DecodeStepBytes, decode_step_bytes  # noqa: E402
-from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig, parse_host_memory_gb  # noqa: E402
+from kcache_dist.config import (SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
+                               parse_host_memory_gb)
 from kcache_dist.engine.llm_engine import LLMEngine, resolve_device_type  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.models.named_shapes import NAMED_SHAPES, write_shape_dir  # noqa: E402
@@ -133,6 +134,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--row-cache-factor", type=float, default=kcache_defaults.row_cache_factor,
                    help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA); with a row cache the "
                    "roofline's PCIe bytes are its misses")
+    p.add_argument("--scoring-keys", default=kcache_defaults.scoring_keys, choices=list(SCORING_KEYS),
+                   help="KCacheConfig.scoring_keys (fp8: CPU only so far)")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)
@@ -165,7 +168,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def kcache_knobs(args: argparse.Namespace) -> KCacheConfig:
     return KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers, sink_tokens=args.sink_tokens,
                         recent_window=args.recent_window, renormalize=args.renormalize,
-                        group_reduce=args.group_reduce, row_cache_factor=args.row_cache_factor)
+                        group_reduce=args.group_reduce, row_cache_factor=args.row_cache_factor,
+                        scoring_keys=args.scoring_keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +412,8 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
     fill_s = time.perf_counter() - t0
     geometry, spec = engine.runner.cache_plan.geometry, _selection_spec(engine.config.kcache)
     weight_bytes = weight_bytes_per_decode_step(engine.runner.model)
-    row_bytes_per_v_row = engine.model_config.head_dim * engine.dtype.itemsize
+    # a fetched far row per KV head: V, or K | V with fp8 scoring keys
+    bytes_per_fetched_row = geometry.host_rows_per_token * engine.model_config.head_dim * engine.dtype.itemsize
     hbm_Bps, h2d_Bps = bandwidth["hbm_copy_GBps"] * GB, bandwidth["h2d_GBps"] * GB
     plan = engine.runner.cache_plan
     points = []
@@ -438,7 +443,7 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
             mean_lens.append(statistics.fmean(seq_lens))
         _sync(device)
         window_s = time.perf_counter() - window_start
-        v_bytes_per_step = (_v_rows_fetched(engine) - rows_before) * row_bytes_per_v_row / args.decode_tokens
+        v_bytes_per_step = (_v_rows_fetched(engine) - rows_before) * bytes_per_fetched_row / args.decode_tokens
         if engine.config.kcache.row_cache_factor:  # the far rows that crossed PCIe: the cache's misses
             step_bytes = [dataclasses.replace(b, far_v_bytes=int(v_bytes_per_step)) for b in step_bytes]
         mean_bytes = _mean_bytes(step_bytes)

@@ -28,6 +28,7 @@ DEVICE_NAMES = ("auto", "cpu", "cuda")
 KCACHE_MODES = ("full", "kcache")
 LOAD_FORMATS = ("safetensors", "random")
 GROUP_REDUCES = ("max", "sum")
+SCORING_KEYS = ("model", "fp8")
 # The far-row cache by default on CUDA: 2 x top_n rows held 89% of a step's picks on the default
 # model at 8K; on one H100 at 8K it gave 803 against 684 tok/s even with random weights, whose
 # picks repeat least (README, Throughput).
@@ -70,6 +71,14 @@ class KCacheConfig:
     does not hold (`kcache/row_cache.py`; benchmarks/notes/selection_reuse.md has the hit rates it
     was sized by); 0 fetches every step's far V rows from host memory; None (default) is
     GPU_ROW_CACHE_FACTOR on CUDA and 0 on CPU, where host memory is the device's (`for_device`).
+    scoring_keys: the K that scores and picks the far positions of a sparse layer. "model" (default):
+    K in the model's dtype in device memory. "fp8": K in device memory as float8 e4m3 with a float32
+    scale per (position, KV head) (`kcache/fp8_keys.py`), used only to pick; the exact K lives beside
+    V in host memory (a host row holds K | V, as does the row cache) and comes with the picked rows,
+    so the picked, sink and window positions are weighed by their exact K (the sink and window K
+    stay on the device). A sparse layer's device bytes per token and KV head fall from
+    2 x head_dim to head_dim + 4 (bf16); a miss fetches twice the bytes. Needs renormalize; CPU only
+    so far (benchmarks/notes/accuracy.md, "Study: K in fp8": no accuracy lost on the default model).
     """
 
     mode: str = "full"
@@ -80,6 +89,18 @@ class KCacheConfig:
     renormalize: bool = True
     group_reduce: str = "max"
     row_cache_factor: Optional[float] = None
+    scoring_keys: str = "model"
+
+    @property
+    def fp8_scoring_keys(self) -> bool:
+        """Whether the sparse layers pick with float8 K (and keep the exact K in host memory)."""
+        return self.mode == "kcache" and self.scoring_keys == "fp8"
+
+    def check_device(self, device_type: str) -> None:
+        """Refuse what `device_type` cannot run: fp8 scoring keys have no CUDA kernels yet."""
+        if self.fp8_scoring_keys and device_type == "cuda":
+            raise ValueError("kcache.scoring_keys='fp8' runs on CPU only so far (its CUDA kernels are not written); "
+                             "use scoring_keys='model' on CUDA")
 
     def for_device(self, device_type: str) -> "KCacheConfig":
         """This config with a row_cache_factor of None made the default of `device_type`."""
@@ -111,6 +132,10 @@ class KCacheConfig:
         factor = self.row_cache_factor
         _require(factor is None or (is_number(factor) and (factor == 0 or factor >= 1)), "kcache.row_cache_factor",
                  factor, f"null ({GPU_ROW_CACHE_FACTOR:g} on CUDA, 0 on CPU), 0 (no row cache) or a number >= 1")
+        _require(self.scoring_keys in SCORING_KEYS, "kcache.scoring_keys", self.scoring_keys, " | ".join(SCORING_KEYS))
+        if self.scoring_keys == "fp8" and not self.renormalize:
+            raise ValueError("kcache.scoring_keys='fp8' needs kcache.renormalize=true: the picked positions are "
+                             "weighed by their exact K, which the positions not picked have only in host memory")
 
 
 @dataclass(frozen=True)

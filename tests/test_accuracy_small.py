@@ -2,7 +2,7 @@
 
 - The teacher-forced emulation (`kcache_dist.kcache.teacher_forced`), which the benchmark uses to
   run a block of known tokens as decode steps in one forward, gives the log-probs and the greedy
-  continuation that the engine's token-by-token KCache decode gives.
+  continuation that the engine's token-by-token KCache decode gives (with fp8 scoring keys too).
 - With a budget covering the context, KCache decode equals full attention.
 - At the library's default KCacheConfig, perplexity on decode positions whose context exceeds the
   default budget (top_n + sink + window = 1156) stays within 1% of full attention's.
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pydoc_data.topics
 
 import pytest
@@ -45,13 +46,13 @@ def text_ids(engine_llm) -> list[int]:
     return ids
 
 
-def test_emulation_equals_engine_decode_with_forced_tokens(engine_llm, text_ids, monkeypatch):
-    prompt_len, num_forced = 160, 24
-    forced = text_ids[prompt_len:prompt_len + num_forced]
+def engine_logits_with_forced_tokens(llm: LLM, prompt: list[int], forced: list[int], monkeypatch) -> torch.Tensor:
+    """The engine's logits [1 + len(forced), vocab] with its sampler forced to `forced`: row 0 the
+    prefill's (dense), row i the decode step at len(prompt) + i - 1."""
     queue = iter(forced)
     monkeypatch.setattr(llm_engine, "sample", lambda logits, *args: [next(queue) for _ in range(logits.shape[0])])
     recorded = []
-    runner = engine_llm.engine.runner
+    runner = llm.engine.runner
     real_execute = runner.execute
 
     def execute_and_record(plan):
@@ -60,21 +61,44 @@ def test_emulation_equals_engine_decode_with_forced_tokens(engine_llm, text_ids,
         return logits
 
     monkeypatch.setattr(runner, "execute", execute_and_record)
-    out = engine_llm.generate([text_ids[:prompt_len]], SamplingParams(max_tokens=num_forced, ignore_eos=True))
+    out = llm.generate([prompt], SamplingParams(max_tokens=len(forced), ignore_eos=True))
+    monkeypatch.undo()
     assert out[0].outputs[0].token_ids == forced
-    engine_logits = torch.cat(recorded)  # row 0: prefill (dense); row i: decode step at prompt_len + i - 1
+    return torch.cat(recorded)
 
-    lm = TeacherForcedLM(runner.model, capacity=1024)
+
+def check_emulation_equals_engine(llm: LLM, kcache: KCacheConfig, text_ids: list[int], monkeypatch,
+                                  other: KCacheConfig) -> None:
+    """The engine's decode logits under `kcache` equal the emulation's; `other` (a setting that
+    attends otherwise) gives logits that differ, so the check tells the two apart."""
+    prompt_len, num_forced = 160, 24
+    forced = text_ids[prompt_len:prompt_len + num_forced]
+    engine_logits = engine_logits_with_forced_tokens(llm, text_ids[:prompt_len], forced, monkeypatch)
+    lm = TeacherForcedLM(llm.engine.runner.model, capacity=1024)
     lm.prefill(text_ids[:prompt_len])
-    emulated = lm.decode(forced[:-1], SMALL_BUDGET)
+    emulated = lm.decode(forced[:-1], kcache)
     # float32; the emulation's dense layers use a fused kernel, so far-tail log-probs (~ -30) differ by ~1e-3
     torch.testing.assert_close(torch.log_softmax(emulated, -1), torch.log_softmax(engine_logits[1:], -1),
                                atol=3e-3, rtol=0)
     assert torch.equal(emulated.argmax(-1), engine_logits[1:].argmax(-1))
     lm.truncate(prompt_len)
-    full = lm.decode(forced[:-1], KCacheConfig())
-    assert (torch.log_softmax(full, -1) - torch.log_softmax(engine_logits[1:], -1)).abs().max() > 0.1, \
-        "the small budget should change the output, or this test shows nothing"
+    elsewise = lm.decode(forced[:-1], other)
+    assert (torch.log_softmax(elsewise, -1) - torch.log_softmax(engine_logits[1:], -1)).abs().max() > 0.1, \
+        f"{other} should change the output, or this test shows nothing"
+
+
+def test_emulation_equals_engine_decode_with_forced_tokens(engine_llm, text_ids, monkeypatch):
+    check_emulation_equals_engine(engine_llm, SMALL_BUDGET, text_ids, monkeypatch, other=KCacheConfig())
+
+
+def test_fp8_scoring_keys_emulation_equals_engine_decode(default_model_dir, text_ids, monkeypatch):
+    """scoring_keys="fp8": the engine picks with its float8 K and weighs with the exact K from host
+    memory, as the emulation's `selection_keys` does; picking with the exact K differs."""
+    fp8 = dataclasses.replace(SMALL_BUDGET, scoring_keys="fp8")
+    llm = LLM(device="cpu", kcache=fp8, max_model_len=2048)
+    kv_cache = llm.engine.runner.kv_cache
+    assert kv_cache.k_caches[SMALL_BUDGET.dense_layers].dtype == torch.float8_e4m3fn
+    check_emulation_equals_engine(llm, fp8, text_ids, monkeypatch, other=SMALL_BUDGET)
 
 
 def test_emulated_greedy_equals_engine_greedy(engine_llm, text_ids):

@@ -78,6 +78,10 @@ def test_unknown_config_keys():
     ({"kcache": {"row_cache_factor": 0.5}},
      r"invalid value for 'kcache.row_cache_factor': 0.5; allowed: null \(2 on CUDA, 0 on CPU\), 0 \(no row cache\) "
      r"or a number >= 1"),
+    ({"kcache": {"scoring_keys": "int8"}}, "invalid value for 'kcache.scoring_keys': 'int8'; allowed: model | fp8"),
+    ({"kcache": {"scoring_keys": "fp8", "renormalize": False}},
+     "kcache.scoring_keys='fp8' needs kcache.renormalize=true: the picked positions are weighed by their exact K, "
+     "which the positions not picked have only in host memory$"),
     ({"gpu_memory_utilization": 1.5}, r"invalid value for 'gpu_memory_utilization': 1.5; allowed: a number in \(0, 1\]"),
     ({"max_num_seqs": 0}, "invalid value for 'max_num_seqs': 0; allowed: an integer >= 1"),
     ({"parallel": {"tensor_parallel_size": "2"}},
@@ -89,6 +93,15 @@ def test_unknown_config_keys():
 def test_invalid_config_values(values, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         EngineConfig.from_dict(values)
+
+
+def test_fp8_scoring_keys_are_refused_on_cuda_before_anything_is_built():
+    fp8 = KCacheConfig(mode="kcache", scoring_keys="fp8")
+    fp8.check_device("cpu")
+    with pytest.raises(ValueError, match=r"^kcache.scoring_keys='fp8' runs on CPU only so far \(its CUDA kernels are "
+                                         r"not written\); use scoring_keys='model' on CUDA$"):
+        fp8.check_device("cuda")
+    KCacheConfig(mode="full", scoring_keys="fp8").check_device("cuda")  # full mode picks nothing: no effect
 
 
 def test_unsupported_architecture(tiny_llama_dir, tmp_path):
@@ -172,3 +185,15 @@ def test_server_without_its_http_packages_stops_before_the_engine(monkeypatch, c
     assert exit_info.value.code == 2
     assert ("the server needs the package(s) fastapi, which this Python cannot import; install kcache_dist with its "
             "dependencies (pip install -e .)") in capsys.readouterr().err
+
+
+def test_scoring_keys_flag(capsys):
+    from kcache_dist.server.cli_args import build_parser, engine_config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["--kcache-mode", "kcache", "--scoring-keys", "fp8"])
+    assert engine_config_from_args(args).kcache.scoring_keys == "fp8"
+    assert engine_config_from_args(parser.parse_args([])).kcache.scoring_keys == "model"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scoring-keys", "int8"])
+    assert "argument --scoring-keys: invalid choice: 'int8' (choose from 'model', 'fp8')" in capsys.readouterr().err

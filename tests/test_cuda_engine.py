@@ -32,7 +32,7 @@ def test_kcache_on_cuda_equals_full_mode(fixture, request):
     for kcache in (COVERING, dataclasses.replace(COVERING, row_cache_factor=0)):  # the far-row cache by default
         llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=kcache)
         cache = llm.engine.runner.kv_cache
-        assert cache.host_pool.pinned and cache.v_host[0].is_pinned() and not cache.v_host[0].is_cuda
+        assert cache.host_pool.pinned and cache.host_rows[0].is_pinned() and not cache.host_rows[0].is_cuda
         assert (cache.row_cache is None) == (kcache.row_cache_factor == 0)
         assert token_ids(llm.generate(PROMPTS, GREEDY)) == full
         assert cache.v_rows_fetched > 0

@@ -4,6 +4,7 @@ fewer V rows; it survives chunked prefill and preemption."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -22,9 +23,11 @@ def test_covering_budget_equals_full_mode(fixture, request):
     full = token_ids(LLM(device="cpu", model=model_dir).generate(PROMPTS, GREEDY_64))
     for kcache in (COVERING, KCacheConfig(mode="kcache", top_n=100, dense_layers=0, sink_tokens=0,
                                           recent_window=0, group_reduce="sum", renormalize=False),
-                   KCacheConfig(mode="kcache", top_n=100, dense_layers=1, sink_tokens=4, recent_window=0)):
+                   KCacheConfig(mode="kcache", top_n=100, dense_layers=1, sink_tokens=4, recent_window=0),
+                   dataclasses.replace(COVERING, scoring_keys="fp8"),
+                   dataclasses.replace(COVERING, scoring_keys="fp8", row_cache_factor=2, top_n=100, recent_window=0)):
         llm = LLM(device="cpu", model=model_dir, kcache=kcache)
-        assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == full
+        assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == full, kcache
         assert llm.engine.runner.kv_cache.v_rows_fetched > 0  # the far rows did come from the host pool
 
 
@@ -45,10 +48,11 @@ def test_small_budget_reads_fewer_rows(tiny_llama_dir):
     assert 0 < llm.engine.runner.kv_cache.v_rows_fetched <= decode_steps * 1 * 2 * small.top_n
 
 
-def test_chunked_prefill_and_preemption_in_kcache_mode(tiny_llama_dir):
+@pytest.mark.parametrize("scoring_keys", ["model", "fp8"])
+def test_chunked_prefill_and_preemption_in_kcache_mode(tiny_llama_dir, scoring_keys):
     reference = token_ids(LLM(device="cpu", model=tiny_llama_dir).generate(PROMPTS, GREEDY_64))
-    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=COVERING, block_size=8, num_kv_blocks=14, max_model_len=112,
-              max_num_batched_tokens=7)
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=dataclasses.replace(COVERING, scoring_keys=scoring_keys),
+              block_size=8, num_kv_blocks=14, max_model_len=112, max_num_batched_tokens=7)
     assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == reference
     assert llm.engine.scheduler.num_preemptions > 0
     bm = llm.engine.block_manager

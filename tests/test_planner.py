@@ -15,7 +15,6 @@ import torch
 
 from kcache_dist.cache import memory_facts
 from kcache_dist.cache.full_kv_cache import FullKVCache
-from kcache_dist.cache.host_pool import HostPool
 from kcache_dist.cache.kcache_kv_cache import KCacheKVCache
 from kcache_dist.cache.planner import (BINDS_FIXED, BINDS_GPU, BINDS_HOST, BINDS_MEMLOCK, BINDS_SEQS_X_LEN, GIB,
                                        CacheGeometry, DeviceMemoryFacts, HostMemoryFacts, PlannerKnobs, agree,
@@ -380,19 +379,45 @@ def test_agree_rejects_incomplete_or_mismatched_plans():
 # ------------------------------------------------------------------------------------ geometry and inputs
 
 
-@pytest.mark.parametrize("kv_heads, block_size, num_blocks", [(8, 256, 7), (1, 16, 3), (3, 5, 11)])
-def test_geometry_matches_the_cache_classes(kv_heads, block_size, num_blocks):
-    dtype = torch.bfloat16
-    kcache = CacheGeometry("kcache", LAYERS, DENSE, kv_heads, HEAD_DIM, 2, block_size, HOT_ROWS)
-    spec = SelectionSpec(256, SINK, WINDOW, True, "max")
-    device_block, host_block = KCacheKVCache.bytes_per_block(LAYERS, DENSE, kv_heads, block_size, HEAD_DIM, dtype)
-    assert (kcache.gpu_bytes_per_block, kcache.host_bytes_per_token * block_size) == (device_block, host_block)
-    assert kcache.hot_gpu_bytes(64) == KCacheKVCache.hot_bytes(LAYERS, DENSE, 64, kv_heads, HEAD_DIM, spec, dtype)
-    shape = (num_blocks, kv_heads, block_size, HEAD_DIM)
-    assert kcache.host_pool_bytes(num_blocks) == HostPool.bytes_for([shape] * SPARSE, dtype)
-    full = CacheGeometry("full", LAYERS, DENSE, kv_heads, HEAD_DIM, 2, block_size)
-    assert full.gpu_bytes_per_block == FullKVCache.bytes_per_block(LAYERS, kv_heads, block_size, HEAD_DIM, dtype)
+@pytest.mark.parametrize("kv_heads, block_size, num_blocks", [(8, 16, 7), (1, 16, 3), (3, 5, 11)])
+@pytest.mark.parametrize("scoring_keys, row_cache_factor", [("model", 0), ("model", 1.5), ("fp8", 0), ("fp8", 2)])
+def test_geometry_matches_what_the_caches_allocate(kv_heads, block_size, num_blocks, scoring_keys, row_cache_factor):
+    """The planner's bytes equal the tensors the caches really allocate (small head_dim and layer
+    counts keep the CPU allocation small; the arithmetic is the same)."""
+    layers, dense, head_dim, num_seqs, max_len = 6, 2, 16, 3, 40
+    config = EngineConfig(block_size=block_size, kcache=KCacheConfig(
+        mode="kcache", top_n=8, dense_layers=dense, sink_tokens=2, recent_window=5, scoring_keys=scoring_keys,
+        row_cache_factor=row_cache_factor))
+    geometry = CacheGeometry.from_engine_config(config, layers, kv_heads, head_dim, 4, max_model_len=max_len)
+    kc = config.kcache
+    spec = SelectionSpec(kc.top_n, kc.sink_tokens, kc.recent_window, kc.renormalize, kc.group_reduce)
+    cache = KCacheKVCache(layers, dense, num_blocks, num_seqs, kv_heads, block_size, head_dim, spec, torch.float32,
+                          torch.device("cpu"), row_cache_rows=kc.row_cache_rows, max_model_len=max_len,
+                          fp8_scoring_keys=kc.fp8_scoring_keys)
+    assert cache.device_bytes() == geometry.gpu_cache_bytes(num_blocks, num_seqs)
+    assert cache.host_pool.num_bytes == geometry.host_pool_bytes(num_blocks)
+    assert sum(t.numel() * t.element_size() for t in cache.host_rows) == \
+        num_blocks * block_size * geometry.host_bytes_per_token
+    full_config = EngineConfig(block_size=block_size)
+    full = CacheGeometry.from_engine_config(full_config, layers, kv_heads, head_dim, 4)
+    full_cache = FullKVCache(layers, num_blocks, kv_heads, block_size, head_dim, torch.float32, torch.device("cpu"))
+    assert sum(t.numel() * t.element_size() for t in full_cache.k_caches + full_cache.v_caches) == \
+        full.gpu_cache_bytes(num_blocks, num_seqs)
     assert (full.host_pool_bytes(num_blocks), full.hot_gpu_bytes(64)) == (0, 0)
+
+
+def test_fp8_scoring_keys_bytes_by_hand():
+    """Llama-3-8B on one rank, bf16, 8 dense layers: a token holds K + V of 8 dense layers (8 x 2 x
+    2048 B) and float8 K + a float32 scale per KV head of 24 sparse layers (24 x 8 x 132 B) on the
+    GPU, K | V of the 24 sparse layers on the host; the hot rows keep K and V."""
+    fp8 = CacheGeometry("kcache", 32, 8, 8, 128, 2, 256, hot_rows=132, fp8_scoring_keys=True)
+    model = dataclasses.replace(fp8, fp8_scoring_keys=False)
+    assert fp8.gpu_bytes_per_token == 8 * 2 * 2048 + 24 * 8 * 132 == 58112
+    assert model.gpu_bytes_per_token == 8 * 2 * 2048 + 24 * 2048 == 81920
+    assert fp8.host_bytes_per_token == 2 * model.host_bytes_per_token == 24 * 2 * 2048
+    assert fp8.hot_gpu_bytes(3) == 2 * model.hot_gpu_bytes(3) == 4 * 24 * 132 * 2 * 2048
+    assert fp8.describe_per_token() == ("GPU 58112 B (K of 8 dense layers, fp8 K of 24 sparse layers + V of 8 "
+                                        "dense layers), host 98304 B (K and V of 24 sparse layers)")
 
 
 def test_inputs_from_engine_config_and_their_checks():

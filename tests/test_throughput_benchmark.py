@@ -54,6 +54,11 @@ def test_decode_step_bytes_llama3_8b_shape():
     kc = decode_step_bytes(CacheGeometry(mode="kcache", **shape), 0, [8192], spec)
     assert kc.k_bytes == 512 << 20 and kc.dense_v_bytes == 32 << 20
     assert kc.hot_v_bytes == 30 * 132 * 2048 and kc.far_v_bytes == 30 * 256 * 2048  # 15 MiB over PCIe
+    # fp8 scoring keys: a sparse layer's K is 8 heads x (128 fp8 bytes + a 4-byte scale) a token, and
+    # the hot and far rows carry K and V
+    fp8 = decode_step_bytes(CacheGeometry(mode="kcache", fp8_scoring_keys=True, **shape), 0, [8192], spec)
+    assert fp8.k_bytes == 8192 * (2 * 2048 + 30 * 8 * 132) and fp8.dense_v_bytes == kc.dense_v_bytes
+    assert fp8.hot_v_bytes == 2 * kc.hot_v_bytes and fp8.far_v_bytes == 2 * kc.far_v_bytes
 
 
 @pytest.fixture(scope="module")

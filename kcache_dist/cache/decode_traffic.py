@@ -11,6 +11,9 @@ A decode step reads, on each rank:
                           V of the sink + window of the sparse layers: sparse x hot(L) rows
     PCIe  kcache mode only: the far V rows chosen, from host memory:   sparse x min(top_n, far(L)) rows
 
+and with fp8 scoring keys (`CacheGeometry.fp8_scoring_keys`) a sparse layer's K is read as float8
+and a scale per KV head (`sparse_k_bytes_per_token`), the sink + window rows as K and V, and the far
+rows fetched as K | V (2 rows each);
 with a row = one token of one layer's K or V on this rank (num_kv_heads x head_dim x dtype bytes),
 hot(L) = the sink and window positions of L, far(L) = the others (`SelectionSpec.split`). This is
 the ideal: each byte read once; scores, the selection's scratch, the fetched rows' second read from
@@ -35,8 +38,8 @@ class DecodeStepBytes:
 
     weight_bytes: weights read (HBM). k_bytes: K of every layer over each sequence's context (HBM).
     dense_v_bytes: V of the layers that keep V in device memory — every layer in full mode (HBM).
-    hot_v_bytes: sink + window V rows of the sparse layers (HBM). far_v_bytes: far V rows fetched
-    from host memory (PCIe).
+    hot_v_bytes: sink + window V rows of the sparse layers, with their K under fp8 scoring keys
+    (HBM). far_v_bytes: far V rows fetched from host memory, K | V rows under fp8 scoring keys (PCIe).
     """
 
     weight_bytes: int
@@ -74,14 +77,16 @@ def decode_step_bytes(geometry: CacheGeometry, weight_bytes: int, seq_lens: Sequ
     """
     row = geometry.row_bytes
     total_len = sum(seq_lens)
-    k = geometry.num_layers * total_len * row
     if geometry.mode == "full":
+        k = geometry.num_layers * total_len * row
         return DecodeStepBytes(weight_bytes, k, geometry.num_layers * total_len * row, 0, 0)
     sparse = geometry.num_sparse_layers
+    k = total_len * (geometry.dense_layers * row + sparse * geometry.sparse_k_bytes_per_token)
+    host_row = geometry.host_rows_per_token * row  # a hot or far row: V, or K | V
     hot_rows = far_rows = 0
     for length in seq_lens:
         sink_end, window_start = spec.split(length)
         hot_rows += sink_end + (length - window_start)
         far_rows += min(spec.top_n, window_start - sink_end)
     return DecodeStepBytes(weight_bytes=weight_bytes, k_bytes=k, dense_v_bytes=geometry.dense_layers * total_len * row,
-                           hot_v_bytes=sparse * hot_rows * row, far_v_bytes=sparse * far_rows * row)
+                           hot_v_bytes=sparse * hot_rows * host_row, far_v_bytes=sparse * far_rows * host_row)

@@ -18,11 +18,6 @@ class FullKVCache:
         self.k_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
-
     def join_offload(self) -> None:
         """Nothing to join: full-KV mode writes no host memory (KCacheKVCache.join_offload)."""
 

@@ -13,6 +13,15 @@ A sparse layer keeps:
 Block ids are shared by all pools, so one block table serves K and V. Prefill runs dense attention
 (earlier chunks' V read back from the host pool); a decode step runs KCache attention.
 
+With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`) a sparse layer keeps instead:
+  k pool   [num_blocks, Hkv, bs, D] float8 e4m3, k scales [num_blocks, Hkv, bs] float32   device
+  kv pool  [num_blocks, Hkv, bs, 2D]   host: a row is the position's exact K | V (one fetch, both)
+  k hot, v hot                         device: exact K and V of the sink and window rows
+  row cache rows of 2D                 device: K | V of the far rows picked most recently
+The float8 K only scores and picks; the picked, sink and window positions are weighed by their exact
+K (`kcache/reference.py`, `kcache_decode_fp8_scoring_reference`). A prefill reads its earlier
+chunks' exact K back from the host pool with their V.
+
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
 it on the GPU (the kernels that read host memory: the decode's fetch and a prefill chunk's read
@@ -31,6 +40,8 @@ import torch
 
 from ..forward_context import ForwardContext
 from ..kcache.decode import far_rows_fetched, kcache_decode, triton_kernels
+from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, quantize_rows
+from ..kcache.reference import kcache_decode_fp8_scoring_reference
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
@@ -42,38 +53,42 @@ from .store_rows import store_rows
 class KCacheKVCache:
     def __init__(self, num_layers: int, dense_layers: int, num_blocks: int, num_slots: int, num_kv_heads: int,
                  block_size: int, head_dim: int, spec: SelectionSpec, dtype: torch.dtype, device: torch.device,
-                 row_cache_rows: int = 0, max_model_len: int = 0):
+                 row_cache_rows: int = 0, max_model_len: int = 0, fp8_scoring_keys: bool = False):
         self.dense_layers = dense_layers
         self.spec = spec
         self.device = device
+        self.head_dim = head_dim
+        self.fp8_scoring_keys = fp8_scoring_keys
         block_shape = (num_blocks, num_kv_heads, block_size, head_dim)
         num_sparse = num_layers - dense_layers
-        self.host_pool = HostPool(HostPool.bytes_for([block_shape] * num_sparse, dtype), device)  # most likely to fail
-        self.v_host = [self.host_pool.take(block_shape, dtype) for _ in range(num_sparse)]
-        self.k_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # a host row: V, or with fp8 scoring keys K | V
+        host_shape = (*block_shape[:3], 2 * head_dim if fp8_scoring_keys else head_dim)
+        self.host_pool = HostPool(HostPool.bytes_for([host_shape] * num_sparse, dtype), device)  # most likely to fail
+        self.host_rows = [self.host_pool.take(host_shape, dtype) for _ in range(num_sparse)]
+        sparse_k_dtype = FP8_DTYPE if fp8_scoring_keys else dtype
+        self.k_caches = [torch.empty(block_shape, dtype=dtype if layer < dense_layers else sparse_k_dtype,
+                                     device=device) for layer in range(num_layers)]
+        self.k_scales = ([torch.empty(block_shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(num_sparse)]
+                         if fp8_scoring_keys else [])
         self.dense_v_caches = [torch.empty(block_shape, dtype=dtype, device=device) for _ in range(dense_layers)]
         hot_shape = (num_slots + 1, num_kv_heads, spec.hot_rows, head_dim)  # + the spare slot
         # the spare slot takes the hot rows of CUDA-graph padding rows and of rows outside sink and window
         self.spare_hot_slot = num_slots
         self.v_hot = [torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
-        self.row_cache = (FarRowCache(num_sparse, num_slots + 1, num_kv_heads, row_cache_rows, max_model_len, head_dim,
-                                      dtype, device) if row_cache_rows else None)
+        self.k_hot = ([torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
+                      if fp8_scoring_keys else [])
+        self.row_cache = (FarRowCache(num_sparse, num_slots + 1, num_kv_heads, row_cache_rows, max_model_len,
+                                      host_shape[-1], dtype, device) if row_cache_rows else None)
         self._far_rows_counted = 0  # without a row cache: far V rows the decode steps read (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, dense_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
-                        dtype: torch.dtype) -> tuple[int, int]:
-        """(device bytes, host bytes) one block costs: K of all layers + V of dense layers on the
-        device, V of sparse layers on the host."""
-        row_bytes = num_kv_heads * block_size * head_dim * dtype.itemsize
-        return (num_layers + dense_layers) * row_bytes, (num_layers - dense_layers) * row_bytes
-
-    @staticmethod
-    def hot_bytes(num_layers: int, dense_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                  spec: SelectionSpec, dtype: torch.dtype) -> int:
-        return (num_layers - dense_layers) * (num_slots + 1) * num_kv_heads * spec.hot_rows * head_dim * dtype.itemsize
+    def device_bytes(self) -> int:
+        """Device memory of the cache's tensors (blocks, hot rows, row cache), as the planner counts it."""
+        tensors = [*self.k_caches, *self.k_scales, *self.dense_v_caches, *self.v_hot, *self.k_hot]
+        if self.row_cache is not None:
+            tensors += self.row_cache.tensors()
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:
@@ -82,34 +97,51 @@ class KCacheKVCache:
         if layer_idx < self.dense_layers:
             return dense_attend(k_cache, self.dense_v_caches[layer_idx], q, k, v, scale, ctx)
         sparse = layer_idx - self.dense_layers
-        v_host, v_hot = self.v_host[sparse], self.v_hot[sparse]
-        store_rows(k_cache, k, ctx.slot_mapping)
-        if ctx.decode_only:
-            self._write_hot_decode(v_hot, v, ctx)
+        host_rows, v_hot = self.host_rows[sparse], self.v_hot[sparse]
+        fp8 = self.fp8_scoring_keys
+        if fp8:
+            k_fp8, k_scale = quantize_rows(k)
+            store_rows(k_cache, k_fp8, ctx.slot_mapping)
+            store_rows(self.k_scales[sparse][..., None], k_scale[..., None], ctx.slot_mapping)
         else:
-            self._write_hot(v_hot, v, ctx)
+            store_rows(k_cache, k, ctx.slot_mapping)
+        for hot, rows in ((v_hot, v), *(((self.k_hot[sparse], k),) if fp8 else ())):
+            if ctx.decode_only:
+                self._write_hot_decode(hot, rows, ctx)
+            else:
+                self._write_hot(hot, rows, ctx)
         earlier_writes = self._offload_done[sparse]
-        self._offload(sparse, v, ctx.slot_mapping)
+        self._offload(sparse, torch.cat([k, v], dim=-1) if fp8 else v, ctx.slot_mapping)
         out = torch.empty_like(q)
         nd = ctx.num_decodes
         if nd:
             # With a recent window the new row is read from v_hot, so only earlier writes must land first.
             self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
                                        on_device=q.is_cuda)
-            out[:nd] = kcache_decode(q[:nd], k_cache, v_host, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
-                                     ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
-                                     self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
-                                     row_cache=self.row_cache.layer(sparse) if self.row_cache else None)
+            row_cache = self.row_cache.layer(sparse) if self.row_cache else None
+            if fp8:
+                out[:nd] = kcache_decode_fp8_scoring_reference(
+                    q[:nd], k_cache, self.k_scales[sparse], host_rows, self.k_hot[sparse], v_hot,
+                    ctx.block_tables[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd], self.spec, scale,
+                    row_cache=row_cache)
+            else:
+                out[:nd] = kcache_decode(q[:nd], k_cache, host_rows, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
+                                         ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
+                                         self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
+                                         row_cache=row_cache)
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
             num_earlier = length - (end - start)
-            if num_earlier:  # a later chunk of a long prompt: read the earlier chunks' V back
-                earlier = self._read_host_context(v_host, table, num_earlier, earlier_writes, q.device)
+            if num_earlier:  # a later chunk of a long prompt: read the earlier chunks' host rows back
+                earlier = self._read_host_context(host_rows, table, num_earlier, earlier_writes, q.device)
             else:
-                earlier = v.new_empty(v.shape[1], 0, v.shape[2])
-            values = torch.cat([earlier, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
-            out[start:end] = prefill_attention(q[start:end], gather_context(k_cache, table, length), values, scale)
+                earlier = v.new_empty(v.shape[1], 0, host_rows.shape[-1])
+            earlier_k, earlier_v = earlier.split(self.head_dim, -1) if fp8 else (None, earlier)
+            values = torch.cat([earlier_v, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
+            keys = (torch.cat([earlier_k, k[start:end].transpose(0, 1)], dim=1) if fp8
+                    else gather_context(k_cache, table, length))
+            out[start:end] = prefill_attention(q[start:end], keys, values, scale)
         return out
 
     def start_sequences(self, hot_slots: list[int]) -> None:
@@ -124,8 +156,8 @@ class KCacheKVCache:
         the host pool in every sparse layer (the model runner calls it once per step, so that
         warm-up runs and graph replays count as what they are). A row cache counts its own misses."""
         if self.row_cache is None:
-            self._far_rows_counted += len(self.v_host) * far_rows_fetched(seq_lens, self.k_caches[0].shape[1],
-                                                                         self.spec)
+            self._far_rows_counted += len(self.host_rows) * far_rows_fetched(seq_lens, self.k_caches[0].shape[1],
+                                                                             self.spec)
 
     @property
     def v_rows_fetched(self) -> int:
@@ -146,17 +178,18 @@ class KCacheKVCache:
         done.event.record(stream)
         self._offload_done = [done] * len(self._offload_done)
 
-    def _offload(self, sparse: int, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write v [T, Hkv, D] to the host pool; on CUDA on the offload stream, after v is ready."""
+    def _offload(self, sparse: int, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write the host rows [T, Hkv, D] (V; K | V [T, Hkv, 2D] with fp8 scoring keys) to the host
+        pool; on CUDA on the offload stream, after they are ready."""
         if self.offload_stream is None:
-            store_rows(self.v_host[sparse], v, slot_mapping)
+            store_rows(self.host_rows[sparse], rows, slot_mapping)
             return
         self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.offload_stream):
-            store_rows(self.v_host[sparse], v, slot_mapping)
+            store_rows(self.host_rows[sparse], rows, slot_mapping)
             done = _OffloadDone(torch.cuda.Event(), captured=_capturing_on(self.device))
             done.event.record(self.offload_stream)
-        v.record_stream(self.offload_stream)  # keep v's memory until the write has read it
+        rows.record_stream(self.offload_stream)  # keep the rows' memory until the write has read them
         slot_mapping.record_stream(self.offload_stream)
         self._offload_done[sparse] = done
 
@@ -171,21 +204,22 @@ class KCacheKVCache:
         else:
             done.event.synchronize()
 
-    def _read_host_context(self, v_host: torch.Tensor, table: torch.Tensor, length: int,
+    def _read_host_context(self, host_rows: torch.Tensor, table: torch.Tensor, length: int,
                            earlier_writes: Optional["_OffloadDone"], device: torch.device) -> torch.Tensor:
-        """One sequence's first `length` V rows of a sparse layer, [Hkv, length, D] on `device`: on
-        CUDA read from the pinned pool by a Triton kernel after the GPU waits for the offload;
-        elsewhere (or without Triton) gathered on the host after the host waits, then copied."""
-        kernels = triton_kernels() if device.type == "cuda" and v_host.is_pinned() else None
+        """One sequence's first `length` host rows of a sparse layer (V, or K | V with fp8 scoring
+        keys), [Hkv, length, D or 2D] on `device`: on CUDA read from the pinned pool by a Triton kernel
+        after the GPU waits for the offload; elsewhere (or without Triton) gathered on the host after
+        the host waits, then copied."""
+        kernels = triton_kernels() if device.type == "cuda" and host_rows.is_pinned() else None
         if kernels is not None:
             self._wait_for_host_writes(earlier_writes, on_device=True)
-            return kernels.gather_context_zero_copy(v_host, table.to(device), length)
+            return kernels.gather_context_zero_copy(host_rows, table.to(device), length)
         self._wait_for_host_writes(earlier_writes, on_device=False)
-        return gather_context(v_host, table.to(v_host.device), length).to(device)
+        return gather_context(host_rows, table.to(host_rows.device), length).to(device)
 
-    def _write_hot(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
-        """Copy new V rows that are sink positions or among the last `recent_window` of their
-        sequence into the sequence's hot rows; the other rows go to the spare slot, which no
+    def _write_hot(self, hot: torch.Tensor, rows: torch.Tensor, ctx: ForwardContext) -> None:
+        """Copy new V (or K) rows [T, Hkv, D] that are sink positions or among the last `recent_window` of
+        their sequence into the sequence's hot rows; the other rows go to the spare slot, which no
         sequence reads (so nothing here waits on the host: no boolean indexing). Needs
         ctx.token_seqs, which the model runner sets for every step it prepares."""
         if self.spec.hot_rows == 0:
@@ -194,9 +228,9 @@ class KCacheKVCache:
         pos = ctx.positions
         keep = (pos < self.spec.sink_tokens) | (pos >= ctx.seq_lens[seqs] - self.spec.recent_window)
         slot = torch.where(keep, ctx.hot_slots[seqs], self.spare_hot_slot)
-        v_hot[slot, :, self.spec.hot_row(pos)] = v
+        hot[slot, :, self.spec.hot_row(pos)] = rows
 
-    def _write_hot_decode(self, v_hot: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
+    def _write_hot_decode(self, hot: torch.Tensor, rows: torch.Tensor, ctx: ForwardContext) -> None:
         """`_write_hot` for a decode-only step (one token per sequence, each in its own hot slot, so
         no ctx.token_seqs): with a recent window every new row is kept; without one, a row past the
         sink goes to the spare slot."""
@@ -205,7 +239,7 @@ class KCacheKVCache:
         pos, slot = ctx.positions, ctx.hot_slots
         if not self.spec.recent_window:
             slot = torch.where(pos < self.spec.sink_tokens, slot, self.spare_hot_slot)
-        v_hot[slot, :, self.spec.hot_row(pos)] = v
+        hot[slot, :, self.spec.hot_row(pos)] = rows
 
 
 @dataclass(frozen=True)

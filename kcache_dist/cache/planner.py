@@ -15,6 +15,10 @@ layer's K or V on this rank's KV heads: num_kv_heads x head_dim x dtype_bytes):
                           one sequence slot (`far_row_cache_slot_bytes`)
                   host: n x block_size x (num_layers - dense_layers) rows   (V of sparse layers; each
                         layer's view aligned to 4 KiB, as `HostPool.take` lays it out)
+    kcache with   a sparse layer's K on the GPU is float8 plus a float32 scale per KV head
+    fp8 scoring   (num_kv_heads x (head_dim + 4) bytes a token instead of a row); its exact K goes to
+    keys          the host beside V (2 rows a token), the hot rows keep K and V (2 x the hot V rows)
+                  and the far-row cache holds K | V rows
 
 Block ids are shared by the K pool and the V pool, so one rank's block count is the least of what
 its GPU holds, what its host memory holds, and max_num_seqs x ceil(max_model_len / block_size).
@@ -169,6 +173,7 @@ class CacheGeometry:
     dtype_bytes: bytes of one cache element (2 for bf16/fp16).
     hot_rows: V rows per (sequence, KV head, sparse layer) kept on the GPU: sink + recent window.
     row_cache_slot_bytes: GPU bytes of the far-row cache of one sequence slot (0: no row cache).
+    fp8_scoring_keys: kcache.scoring_keys="fp8" (module docstring).
     """
 
     mode: str
@@ -180,6 +185,7 @@ class CacheGeometry:
     block_size: int
     hot_rows: int = 0
     row_cache_slot_bytes: int = 0
+    fp8_scoring_keys: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -200,11 +206,13 @@ class CacheGeometry:
         rank; max_model_len sizes the row cache's position map."""
         kc = config.kcache
         kcache = kc.mode == "kcache"
+        row_width = head_dim * (2 if kc.fp8_scoring_keys else 1)  # a cached far row: V, or K | V
         row_cache = (far_row_cache_slot_bytes(num_layers - kc.dense_layers, num_kv_heads, kc.row_cache_rows,
-                                              max_model_len, head_dim, dtype_bytes) if kc.row_cache_rows else 0)
+                                              max_model_len, row_width, dtype_bytes) if kc.row_cache_rows else 0)
         return cls(mode=kc.mode, num_layers=num_layers, dense_layers=kc.dense_layers, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, dtype_bytes=dtype_bytes, block_size=config.resolved_block_size,
-                   hot_rows=kc.sink_tokens + kc.recent_window if kcache else 0, row_cache_slot_bytes=row_cache)
+                   hot_rows=kc.sink_tokens + kc.recent_window if kcache else 0, row_cache_slot_bytes=row_cache,
+                   fp8_scoring_keys=kc.fp8_scoring_keys)
 
     @property
     def row_bytes(self) -> int:
@@ -222,14 +230,27 @@ class CacheGeometry:
         return self.num_layers - self.num_sparse_layers
 
     @property
+    def sparse_k_bytes_per_token(self) -> int:
+        """GPU bytes of one token's K in one sparse layer: a row, or with fp8 scoring keys a float8
+        value per element and a float32 scale per KV head."""
+        return self.num_kv_heads * (self.head_dim + 4) if self.fp8_scoring_keys else self.row_bytes
+
+    @property
+    def host_rows_per_token(self) -> int:
+        """Rows one token of a sparse layer keeps in host memory (and a far fetch reads): V, or K | V."""
+        return 2 if self.fp8_scoring_keys else 1
+
+    @property
     def gpu_bytes_per_token(self) -> int:
-        """K of every layer + V of the layers that keep it on the GPU."""
-        return (self.num_layers + self.num_gpu_v_layers) * self.row_bytes
+        """K of every layer (the sparse layers' as `sparse_k_bytes_per_token`) + V of the layers that keep it on
+        the GPU."""
+        return (2 * self.num_gpu_v_layers * self.row_bytes
+                + self.num_sparse_layers * self.sparse_k_bytes_per_token)
 
     @property
     def host_bytes_per_token(self) -> int:
-        """V of the sparse layers."""
-        return self.num_sparse_layers * self.row_bytes
+        """V (with fp8 scoring keys K | V) of the sparse layers."""
+        return self.num_sparse_layers * self.host_rows_per_token * self.row_bytes
 
     @property
     def gpu_bytes_per_block(self) -> int:
@@ -237,15 +258,15 @@ class CacheGeometry:
 
     @property
     def host_bytes_per_layer_block(self) -> int:
-        """One block of one sparse layer's V pool."""
-        return self.row_bytes * self.block_size
+        """One block of one sparse layer's host pool."""
+        return self.host_rows_per_token * self.row_bytes * self.block_size
 
     def hot_gpu_bytes(self, max_num_seqs: int) -> int:
-        """The GPU buffers kept per sequence slot: sink + window V rows (per sparse layer) and the
-        far-row cache, one slot per running sequence and a spare one (written by the padding rows
-        of CUDA-graph batches)."""
-        return (max_num_seqs + 1) * (self.num_sparse_layers * self.hot_rows * self.row_bytes
-                                     + self.row_cache_slot_bytes)
+        """The GPU buffers kept per sequence slot: sink + window V rows (per sparse layer; with fp8
+        scoring keys their K too) and the far-row cache, one slot per running sequence and a spare
+        one (written by the padding rows of CUDA-graph batches)."""
+        return (max_num_seqs + 1) * (self.num_sparse_layers * self.hot_rows * self.host_rows_per_token
+                                     * self.row_bytes + self.row_cache_slot_bytes)
 
     def gpu_cache_bytes(self, num_blocks: int, max_num_seqs: int) -> int:
         """GPU bytes of `num_blocks` blocks plus the hot V rows."""
@@ -263,9 +284,13 @@ class CacheGeometry:
     def describe_per_token(self) -> str:
         """'GPU 69632 B (K of 32 layers + V of 2 dense layers), host 61440 B (V of 30 sparse layers)'."""
         dense = "V of every layer" if self.mode == "full" else f"V of {self.num_gpu_v_layers} dense layers"
-        text = f"GPU {self.gpu_bytes_per_token} B (K of {self.num_layers} layers + {dense})"
+        keys = f"K of {self.num_layers} layers"
+        if self.fp8_scoring_keys and self.num_sparse_layers:
+            keys = f"K of {self.num_gpu_v_layers} dense layers, fp8 K of {self.num_sparse_layers} sparse layers"
+        text = f"GPU {self.gpu_bytes_per_token} B ({keys} + {dense})"
         if self.num_sparse_layers:
-            text += f", host {self.host_bytes_per_token} B (V of {self.num_sparse_layers} sparse layers)"
+            held = "K and V" if self.fp8_scoring_keys else "V"
+            text += f", host {self.host_bytes_per_token} B ({held} of {self.num_sparse_layers} sparse layers)"
         return text
 
 

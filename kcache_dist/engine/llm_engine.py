@@ -83,6 +83,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         """Joins the job's ranks first (layers read their tensor-parallel rank when built)."""
         device_type = resolve_device_type(config.device)
+        config.kcache.check_device(device_type)
         config = dataclasses.replace(config, kcache=config.kcache.for_device(device_type))
         tp = config.parallel.tensor_parallel_size
         self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s,
@@ -231,7 +232,7 @@ class LLMEngine:
         """Queues and cache occupancy now. Call between steps, on the thread that owns the engine."""
         blocks = self.block_manager
         kv_cache = self.runner.kv_cache
-        keeps_v_on_host = bool(getattr(kv_cache, "v_host", None))  # KCache mode with at least one sparse layer
+        keeps_v_on_host = bool(getattr(kv_cache, "host_rows", None))  # KCache mode with at least one sparse layer
         v_row_bytes = self.model_config.head_dim * self.dtype.itemsize
         return EngineSnapshot(
             kcache_mode=self.config.kcache.mode,

@@ -29,7 +29,8 @@ GatherRows = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FarRowCache:
-    """Per sparse layer: rows [num_slots, Hkv, capacity + 1, D] (model dtype), positions and
+    """Per sparse layer: rows [num_slots, Hkv, capacity + 1, D] (model dtype; D is head_dim, or
+    2 x head_dim for the K | V rows of fp8 scoring keys), positions and
     last_used (the slot's clock when last picked) [num_slots, Hkv, capacity + 1], slot_of
     [num_slots, Hkv, max_model_len + 1] (position -> cache slot, -1 when not held); index
     `capacity` of the rows and `max_model_len` of the map are trash. num_slots counts the spare
@@ -58,6 +59,10 @@ class FarRowCache:
         # update the same element: per layer, steps so far (the stamps' clock); rows gathered from host memory
         self.clock = torch.zeros(num_sparse_layers, num_slots, dtype=torch.int64, device=device)
         self.misses = torch.zeros(num_slots, dtype=torch.int64, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (what its device memory is)."""
+        return [*self.rows, *self.positions, *self.last_used, *self.slot_of, self.clock, self.misses]
 
     def layer(self, sparse: int) -> "FarRowCacheLayer":
         return FarRowCacheLayer(self, sparse)

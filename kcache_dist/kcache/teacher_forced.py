@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..config import KCacheConfig
 from ..forward_context import ForwardContext
+from .fp8_keys import fp8_rounded
 
 TopNAt = Callable[[int], int]
 # on_select(first position, top [Hkv, t, most], counts [t]): the far positions picked for the t query
@@ -206,7 +207,9 @@ class _EmulatedCache:
         if kc is None or kc.mode == "full" or layer_idx < kc.dense_layers:
             return dense_causal_attention(q, keys, values, start, scale)
         observe = None if self.on_select is None else (lambda *picks: self.on_select(layer_idx, *picks))
-        return sparse_decode_attention(q, keys, values, start, kc, self.top_n_at, scale, on_select=observe)
+        selection_keys = fp8_rounded(keys) if kc.fp8_scoring_keys else None
+        return sparse_decode_attention(q, keys, values, start, kc, self.top_n_at, scale, on_select=observe,
+                                       selection_keys=selection_keys)
 
 
 def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, max_len: int) -> torch.nn.Module:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import (DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KCACHE_MODES, EngineConfig,
-                      parse_host_memory_gb)
+from ..config import (DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KCACHE_MODES, SCORING_KEYS,
+                      EngineConfig, parse_host_memory_gb)
 from .body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 API_KEY_ENV_VAR = "KCACHE_DIST_API_KEY"
@@ -82,9 +82,11 @@ KCACHE_FLAGS = [
     ("--row-cache-factor", "row_cache_factor", float, "keep the ceil(F x top_n) far V rows picked most recently "
      "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default 2 on CUDA, "
      "0 on CPU; 0: none)"),
+    ("--scoring-keys", "scoring_keys", str, "K that picks the far positions: model (default) | fp8 (K in device "
+     "memory as float8, the exact K beside V in host memory; CPU only so far)"),
 ]
 _CHOICES = {"dtype": list(DTYPE_NAMES + tuple(DTYPE_ALIASES)), "device": list(DEVICE_NAMES),
-            "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES)}
+            "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES), "scoring_keys": list(SCORING_KEYS)}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""benchmarks/fp8_keys_accuracy.py: the fp8 rounding it applies to the sparse layers' K, and its
-variants' names."""
+"""kcache_dist/kcache/fp8_keys.py (the fp8 copy of K that scoring_keys="fp8" picks with), and the
+variant names of benchmarks/fp8_keys_accuracy.py."""
 
 from __future__ import annotations
 
@@ -9,24 +9,33 @@ import sys
 import pytest
 import torch
 
+from kcache_dist.kcache.fp8_keys import FP8_DTYPE, dequantize_rows, fp8_rounded, quantize_rows
+from helpers import fresh_seed
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from fp8_keys_accuracy import fp8_rounded_keys, sparse_attention_with  # noqa: E402
+from fp8_keys_accuracy import sparse_attention_with  # noqa: E402
 
 
 def test_rows_scaled_to_448_and_rounded_to_e4m3():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))  # fresh each run
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
     keys = torch.randn(3, 40, 64, generator=g) * torch.rand(3, 40, 1, generator=g) * 20
-    rounded = fp8_rounded_keys(keys)
-    assert rounded.shape == keys.shape and rounded.dtype == keys.dtype
+    fp8, scales = quantize_rows(keys)
+    assert fp8.dtype == FP8_DTYPE and fp8.shape == keys.shape
+    assert scales.dtype == torch.float32 and scales.shape == keys.shape[:-1]
+    rounded = dequantize_rows(fp8, scales)
+    assert torch.equal(fp8_rounded(keys), rounded)
     amax = keys.abs().amax(-1, keepdim=True)
     torch.testing.assert_close(rounded.abs().amax(-1, keepdim=True), amax)  # 448 is exact in e4m3
     # e4m3: 3 mantissa bits, so a normal value is off by at most 1/16 of itself; below 2^-6 of the
     # scale (subnormals) by at most 2^-10 of the scale (amax / 448)
     bound = torch.maximum(keys.abs() / 16, amax / 448 * 2.0 ** -10)
-    assert bool(((rounded - keys).abs() <= bound * (1 + 1e-6)).all())
+    assert bool(((rounded - keys).abs() <= bound * (1 + 1e-6)).all()), f"seed {seed}"
     on_grid = torch.tensor([[[448.0, -224.0, 1.0, 0.0]]])  # exactly representable at scale 1
-    assert torch.equal(fp8_rounded_keys(on_grid), on_grid)
+    assert torch.equal(fp8_rounded(on_grid), on_grid)
+    zero = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert torch.equal(fp8_rounded(zero), zero) and fp8_rounded(zero).dtype == torch.bfloat16
 
 
 def test_unknown_variant_is_refused_with_the_known_ones():
