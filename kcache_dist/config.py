@@ -97,10 +97,11 @@ class KCacheConfig:
         return self.mode == "kcache" and self.scoring_keys == "fp8"
 
     def check_device(self, device_type: str) -> None:
-        """Refuse what `device_type` cannot run: fp8 scoring keys have no CUDA kernels yet."""
+        """Refuse what `device_type` cannot run: fp8 scoring keys' kernels have not run on a GPU yet
+        (they are checked under the Triton interpreter only)."""
         if self.fp8_scoring_keys and device_type == "cuda":
-            raise ValueError("kcache.scoring_keys='fp8' runs on CPU only so far (its CUDA kernels are not written); "
-                             "use scoring_keys='model' on CUDA")
+            raise ValueError("kcache.scoring_keys='fp8' runs on CPU only so far (its kernels have not been checked on "
+                             "a GPU); use scoring_keys='model' on CUDA")
 
     def for_device(self, device_type: str) -> "KCacheConfig":
         """This config with a row_cache_factor of None made the default of `device_type`."""

@@ -98,8 +98,8 @@ def test_invalid_config_values(values, message):
 def test_fp8_scoring_keys_are_refused_on_cuda_before_anything_is_built():
     fp8 = KCacheConfig(mode="kcache", scoring_keys="fp8")
     fp8.check_device("cpu")
-    with pytest.raises(ValueError, match=r"^kcache.scoring_keys='fp8' runs on CPU only so far \(its CUDA kernels are "
-                                         r"not written\); use scoring_keys='model' on CUDA$"):
+    with pytest.raises(ValueError, match=r"^kcache.scoring_keys='fp8' runs on CPU only so far \(its kernels have not "
+                                         r"been checked on a GPU\); use scoring_keys='model' on CUDA$"):
         fp8.check_device("cuda")
     KCacheConfig(mode="full", scoring_keys="fp8").check_device("cuda")  # full mode picks nothing: no effect
 

@@ -1,14 +1,17 @@
-"""The torch KCache reference against an independent dense statement of the method, and against
-dense attention when the budget covers the context."""
+"""The torch KCache reference against an independent dense statement of the method (with fp8
+scoring keys too), and against dense attention when the budget covers the context."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kcache_dist.kcache.reference import kcache_decode_reference
+from kcache_dist.kcache.fp8_keys import fp8_rounded, quantize_rows
+from kcache_dist.kcache.reference import kcache_decode_fp8_scoring_reference, kcache_decode_reference
+from kcache_dist.kcache.row_cache import FarRowCache
 from kcache_dist.kcache.selection import SelectionSpec
 from kcache_dist.layers.paged_attention import decode_attention
+from helpers import fresh_seed
 
 
 def paged_inputs(batch, num_kv_heads, group, head_dim, seq_lens, block_size, spec, dtype=torch.float32, seed=None):
@@ -34,17 +37,33 @@ def paged_inputs(batch, num_kv_heads, group, head_dim, seq_lens, block_size, spe
     return q, k_pool, v_pool, v_hot, tables, hot_slots, dense_k, dense_v
 
 
-def independent_kcache(q, k, v, spec, scale):
+def fp8_scoring_inputs(q, k_pool, v_pool, v_hot, tables, hot_slots, dense_k, spec):
+    """`paged_inputs`'s tensors as fp8 scoring keys hold them: (k_fp8 [NB, Hkv, bs, D] float8, k_scales
+    [NB, Hkv, bs], host rows K | V [NB, Hkv, bs, 2D], k_hot: the hot rows' exact K, shaped as v_hot)."""
+    k_fp8, k_scales = quantize_rows(k_pool)
+    k_hot = torch.full_like(v_hot, float("nan"))
+    for b, keys in enumerate(dense_k):
+        n = keys.shape[1]
+        sink_end, window_start = spec.split(n)
+        hot_pos = torch.cat([torch.arange(sink_end), torch.arange(window_start, n)])
+        k_hot[hot_slots[b]][:, spec.hot_row(hot_pos)] = keys[:, hot_pos]
+    return k_fp8, k_scales, torch.cat([k_pool, v_pool], -1), k_hot
+
+
+def independent_kcache(q, k, v, spec, scale, selection_k=None):
     """Straight from the definition with a selection mask; q [Hq, D], k/v [Hkv, L, D] dense."""
     hkv, length, _ = k.shape
     qg = q.view(hkv, -1, q.shape[-1]).double()
     p = torch.softmax(torch.einsum("hgd,hld->hgl", qg, k.double()) * scale, -1)
+    # selection_k (fp8 scoring keys): these K pick, `k` weighs (renormalised over the picks)
+    p_pick = p if selection_k is None else torch.softmax(torch.einsum("hgd,hld->hgl", qg, selection_k.double()) * scale,
+                                                         -1)
     mask = torch.zeros(hkv, length, dtype=torch.bool)
     mask[:, : spec.sink_tokens] = True
     if spec.recent_window:
         mask[:, max(0, length - spec.recent_window):] = True
     for h in range(hkv):
-        score = p[h].max(0).values if spec.group_reduce == "max" else p[h].sum(0)
+        score = p_pick[h].max(0).values if spec.group_reduce == "max" else p_pick[h].sum(0)
         far = [j for j in range(length) if not mask[h, j]]
         for j in sorted(far, key=lambda j: -score[j].item())[: spec.top_n]:
             mask[h, j] = True
@@ -70,6 +89,55 @@ def test_reference_matches_the_definition(group, spec):
     for b, n in enumerate(seq_lens):
         expected = independent_kcache(q[b], dense_k[b], dense_v[b], spec, 0.25)
         torch.testing.assert_close(out[b].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("spec", [
+    SelectionSpec(top_n=5, sink_tokens=2, recent_window=6, renormalize=True, group_reduce="max"),
+    SelectionSpec(top_n=3, sink_tokens=4, recent_window=0, renormalize=True, group_reduce="sum"),
+    SelectionSpec(top_n=1, sink_tokens=0, recent_window=0, renormalize=True, group_reduce="max"),
+])
+def test_fp8_scoring_reference_matches_the_definition(group, spec):
+    """Picks by the float8 K (dequantized), weights by the exact K over the picks; a row cache
+    gives the same output."""
+    seq_lens = [1, 7, 19, 40, 33]
+    seed = fresh_seed()
+    inputs = paged_inputs(5, 2, group, 16, seq_lens, 4, spec, seed=seed)
+    q, k_pool, v_pool, v_hot, tables, slots, dense_k, dense_v = inputs
+    k_fp8, k_scales, host_rows, k_hot = fp8_scoring_inputs(*inputs[:7], spec)
+    out = kcache_decode_fp8_scoring_reference(q, k_fp8, k_scales, host_rows, k_hot, v_hot, tables, seq_lens, slots,
+                                              spec, 0.25)
+    assert not out.isnan().any()
+    for b, n in enumerate(seq_lens):
+        expected = independent_kcache(q[b], dense_k[b], dense_v[b], spec, 0.25, selection_k=fp8_rounded(dense_k[b]))
+        torch.testing.assert_close(out[b].double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    cache = FarRowCache(1, len(slots) + 2, 2, 2 * spec.top_n, max(seq_lens), 32, torch.float32, torch.device("cpu"))
+    for _ in range(2):
+        cached = kcache_decode_fp8_scoring_reference(q, k_fp8, k_scales, host_rows, k_hot, v_hot, tables, seq_lens,
+                                                     slots, spec, 0.25, row_cache=cache.layer(0))
+        assert torch.equal(cached, out)
+
+
+def test_fp8_scoring_keys_pick_what_the_float8_copy_ranks_first():
+    """Two far keys whose order float8 reverses: position 3 = [17, 448, 0...] scores 17 exactly and
+    16 in e4m3 (scale 1: 17 is a tie between 16 and 18, rounded to even); position 6 = [16.6, 460,
+    0...] scores 16.6 exactly and 16.43 in e4m3 (scale 460/448). top_n = 1 picks 6 with fp8 scoring
+    keys, 3 with the model's K; each output is that position's V (the only one attended)."""
+    spec = SelectionSpec(top_n=1, sink_tokens=0, recent_window=0, renormalize=True, group_reduce="max")
+    keys = torch.zeros(1, 1, 16, 16)  # one block of 16 positions, one KV head
+    keys[0, 0, 3, :2] = torch.tensor([17.0, 448.0])
+    keys[0, 0, 6, :2] = torch.tensor([16.6, 460.0])
+    values = torch.arange(16.0)[None, None, :, None].expand(1, 1, 16, 16).contiguous()  # V row j = j
+    q = torch.zeros(1, 1, 16)
+    q[0, 0, 0] = 1.0
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    hot = torch.zeros(1, 1, 0, 16)
+    k_fp8, k_scales = quantize_rows(keys)
+    picked = kcache_decode_fp8_scoring_reference(q, k_fp8, k_scales, torch.cat([keys, values], -1), hot, hot, table,
+                                                 [10], [0], spec, 1.0)
+    assert torch.equal(picked, torch.full((1, 1, 16), 6.0))
+    exact = kcache_decode_reference(q, keys, values, hot, table, [10], [0], spec, 1.0)
+    assert torch.equal(exact, torch.full((1, 1, 16), 3.0))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kcache_dist.kcache.reference import kcache_decode_reference
+from kcache_dist.kcache.reference import kcache_decode_fp8_scoring_reference, kcache_decode_reference
 from kcache_dist.kcache.selection import SelectionSpec
 from helpers import HAS_TRITON, KERNEL_TOLERANCE as TOL, cuda_and_triton as cuda, fresh_seed, relative_error, \
     run_under_triton_interpreter
@@ -256,6 +256,39 @@ def test_kcache_decode_dispatches_to_triton():
     assert out.is_cuda and relative_error(out.cpu(), ref) < TOL[torch.float16], seed
 
 
+FP8_CASES = [c for c in CASES if c[6].renormalize]
+
+
+@cuda
+@pytest.mark.parametrize("case", FP8_CASES, ids=[_case_id(c) for c in FP8_CASES])
+def test_fp8_scoring_triton_matches_reference(case):
+    """fp8 scoring keys on the GPU: float8 K + scales picks, K | V rows from pinned host memory
+    (directly and through a row cache), exact-K weights; against the torch reference on the host."""
+    from kcache_dist.kcache.row_cache import FarRowCache
+    from kcache_dist.kcache.triton_kcache import kcache_decode_triton
+    from test_kcache_reference import fp8_scoring_inputs
+
+    batch, hkv, group, head_dim, lens, bs, spec, dtype = case
+    seed = fresh_seed()
+    inputs = paged_inputs(batch, hkv, group, head_dim, lens, bs, spec, dtype, seed=seed)
+    q, _, _, v_hot, tables, slots = inputs[:6]
+    k_fp8, k_scales, host_rows, k_hot = fp8_scoring_inputs(*inputs[:7], spec)
+    scale = head_dim ** -0.5
+    ref = kcache_decode_fp8_scoring_reference(q, k_fp8, k_scales, host_rows, k_hot, v_hot, tables, lens, slots, spec,
+                                              scale)
+    dev = torch.device("cuda")
+    args = (q.to(dev), k_fp8.to(dev), host_rows.pin_memory(), v_hot.to(dev), tables.to(dev),
+            torch.tensor(lens, device=dev), torch.tensor(slots, device=dev), spec, scale)
+    cache = FarRowCache(1, max(slots) + 1, hkv, 2 * spec.top_n, max(lens), 2 * head_dim, dtype, dev)
+    for row_cache in (None, cache.layer(0), cache.layer(0)):
+        out = torch.full_like(args[0], float("nan"))
+        kcache_decode_triton(*args, out=out, row_cache=row_cache, k_scales=k_scales.to(dev), k_hot=k_hot.to(dev))
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"NaN in output (seed {seed})"
+        err = relative_error(out.cpu(), ref)
+        assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, row cache {row_cache is not None})"
+
+
 INTERPRET_SCRIPT = textwrap.dedent("""
     import torch
     from test_kcache_reference import paged_inputs
@@ -360,6 +393,59 @@ SPARSE_OUT_SCRIPT = textwrap.dedent("""
             assert not out.isnan().any() and err < 1e-5, (i, parts, err)
     print("interpreter ok")
 """)
+
+
+FP8_SCRIPT = textwrap.dedent("""
+    import torch
+    from test_kcache_reference import fp8_scoring_inputs, paged_inputs
+    from kcache_dist.kcache.fp8_keys import quantize_rows
+    from kcache_dist.kcache.reference import kcache_decode_fp8_scoring_reference
+    from kcache_dist.kcache.row_cache import FarRowCache
+    from kcache_dist.kcache.selection import SelectionSpec
+    from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton
+    seed = {seed}
+    cases = [  # (batch, hkv, group, head_dim, lens, block_size, spec, dtype)
+        (3, 2, 2, 16, [70, 9, 130], 8, SelectionSpec(5, 2, 6, True, "max"), torch.float32),
+        (2, 2, 3, 32, [100, 41], 16, SelectionSpec(9, 0, 3, True, "sum"), torch.float16),
+        (2, 1, 4, 16, [60, 1], 4, SelectionSpec(3, 4, 0, True, "max"), torch.float32),
+    ]
+    for i, (b, hkv, g, d, lens, bs, spec, dt) in enumerate(cases):
+        inputs = paged_inputs(b, hkv, g, d, lens, bs, spec, dt, seed=seed + i)
+        q, _, _, vh, bt, slots = inputs[:6]
+        k8, ks, host_rows, kh = fp8_scoring_inputs(*inputs[:7], spec)
+        ref = kcache_decode_fp8_scoring_reference(q, k8, ks, host_rows, kh, vh, bt, lens, slots, spec, d ** -0.5)
+        tol = 1e-5 if dt == torch.float32 else 4e-3
+        cfg = KPassConfig(split=32, block_n=16, sel_tile=16, key_tile=32, scratch_extra=64, select_warps=4)
+        cache = FarRowCache(1, max(slots) + 1, hkv, 2 * spec.top_n, max(lens), 2 * d, dt, torch.device("cpu"))
+        for row_cache in (None, cache.layer(0), cache.layer(0)):  # the second cached call hits every far row
+            out = torch.full_like(q, float("nan"))
+            kcache_decode_triton(q, k8, host_rows, vh, bt, torch.tensor(lens), torch.tensor(slots), spec, d ** -0.5,
+                                 cfg=cfg, out=out, row_cache=row_cache, k_scales=ks, k_hot=kh)
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert not out.isnan().any() and err < tol, (i, row_cache is not None, err)
+    # float8 reverses two far keys (tests/test_kcache_reference.py): the kernels pick the float8 order
+    spec = SelectionSpec(1, 0, 0, True, "max")
+    keys = torch.zeros(1, 1, 16, 16)
+    keys[0, 0, 3, :2] = torch.tensor([17.0, 448.0])
+    keys[0, 0, 6, :2] = torch.tensor([16.6, 460.0])
+    values = torch.arange(16.0)[None, None, :, None].expand(1, 1, 16, 16).contiguous()
+    q = torch.zeros(1, 1, 16)
+    q[0, 0, 0] = 1.0
+    k8, ks = quantize_rows(keys)
+    out = kcache_decode_triton(q, k8, torch.cat([keys, values], -1), torch.zeros(1, 1, 0, 16),
+                               torch.zeros(1, 1, dtype=torch.int32), torch.tensor([10]), torch.tensor([0]), spec, 1.0,
+                               k_scales=ks, k_hot=torch.zeros(1, 1, 0, 16))
+    assert torch.equal(out, torch.full((1, 1, 16), 6.0)), out
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_fp8_scoring_keys_kernels_under_interpreter():
+    """The K pass over float8 K times its scales, the K | V fetch (through a row cache too) and the
+    output weighed by the exact K give the fp8 scoring reference's output."""
+    seed = fresh_seed()
+    run_under_triton_interpreter(FP8_SCRIPT.format(seed=seed), seed, timeout_s=180)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

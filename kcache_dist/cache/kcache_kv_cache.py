@@ -19,7 +19,7 @@ With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`) a sparse layer keeps i
   k hot, v hot                         device: exact K and V of the sink and window rows
   row cache rows of 2D                 device: K | V of the far rows picked most recently
 The float8 K only scores and picks; the picked, sink and window positions are weighed by their exact
-K (`kcache/reference.py`, `kcache_decode_fp8_scoring_reference`). A prefill reads its earlier
+K (`kcache/decode.py`: the torch reference or the Triton kernels). A prefill reads its earlier
 chunks' exact K back from the host pool with their V.
 
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
@@ -41,7 +41,6 @@ import torch
 from ..forward_context import ForwardContext
 from ..kcache.decode import far_rows_fetched, kcache_decode, triton_kernels
 from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, quantize_rows
-from ..kcache.reference import kcache_decode_fp8_scoring_reference
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
@@ -118,17 +117,12 @@ class KCacheKVCache:
             # With a recent window the new row is read from v_hot, so only earlier writes must land first.
             self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
                                        on_device=q.is_cuda)
-            row_cache = self.row_cache.layer(sparse) if self.row_cache else None
-            if fp8:
-                out[:nd] = kcache_decode_fp8_scoring_reference(
-                    q[:nd], k_cache, self.k_scales[sparse], host_rows, self.k_hot[sparse], v_hot,
-                    ctx.block_tables[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd], self.spec, scale,
-                    row_cache=row_cache)
-            else:
-                out[:nd] = kcache_decode(q[:nd], k_cache, host_rows, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
-                                         ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
-                                         self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
-                                         row_cache=row_cache)
+            out[:nd] = kcache_decode(q[:nd], k_cache, host_rows, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
+                                     ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
+                                     self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
+                                     row_cache=self.row_cache.layer(sparse) if self.row_cache else None,
+                                     k_scales=self.k_scales[sparse] if fp8 else None,
+                                     k_hot=self.k_hot[sparse] if fp8 else None)
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]

@@ -50,6 +50,12 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    second kernel adds.
 
 `kcache_decode_triton` runs the three; `kcache_decode` dispatches to it for CUDA tensors.
+
+With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`): step 1 reads float8 K times a float32
+scale per row (`paged_tiles.tile_scores_scaled`) and selects on those scores; step 2 fetches K | V
+rows (2D wide); step 3 weighs each hot and far row by exp2(q . k * scale - lse) with its exact K (the
+hot rows' from k_hot, a far row's from its first D columns), lse still the float8 scores' (the
+exact scores exceed it by little; renormalised, so only the ratios count).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layers.paged_tiles import probs_times_values, tile_rows, tile_scores
+from ..layers.paged_tiles import probs_times_values, tile_row_ids, tile_rows, tile_scores, tile_scores_scaled
 from ..triton_interpreter import patch_if_interpreting
 from .row_cache import FarRowCacheLayer
 from .row_cache_triton import assign_rows
@@ -418,13 +424,15 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SCR_KEY,
+def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SCR_KEY,
                   qk_scale, sink, window, top_n, stride_bt, Cs, NSPLIT_MAX, scr_cap,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
                   BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
                   TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr,
-                  NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr):
-    """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D]; BT [B, stride_bt] int32;
+                  NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr,
+                  HAS_SCALES: tl.constexpr):
+    """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D] (with HAS_SCALES float8, KS
+    [NB, HKV, BS] float32 its scales); BT [B, stride_bt] int32;
     SEQ [B] int64. S [rows, G, Cs] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
     With FUSED_SELECT the last CTA of each row runs `_row_select` (CNT [rows] int32 tickets, zero on
     entry and reset to zero on exit; KEYS [rows, Cs], SCR_POS/SCR_KEY [rows, scr_cap] int32 scratch)."""
@@ -449,7 +457,10 @@ def _kpass_kernel(Q, K, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SCR_KE
         for start in range(lo, hi, BLOCK_N):
             offs = start + ni
             msk = offs < hi
-            s = tile_scores(q, K, tile_rows(bt_row, offs, msk, h, di, HKV, BS, D), msk, qk_scale)
+            if HAS_SCALES:
+                s = tile_scores_scaled(q, K, KS, tile_row_ids(bt_row, offs, msk, h, HKV, BS), di, msk, qk_scale, D)
+            else:
+                s = tile_scores(q, K, tile_rows(bt_row, offs, msk, h, di, HKV, BS, D), msk, qk_scale)
             tl.store(s_row + offs[None, :], s, mask=gmask[:, None] & msk[None, :], eviction_policy="evict_last")
             m_new = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -503,13 +514,30 @@ def _gather_kernel(VP, BT, IDX, OUT, DST, n_rows, stride_bt, top_n,
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART, sink, window, top_n,
-                       Cs, hot_rows, picks_per_part, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                       D: tl.constexpr, R: tl.constexpr, RENORM: tl.constexpr, HAS_FAR_ROW: tl.constexpr,
-                       PARTS: tl.constexpr, STAGES: tl.constexpr):
+def _exact_probs(q, k, ok, lse, qk_scale):
+    """p [GP, R] = exp2(q . k * qk_scale - lse) of q [GP, D] against exact K rows k [R, D] (ok: which
+    are real; 0 elsewhere). lse comes from the float8 scores, which the exact ones exceed by little;
+    the exponent is capped at 126 so that no weight overflows float32 (renormalised afterwards)."""
+    if k.dtype == tl.float32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q.to(k.dtype), tl.trans(k))
+    p = tl.exp2(tl.minimum(s * qk_scale - lse[:, None], 126.0))
+    return tl.where(ok[None, :], p, 0.0)
+
+
+@triton.jit
+def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART, sink, window,
+                       top_n, Cs, hot_rows, picks_per_part, qk_scale, HKV: tl.constexpr, G: tl.constexpr,
+                       GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RENORM: tl.constexpr,
+                       HAS_FAR_ROW: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr,
+                       EXACT_K: tl.constexpr, W: tl.constexpr):
     """grid (rows, PARTS). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D])
-    and the fetched far rows (VFAR [rows, top_n, D], or with HAS_FAR_ROW VFAR [any, D] and pick j of
-    the row in row FAR_ROW[row, j]); p = exp2(S - lse). Part k takes the picks [k, k + 1) *
+    and the fetched far rows (VFAR [rows, top_n, W], or with HAS_FAR_ROW VFAR [any, W] and pick j of
+    the row in row FAR_ROW[row, j]; W = D, or 2 D with EXACT_K); p = exp2(S - lse). With EXACT_K (fp8
+    scoring keys) S only picked: p = exp2(q . k * qk_scale - lse) of q (Q [B, HKV*G, D]) against the
+    exact K, from KHOT [slots, HKV, hot_rows, D] for the hot rows and from the first D columns of a
+    far row (its V the last D). Part k takes the picks [k, k + 1) *
     picks_per_part (part 0 also the hot rows). PARTS == 1: OUT [B, HKV*G, D] directly; else each part
     writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and Z_PART [PARTS, B*HKV*G] (sum p) for
     `_sparse_out_combine_kernel`: lse is the whole row's, so the parts add without rescaling."""
@@ -523,6 +551,8 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, OUT_PA
     gmask = gi < G
     lse = tl.load(LSE + row * G + gi, mask=gmask, other=0.0)
     s_row = S + (row * G + gi).to(tl.int64)[:, None] * Cs
+    if EXACT_K:
+        q = tl.load(Q + (row * G + gi).to(tl.int64)[:, None] * D + di[None, :], mask=gmask[:, None], other=0.0)
     acc = tl.zeros([GP, D], tl.float32)
     z = tl.zeros([GP], tl.float32)
     if part == 0:
@@ -538,10 +568,13 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, OUT_PA
             ok = t < nhot
             pos = tl.where(t < sink_end, t, window_start + t - sink_end)
             hrow = tl.where(pos < sink, pos, sink + (pos - sink) % wdiv)
-            v = tl.load(VHOT + (hot_base + hrow).to(tl.int64)[:, None] * D + di[None, :], mask=ok[:, None],
-                        other=0.0)
-            s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
-            p = tl.exp2(s - lse[:, None])
+            hot_at = (hot_base + hrow).to(tl.int64)[:, None] * D + di[None, :]
+            v = tl.load(VHOT + hot_at, mask=ok[:, None], other=0.0)
+            if EXACT_K:
+                p = _exact_probs(q, tl.load(KHOT + hot_at, mask=ok[:, None], other=0.0), ok, lse, qk_scale)
+            else:
+                s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
+                p = tl.exp2(s - lse[:, None])
             acc += probs_times_values(p, v)
             z += tl.sum(p, 1)
     far_base = row.to(tl.int64) * top_n
@@ -555,9 +588,14 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, VHOT, SEQ, SLOTS, OUT, OUT_PA
             vrow = tl.load(FAR_ROW + far_base + t, mask=ok, other=0).to(tl.int64)
         else:
             vrow = far_base + t
-        v = tl.load(VFAR + vrow[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
-        s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
-        p = tl.exp2(s - lse[:, None])
+        far_at = vrow[:, None] * W + di[None, :]
+        if EXACT_K:
+            v = tl.load(VFAR + far_at + D, mask=ok[:, None], other=0.0)
+            p = _exact_probs(q, tl.load(VFAR + far_at, mask=ok[:, None], other=0.0), ok, lse, qk_scale)
+        else:
+            v = tl.load(VFAR + far_at, mask=ok[:, None], other=0.0)
+            s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
+            p = tl.exp2(s - lse[:, None])
         acc += probs_times_values(p, v)
         z += tl.sum(p, 1)
     q_rows = row * G + gi  # = b * (HKV * G) + h * G + gi
@@ -632,10 +670,12 @@ class SelectResult:
 
 def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      max_seq_len: int, spec: SelectionSpec, scale: float, cfg: Optional[KPassConfig] = None,
-                     select: bool = True, idx_out: Optional[torch.Tensor] = None) -> SelectResult:
+                     select: bool = True, idx_out: Optional[torch.Tensor] = None,
+                     k_scales: Optional[torch.Tensor] = None) -> SelectResult:
     """Scores over all cached K and the per-KV-head top-n far positions.
 
-    q [B, Hq, D]; k_cache [NB, Hkv, bs, D]; block_tables [B, max_blocks] int32; seq_lens [B] int64
+    q [B, Hq, D]; k_cache [NB, Hkv, bs, D] (float8 with k_scales [NB, Hkv, bs] float32: fp8 scoring
+    keys, the scores of k_cache * k_scales); block_tables [B, max_blocks] int32; seq_lens [B] int64
     (all on one device); max_seq_len >= max(seq_lens). With select=False only the scores and partials
     are computed (lse and idx are left unset): the K pass alone, for benchmarks. idx_out: a
     caller-owned int32 buffer of at least B * Hkv * max(top_n, 1) elements for idx.
@@ -676,10 +716,12 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
                      GROUP_SUM=spec.group_reduce == "sum")
     extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
     _kpass_kernel[(nsplit_max, rows)](
-        q, k_cache, bt, seq, S, MP, LP, lse, keys, idx, cnt, scr_pos, scr_key,
+        q, k_cache, k_scales if k_scales is not None else k_cache, bt, seq, S, MP, LP, lse, keys, idx, cnt, scr_pos,
+        scr_key,
         scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap,
         HKV=Hkv, GP=max(16, triton.next_power_of_2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-        FUSED_SELECT=mode == "fused", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
+        FUSED_SELECT=mode == "fused", HAS_SCALES=k_scales is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **sel_shape,
         **(extra if mode == "fused" else {}))
     if mode == "row":
         return select_from_partials(S[:, :, :cmax], MP, LP, seq, spec, cfg, Hkv, idx_out=idx)
@@ -820,24 +862,31 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
                   hot_slots: torch.Tensor, spec: SelectionSpec, num_q_heads: int,
                   out: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
                   far_rows: Optional[torch.Tensor] = None, parts: int = 2, rows_per_step: int = 64,
-                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 3, q: Optional[torch.Tensor] = None,
+                  k_hot: Optional[torch.Tensor] = None, scale: float = 0.0) -> torch.Tensor:
     """o [B, Hq, D] from the selection, the fetched far rows vfar [rows, top_n, D] (or vfar [any, D]
     and far_rows [rows, top_n] int32: the row of each pick, e.g. a far-row cache's) and v_hot
-    [slots, Hkv, sink + window, D]. Each row's picks are split over `parts` CTAs whose fp32 sums a
-    second kernel adds (parts=1: one CTA a row, no second kernel). The defaults were the fastest
+    [slots, Hkv, sink + window, D]. With fp8 scoring keys (k_hot given: the exact K of the hot rows,
+    shaped as v_hot; needs renormalize) the weights come from q [B, Hq, D] . exact K * scale, and a
+    far row is K | V (vfar [rows, top_n, 2D] or [any, 2D]). Each row's picks are split over `parts`
+    CTAs whose fp32 sums a second kernel adds (parts=1: one CTA a row, no second kernel). The defaults were the fastest
     launch on an H100 over the engine's 8K and 32K batches (benchmarks/notes/kcache_triton.md)."""
     rows, G, _ = sel.scores.shape
     _, Hkv, hot_rows, D = v_hot.shape
     B = rows // Hkv
     top_n = sel.idx.shape[1]
     dev = sel.scores.device
+    exact_k = k_hot is not None
+    if exact_k and (q is None or not spec.renormalize):
+        raise ValueError("sparse_output with k_hot (fp8 scoring keys) needs q and spec.renormalize")
     if out is None:
         out = torch.empty(B, num_q_heads, D, dtype=dtype or v_hot.dtype, device=dev)
     idx = sel.idx.contiguous()
-    vfar = vfar if top_n else torch.empty(rows, 1, D, dtype=v_hot.dtype, device=dev)
+    vfar = vfar if top_n else torch.empty(rows, 1, 2 * D if exact_k else D, dtype=v_hot.dtype, device=dev)
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     slots = hot_slots if hot_slots.dtype == torch.int64 else hot_slots.long()
     vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=dev)
+    khot = (k_hot if hot_rows else vhot) if exact_k else vhot
     far = far_rows.contiguous() if far_rows is not None else idx
     parts = max(1, min(parts, triton.cdiv(top_n, rows_per_step)))
     picks_per_part = triton.cdiv(triton.cdiv(top_n, parts), rows_per_step) * rows_per_step
@@ -845,12 +894,13 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     out_part = torch.empty(parts if parts > 1 else 1, all_q_rows if parts > 1 else 1, D, dtype=torch.float32,
                            device=dev)
     z_part = torch.empty(out_part.shape[:2], dtype=torch.float32, device=dev)
-    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, vhot, seq, slots, out, out_part, z_part,
-                                      spec.sink_tokens, spec.recent_window, top_n, sel.scores.stride(1),
-                                      max(hot_rows, 1), picks_per_part, HKV=Hkv, G=G,
-                                      GP=max(16, triton.next_power_of_2(G)), D=D, R=rows_per_step,
+    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, vhot, q if exact_k else vhot, khot, seq,
+                                      slots, out, out_part, z_part, spec.sink_tokens, spec.recent_window, top_n,
+                                      sel.scores.stride(1), max(hot_rows, 1), picks_per_part, scale * LOG2E,
+                                      HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, R=rows_per_step,
                                       RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None, PARTS=parts,
-                                      STAGES=num_stages, num_warps=num_warps)
+                                      STAGES=num_stages, EXACT_K=exact_k, W=2 * D if exact_k else D,
+                                      num_warps=num_warps)
     if parts > 1:
         q_block = 16
         _sparse_out_combine_kernel[(triton.cdiv(all_q_rows, q_block),)](out_part, z_part, out, all_q_rows,
@@ -865,20 +915,23 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
                          fetch: str = "zero_copy", cfg: Optional[KPassConfig] = None,
                          block_tables_cpu: Optional[torch.Tensor] = None,
                          out: Optional[torch.Tensor] = None, gather_grid: Optional[int] = None,
-                         row_cache: Optional[FarRowCacheLayer] = None) -> torch.Tensor:
+                         row_cache: Optional[FarRowCacheLayer] = None, k_scales: Optional[torch.Tensor] = None,
+                         k_hot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KCache decode attention, one token per sequence (arguments as `kcache_decode`).
 
     fetch: "zero_copy" (Triton gather from pinned host memory through UVA; falls back to
     "copy_engine" when v_host is not pinned) or "copy_engine"; gather_grid: CTAs of the zero-copy
     gather (None: 2 per SM); row_cache: the far rows through the layer's far-row cache (sequence b
-    in cache slot hot_slots[b]), which gathers only the picks it does not hold.
+    in cache slot hot_slots[b]), which gathers only the picks it does not hold. With fp8 scoring
+    keys: k_cache float8 with k_scales [NB, Hkv, bs] float32, v_host the host rows K | V [NB, Hkv,
+    bs, 2D] (a row cache's rows too), k_hot the exact K of the hot rows (shaped as v_hot).
     Returns o [B, Hq, D] in q's dtype.
     """
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item())
     seq_dev = seq_lens.to(q.device)
     bt_dev = block_tables.to(q.device)
-    sel = score_and_select(q, k_cache, bt_dev, seq_dev, max_seq_len, spec, scale, cfg)
+    sel = score_and_select(q, k_cache, bt_dev, seq_dev, max_seq_len, spec, scale, cfg, k_scales=k_scales)
     top_n = sel.idx.shape[1]
 
     zero_copy = fetch == "zero_copy" and (v_host.device == q.device or (v_host.is_pinned() and q.is_cuda)
@@ -903,4 +956,4 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
         vfar = gather_far_rows_copy_engine(v_host, block_tables_cpu if block_tables_cpu is not None
                                            else block_tables.cpu(), sel.idx)
     return sparse_output(sel, vfar, v_hot, seq_dev, slots_dev, spec, q.shape[1], out=out, dtype=q.dtype,
-                         far_rows=far_rows)
+                         far_rows=far_rows, q=q if k_hot is not None else None, k_hot=k_hot, scale=scale)

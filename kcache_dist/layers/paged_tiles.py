@@ -1,6 +1,6 @@
 """Triton helpers shared by the kernels that stream a paged cache (inlined where they are called):
-the pool offsets of a tile of positions, the masked scores of a query group against a K tile, and
-probabilities times a V tile.
+the pool offsets of a tile of positions, the masked scores of a query group against a K tile (in the
+pool's dtype, or float8 with a scale per row), and probabilities times a V tile.
 
 A pool is [num_blocks, Hkv, bs, D]; a sequence's block table row maps position p to block
 table[p // bs], row p % bs.
@@ -13,11 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_row_ids(bt_row, offs, msk, h, HKV: tl.constexpr, BS: tl.constexpr):
+    """Row ids [BLOCK_N] (int64) into a pool viewed as [NB * HKV * BS, D] of positions offs
+    [BLOCK_N] (msk: which are real) of KV head h, through the block-table row bt_row (int32 pointer)."""
+    blk = tl.load(bt_row + offs // BS, mask=msk, other=0)
+    return (blk.to(tl.int64) * HKV + h) * BS + offs % BS
+
+
+@triton.jit
 def tile_rows(bt_row, offs, msk, h, di, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
     """Element offsets [BLOCK_N, D] into a pool of positions offs [BLOCK_N] (msk: which are real)
     of KV head h, through the block-table row bt_row (int32 pointer)."""
-    blk = tl.load(bt_row + offs // BS, mask=msk, other=0)
-    return ((blk.to(tl.int64) * HKV + h) * BS + offs % BS)[:, None] * D + di[None, :]
+    return tile_row_ids(bt_row, offs, msk, h, HKV, BS)[:, None] * D + di[None, :]
 
 
 @triton.jit
@@ -30,6 +37,20 @@ def tile_scores(q, K, rows_at, msk, qk_scale):
     else:
         s = tl.dot(q, tl.trans(k)) * qk_scale
     return tl.where(msk[None, :], s, float("-inf"))
+
+
+@triton.jit
+def tile_scores_scaled(q, K, KS, row_ids, di, msk, qk_scale, D: tl.constexpr):
+    """`tile_scores` of a float8 K pool with a float32 scale per row (KS [NB * HKV * BS]): q . (k *
+    scale) * qk_scale. The float8 values are widened to q's dtype exactly; row_ids from `tile_row_ids`."""
+    k = tl.load(K + row_ids[:, None] * D + di[None, :], mask=msk[:, None], other=0.0,
+                eviction_policy="evict_first").to(q.dtype)
+    k_scale = tl.load(KS + row_ids, mask=msk, other=0.0, eviction_policy="evict_first")
+    if q.dtype == tl.float32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return tl.where(msk[None, :], s * (k_scale * qk_scale)[None, :], float("-inf"))
 
 
 @triton.jit
