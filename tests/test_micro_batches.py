@@ -22,6 +22,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 MODES = {
     "full": KCacheConfig(mode="full"),
     "kcache": KCacheConfig(mode="kcache", top_n=8, dense_layers=1, sink_tokens=2, recent_window=8),
+    "kcache-fp8": KCacheConfig(mode="kcache", top_n=8, dense_layers=1, sink_tokens=2, recent_window=8,
+                               scoring_keys="fp8"),
 }
 # different lengths: the batch shrinks from 7 (parts of 2, 2, 3) to 1 (no split)
 LENGTHS = [40, 6, 25, 12, 33, 3, 18]
@@ -95,6 +97,8 @@ def test_graph_micro_batches_are_slices_of_the_static_rows():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_micro_batched_decode_equals_whole_decode(tiny_llama_dir, mode, device):
+    if device == "cuda" and MODES[mode].fp8_scoring_keys:
+        pytest.skip("fp8 scoring keys are refused on CUDA until their kernels have run on a GPU")
     results = {}
     for micro_batches in (1, 3):
         llm = LLM(model=tiny_llama_dir, dtype="float32", device=device, kcache=MODES[mode], enforce_eager=True,
@@ -114,7 +118,7 @@ def test_micro_batched_decode_equals_whole_decode(tiny_llama_dir, mode, device):
     assert whole_splits == [] and set(splits) == {2, 3} and len(splits) > 10
     assert split == whole
     assert split_rows == whole_rows
-    if mode == "kcache":
+    if mode != "full":
         assert whole_rows > 0
 
 

@@ -1,7 +1,7 @@
 """Tensor and data parallelism through the engine, on CPU ranks over gloo: TP=2 and TP=4 (also
 with more ranks than KV heads) and DP 2 x TP 2 give the same greedy tokens as one process, in full
 and KCache modes, from a checkpoint or from random weights of a named shape; the real launchers run
-it; a rank that dies mid-generation ends the job."""
+it; a rank that dies mid-generation ends the job. KCache with fp8 scoring keys too (micro-batched)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from kcache_dist.models.named_shapes import write_shape_dir
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 KCACHE = {"mode": "kcache", "top_n": 64, "dense_layers": 1, "sink_tokens": 4, "recent_window": 16}
+# fp8 scoring keys with a budget below the context: each rank picks with its KV heads' float8 K
+KCACHE_FP8 = {"mode": "kcache", "top_n": 8, "dense_layers": 1, "sink_tokens": 2, "recent_window": 4,
+              "scoring_keys": "fp8"}
 
 
 def run_job(world: int, *args, timeout_s: float = 120.0) -> list:
@@ -67,7 +70,7 @@ def test_tp2_with_preemption_and_chunked_prefill_equals_tp1(tiny_llama_dir):
     assert run_job(2, tiny_llama_dir, 2, None, 24, PROMPTS, None, engine) == reference
 
 
-@pytest.mark.parametrize("kcache", [None, KCACHE], ids=["full", "kcache"])
+@pytest.mark.parametrize("kcache", [None, KCACHE, KCACHE_FP8], ids=["full", "kcache", "kcache-fp8"])
 def test_tp2_micro_batched_decode_equals_tp1(tiny_llama_dir, kcache):
     """Micro-batches run their blocks, each ending in an all-reduce, in the same order on every rank."""
     reference = generate(tiny_llama_dir, 1, kcache, 24)
