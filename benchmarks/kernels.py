@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """KCache decode kernels on one GPU: K score pass + selection, V fetch, whole decode attention of one
-layer vs dense, and the V fetch beside the K pass on two streams.
+layer vs dense, the V fetch beside the K pass on two streams, and the same stages with fp8 scoring keys.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR [--points 32x8192,128x32768] [--quick]
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kcache_dist.cache.host_pool import HostPool  # noqa: E402
+from kcache_dist.kcache.fp8_keys import FP8_DTYPE, quantize_rows  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.kcache.triton_kcache import (KPassConfig, far_row_ids, gather_far_rows_zero_copy,  # noqa: E402
                                               score_and_select, sparse_output)
@@ -386,6 +387,12 @@ def run_point(B, C, pools, base, dev, opts, streams):
             f"speedup {dec['speedup_zero_copy']:.2f}x")
     guard(f"{key} decode", decode_part)
 
+    # ---- (v) fp8 scoring keys (KCacheConfig.scoring_keys="fp8") beside the model-dtype K, same point
+    if opts["fp8"]:
+        fp8 = {}
+        pt["fp8"] = fp8
+        guard(f"{key} fp8", lambda: fp8_part(fp8, q, kc, vp, vhot, bt, sl, lens, C, slots, scale, d2d, h2d))
+
     # ---- (iv) V fetch beside the K pass (+ select) of another micro-batch, two streams
     if (B, C) not in opts["overlap_points"] or fp is None:
         return
@@ -430,6 +437,74 @@ def run_point(B, C, pools, base, dev, opts, streams):
         log(f"  overlap (wall) K+select {tkw:.3f} | CPU gather + H2D {tfw:.3f}: together {ttw:.3f} "
             f"(hidden {100 * e['hidden_frac']:.0f}%)")
     guard(f"{key} overlap", overlap_part)
+
+
+def quantized_in_chunks(k_pool, blocks_per_chunk=1024):
+    """`quantize_rows` of k_pool [NB, HKV, bs, D] a chunk of blocks at a time (its float32
+    temporaries would not fit beside the largest points' pools): (float8 pool, float32 scales)."""
+    k8 = torch.empty(k_pool.shape, dtype=FP8_DTYPE, device=k_pool.device)
+    scales = torch.empty(k_pool.shape[:3], dtype=torch.float32, device=k_pool.device)
+    for lo in range(0, k_pool.shape[0], blocks_per_chunk):
+        k8[lo:lo + blocks_per_chunk], scales[lo:lo + blocks_per_chunk] = quantize_rows(k_pool[lo:lo + blocks_per_chunk])
+    return k8, scales
+
+
+def fp8_part(res, q, kc, vp, vhot, bt, sl, lens, C, slots, scale, d2d, h2d):
+    """fp8 scoring keys against the model-dtype path at one point: the K pass over float8 K + scales
+    (GB/s over its bytes, % of D2D), the gather of K | V rows (512 B per KV head; from the V pool
+    viewed as blocks of 2D-wide rows, the block table folded onto them), the output kernel weighing by
+    the exact K, and the whole decode of one layer (K pass + select + K | V gather + output), each at
+    top_n 256 and 1024 beside the same stages of the model-dtype path."""
+    k8, ks = quantized_in_chunks(kc)
+    nb, _, bs, _ = kc.shape
+    fp8_bytes = sum(lens) * HKV * (D + 4)
+    res["k_bytes"] = fp8_bytes
+    spec256 = SelectionSpec(256, SINK, WINDOW, True, "max")
+    t = bench(lambda: score_and_select(q, k8, bt, sl, C, spec256, scale, select=False, k_scales=ks))
+    res["kpass_only_ms"], res["kpass_only_pct_d2d"] = t, 100 * fp8_bytes / t / 1e6 / d2d
+    log(f"  fp8 K pass alone: {t:.3f} ms ({fp8_bytes / t / 1e6:.0f} GB/s, {res['kpass_only_pct_d2d']:.1f}% of D2D)")
+    kv_rows = vp.view(nb // 2, HKV, bs, 2 * D)  # the V pool's bytes as K | V rows
+    bt_kv = (bt % (nb // 2)).contiguous()
+    khot = torch.zeros_like(vhot)  # random hot K would not match lse; the kernel does the same work
+    gen = torch.Generator().manual_seed(C)
+    for top_n in (256, 1024):
+        spec = SelectionSpec(top_n, SINK, WINDOW, True, "max")
+        rows = bt.shape[0] * HKV
+        vfar = torch.empty(rows, top_n, D, dtype=DT, device=q.device)
+        kvfar = torch.empty(rows, top_n, 2 * D, dtype=DT, device=q.device)
+        idx = random_idx(lens, top_n, gen).to(q.device)
+        e = {}
+        e["kpass_select_ms"] = bench(lambda: score_and_select(q, k8, bt, sl, C, spec, scale, k_scales=ks))
+        e["model_kpass_select_ms"] = bench(lambda: score_and_select(q, kc, bt, sl, C, spec, scale))
+        e["gather_kv_ms"] = bench(lambda: gather_far_rows_zero_copy(kv_rows, bt_kv, idx, out=kvfar))
+        e["gather_kv_GBps"] = rows * top_n * 2 * D * 2 / e["gather_kv_ms"] / 1e6
+        e["gather_kv_pct_h2d"] = 100 * e["gather_kv_GBps"] / h2d
+        e["model_gather_v_ms"] = bench(lambda: gather_far_rows_zero_copy(vp, bt, idx, out=vfar))
+        sel8 = score_and_select(q, k8, bt, sl, C, spec, scale, k_scales=ks)
+        sel = score_and_select(q, kc, bt, sl, C, spec, scale)
+        e["output_exact_k_ms"] = bench(lambda: sparse_output(sel8, kvfar, vhot, sl, slots, spec, HQ, q=q, k_hot=khot,
+                                                             scale=scale))
+        e["model_output_ms"] = bench(lambda: sparse_output(sel, vfar, vhot, sl, slots, spec, HQ))
+
+        def fp8_decode():
+            s8 = score_and_select(q, k8, bt, sl, C, spec, scale, k_scales=ks)
+            gather_far_rows_zero_copy(kv_rows, bt_kv, s8.idx, out=kvfar)
+            return sparse_output(s8, kvfar, vhot, sl, slots, spec, HQ, q=q, k_hot=khot, scale=scale)
+
+        def model_decode():
+            s = score_and_select(q, kc, bt, sl, C, spec, scale)
+            gather_far_rows_zero_copy(vp, bt, s.idx, out=vfar)
+            return sparse_output(s, vfar, vhot, sl, slots, spec, HQ)
+        e["decode_ms"], e["model_decode_ms"] = bench(fp8_decode), bench(model_decode)
+        e["decode_graph_ms"] = guard("graph fp8 decode", lambda: graph_bench(fp8_decode))
+        e["model_decode_graph_ms"] = guard("graph model decode", lambda: graph_bench(model_decode))
+        res[f"n{top_n}"] = e
+        log(f"  fp8 n{top_n}: K+select {e['kpass_select_ms']:.3f} (model {e['model_kpass_select_ms']:.3f}) ms; "
+            f"K | V gather {e['gather_kv_ms']:.3f} ms {e['gather_kv_GBps']:.1f} GB/s "
+            f"({e['gather_kv_pct_h2d']:.0f}% of H2D; V gather {e['model_gather_v_ms']:.3f}); output "
+            f"{e['output_exact_k_ms']:.3f} (model {e['model_output_ms']:.3f}); decode {e['decode_ms']:.3f} "
+            f"(model {e['model_decode_ms']:.3f}) ms, graphs {e['decode_graph_ms'] or float('nan'):.3f} / "
+            f"{e['model_decode_graph_ms'] or float('nan'):.3f}")
 
 
 def plots(out_dir):
@@ -524,6 +599,12 @@ def table():
                      f"{d.get('sparse_output_ms', float('nan')):.3f}, copy engine (wall) "
                      f"{d.get('kcache_copy_engine_wall_ms', float('nan')):.3f}, dense SDPA "
                      f"{d.get('dense_sdpa_ms', float('nan')):.3f} ms")
+        for name, v in p.get("fp8", {}).items():
+            if isinstance(v, dict):
+                L.append(f"  fp8 {name}: K+select {v['kpass_select_ms']:.3f} (model {v['model_kpass_select_ms']:.3f}) "
+                         f"K|V gather {v['gather_kv_GBps']:.1f} GB/s ({v['gather_kv_pct_h2d']:.0f}% of H2D) output "
+                         f"{v['output_exact_k_ms']:.3f} (model {v['model_output_ms']:.3f}) decode {v['decode_ms']:.3f} "
+                         f"(model {v['model_decode_ms']:.3f}) ms")
     for n, p in R["points"].items():
         for e in p.get("overlap", []):
             L.append(f"overlap {n:12s} {e['fetch']:24s} K {e['k_ms']:.3f} fetch {e['fetch_ms']:.3f} together "
@@ -539,6 +620,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--points", default="32x8192,128x8192,32x32768,128x32768")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the fp8 scoring keys' stages beside the model-dtype ones (part v)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda")
@@ -554,7 +637,7 @@ def main():
                 "row": KPassConfig(select_mode="row")}
     opts = {"top_ns": [256, 1024], "grids": [32, 132, 264], "overlap_grids": [32, 132],
             "overlap_points": {(32, 32768), (128, 8192)}, "check": True, "variants": variants,
-            "sum_variants": ("fused",), "check_variants": ("fused", "row")}
+            "sum_variants": ("fused",), "check_variants": ("fused", "row"), "fp8": a.fp8}
     if a.quick:
         opts.update(grids=[132, 264])
     max_tokens = max(B * C for B, C in points)
