@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from kcache_dist.config import EngineConfig, KCacheConfig, ParallelConfig, parse_host_memory_gb  # noqa: E402
+from kcache_dist.config import (SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
+                               parse_host_memory_gb)
 from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with a row cache: before every step forget a random 1 - this share of its rows, so that "
                         "the step's repeated picks hit at about this rate (e.g. 0.89, the default model's rate at "
                         "8K: benchmarks/notes/selection_reuse.md)")
+    p.add_argument("--scoring-keys", default=KCacheConfig().scoring_keys, choices=list(SCORING_KEYS),
+                   help="KCacheConfig.scoring_keys of the kcache mode")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--all-reduce-chunks", type=int, default=1,
                    help="under tensor parallelism, also time the CUDA-graph step with each row-parallel linear "
@@ -175,7 +178,8 @@ def graph_path(runner, micro_batches: int, own_graphs: bool):
 
 def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
     kcache = (KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers,
-                           row_cache_factor=args.row_cache_factor) if mode == "kcache" else KCacheConfig(mode="full"))
+                           row_cache_factor=args.row_cache_factor, scoring_keys=args.scoring_keys)
+              if mode == "kcache" else KCacheConfig(mode="full"))
     engine = LLMEngine(EngineConfig(model=model_dir, dtype=args.dtype, max_model_len=args.context,
                                     max_num_seqs=batch, gpu_memory_utilization=args.gpu_memory_utilization,
                                     host_memory_gb=args.host_memory_gb, load_format="random", kcache=kcache,
