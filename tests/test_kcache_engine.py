@@ -1,6 +1,7 @@
 """KCache mode through the whole engine: with a budget covering the context (top_n + sink +
 window >= context) it reproduces full mode token for token; with a small budget it really reads
-fewer V rows; it survives chunked prefill and preemption."""
+fewer V rows; it survives chunked prefill and preemption. The same with fp8 scoring keys (float8 K
+picks, the exact K from the host pool weighs), with and without a row cache."""
 
 from __future__ import annotations
 
