@@ -1,4 +1,5 @@
-"""The engine on a CUDA device: full and KCache modes, pinned host V pool. Skipped without CUDA."""
+"""The engine on a CUDA device: full and KCache modes (fp8 scoring keys too, once the engine allows
+them on CUDA), pinned host V pool. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from helpers import hf_greedy, token_ids
+from helpers import hf_greedy, token_ids, unless_fp8_scoring_keys_run_on_cuda
 from kcache_dist import LLM, KCacheConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -35,6 +36,23 @@ def test_kcache_on_cuda_equals_full_mode(fixture, request):
         assert cache.host_pool.pinned and cache.host_rows[0].is_pinned() and not cache.host_rows[0].is_cuda
         assert (cache.row_cache is None) == (kcache.row_cache_factor == 0)
         assert token_ids(llm.generate(PROMPTS, GREEDY)) == full
+        assert cache.v_rows_fetched > 0
+
+
+@unless_fp8_scoring_keys_run_on_cuda
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_fp8_scoring_keys_on_cuda_equal_full_mode(fixture, request):
+    """A covering budget with fp8 scoring keys: float8 K in device memory, K | V rows in the pinned
+    pool, with and without the far-row cache, chunked prefill reading the exact K back."""
+    model_dir = request.getfixturevalue(fixture)
+    full = token_ids(LLM(model=model_dir, dtype="float32", device="cuda").generate(PROMPTS, GREEDY))
+    fp8 = dataclasses.replace(COVERING, scoring_keys="fp8")
+    for kcache, extra in ((fp8, {}), (dataclasses.replace(fp8, row_cache_factor=0), {}),
+                          (fp8, dict(block_size=8, num_kv_blocks=14, max_model_len=112, max_num_batched_tokens=7))):
+        llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=kcache, **extra)
+        cache = llm.engine.runner.kv_cache
+        assert cache.k_caches[-1].dtype == torch.float8_e4m3fn and cache.host_rows[0].shape[-1] == 2 * cache.head_dim
+        assert token_ids(llm.generate(PROMPTS, GREEDY)) == full, (kcache, extra)
         assert cache.v_rows_fetched > 0
 
 

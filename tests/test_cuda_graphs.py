@@ -1,5 +1,6 @@
 """CUDA-graph decode (engine/cuda_graphs.py): buckets on any machine; on a GPU, graph replays give
-the tokens and counts of the eager path in full mode and KCache mode."""
+the tokens and counts of the eager path in full mode and KCache mode (fp8 scoring keys too, once
+the engine allows them on CUDA)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from helpers import token_ids
+from helpers import token_ids, unless_fp8_scoring_keys_run_on_cuda
 from kcache_dist import LLM, KCacheConfig, SamplingParams
 from kcache_dist.engine.cuda_graphs import batch_buckets, bucket_of, context_buckets, graphs_enabled
 
@@ -42,7 +43,11 @@ MODES = {
     "full": KCacheConfig(mode="full"),
     "kcache": KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=8),
     "kcache-no-window": KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=0),
+    "kcache-fp8": KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=8,
+                               scoring_keys="fp8"),
 }
+MODE_PARAMS = [pytest.param(m, marks=unless_fp8_scoring_keys_run_on_cuda) if MODES[m].fp8_scoring_keys else m
+               for m in MODES]
 
 
 def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool, micro_batches: int = 1):
@@ -55,7 +60,7 @@ def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool, micro_b
 
 @cuda
 @pytest.mark.parametrize("micro_batches", [1, 3])
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_graph_decode_equals_eager_decode(tiny_llama_dir, mode, micro_batches):
     """Graphs of whole steps, and of steps in 3 micro-batches on 3 streams (batch buckets 8 / 4 / 2 in
     3 / 3 / 2 parts, padding rows in some), against whole eager steps."""
