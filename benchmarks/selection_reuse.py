@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kcache_dist.config import KCacheConfig  # noqa: E402
+from kcache_dist.config import SCORING_KEYS, KCacheConfig  # noqa: E402
 from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model  # noqa: E402
 
 import accuracy_data  # noqa: E402
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-n", default="1024,256", help="top_n of each setting (the other knobs: the defaults)")
     p.add_argument("--cache-factors", default="1,1.5,2,4", help="row cache capacity in multiples of top_n")
     p.add_argument("--docs", default="alice29.txt,bible_kjv.txt")
+    p.add_argument("--scoring-keys", default="model", choices=list(SCORING_KEYS),
+                   help="KCacheConfig.scoring_keys: fp8 picks with K rounded to float8 (row cache rows are then K | V)")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -154,7 +156,8 @@ def main(argv=None) -> dict:
     model_dir, model_name, device, dtype = model_choice(args.model, args.device, args.dtype)
     contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)
     factors = [float(f) for f in args.cache_factors.split(",")]
-    settings = [KCacheConfig(mode="kcache", top_n=int(n)) for n in args.top_n.split(",")]
+    settings = [KCacheConfig(mode="kcache", top_n=int(n), scoring_keys=args.scoring_keys)
+                for n in args.top_n.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, device, dtype, contexts[0])
     lm = TeacherForcedLM(model, capacity=contexts[0])
@@ -187,8 +190,9 @@ def main(argv=None) -> dict:
     for (context, top_n), log in sorted(logs.items()):
         r = reuse(log, top_n, factors, context)
         row_bytes = head_dim * torch.finfo(dtype).bits // 8
+        cached_row_bytes = row_bytes * (2 if settings[0].fp8_scoring_keys else 1)  # V, or K | V
         rows.append({"context": context, "top_n": top_n, **r,
-                     "cache_bytes_per_sequence": {str(f): int(round(f * top_n)) * row_bytes * sparse_layers
+                     "cache_bytes_per_sequence": {str(f): int(round(f * top_n)) * cached_row_bytes * sparse_layers
                                                   * num_kv_heads for f in factors},
                      "host_v_bytes_per_sequence": context * row_bytes * sparse_layers * num_kv_heads})
         print(f"context {context} top_n {top_n}: hit rate " + ", ".join(
@@ -197,8 +201,9 @@ def main(argv=None) -> dict:
               "device": str(device), "steps": args.steps, "docs": args.docs.split(","),
               "kcache": {k: v for k, v in vars(settings[0]).items() if k != "top_n"},
               "rows": rows, "seconds": round(time.perf_counter() - wall0, 1)}
+    suffix = "" if args.scoring_keys == "model" else f"_{args.scoring_keys}_scoring_keys"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"selection_reuse_{model_name}.json")
+                                   f"selection_reuse_{model_name}{suffix}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, out.removesuffix(".json") + ".png")
