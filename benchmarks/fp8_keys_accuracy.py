@@ -95,7 +95,7 @@ def main() -> None:
                    help="variants to run; the others are read from --out-dir when their JSON is there")
     args, accuracy_argv = p.parse_known_args()
     accuracy_argv = accuracy_argv or DEFAULT_ACCURACY_ARGS
-    to_run = args.variants.split(",")
+    to_run = [v for v in args.variants.split(",") if v]  # none: only the table of the JSONs already there
     for variant in to_run:
         sparse_attention_with(variant)  # an unknown name fails before any run
     os.makedirs(args.out_dir, exist_ok=True)

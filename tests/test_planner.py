@@ -183,6 +183,26 @@ def test_kcache_over_full_capacity_is_the_byte_arithmetic():
     assert "-" in full.table().splitlines()[2].split()  # no host budget in full mode
 
 
+def test_fp8_scoring_keys_capacity_by_the_planner():
+    """The same H100 facts with the default 8 dense layers (no row cache): KCache holds 1.59x full
+    mode's cache tokens with the model's K, 2.22x with fp8 scoring keys (58 112 GPU bytes a token
+    against 81 920; hot rows doubled; host bytes doubled, within the 128 GiB given)."""
+    device = h100(0, 79, LLAMA3_8B_WEIGHT_BYTES, 2 * GIB)
+    host = HostMemoryFacts(0, 500 * GIB, None, 1)
+    knobs = PlannerKnobs(max_num_seqs=64, max_model_len=131072, gpu_memory_utilization=0.9, host_memory_gb=128)
+    model_keys = dataclasses.replace(kcache_geometry(8), dense_layers=8)
+    full, model, fp8 = (agree([plan_rank(0, device, host, g, knobs)]) for g in (
+        full_geometry(8), model_keys, dataclasses.replace(model_keys, fp8_scoring_keys=True)))
+    budget = 72 * GIB - LLAMA3_8B_WEIGHT_BYTES - 2 * GIB
+    hot = 24 * 65 * 132 * 2048
+    assert (model.num_blocks, model.binding) == ((budget - hot) // (256 * 81920), BINDS_GPU) == (2798, BINDS_GPU)
+    assert (fp8.num_blocks, fp8.binding) == ((budget - 2 * hot) // (256 * 58112), BINDS_GPU) == (3916, BINDS_GPU)
+    assert (full.num_cache_tokens, model.num_cache_tokens, fp8.num_cache_tokens) == (450896, 716288, 1002496)
+    assert fp8.host_bytes_per_token == 2 * model.host_bytes_per_token == 98304
+    assert round(model.num_cache_tokens / full.num_cache_tokens, 2) == 1.59
+    assert round(fp8.num_cache_tokens / full.num_cache_tokens, 2) == 2.22
+
+
 def test_fixed_num_kv_blocks():
     device, host = h100(0, 79, LLAMA3_8B_WEIGHT_BYTES, 2 * GIB), HostMemoryFacts(None, None, None, 1)
     plan = agree([plan_rank(0, device, host, kcache_geometry(8), PlannerKnobs(64, 131072, num_kv_blocks=1000))])
