@@ -54,9 +54,9 @@ def sparse_attention_with(variant: str):
         return original
     if variant == "fp8_keys":
         return lambda q, keys, values, *args, **kwargs: original(q, fp8_rounded(keys), values, *args, **kwargs)
-    if variant == "fp8_selection":
+    if variant == "fp8_selection":  # as KCacheConfig(scoring_keys="fp8") has the emulation do it
         return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
-                                                                 selection_keys=fp8_rounded(keys), **kwargs)
+                                                                 **{**kwargs, "selection_keys": fp8_rounded(keys)})
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

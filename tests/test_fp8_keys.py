@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+from kcache_dist.config import KCacheConfig
 from kcache_dist.kcache.fp8_keys import FP8_DTYPE, dequantize_rows, fp8_rounded, quantize_rows
+from kcache_dist.kcache.teacher_forced import sparse_decode_attention
 from helpers import fresh_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -42,3 +44,18 @@ def test_unknown_variant_is_refused_with_the_known_ones():
     with pytest.raises(ValueError) as err:
         sparse_attention_with("fp8")
     assert str(err.value) == "unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection"
+
+
+def test_the_studys_variants_attend_as_the_emulation_does():
+    """fp8_selection equals the emulation under KCacheConfig(scoring_keys="fp8"), which passes
+    selection_keys itself; fp8_keys rounds the K it weighs with too."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    q, keys, values = torch.randn(6, 4, 16, generator=g), torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16,
+                                                                                                          generator=g)
+    kc = KCacheConfig(mode="kcache", top_n=3, dense_layers=0, sink_tokens=1, recent_window=2)
+    args = (q, keys, values, 34, kc, lambda n: kc.top_n, 0.25)
+    picked_by_fp8 = sparse_decode_attention(*args, selection_keys=fp8_rounded(keys))
+    assert torch.equal(sparse_attention_with("fp8_selection")(*args, selection_keys=None), picked_by_fp8)
+    assert torch.equal(sparse_attention_with("fp8_keys")(*args, selection_keys=None),
+                       sparse_decode_attention(q, fp8_rounded(keys), values, *args[3:]))
+    assert sparse_attention_with("model_keys") is sparse_decode_attention
