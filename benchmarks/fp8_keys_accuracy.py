@@ -64,7 +64,7 @@ def run_accuracy(argv: list[str], out: str, variant: str) -> dict:
     original = teacher_forced.sparse_decode_attention
     teacher_forced.sparse_decode_attention = sparse_attention_with(variant)
     try:
-        accuracy.main(argv + ["--out", out])
+        accuracy.main(argv + ["--out", os.path.relpath(out)])  # its JSON records --out: no machine's absolute path
     finally:
         teacher_forced.sparse_decode_attention = original
     with open(out, encoding="utf-8") as f:
