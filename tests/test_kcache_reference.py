@@ -7,11 +7,22 @@ import pytest
 import torch
 
 from kcache_dist.kcache.fp8_keys import fp8_rounded, quantize_rows
-from kcache_dist.kcache.reference import kcache_decode_fp8_scoring_reference, kcache_decode_reference
+from kcache_dist.kcache.reference import hot_positions, kcache_decode_fp8_scoring_reference, kcache_decode_reference
 from kcache_dist.kcache.row_cache import FarRowCache
 from kcache_dist.kcache.selection import SelectionSpec
 from kcache_dist.layers.paged_attention import decode_attention
 from helpers import fresh_seed
+
+
+def hot_rows_of(dense_rows, hot_slots, num_slots, spec):
+    """The device hot buffer [num_slots, Hkv, sink + window, D] (NaN where no sequence writes) of the
+    sequences' dense rows [Hkv, L, D] (V, or K with fp8 scoring keys), sequence b in slot hot_slots[b]."""
+    num_kv_heads, _, head_dim = dense_rows[0].shape
+    hot = torch.full((num_slots, num_kv_heads, spec.hot_rows, head_dim), float("nan"), dtype=dense_rows[0].dtype)
+    for slot, rows in zip(hot_slots, dense_rows):
+        hot_pos = hot_positions(*spec.split(rows.shape[1]), rows.shape[1], rows.device)
+        hot[slot][:, spec.hot_row(hot_pos)] = rows[:, hot_pos]
+    return hot
 
 
 def paged_inputs(batch, num_kv_heads, group, head_dim, seq_lens, block_size, spec, dtype=torch.float32, seed=None):
@@ -25,15 +36,12 @@ def paged_inputs(batch, num_kv_heads, group, head_dim, seq_lens, block_size, spe
     v_pool = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=g).to(dtype)
     q = torch.randn(batch, num_kv_heads * group, head_dim, generator=g).to(dtype) * 2
     hot_slots = torch.randperm(batch + 2, generator=g)[:batch].tolist()
-    v_hot = torch.full((batch + 2, num_kv_heads, spec.hot_rows, head_dim), float("nan"), dtype=dtype)
     dense_k, dense_v = [], []
     for b, n in enumerate(seq_lens):
         blocks = tables[b, : -(-n // block_size)].long()
         dense_k.append(k_pool[blocks].transpose(0, 1).flatten(1, 2)[:, :n])
         dense_v.append(v_pool[blocks].transpose(0, 1).flatten(1, 2)[:, :n])
-        sink_end, window_start = spec.split(n)
-        hot_pos = torch.cat([torch.arange(sink_end), torch.arange(window_start, n)])
-        v_hot[hot_slots[b]][:, spec.hot_row(hot_pos)] = dense_v[-1][:, hot_pos]
+    v_hot = hot_rows_of(dense_v, hot_slots, batch + 2, spec)
     return q, k_pool, v_pool, v_hot, tables, hot_slots, dense_k, dense_v
 
 
@@ -41,13 +49,7 @@ def fp8_scoring_inputs(q, k_pool, v_pool, v_hot, tables, hot_slots, dense_k, spe
     """`paged_inputs`'s tensors as fp8 scoring keys hold them: (k_fp8 [NB, Hkv, bs, D] float8, k_scales
     [NB, Hkv, bs], host rows K | V [NB, Hkv, bs, 2D], k_hot: the hot rows' exact K, shaped as v_hot)."""
     k_fp8, k_scales = quantize_rows(k_pool)
-    k_hot = torch.full_like(v_hot, float("nan"))
-    for b, keys in enumerate(dense_k):
-        n = keys.shape[1]
-        sink_end, window_start = spec.split(n)
-        hot_pos = torch.cat([torch.arange(sink_end), torch.arange(window_start, n)])
-        k_hot[hot_slots[b]][:, spec.hot_row(hot_pos)] = keys[:, hot_pos]
-    return k_fp8, k_scales, torch.cat([k_pool, v_pool], -1), k_hot
+    return k_fp8, k_scales, torch.cat([k_pool, v_pool], -1), hot_rows_of(dense_k, hot_slots, v_hot.shape[0], spec)
 
 
 def independent_kcache(q, k, v, spec, scale, selection_k=None):

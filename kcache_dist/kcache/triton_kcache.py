@@ -886,7 +886,7 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     slots = hot_slots if hot_slots.dtype == torch.int64 else hot_slots.long()
     vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=dev)
-    khot = (k_hot if hot_rows else vhot) if exact_k else vhot
+    khot = k_hot if exact_k and hot_rows else vhot  # vhot: a placeholder the kernel does not read
     far = far_rows.contiguous() if far_rows is not None else idx
     parts = max(1, min(parts, triton.cdiv(top_n, rows_per_step)))
     picks_per_part = triton.cdiv(triton.cdiv(top_n, parts), rows_per_step) * rows_per_step
