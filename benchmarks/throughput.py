@@ -135,7 +135,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA); with a row cache the "
                    "roofline's PCIe bytes are its misses")
     p.add_argument("--scoring-keys", default=kcache_defaults.scoring_keys, choices=list(SCORING_KEYS),
-                   help="KCacheConfig.scoring_keys (fp8: CPU only so far)")
+                   help="KCacheConfig.scoring_keys")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)

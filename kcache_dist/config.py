@@ -77,8 +77,9 @@ class KCacheConfig:
     V in host memory (a host row holds K | V, as does the row cache) and comes with the picked rows,
     so the picked, sink and window positions are weighed by their exact K (the sink and window K
     stay on the device). A sparse layer's device bytes per token and KV head fall from
-    2 x head_dim to head_dim + 4 (bf16); a miss fetches twice the bytes. Needs renormalize; CPU only
-    so far (benchmarks/notes/accuracy.md, "Study: K in fp8": no accuracy lost on the default model).
+    2 x head_dim to head_dim + 4 (bf16); a miss fetches twice the bytes. Needs renormalize
+    (benchmarks/notes/accuracy.md, "Study: K in fp8": no accuracy lost on the default model; on the
+    GPU not yet faster than "model": benchmarks/notes/throughput.md).
     """
 
     mode: str = "full"
@@ -95,13 +96,6 @@ class KCacheConfig:
     def fp8_scoring_keys(self) -> bool:
         """Whether the sparse layers pick with float8 K (and keep the exact K in host memory)."""
         return self.mode == "kcache" and self.scoring_keys == "fp8"
-
-    def check_device(self, device_type: str) -> None:
-        """Refuse what `device_type` cannot run: fp8 scoring keys' kernels have not run on a GPU yet
-        (they are checked under the Triton interpreter only)."""
-        if self.fp8_scoring_keys and device_type == "cuda":
-            raise ValueError("kcache.scoring_keys='fp8' runs on CPU only so far (its kernels have not been checked on "
-                             "a GPU); use scoring_keys='model' on CUDA")
 
     def for_device(self, device_type: str) -> "KCacheConfig":
         """This config with a row_cache_factor of None made the default of `device_type`."""

@@ -38,23 +38,6 @@ cuda_and_triton = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TR
 KERNEL_TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}  # relative error vs reference
 
 
-def fp8_scoring_keys_refused_on_cuda() -> bool:
-    """Whether the engine still refuses fp8 scoring keys on CUDA (`KCacheConfig.check_device`)."""
-    from kcache_dist.config import KCacheConfig
-
-    try:
-        KCacheConfig(mode="kcache", scoring_keys="fp8").check_device("cuda")
-    except ValueError:
-        return True
-    return False
-
-
-# fp8 scoring keys' engine tests on CUDA wait for the engine to allow them there (KCacheConfig.check_device)
-unless_fp8_scoring_keys_run_on_cuda = pytest.mark.skipif(
-    fp8_scoring_keys_refused_on_cuda(), reason="the engine refuses fp8 scoring keys on CUDA until their kernels "
-    "have run on a GPU (KCacheConfig.check_device)")
-
-
 def fresh_seed() -> int:
     """A new seed each run, printed so that a failure can be replayed."""
     seed = int(torch.seed() % 2**31)

@@ -95,15 +95,6 @@ def test_invalid_config_values(values, message):
         EngineConfig.from_dict(values)
 
 
-def test_fp8_scoring_keys_are_refused_on_cuda_before_anything_is_built():
-    fp8 = KCacheConfig(mode="kcache", scoring_keys="fp8")
-    fp8.check_device("cpu")
-    with pytest.raises(ValueError, match=r"^kcache.scoring_keys='fp8' runs on CPU only so far \(its kernels have not "
-                                         r"been checked on a GPU\); use scoring_keys='model' on CUDA$"):
-        fp8.check_device("cuda")
-    KCacheConfig(mode="full", scoring_keys="fp8").check_device("cuda")  # full mode picks nothing: no effect
-
-
 def test_unsupported_architecture(tiny_llama_dir, tmp_path):
     model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "gpt2")
     config = json.loads((model_dir / "config.json").read_text())

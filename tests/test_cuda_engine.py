@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from helpers import hf_greedy, token_ids, unless_fp8_scoring_keys_run_on_cuda
+from helpers import hf_greedy, token_ids
 from kcache_dist import LLM, KCacheConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -39,7 +39,6 @@ def test_kcache_on_cuda_equals_full_mode(fixture, request):
         assert cache.v_rows_fetched > 0
 
 
-@unless_fp8_scoring_keys_run_on_cuda
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_fp8_scoring_keys_on_cuda_equal_full_mode(fixture, request):
     """A covering budget with fp8 scoring keys: float8 K in device memory, K | V rows in the pinned

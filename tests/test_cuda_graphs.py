@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from helpers import token_ids, unless_fp8_scoring_keys_run_on_cuda
+from helpers import token_ids
 from kcache_dist import LLM, KCacheConfig, SamplingParams
 from kcache_dist.engine.cuda_graphs import batch_buckets, bucket_of, context_buckets, graphs_enabled
 
@@ -46,8 +46,6 @@ MODES = {
     "kcache-fp8": KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=8,
                                scoring_keys="fp8"),
 }
-MODE_PARAMS = [pytest.param(m, marks=unless_fp8_scoring_keys_run_on_cuda) if MODES[m].fp8_scoring_keys else m
-               for m in MODES]
 
 
 def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool, micro_batches: int = 1):
@@ -60,7 +58,7 @@ def _generate(model_dir: str, kcache: KCacheConfig, enforce_eager: bool, micro_b
 
 @cuda
 @pytest.mark.parametrize("micro_batches", [1, 3])
-@pytest.mark.parametrize("mode", MODE_PARAMS)
+@pytest.mark.parametrize("mode", list(MODES))
 def test_graph_decode_equals_eager_decode(tiny_llama_dir, mode, micro_batches):
     """Graphs of whole steps, and of steps in 3 micro-batches on 3 streams (batch buckets 8 / 4 / 2 in
     3 / 3 / 2 parts, padding rows in some), against whole eager steps."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from helpers import fp8_scoring_keys_refused_on_cuda, token_ids
+from helpers import token_ids
 from kcache_dist import LLM, KCacheConfig, SamplingParams
 from kcache_dist.engine.cuda_graphs import PAD_SLOT, DecodeGraphs
 from kcache_dist.engine.micro_batches import MICRO_BATCH_FETCH_GRID, part_bounds
@@ -97,8 +97,6 @@ def test_graph_micro_batches_are_slices_of_the_static_rows():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_micro_batched_decode_equals_whole_decode(tiny_llama_dir, mode, device):
-    if device == "cuda" and MODES[mode].fp8_scoring_keys and fp8_scoring_keys_refused_on_cuda():
-        pytest.skip("the engine refuses fp8 scoring keys on CUDA until their kernels have run on a GPU")
     results = {}
     for micro_batches in (1, 3):
         llm = LLM(model=tiny_llama_dir, dtype="float32", device=device, kcache=MODES[mode], enforce_eager=True,

@@ -83,7 +83,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         """Joins the job's ranks first (layers read their tensor-parallel rank when built)."""
         device_type = resolve_device_type(config.device)
-        config.kcache.check_device(device_type)
         config = dataclasses.replace(config, kcache=config.kcache.for_device(device_type))
         tp = config.parallel.tensor_parallel_size
         self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s,

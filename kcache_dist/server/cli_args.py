@@ -83,7 +83,7 @@ KCACHE_FLAGS = [
      "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default 2 on CUDA, "
      "0 on CPU; 0: none)"),
     ("--scoring-keys", "scoring_keys", str, "K that picks the far positions: model (default) | fp8 (K in device "
-     "memory as float8, the exact K beside V in host memory; CPU only so far)"),
+     "memory as float8, the exact K beside V in host memory)"),
 ]
 _CHOICES = {"dtype": list(DTYPE_NAMES + tuple(DTYPE_ALIASES)), "device": list(DEVICE_NAMES),
             "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES), "scoring_keys": list(SCORING_KEYS)}
