@@ -92,10 +92,17 @@ def decode_plan(batch: int, context: int, blocks_per_seq: int) -> StepPlan:
 
 def fill_device_pools(cache) -> None:
     """Random K (and device V) so that scores and selection behave as on real data (an all-zero K
-    would tie every key and send the selection down its slow exact path)."""
-    for name in ("k_caches", "v_caches", "dense_v_caches", "v_hot"):
-        for t in getattr(cache, name, []):
-            t.normal_(0, 1)
+    would tie every key and send the selection down its slow exact path). Float8 K (fp8 scoring
+    keys) gets N(0, 1) values rounded to float8 and scales of 1."""
+    for name in ("k_caches", "v_caches", "dense_v_caches", "v_hot", "k_hot"):
+        for t in getattr(cache, name, None) or []:
+            if t.dtype.itemsize == 1:
+                for part in t.split(64):  # a float16 draw of 64 blocks at a time
+                    part.copy_(torch.randn(part.shape, dtype=torch.float16, device=t.device))
+            else:
+                t.normal_(0, 1)
+    for t in getattr(cache, "k_scales", None) or []:
+        t.fill_(1.0)
 
 
 def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=None) -> dict:
@@ -234,6 +241,8 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     overlap = {**all_reduce_overlap(timings, "eager", f"eager_{m}_micro_batches"),
                **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
                **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{args.all_reduce_chunks}_all_reduce_chunks")}
+    if before_step is not None:
+        before_step()  # the profiled step misses as the timed ones do
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         runner._execute_eager(plan)
         torch.cuda.synchronize(dev)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,6 +174,22 @@ def test_profile_all_reduce_overlap_from_timings():
     assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_4_all_reduce_chunks": 2.5,
                                  "all_reduce_hidden_fraction_cuda_graph_4_all_reduce_chunks": 0.75})
     assert all_reduce_overlap(timings, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
+
+
+def test_profile_fills_float8_key_pools():
+    """benchmarks/profile_decode.py: the pools of fp8 scoring keys (float8 K, which has no normal_,
+    and its float32 scales) get random keys and unit scales like the 16-bit pools."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from profile_decode import fill_device_pools
+
+    cache = SimpleNamespace(k_caches=[torch.zeros(130, 2, 4, 8, dtype=torch.float8_e4m3fn),
+                                      torch.zeros(130, 2, 4, 8, dtype=torch.bfloat16)],
+                            k_scales=[torch.zeros(130, 2, 4)], v_hot=[torch.zeros(3, 8)], k_hot=[torch.zeros(3, 8)])
+    fill_device_pools(cache)
+    for t in cache.k_caches + cache.v_hot + cache.k_hot:
+        values = t.float()
+        assert values.isfinite().all() and 0.5 < values.std() < 2.0
+    assert torch.equal(cache.k_scales[0], torch.ones(130, 2, 4))
 
 
 def test_multi_gpu_tp_scaling_from_result_files(tmp_path):
