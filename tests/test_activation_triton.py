@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kcache_dist.layers.activation import silu_and_mul, silu_and_mul_reference
-from helpers import HAS_TRITON, check_within_ulps, cuda_and_triton as cuda, fresh_seed, run_under_triton_interpreter
+from helpers import HAS_TRITON, cuda_and_triton as cuda, fresh_seed, run_under_triton_interpreter
 
 
 def random_gate_up(tokens: int, intermediate: int, dtype: torch.dtype, g: torch.Generator, device: str,

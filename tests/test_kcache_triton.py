@@ -87,7 +87,6 @@ def _case_id(c):
 @pytest.mark.parametrize("case, mode", MODE_CASES, ids=[_case_id(c) + "-" + m for c, m in MODE_CASES])
 def test_triton_matches_reference(case, mode):
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
-    from kcache_dist.kcache.row_cache import FarRowCache
 
     batch, hkv, group, head_dim, lens, bs, spec, dtype = case
     seed = fresh_seed()

@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import openai
-import pytest
 
 from conftest import PROMPTS
 from kcache_dist import LLM, KCacheConfig, SamplingParams
