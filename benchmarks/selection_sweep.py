@@ -6,9 +6,10 @@ points of the Llama-3-8B attention shape (bf16, sink 4, window 128):
     python benchmarks/selection_sweep.py OUT.json                       # selection variants, top_n 1024 and 256
     python benchmarks/selection_sweep.py OUT.json --variants kpass --keys fp8 --points 66x8192,27x32768
 
---variants selection: the selection's settings; kpass: the K pass's launch shape (each also timed
-alone, without selecting), top_n 1024. --keys fp8: K as float8 e4m3 with a float32 scale per
-position and KV head (`KCacheConfig.scoring_keys="fp8"`). Per point: the K pass alone, then K pass
+--variants selection: the selection's settings; kpass: the K pass's launch shape and, with fp8 K,
+its dot's dtype (f16dot: `KPassConfig.fp8_dot`), each also timed alone (without selecting), top_n
+1024. --keys fp8: K as float8 e4m3 with a float32 scale per position and KV head
+(`KCacheConfig.scoring_keys="fp8"`). Per point: the K pass alone, then K pass
 + selection per variant as % of the device-to-device copy bandwidth measured at the start (over the
 K bytes read: scales included), whether its selected positions equal the default's, and the default
 checked against torch.topk on the kernel's own scores (`kernels.check_selection`). Stream-timed
@@ -47,7 +48,9 @@ KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn
                   "bn256_split2048": KPassConfig(block_n=256, split=2048), "split2048": KPassConfig(split=2048),
                   "stg4": KPassConfig(num_stages=4), "bn256_stg2": KPassConfig(block_n=256, num_stages=2),
                   "nocap": KPassConfig(maxnreg=0), "bn256_nocap": KPassConfig(block_n=256, maxnreg=0),
-                  "w8": KPassConfig(num_warps=8), "bn256_w8": KPassConfig(block_n=256, num_warps=8)}
+                  "w8": KPassConfig(num_warps=8), "bn256_w8": KPassConfig(block_n=256, num_warps=8),
+                  "f16dot": KPassConfig(fp8_dot="float16"),
+                  "f16dot_bn256": KPassConfig(block_n=256, fp8_dot="float16")}
 
 
 def sweep_point(B: int, C: int, d2d_GBps: float, dev: torch.device, keys: str, variants: str) -> dict:

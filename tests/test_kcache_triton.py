@@ -225,7 +225,7 @@ def test_copy_engine_fetch_equals_zero_copy():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_select_mode_auto_and_bad_mode():
     """"auto" selects inside the K pass from FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device,
-    in its own kernel below that and off CUDA; an unknown mode is refused by name."""
+    in its own kernel below that and off CUDA; an unknown mode (or fp8 dot dtype) is refused by name."""
     from kcache_dist.kcache.triton_kcache import (FUSED_SELECT_ROWS_PER_SM, KPassConfig, _resolve_select_mode,
                                                   score_and_select)
 
@@ -240,6 +240,9 @@ def test_select_mode_auto_and_bad_mode():
     with pytest.raises(ValueError, match="select_mode must be 'auto', 'row' or 'fused', not 'topk'"):
         score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
                          torch.tensor([4]), 4, spec, 1.0, KPassConfig(select_mode="topk"))
+    with pytest.raises(ValueError, match="^fp8_dot must be 'model' or 'float16', not 'int8'$"):
+        score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
+                         torch.tensor([4]), 4, spec, 1.0, KPassConfig(fp8_dot="int8"))
 
 
 @cuda
@@ -264,7 +267,7 @@ def test_fp8_scoring_triton_matches_reference(case):
     """fp8 scoring keys on the GPU: float8 K + scales picks, K | V rows from pinned host memory
     (directly and through a row cache), exact-K weights; against the torch reference on the host."""
     from kcache_dist.kcache.row_cache import FarRowCache
-    from kcache_dist.kcache.triton_kcache import kcache_decode_triton
+    from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton
     from test_kcache_reference import fp8_scoring_inputs
 
     batch, hkv, group, head_dim, lens, bs, spec, dtype = case
@@ -286,6 +289,10 @@ def test_fp8_scoring_triton_matches_reference(case):
         assert not out.isnan().any(), f"NaN in output (seed {seed})"
         err = relative_error(out.cpu(), ref)
         assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, row cache {row_cache is not None})"
+    # the K pass's dot in float16 (KPassConfig.fp8_dot): the same products, so the same picks
+    f16 = kcache_decode_triton(*args, cfg=KPassConfig(fp8_dot="float16"), k_scales=k_scales.to(dev),
+                               k_hot=k_hot.to(dev))
+    assert relative_error(f16.cpu(), out.cpu()) < TOL[dtype], f"fp8_dot float16 (seed {seed})"
 
 
 INTERPRET_SCRIPT = textwrap.dedent("""

@@ -430,9 +430,9 @@ def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SC
                   BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
                   TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr,
                   NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr,
-                  HAS_SCALES: tl.constexpr):
+                  HAS_SCALES: tl.constexpr, F16_DOT: tl.constexpr):
     """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D] (with HAS_SCALES float8, KS
-    [NB, HKV, BS] float32 its scales); BT [B, stride_bt] int32;
+    [NB, HKV, BS] float32 its scales; F16_DOT: q and the float8 tiles in float16); BT [B, stride_bt] int32;
     SEQ [B] int64. S [rows, G, Cs] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
     With FUSED_SELECT the last CTA of each row runs `_row_select` (CNT [rows] int32 tickets, zero on
     entry and reset to zero on exit; KEYS [rows, Cs], SCR_POS/SCR_KEY [rows, scr_cap] int32 scratch)."""
@@ -448,6 +448,8 @@ def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SC
         ni = tl.arange(0, BLOCK_N)
         gmask = gi < G
         q = tl.load(Q + (b * (HKV * G) + h * G + gi)[:, None] * D + di[None, :], mask=gmask[:, None], other=0.0)
+        if F16_DOT:
+            q = q.to(tl.float16)  # `tile_scores_scaled` widens the float8 tiles to q's dtype
         lo = split * SPLIT
         hi = tl.minimum(lo + SPLIT, L)
         m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -653,6 +655,11 @@ class KPassConfig:
     select_warps: int = 8    # warps per CTA of the "row" selection kernel
     maxnreg: int = 128       # register cap of the selecting kernels on CUDA (0: the compiler's choice, ~160:
     #                          3 fused K-pass CTAs per SM instead of the plain K pass's 4; 128 spills ~nothing)
+    fp8_dot: str = "model"   # fp8 scoring keys: the dtype of the K pass's dot, "model" (q's, the float8
+    #                          tiles widened to it) or "float16" (bf16 q and the tiles in float16: PTX on
+    #                          sm_89+ widens e4m3 pairs to f16 in one instruction; the products stay exact
+    #                          for bf16 q within float16's range; fp32 q keeps the exact path). Not yet timed
+    #                          (benchmarks/notes/kcache_triton.md, "fp8 scoring keys: the kernels").
 
 
 @dataclass
@@ -688,6 +695,8 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     dev = q.device
     if cfg.select_mode not in ("auto", "fused", "row"):
         raise ValueError(f"select_mode must be 'auto', 'row' or 'fused', not {cfg.select_mode!r}")
+    if cfg.fp8_dot not in ("model", "float16"):
+        raise ValueError(f"fp8_dot must be 'model' or 'float16', not {cfg.fp8_dot!r}")
     mode = _resolve_select_mode(cfg.select_mode, rows, dev) if select else "none"
     warps = cfg.select_warps if mode == "row" else cfg.num_warps
     ts, tk = cfg.sel_tile or 128 * warps, cfg.key_tile or 256 * warps
@@ -720,8 +729,9 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
         scr_key,
         scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap,
         HKV=Hkv, GP=max(16, triton.next_power_of_2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-        FUSED_SELECT=mode == "fused", HAS_SCALES=k_scales is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **sel_shape,
+        FUSED_SELECT=mode == "fused", HAS_SCALES=k_scales is not None,
+        F16_DOT=k_scales is not None and cfg.fp8_dot == "float16" and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
         **(extra if mode == "fused" else {}))
     if mode == "row":
         return select_from_partials(S[:, :, :cmax], MP, LP, seq, spec, cfg, Hkv, idx_out=idx)
