@@ -9,13 +9,12 @@ points of the Llama-3-8B attention shape (bf16, sink 4, window 128):
 --variants selection: the selection's settings; kpass: the K pass's launch shape and, with fp8 K,
 its dot's dtype (f16dot: `KPassConfig.fp8_dot`), each also timed alone (without selecting), top_n
 1024. --keys fp8: K as float8 e4m3 with a float32 scale per position and KV head
-(`KCacheConfig.scoring_keys="fp8"`). Per point: the K pass alone, then K pass
-+ selection per variant as % of the device-to-device copy bandwidth measured at the start (over the
-K bytes read: scales included), whether its selected positions equal the default's, and the default
-checked against torch.topk on the kernel's own scores (`kernels.check_selection`). Stream-timed
-(median of 20), so the first, shortest point is noisy.
+(`KCacheConfig.scoring_keys="fp8"`). Per point: the K pass alone, then K pass and selection per
+variant as % of the device-to-device copy bandwidth measured at the start (over the K bytes read:
+scales included), whether its selected positions equal the default's, and the default checked
+against torch.topk on the kernel's own scores (`kernels.check_selection`). Stream-timed (median of
+20), so the first, shortest point is noisy.
 """
-
 
 from __future__ import annotations
 
@@ -37,13 +36,14 @@ from kernels import (D, DT, HKV, HQ, SINK, WINDOW, baselines, bench, check_selec
 
 POINTS = "32x8192,72x8192,32x32768,21x32768"  # 72 @ 8K and 21 @ 32K: the engine's KCache batches
 SELECTION_VARIANTS = {"row": KPassConfig(select_mode="row"), "row_w4": KPassConfig(select_mode="row", select_warps=4),
-            "row_w16": KPassConfig(select_mode="row", select_warps=16),
-            "row_bins16": KPassConfig(select_mode="row", bins=16), "row_bins64": KPassConfig(select_mode="row", bins=64),
-            "row_stg2": KPassConfig(select_mode="row", select_stages=2),
-            "row_stg4": KPassConfig(select_mode="row", select_stages=4),
-            "row_nocap": KPassConfig(select_mode="row", maxnreg=0),
-            "row_w16_stg2": KPassConfig(select_mode="row", select_warps=16, select_stages=2),
-            "fused": KPassConfig(select_mode="fused")}
+                      "row_w16": KPassConfig(select_mode="row", select_warps=16),
+                      "row_bins16": KPassConfig(select_mode="row", bins=16),
+                      "row_bins64": KPassConfig(select_mode="row", bins=64),
+                      "row_stg2": KPassConfig(select_mode="row", select_stages=2),
+                      "row_stg4": KPassConfig(select_mode="row", select_stages=4),
+                      "row_nocap": KPassConfig(select_mode="row", maxnreg=0),
+                      "row_w16_stg2": KPassConfig(select_mode="row", select_warps=16, select_stages=2),
+                      "fused": KPassConfig(select_mode="fused")}
 KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn256": KPassConfig(block_n=256),
                   "bn256_split2048": KPassConfig(block_n=256, split=2048), "split2048": KPassConfig(split=2048),
                   "stg4": KPassConfig(num_stages=4), "bn256_stg2": KPassConfig(block_n=256, num_stages=2),
