@@ -7,7 +7,7 @@ points of the Llama-3-8B attention shape (bf16, sink 4, window 128):
     python benchmarks/selection_sweep.py OUT.json --variants kpass --keys fp8 --points 66x8192,27x32768
 
 --variants selection: the selection's settings; kpass: the K pass's launch shape and, with fp8 K,
-its dot's dtype (f16dot: `KPassConfig.fp8_dot`), each also timed alone (without selecting), top_n
+its dot's dtype (f16dot, model_dot: `KPassConfig.fp8_dot`), each also timed alone (without selecting), top_n
 1024. --keys fp8: K as float8 e4m3 with a float32 scale per position and KV head
 (`KCacheConfig.scoring_keys="fp8"`). Per point: the K pass alone, then K pass and selection per
 variant as % of the device-to-device copy bandwidth measured at the start (over the K bytes read:
@@ -49,11 +49,13 @@ KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn
                   "stg4": KPassConfig(num_stages=4), "bn256_stg2": KPassConfig(block_n=256, num_stages=2),
                   "nocap": KPassConfig(maxnreg=0), "bn256_nocap": KPassConfig(block_n=256, maxnreg=0),
                   "w8": KPassConfig(num_warps=8), "bn256_w8": KPassConfig(block_n=256, num_warps=8),
-                  "f16dot": KPassConfig(fp8_dot="float16"),
+                  "f16dot": KPassConfig(fp8_dot="float16"), "model_dot": KPassConfig(fp8_dot="model"),
                   "f16dot_bn256": KPassConfig(block_n=256, fp8_dot="float16")}
 
 
-def sweep_point(B: int, C: int, d2d_GBps: float, dev: torch.device, keys: str, variants: str) -> dict:
+def sweep_point(B: int, C: int, d2d_GBps: float, dev: torch.device, keys: str, variants: dict,
+                kpass: bool) -> dict:
+    """kpass: the variants are K-pass launch shapes (top_n 1024 only, each also timed without selecting)."""
     gen = torch.Generator().manual_seed(B * 7 + C)
     bt, sl, lens = tables(B, C, 256, dev, gen)
     kc = torch.randn(B * (C // 256), HKV, 256, D, device=dev, dtype=DT)
@@ -75,16 +77,16 @@ def sweep_point(B: int, C: int, d2d_GBps: float, dev: torch.device, keys: str, v
     kpass_ms = bench(lambda: run(any_spec, select=False))
     point = {"B": B, "C": C, "keys": keys, "k_bytes": k_bytes, "kpass_ms": kpass_ms, "kpass_pct": pct(kpass_ms)}
     print(f"B{B} C{C} ({keys} K): K pass {kpass_ms:.4f} ms {point['kpass_pct']:.1f}%", flush=True)
-    for top_n in ((1024, 256) if variants == "selection" else (1024,)):
+    for top_n in ((1024,) if kpass else (1024, 256)):
         spec = SelectionSpec(top_n, SINK, WINDOW, True, "max")
         default_idx = run(spec).idx.clone()
         point[f"check_n{top_n}"] = check_selection(run(spec), sl, spec)
-        for name, cfg in (SELECTION_VARIANTS if variants == "selection" else KPASS_VARIANTS).items():
+        for name, cfg in variants.items():
             same = bool((run(spec, cfg).idx == default_idx).all().item())
             ms = bench(lambda: run(spec, cfg))
             entry = {"ms": ms, "pct_d2d": pct(ms), "select_us": 1e3 * (ms - kpass_ms), "idx_equal_default": same}
             alone = ""
-            if variants == "kpass":
+            if kpass:
                 entry["kpass_alone_ms"] = bench(lambda: run(spec, cfg, select=False))
                 alone = f"  (K pass alone {entry['kpass_alone_ms']:.4f} ms {pct(entry['kpass_alone_ms']):5.1f}%)"
             point[f"n{top_n}_{name}"] = entry
@@ -100,12 +102,20 @@ def main() -> None:
     ap.add_argument("--points", default=POINTS, help="BxC pairs, comma separated")
     ap.add_argument("--keys", choices=("model", "fp8"), default="model")
     ap.add_argument("--variants", choices=("selection", "kpass"), default="selection")
+    ap.add_argument("--names", default=None, help="only these variants, comma separated")
     args = ap.parse_args()
+    variants = SELECTION_VARIANTS if args.variants == "selection" else KPASS_VARIANTS
+    if args.names:
+        unknown = set(args.names.split(",")) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; {args.variants} has {sorted(variants)}")
+        variants = {n: variants[n] for n in args.names.split(",")}
     dev = torch.device("cuda")
     base = baselines(dev)
     points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     result = {"card": torch.cuda.get_device_name(dev), "baseline": base, "keys": args.keys, "variants": args.variants,
-              "points": [sweep_point(B, C, base["d2d_GBps"], dev, args.keys, args.variants) for B, C in points]}
+              "points": [sweep_point(B, C, base["d2d_GBps"], dev, args.keys, variants, args.variants == "kpass")
+                         for B, C in points]}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

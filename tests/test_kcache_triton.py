@@ -289,10 +289,10 @@ def test_fp8_scoring_triton_matches_reference(case):
         assert not out.isnan().any(), f"NaN in output (seed {seed})"
         err = relative_error(out.cpu(), ref)
         assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, row cache {row_cache is not None})"
-    # the K pass's dot in float16 (KPassConfig.fp8_dot): the same products, so the same picks
-    f16 = kcache_decode_triton(*args, cfg=KPassConfig(fp8_dot="float16"), k_scales=k_scales.to(dev),
-                               k_hot=k_hot.to(dev))
-    assert relative_error(f16.cpu(), out.cpu()) < TOL[dtype], f"fp8_dot float16 (seed {seed})"
+    # the K pass's dot in q's dtype instead of float16 (KPassConfig.fp8_dot): the same products, the same picks
+    model_dot = kcache_decode_triton(*args, cfg=KPassConfig(fp8_dot="model"), k_scales=k_scales.to(dev),
+                                     k_hot=k_hot.to(dev))
+    assert relative_error(model_dot.cpu(), out.cpu()) < TOL[dtype], f"fp8_dot model (seed {seed})"
 
 
 INTERPRET_SCRIPT = textwrap.dedent("""
