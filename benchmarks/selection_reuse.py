@@ -17,7 +17,10 @@ steps (the first step of a block only fills the cache):
 - hit rate of a per-(layer, KV head) row cache that holds the c x top_n positions picked most
   recently, for each c of --cache-factors: the share of a step's picks it already holds, so the
   rows fetched per step fall to (1 - hit rate). c = 1 is the overlap with the previous step's set;
-  the same for the engine's own cache (`FarRowCache`, c >= 1) replayed on the picks;
+  the same for the engine's own cache (`FarRowCache`, c >= 1) replayed on the picks, for an
+  eviction by decayed pick count (sum of 0.9^age over the steps that picked a position), and for
+  the offline optimum (Belady's farthest next use, knowing the future picks: the most any eviction
+  policy could hold, c >= 1);
 - the device memory such a cache takes per sequence: c x top_n rows x head_dim x dtype bytes x
   sparse layers x KV heads (against the V bytes per sequence that KCache moves to host memory).
 Writes benchmarks/results/selection_reuse_<model>.json and a PNG of hit rate against c.
@@ -90,6 +93,61 @@ def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[in
     return int(hits), int(total)
 
 
+def decayed_frequency_hits(steps: list[np.ndarray], capacity: int, context: int,
+                           decay: float = 0.9) -> tuple[int, int]:
+    """`cache_hits` for an eviction by decayed pick count: each position scores sum(decay^age) over
+    the steps that picked it; after each step the cache keeps that step's picks and, of the other
+    positions it holds, those with the highest score (ties: picked more recently)."""
+    score = np.zeros(context)
+    last = np.full(context, -1, dtype=np.int64)
+    held = np.zeros(context, dtype=bool)
+    hits = total = 0
+    for t, picked in enumerate(steps):
+        if t > 0:
+            hits += held[picked].sum()
+            total += len(picked)
+        score *= decay
+        score[picked] += 1.0
+        last[picked] = t
+        held[picked] = True
+        cached = np.flatnonzero(held)
+        if len(cached) > capacity:
+            others = cached[~np.isin(cached, picked, assume_unique=True)]
+            keep = others[np.lexsort((-last[others], -score[others]))[:max(0, capacity - len(picked))]]
+            held[:] = False
+            held[picked] = True
+            held[keep] = True
+    return int(hits), int(total)
+
+
+def farthest_next_use_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[int, int]:
+    """`cache_hits` for the offline optimum (Belady): after each step the cache keeps that step's
+    picks and, of the other positions it holds, those picked again soonest, knowing the future
+    picks. No online policy holds more; the gap to the recency policy bounds what a better
+    eviction could save."""
+    count = len(steps)
+    next_pick = np.full(context, count, dtype=np.int64)
+    next_after = [None] * count  # next_after[t][p]: the first step after t that picks p (count: none)
+    for t in range(count - 1, -1, -1):
+        next_after[t] = next_pick.copy()
+        next_pick[steps[t]] = t
+    held = np.zeros(context, dtype=bool)
+    hits = total = 0
+    for t, picked in enumerate(steps):
+        if t > 0:
+            hits += held[picked].sum()
+            total += len(picked)
+        held[picked] = True
+        cached = np.flatnonzero(held)
+        if len(cached) > capacity:
+            others = cached[~np.isin(cached, picked, assume_unique=True)]
+            keep = others[np.argsort(next_after[t][others], kind="stable")[:max(0, capacity - len(picked))]]
+            held[:] = False
+            held[picked] = True
+            held[keep] = True
+    return int(hits), int(total)
+
+
 def engine_cache_hits(rows: list[list[np.ndarray]], capacity: int, context: int) -> tuple[int, int]:
     """(picks already held, picks) over steps[1:] of every row (one (layer, KV head) each, all with
     the same number of steps), replayed through the engine's own cache (`FarRowCache.assign`: its
@@ -114,17 +172,25 @@ def engine_cache_hits(rows: list[list[np.ndarray]], capacity: int, context: int)
 
 def reuse(log: PickLog, top_n: int, factors: list[float], context: int) -> dict:
     hits = {f: 0 for f in factors}
+    best = {f: 0 for f in factors}
+    frequent = {f: 0 for f in factors}
     total = 0
     for rows in log.picks.values():
         steps = [rows[p] for p in sorted(rows)]
         for f in factors:
             h, n = cache_hits(steps, int(round(f * top_n)), context)
             hits[f] += h
+            if f >= 1:
+                best[f] += farthest_next_use_hits(steps, int(round(f * top_n)), context)[0]
+                frequent[f] += decayed_frequency_hits(steps, int(round(f * top_n)), context)[0]
         total += n
     all_rows = [[rows[p] for p in sorted(rows)] for rows in log.picks.values()]
     engine = {f: engine_cache_hits(all_rows, int(round(f * top_n)), context) for f in factors if f >= 1}
     return {"picks": total, "hit_rate": {str(f): hits[f] / total if total else None for f in factors},
-            "engine_cache_hit_rate": {str(f): h / n if n else None for f, (h, n) in engine.items()}}
+            "engine_cache_hit_rate": {str(f): h / n if n else None for f, (h, n) in engine.items()},
+            "optimal_hit_rate": {str(f): best[f] / total if total else None for f in factors if f >= 1},
+            "decayed_frequency_hit_rate": {str(f): frequent[f] / total if total else None
+                                           for f in factors if f >= 1}}
 
 
 def plot(result: dict, path: str) -> None:
@@ -196,7 +262,9 @@ def main(argv=None) -> dict:
                                                   * num_kv_heads for f in factors},
                      "host_v_bytes_per_sequence": context * row_bytes * sparse_layers * num_kv_heads})
         print(f"context {context} top_n {top_n}: hit rate " + ", ".join(
-            f"{f}x {v:.3f}" for f, v in r["hit_rate"].items()), flush=True)
+            f"{f}x {v:.3f}" for f, v in r["hit_rate"].items()) + "; decayed pick count " + ", ".join(
+            f"{f}x {v:.3f}" for f, v in r["decayed_frequency_hit_rate"].items()) + "; offline optimum " + ", ".join(
+            f"{f}x {v:.3f}" for f, v in r["optimal_hit_rate"].items()), flush=True)
     result = {"benchmark": "selection_reuse", "model": model_name, "dtype": str(dtype).replace("torch.", ""),
               "device": str(device), "steps": args.steps, "docs": args.docs.split(","),
               "kcache": {k: v for k, v in vars(settings[0]).items() if k != "top_n"},

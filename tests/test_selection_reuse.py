@@ -15,7 +15,8 @@ from kcache_dist import KCacheConfig
 from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from selection_reuse import PickLog, cache_hits, engine_cache_hits  # noqa: E402
+from selection_reuse import (PickLog, cache_hits, decayed_frequency_hits, engine_cache_hits,  # noqa: E402
+                             farthest_next_use_hits)
 
 
 def test_cache_hits_by_hand():
@@ -27,6 +28,35 @@ def test_cache_hits_by_hand():
     hits, total = cache_hits(steps, 3, 8)
     assert total == 6 and hits in (3, 4)
     assert cache_hits(steps, 8, 8) == (4, 6)  # all ever picked: 2, then 1, then 3 and 4
+
+
+def test_offline_optimum_by_hand_and_never_below_recency():
+    steps = [np.array([1, 2]), np.array([2, 3]), np.array([1, 4]), np.array([3, 4])]
+    assert farthest_next_use_hits(steps, 2, 8) == (2, 6)  # capacity = top_n: only the last step's picks
+    # capacity 3: before step 3 it keeps 1 and 4 (just picked) and 3 (picked again next), not 2
+    assert farthest_next_use_hits(steps, 3, 8) == (4, 6)
+    assert farthest_next_use_hits(steps, 8, 8) == (4, 6)
+    g = np.random.default_rng(1)
+    rows = [[np.sort(g.choice(60, 16, replace=False) + t) for t in range(40)] for _ in range(3)]
+    for capacity in (16, 20, 24, 40):
+        for r in rows:
+            best, total = farthest_next_use_hits(r, capacity, 200)
+            recent, same_total = cache_hits(r, capacity, 200)
+            assert total == same_total and best >= recent, (capacity, best, recent)
+    assert sum(farthest_next_use_hits(r, 24, 200)[0] for r in rows) > sum(cache_hits(r, 24, 200)[0] for r in rows)
+
+
+def test_decayed_frequency_eviction_by_hand():
+    # capacity 4: 1 is picked at steps 0 and 1; after step 3 recency keeps 4 and 5 (picked at step
+    # 2) beside 6 and 7, while the decayed count keeps 1 (0.9^3 + 0.9^2 = 1.54 against 0.9^1):
+    # step 4 finds 1 only then
+    steps = [np.array([1, 2]), np.array([1, 3]), np.array([4, 5]), np.array([6, 7]), np.array([1, 8])]
+    assert cache_hits(steps, 4, 16) == (1, 8)
+    assert decayed_frequency_hits(steps, 4, 16, decay=0.9) == (2, 8)
+    g = np.random.default_rng(2)
+    rows = [[np.sort(g.choice(60, 16, replace=False) + t) for t in range(40)] for _ in range(3)]
+    for r in rows:  # never above the offline optimum
+        assert decayed_frequency_hits(r, 24, 200)[0] <= farthest_next_use_hits(r, 24, 200)[0]
 
 
 def test_engine_cache_hits_by_hand_and_against_the_simulation():
