@@ -19,7 +19,9 @@ every sparse layer's decode attention uses:
 - `fp8_selection`: the fp8 K picks the top-N positions; the weights of the picked, sink and window
   positions come from the model's K (a GPU copy of K in fp8 for the scoring pass, the exact K of
   the picked rows fetched with their V from host memory, sink and window K kept exact on the GPU;
-  with `renormalize`, the default, the output is then the exact softmax over what was picked).
+  with `renormalize`, the default, the output is then the exact softmax over what was picked);
+- `fp8_qk_selection`: as `fp8_selection` with q rounded to e4m3 too for the selection (a scale
+  per query head and position): what a K pass taking an fp8 x fp8 dot would pick.
 
 Dense layers, the dense prefill and V are unchanged. Each variant's JSON lands in --out-dir
 (`fp8_keys_accuracy_<variant>.json`; a variant not in --variants is read from there when present),
@@ -44,7 +46,7 @@ DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024",
                          "--only", "top_n=256;top_n=1024", "--qa-questions", "50"]
 
 
-VARIANTS = ("model_keys", "fp8_keys", "fp8_selection")
+VARIANTS = ("model_keys", "fp8_keys", "fp8_selection", "fp8_qk_selection")
 
 
 def sparse_attention_with(variant: str):
@@ -57,6 +59,10 @@ def sparse_attention_with(variant: str):
     if variant == "fp8_selection":  # as KCacheConfig(scoring_keys="fp8") has the emulation do it
         return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
                                                                  **{**kwargs, "selection_keys": fp8_rounded(keys)})
+    if variant == "fp8_qk_selection":  # the selection's dot fp8 x fp8: q rounded too (a scale per query head)
+        return lambda q, keys, values, *args, **kwargs: original(
+            q, keys, values, *args,
+            **{**kwargs, "selection_keys": fp8_rounded(keys), "selection_queries": fp8_rounded(q)})
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

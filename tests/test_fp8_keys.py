@@ -43,7 +43,8 @@ def test_rows_scaled_to_448_and_rounded_to_e4m3():
 def test_unknown_variant_is_refused_with_the_known_ones():
     with pytest.raises(ValueError) as err:
         sparse_attention_with("fp8")
-    assert str(err.value) == "unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection"
+    assert str(err.value) == ("unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection, "
+                              "fp8_qk_selection")
 
 
 def test_the_studys_variants_attend_as_the_emulation_does():
@@ -59,3 +60,6 @@ def test_the_studys_variants_attend_as_the_emulation_does():
     assert torch.equal(sparse_attention_with("fp8_keys")(*args, selection_keys=None),
                        sparse_decode_attention(q, fp8_rounded(keys), values, *args[3:]))
     assert sparse_attention_with("model_keys") is sparse_decode_attention
+    assert torch.equal(sparse_attention_with("fp8_qk_selection")(*args, selection_keys=None),
+                       sparse_decode_attention(*args, selection_keys=fp8_rounded(keys),
+                                               selection_queries=fp8_rounded(q)))

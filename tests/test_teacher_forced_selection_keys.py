@@ -1,5 +1,6 @@
-"""`teacher_forced.sparse_decode_attention` with `selection_keys`: another copy of K (an fp8 one in
-benchmarks/fp8_keys_accuracy.py) picks the far positions, the model's K weighs what is picked.
+"""`teacher_forced.sparse_decode_attention` with `selection_keys` (and `selection_queries`): another
+copy of K (of q) (fp8 ones in benchmarks/fp8_keys_accuracy.py) picks the far positions, the model's
+K and q weigh what is picked.
 Checked against a per-position, per-head loop written from the definition, on fresh random inputs
 made so that the two copies of K pick differently."""
 
@@ -15,10 +16,12 @@ NUM_KV_HEADS, GROUP, HEAD_DIM, START, NUM_TOKENS = 2, 3, 16, 30, 8
 KCACHE = KCacheConfig(mode="kcache", top_n=5, dense_layers=0, sink_tokens=2, recent_window=4)
 
 
-def by_definition(q, keys, values, selection_keys, scale) -> torch.Tensor:
+def by_definition(q, keys, values, selection_keys, scale, selection_queries=None) -> torch.Tensor:
     """Per query position and KV head: the far positions with the top_n largest max-over-group
     softmax probabilities of the selection K, with the sink and window; their exact-K softmax
-    (renormalised over them) times V. q [T, Hq, D]; keys, values, selection_keys [Hkv, L, D]."""
+    (renormalised over them) times V. q [T, Hq, D]; keys, values, selection_keys [Hkv, L, D];
+    selection_queries [T, Hq, D], the q of the selection (default q)."""
+    selection_queries = q if selection_queries is None else selection_queries
     out = torch.empty(q.shape, dtype=torch.float64)
     for i in range(NUM_TOKENS):
         seq_len = START + i + 1
@@ -27,7 +30,8 @@ def by_definition(q, keys, values, selection_keys, scale) -> torch.Tensor:
         for h in range(NUM_KV_HEADS):
             heads = slice(h * GROUP, (h + 1) * GROUP)
             qh = q[i, heads].double() * scale  # [G, D]
-            selection_probs = torch.softmax(qh @ selection_keys[h, :seq_len].double().T, -1)  # [G, seq_len]
+            sel_qh = selection_queries[i, heads].double() * scale
+            selection_probs = torch.softmax(sel_qh @ selection_keys[h, :seq_len].double().T, -1)  # [G, seq_len]
             far_score = selection_probs.amax(0)[sink_end:window_start]
             picks = torch.topk(far_score, min(KCACHE.top_n, window_start - sink_end)).indices + sink_end
             chosen = torch.cat([torch.arange(sink_end), picks, torch.arange(window_start, seq_len)])
@@ -56,3 +60,25 @@ def test_selection_keys_pick_and_model_keys_weigh():
                                                     selection_keys=keys))
     torch.testing.assert_close(own.double(), by_definition(q, keys, values, keys, scale), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, own, atol=1e-3), f"seed {seed}: the coarse copy picked what the model's K picked"
+
+
+def test_selection_queries_pick_and_model_queries_weigh():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    length = START + NUM_TOKENS
+    q = torch.randn(NUM_TOKENS, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=g)
+    keys = torch.randn(NUM_KV_HEADS, length, HEAD_DIM, generator=g)
+    values = torch.randn(NUM_KV_HEADS, length, HEAD_DIM, generator=g)
+    selection_queries = q + 0.7 * torch.randn(q.shape, generator=g)  # a coarse copy of q: other picks
+    scale = HEAD_DIM ** -0.5
+    top_n_at = lambda seq_len: KCACHE.top_n  # noqa: E731
+
+    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale, selection_keys=keys,
+                                  selection_queries=selection_queries)
+    torch.testing.assert_close(out.double(), by_definition(q, keys, values, keys, scale, selection_queries),
+                               rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    alone = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale,
+                                    selection_queries=selection_queries)
+    assert torch.equal(out, alone)
+    own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale)
+    assert not torch.allclose(out, own, atol=1e-3), f"seed {seed}: the coarse q picked what the model's q picked"

@@ -104,7 +104,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
                             kcache: KCacheConfig, top_n_at: TopNAt, scale: float,
                             max_scores_per_chunk: int = 1 << 23,
                             on_select: Optional[SelectionObserver] = None,
-                            selection_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            selection_keys: Optional[torch.Tensor] = None,
+                            selection_queries: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KCache decode attention of T consecutive positions start .. start+T-1, each over its own context.
 
     q [T, Hq, D]; keys, values [Hkv, L, D] with L >= start + T (entries past a position are masked).
@@ -116,7 +117,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     Query rows are processed in chunks of about `max_scores_per_chunk` scores. `on_select`, when
     given, sees each chunk's far picks (`SelectionObserver`). `selection_keys` [Hkv, >= start + T, D],
     when given, are the K the selection scores (a compressed copy of K, say); the weights of what
-    it picks still come from `keys`.
+    it picks still come from `keys`. `selection_queries` [T, Hq, D], when given, are the q the
+    selection scores with (q rounded as a low-precision dot would take it); the weights use `q`.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[0]
@@ -140,17 +142,24 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
         sink_cols = int(sink_end.max())
         tail_pos = key_pos[tail:]
         future = tail_pos[None, :] >= seq_len[:, None]  # [t, L - tail]
-        qg = (q[lo:hi].float() * scale).view(t, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        def grouped(queries: torch.Tensor) -> torch.Tensor:
+            return (queries[lo:hi].float() * scale).view(t, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
 
-        def probabilities(k_t: torch.Tensor) -> torch.Tensor:
+        qg = grouped(q)
+
+        def probabilities(k_t: torch.Tensor, q_g: torch.Tensor = qg) -> torch.Tensor:
             """scores -> probabilities in place: [Hkv, G, t, L]"""
-            p = torch.bmm(qg.reshape(num_kv_heads, group * t, head_dim), k_t).view(num_kv_heads, group, t, end)
+            p = torch.bmm(q_g.reshape(num_kv_heads, group * t, head_dim), k_t).view(num_kv_heads, group, t, end)
             p[..., tail:].masked_fill_(future, float("-inf"))
             p.sub_(p.amax(-1, keepdim=True)).exp_()
             return p.div_(p.sum(-1, keepdim=True))
 
         probs = probabilities(keys_t)
-        selection_probs = probs if selection_keys_t is None else probabilities(selection_keys_t)
+        if selection_keys_t is None and selection_queries is None:
+            selection_probs = probs
+        else:
+            selection_probs = probabilities(keys_t if selection_keys_t is None else selection_keys_t,
+                                            qg if selection_queries is None else grouped(selection_queries))
         # selection: sink + window always, top-n of the far positions by group score
         selected = torch.zeros(num_kv_heads, t, end, dtype=torch.bool, device=q.device)
         num_far = (window_start - sink_end).tolist()
