@@ -93,59 +93,56 @@ def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[in
     return int(hits), int(total)
 
 
-def decayed_frequency_hits(steps: list[np.ndarray], capacity: int, context: int,
-                           decay: float = 0.9) -> tuple[int, int]:
-    """`cache_hits` for an eviction by decayed pick count: each position scores sum(decay^age) over
-    the steps that picked it; after each step the cache keeps that step's picks and, of the other
-    positions it holds, those with the highest score (ties: picked more recently)."""
-    score = np.zeros(context)
-    last = np.full(context, -1, dtype=np.int64)
+def ranked_eviction_hits(steps: list[np.ndarray], capacity: int, context: int, observe, order) -> tuple[int, int]:
+    """`cache_hits` for a cache that after each step keeps that step's picks and, of the other
+    positions it holds, the first by `order(t, others)` (indices into others, best first);
+    `observe(t, picked)` sees each step's picks before the eviction."""
     held = np.zeros(context, dtype=bool)
     hits = total = 0
     for t, picked in enumerate(steps):
         if t > 0:
             hits += held[picked].sum()
             total += len(picked)
-        score *= decay
-        score[picked] += 1.0
-        last[picked] = t
+        observe(t, picked)
         held[picked] = True
         cached = np.flatnonzero(held)
         if len(cached) > capacity:
             others = cached[~np.isin(cached, picked, assume_unique=True)]
-            keep = others[np.lexsort((-last[others], -score[others]))[:max(0, capacity - len(picked))]]
+            keep = others[order(t, others)[:max(0, capacity - len(picked))]]
             held[:] = False
             held[picked] = True
             held[keep] = True
     return int(hits), int(total)
 
 
+def decayed_frequency_hits(steps: list[np.ndarray], capacity: int, context: int,
+                           decay: float = 0.9) -> tuple[int, int]:
+    """`cache_hits` for an eviction by decayed pick count: each position scores sum(decay^age) over
+    the steps that picked it; the highest kept (ties: picked more recently)."""
+    score = np.zeros(context)
+    last = np.full(context, -1, dtype=np.int64)
+
+    def observe(t: int, picked: np.ndarray) -> None:
+        score[:] *= decay
+        score[picked] += 1.0
+        last[picked] = t
+
+    return ranked_eviction_hits(steps, capacity, context, observe,
+                                lambda t, others: np.lexsort((-last[others], -score[others])))
+
+
 def farthest_next_use_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[int, int]:
-    """`cache_hits` for the offline optimum (Belady): after each step the cache keeps that step's
-    picks and, of the other positions it holds, those picked again soonest, knowing the future
-    picks. No online policy holds more; the gap to the recency policy bounds what a better
-    eviction could save."""
+    """`cache_hits` for the offline optimum (Belady): the positions picked again soonest kept,
+    knowing the future picks. No online policy holds more; the gap to the recency policy bounds
+    what a better eviction could save."""
     count = len(steps)
     next_pick = np.full(context, count, dtype=np.int64)
     next_after = [None] * count  # next_after[t][p]: the first step after t that picks p (count: none)
     for t in range(count - 1, -1, -1):
         next_after[t] = next_pick.copy()
         next_pick[steps[t]] = t
-    held = np.zeros(context, dtype=bool)
-    hits = total = 0
-    for t, picked in enumerate(steps):
-        if t > 0:
-            hits += held[picked].sum()
-            total += len(picked)
-        held[picked] = True
-        cached = np.flatnonzero(held)
-        if len(cached) > capacity:
-            others = cached[~np.isin(cached, picked, assume_unique=True)]
-            keep = others[np.argsort(next_after[t][others], kind="stable")[:max(0, capacity - len(picked))]]
-            held[:] = False
-            held[picked] = True
-            held[keep] = True
-    return int(hits), int(total)
+    return ranked_eviction_hits(steps, capacity, context, lambda t, picked: None,
+                                lambda t, others: np.argsort(next_after[t][others], kind="stable"))
 
 
 def engine_cache_hits(rows: list[list[np.ndarray]], capacity: int, context: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from kcache_dist.kcache.teacher_forced import sparse_decode_attention
 from helpers import fresh_seed
 
 NUM_KV_HEADS, GROUP, HEAD_DIM, START, NUM_TOKENS = 2, 3, 16, 30, 8
+SCALE = HEAD_DIM ** -0.5
 KCACHE = KCacheConfig(mode="kcache", top_n=5, dense_layers=0, sink_tokens=2, recent_window=4)
 
 
@@ -40,45 +41,46 @@ def by_definition(q, keys, values, selection_keys, scale, selection_queries=None
     return out
 
 
-def test_selection_keys_pick_and_model_keys_weigh():
+def random_inputs():
+    """(seed, its generator, q [T, Hq, D], keys and values [Hkv, L, D]) drawn fresh each run."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     length = START + NUM_TOKENS
     q = torch.randn(NUM_TOKENS, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=g)
     keys = torch.randn(NUM_KV_HEADS, length, HEAD_DIM, generator=g)
     values = torch.randn(NUM_KV_HEADS, length, HEAD_DIM, generator=g)
-    selection_keys = keys + 0.7 * torch.randn(keys.shape, generator=g)  # a coarse copy: other picks
-    scale = HEAD_DIM ** -0.5
-    top_n_at = lambda seq_len: KCACHE.top_n  # noqa: E731
+    return seed, g, q, keys, values
 
-    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale, selection_keys=selection_keys)
-    torch.testing.assert_close(out.double(), by_definition(q, keys, values, selection_keys, scale),
+
+def top_n_at(seq_len: int) -> int:
+    return KCACHE.top_n
+
+
+def test_selection_keys_pick_and_model_keys_weigh():
+    seed, g, q, keys, values = random_inputs()
+    selection_keys = keys + 0.7 * torch.randn(keys.shape, generator=g)  # a coarse copy: other picks
+
+    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE, selection_keys=selection_keys)
+    torch.testing.assert_close(out.double(), by_definition(q, keys, values, selection_keys, SCALE),
                                rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
 
-    own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale)
-    assert torch.equal(own, sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale,
+    own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE)
+    assert torch.equal(own, sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE,
                                                     selection_keys=keys))
-    torch.testing.assert_close(own.double(), by_definition(q, keys, values, keys, scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(own.double(), by_definition(q, keys, values, keys, SCALE), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, own, atol=1e-3), f"seed {seed}: the coarse copy picked what the model's K picked"
 
 
 def test_selection_queries_pick_and_model_queries_weigh():
-    seed = fresh_seed()
-    g = torch.Generator().manual_seed(seed)
-    length = START + NUM_TOKENS
-    q = torch.randn(NUM_TOKENS, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=g)
-    keys = torch.randn(NUM_KV_HEADS, length, HEAD_DIM, generator=g)
-    values = torch.randn(NUM_KV_HEADS, length, HEAD_DIM, generator=g)
+    seed, g, q, keys, values = random_inputs()
     selection_queries = q + 0.7 * torch.randn(q.shape, generator=g)  # a coarse copy of q: other picks
-    scale = HEAD_DIM ** -0.5
-    top_n_at = lambda seq_len: KCACHE.top_n  # noqa: E731
 
-    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale, selection_keys=keys,
+    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE, selection_keys=keys,
                                   selection_queries=selection_queries)
-    torch.testing.assert_close(out.double(), by_definition(q, keys, values, keys, scale, selection_queries),
+    torch.testing.assert_close(out.double(), by_definition(q, keys, values, keys, SCALE, selection_queries),
                                rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
-    alone = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale,
+    alone = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE,
                                     selection_queries=selection_queries)
     assert torch.equal(out, alone)
-    own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, scale)
+    own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE)
     assert not torch.allclose(out, own, atol=1e-3), f"seed {seed}: the coarse q picked what the model's q picked"
