@@ -8,8 +8,8 @@ weights at every tensor-parallel size, `models/random_weights.py`):
 Parts (each writes JSON into --out-dir; a summary goes to multi_gpu_tp<sizes>_<parts>.json, rewritten
 after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, the largest is M):
   greedy      TP=1 (`python`) and each TP=N>1 (`deepspeed --num_gpus N`) greedy tokens of the same
-              token-id prompts, full and KCache mode, and at N>1 KCache mode with the row-parallel
-              linears summed in 4 chunks (`ParallelConfig.all_reduce_chunks`), each against TP=1
+              token-id prompts, full and KCache mode, and at N>1 on CUDA KCache mode with the
+              two-shot all-reduce (`ParallelConfig.all_reduce="two_shot"`), each against TP=1
               (float32, so that a different summation order of the row-parallel all-reduce does
               not flip near-tied random logits); every rank of
               the KCache run at TP=M reports its GPU's NUMA node and where its V pool's pages are
@@ -20,8 +20,8 @@ after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, 
   profile     `benchmarks/profile_decode.py` at the first context under each `mpirun -np N` (N=1:
               one process on one GPU; same batch): device time per step, the NCCL all-reduces
               included, whole and in micro-batches, op by op and as CUDA graphs, also with the
-              row-parallel linears summed in --all-reduce-chunks chunks, and what the all-reduces
-              cost a step with and without either overlap (the steps timed again without them).
+              two-shot all-reduce (--two-shot-all-reduce), and what the all-reduces cost a step
+              with and without the overlap or the two-shot kernel (the steps timed without them).
   throughput  `benchmarks/throughput.py` under each `mpirun -np N` (N=1: one process on one GPU) at
               each context, each mode at its planned largest batch, whole and in --micro-batches:
               total and per-GPU decode tokens/s; TP scaling against the TP=1 result in --out-dir
@@ -43,7 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kcache_dist.config import parse_host_memory_gb  # noqa: E402
+from kcache_dist.config import ALL_REDUCES, parse_host_memory_gb  # noqa: E402
 from kcache_dist.parallel.launcher import mpirun_flags  # noqa: E402
 
 from server_load import free_port, wait_until_healthy  # noqa: E402
@@ -54,7 +54,7 @@ PROMPT_LENGTHS = [1500, 700, 64]  # KCache (top_n 1024) selects in the first pro
 MAX_MODEL_LEN = 2048
 SERVE_START_TIMEOUT_S = 600
 MODES = ("full", "kcache")
-GREEDY_RUNS = [("full", 1), ("kcache", 1), ("kcache", 4)]  # (mode, all_reduce_chunks); chunks > 1 only at TP > 1
+GREEDY_RUNS = [("full", "nccl"), ("kcache", "nccl"), ("kcache", "two_shot")]  # (mode, ParallelConfig.all_reduce)
 
 
 def prompts(vocab_size: int) -> list[list[int]]:
@@ -75,16 +75,16 @@ def greedy_job(model_dir: str, out_path: str) -> None:
 
     tp = launched_world_size()
     result = {"tp": tp, "modes": {}}
-    for mode, chunks in GREEDY_RUNS:
-        if chunks > 1 and tp == 1:
-            continue
+    for mode, all_reduce in GREEDY_RUNS:
+        if all_reduce == "two_shot" and (tp == 1 or not torch.cuda.is_available()):
+            continue  # nothing to sum, or no symmetric memory
         llm = LLM(model=model_dir, load_format="random", dtype="float32", tensor_parallel_size=tp,
-                  parallel=ParallelConfig(all_reduce_chunks=chunks), max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
+                  parallel=ParallelConfig(all_reduce=all_reduce), max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
                   kcache=KCacheConfig(mode=mode))
         state = current_state()
         outputs = llm.generate(prompts(llm.engine.model_config.vocab_size),
                                SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True))
-        run = mode if chunks == 1 else f"{mode}_all_reduce_chunks_{chunks}"
+        run = mode if all_reduce == "nccl" else f"{mode}_{all_reduce}"
         result["modes"][run] = {"token_ids": [o.outputs[0].token_ids for o in outputs],
                                 "texts": [o.outputs[0].text for o in outputs]}
         pool = getattr(llm.engine.runner.kv_cache, "host_pool", None)
@@ -146,8 +146,8 @@ def part_greedy(args, model_dir: str) -> dict:
     for tp in [t for t in args.tps if t > 1]:
         with open(os.path.join(args.out_dir, f"greedy_tp{tp}.json")) as f:
             many = json.load(f)
-        for run, tokens in many["modes"].items():  # runs in all-reduce chunks against TP=1 of their mode
-            a, b = one["modes"][run.split("_all_reduce_chunks_")[0]]["token_ids"], tokens["token_ids"]
+        for run, tokens in many["modes"].items():  # two-shot runs against TP=1 of their mode
+            a, b = one["modes"][run.removesuffix("_two_shot")]["token_ids"], tokens["token_ids"]
             out[f"tp{tp}_{run}"] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
     numa = []
     for rank in range(args.tp):
@@ -206,7 +206,7 @@ def part_profile(args) -> dict:
         path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
         script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
                   "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--host-memory-gb",
-                  str(args.host_memory_gb), "--all-reduce-chunks", str(args.all_reduce_chunks), *_row_cache_flag(args),
+                  str(args.host_memory_gb), "--two-shot-all-reduce", *_row_cache_flag(args),
                   "--out", path]
         cmd = script if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), *script]
         env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
@@ -228,7 +228,7 @@ def part_throughput(args) -> dict:
     common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
               "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
               str(args.host_memory_gb), "--micro-batches", args.micro_batches, "--modes", args.modes,
-              *_row_cache_flag(args),
+              "--all-reduce", args.all_reduce, *_row_cache_flag(args),
               *({True: ["--enforce-eager"], False: ["--no-enforce-eager"]}.get(args.enforce_eager, []))]
     for context in args.contexts:
         for tp in args.tps:
@@ -295,13 +295,13 @@ def main() -> None:
     p.add_argument("--parts", default="greedy,serve,profile,throughput")
     p.add_argument("--contexts", default="8192")
     p.add_argument("--profile-batch", default="full=64,kcache=64", help="profile_decode.py --batch")
-    p.add_argument("--all-reduce-chunks", type=int, default=4, help="profile_decode.py --all-reduce-chunks")
     p.add_argument("--host-memory-gb", type=parse_host_memory_gb, default="auto",
                    help="per rank, for the profile and throughput runs, or 'auto' (EngineConfig.host_memory_gb)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="throughput.py --enforce-eager (no CUDA graphs); default: the engine's, CUDA graphs")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
     p.add_argument("--modes", default="kcache,full", help="throughput.py --modes")
+    p.add_argument("--all-reduce", default="nccl", choices=list(ALL_REDUCES), help="throughput.py --all-reduce")
     p.add_argument("--row-cache-factor", type=float, default=None,
                    help="KCacheConfig.row_cache_factor of the profile and throughput runs (default: the engine's)")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))

@@ -15,9 +15,10 @@ step's device time (CUDA events from the first launch to the end of the step, so
 slowed by its launches counts as slow) and the host time until the call returns. Under tensor
 parallelism every path is also timed with the all-reduces left out (graphs captured without them),
 which gives what the all-reduces cost a step, whole and split, and the fraction of that cost the
-split hides, for the eager steps and for the graphs; with --all-reduce-chunks N also for the
-graph of the whole step whose row-parallel linears sum their output in N chunks, each chunk's
-all-reduce beside the next chunk's GEMM (`ParallelConfig.all_reduce_chunks`). For the eager forward
+split hides, for the eager steps and for the graphs; with --two-shot-all-reduce also for the graphs
+of the step whole and split whose all-reduces go through torch's symmetric-memory two-shot kernel
+(`ParallelConfig.all_reduce="two_shot"`) instead of NCCL, and the share of the NCCL all-reduces'
+cost that this cuts. For the eager forward
 also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
 are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
 plan's blocks hold (said in the output) when the request is larger.
@@ -48,7 +49,8 @@ from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
-from kcache_dist.parallel import current_state, init_parallel, launched_world_size, strip_local_rank_arg  # noqa: E402
+from kcache_dist.parallel import (current_state, disable_two_shot_all_reduce, enable_two_shot_all_reduce,  # noqa: E402
+                                  init_parallel, launched_world_size, strip_local_rank_arg)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,9 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scoring-keys", default=KCacheConfig().scoring_keys, choices=list(SCORING_KEYS),
                    help="KCacheConfig.scoring_keys of the kcache mode")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--all-reduce-chunks", type=int, default=1,
-                   help="under tensor parallelism, also time the CUDA-graph step with each row-parallel linear "
-                        "summed in this many chunks (ParallelConfig.all_reduce_chunks; 1: not)")
+    p.add_argument("--two-shot-all-reduce", action=argparse.BooleanOptionalAction, default=False,
+                   help="under tensor parallelism, also time the CUDA-graph steps with the two-shot all-reduce "
+                        "(ParallelConfig.all_reduce='two_shot')")
     p.add_argument("--micro-batches", type=int, default=2,
                    help="also time the eager step split into this many micro-batches on as many streams (1: not)")
     p.add_argument("--rows", type=int, default=25, help="profiler rows to print")
@@ -131,32 +133,33 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
 def _without_all_reduce(run):
     """`run` with the model's tensor-parallel all-reduces replaced by nothing (every rank alike)."""
     def run_without(plan):
-        saved = (linear.tp_all_reduce, embedding.tp_all_reduce, linear.tp_all_reduce_chunks)
+        saved = (linear.tp_all_reduce, embedding.tp_all_reduce)
         linear.tp_all_reduce = embedding.tp_all_reduce = lambda x: x
-        linear.tp_all_reduce_chunks = lambda chunks: [chunk() for chunk in chunks]
         try:
             return run(plan)
         finally:
-            linear.tp_all_reduce, embedding.tp_all_reduce, linear.tp_all_reduce_chunks = saved
+            linear.tp_all_reduce, embedding.tp_all_reduce = saved
     return run_without
 
 
-def _in_all_reduce_chunks(run, model, chunks: int):
-    """`run` with every row-parallel linear summing its output in `chunks` chunks
-    (`ParallelConfig.all_reduce_chunks`); a graph captured by `run` keeps them."""
-    def run_chunked(plan):
-        linear.set_all_reduce_chunks(model, chunks)
+def _with_two_shot(run, runner, slots: int):
+    """`run` with the all-reduces through the two-shot kernel (`ParallelConfig.all_reduce=
+    "two_shot"`, `slots` buffers, kept until the engine is released); a graph captured by `run`
+    keeps it. Every rank runs it alike."""
+    def run_two_shot(plan):
+        enable_two_shot_all_reduce(runner.config.max_num_seqs * runner.model_config.hidden_size, runner.dtype,
+                                   runner.device, slots=slots)
         try:
             return run(plan)
         finally:
-            linear.set_all_reduce_chunks(model, 1)
-    return run_chunked
+            disable_two_shot_all_reduce(runner.device, keep_buffers=True)
+    return run_two_shot
 
 
 def all_reduce_overlap(timings: dict, whole: str, split: str) -> dict:
     """What the all-reduces add to a step of path `whole` and of its overlapped form `split`
-    (micro-batches or all-reduce chunks; with - without them, median device ms), and the fraction
-    of it the split hides: 1 - split cost / whole cost."""
+    (micro-batches, or the two-shot all-reduce; with - without them, median device ms), and the
+    fraction of it the split hides (or cuts): 1 - split cost / whole cost."""
     cost = {name: timings[name]["device_ms_median"] - timings[name + "_no_all_reduce"]["device_ms_median"]
             for name in (whole, split) if name in timings and name + "_no_all_reduce" in timings}
     if whole not in cost:
@@ -219,12 +222,10 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             paths[name] = graph_path(runner, count, own_graphs=False)
             if tp:  # captured with the all-reduces left out
                 paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
-        c = args.all_reduce_chunks
-        if tp and c > 1:  # the whole step, each row-parallel linear summed in c chunks beside the next's GEMM
-            name = f"cuda_graph_{c}_all_reduce_chunks"
-            paths[name] = _in_all_reduce_chunks(graph_path(runner, 1, own_graphs=True), runner.model, c)
-            paths[name + "_no_all_reduce"] = _without_all_reduce(
-                _in_all_reduce_chunks(graph_path(runner, 1, own_graphs=True), runner.model, c))
+        if tp and args.two_shot_all_reduce:  # graphs of their own captured with the two-shot all-reduce
+            for count in counts:
+                name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"
+                paths[name] = _with_two_shot(graph_path(runner, count, own_graphs=True), runner, m)
     row_cache = getattr(runner.kv_cache, "row_cache", None)
     before_step = None
     if row_cache is not None and args.row_cache_hit_rate < 1.0:
@@ -232,6 +233,8 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
         before_step = lambda: row_cache.forget_random(1.0 - args.row_cache_hit_rate, generator)  # noqa: E731
     misses_before = int(row_cache.misses.sum()) if row_cache is not None else 0
     timings = {name: time_step(run, plan, args.steps, dev, before_step) for name, run in paths.items()}
+    for name in [n for n in timings if n.endswith("_two_shot")]:  # the same step without all-reduces
+        timings[name + "_no_all_reduce"] = timings[name.removesuffix("_two_shot") + "_no_all_reduce"]
     hit_rate = None
     if row_cache is not None:  # over every step run, the first (all misses) included
         steps_run = len(paths) * (args.steps + 2)
@@ -240,7 +243,8 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
         hit_rate = 1.0 - (int(row_cache.misses.sum()) - misses_before) / picks
     overlap = {**all_reduce_overlap(timings, "eager", f"eager_{m}_micro_batches"),
                **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
-               **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{args.all_reduce_chunks}_all_reduce_chunks")}
+               **all_reduce_overlap(timings, "cuda_graph", "cuda_graph_two_shot"),
+               **all_reduce_overlap(timings, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot")}
     if before_step is not None:
         before_step()  # the profiled step misses as the timed ones do
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

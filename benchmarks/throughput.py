@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from kcache_dist.cache.decode_traffic import DecodeStepBytes, decode_step_bytes  # noqa: E402
-from kcache_dist.config import (SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
+from kcache_dist.config import (ALL_REDUCES, SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
                                parse_host_memory_gb)
 from kcache_dist.engine.llm_engine import LLMEngine, resolve_device_type  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
@@ -139,6 +139,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)
+    p.add_argument("--all-reduce", default=ParallelConfig().all_reduce, choices=list(ALL_REDUCES),
+                   help="ParallelConfig.all_reduce (with more than one rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-selection", action="store_true",
                    help="check every KCache selection on the host (slow: the timings then mean nothing); the "
@@ -294,7 +296,7 @@ def engine_config(args: argparse.Namespace, source: ModelSource, mode: str, cont
                         gpu_memory_utilization=args.gpu_memory_utilization, host_memory_gb=args.host_memory_gb,
                         cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed, load_format=source.load_format,
                         enforce_eager=args.enforce_eager,
-                        kcache=kcache, parallel=ParallelConfig(tensor_parallel_size=tp,
+                        kcache=kcache, parallel=ParallelConfig(tensor_parallel_size=tp, all_reduce=args.all_reduce,
                                                                collective_timeout_s=args.collective_timeout_s))
 
 

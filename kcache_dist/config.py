@@ -29,6 +29,7 @@ KCACHE_MODES = ("full", "kcache")
 LOAD_FORMATS = ("safetensors", "random")
 GROUP_REDUCES = ("max", "sum")
 SCORING_KEYS = ("model", "fp8")
+ALL_REDUCES = ("nccl", "two_shot")  # ParallelConfig.all_reduce
 # The far-row cache by default on CUDA: 2 x top_n rows held 89% of a step's picks on the default
 # model at 8K; on one H100 at 8K it gave 803 against 684 tok/s even with random weights, whose
 # picks repeat least (README, Throughput).
@@ -139,15 +140,16 @@ class ParallelConfig:
     job with more ranks runs world / tensor_parallel_size data-parallel replicas. A collective that
     waits longer than `collective_timeout_s` for a peer fails (a dead rank ends the job). A
     tensor-parallel group stays inside one node unless `allow_cross_node_tp`.
-    all_reduce_chunks: with tensor_parallel_size > 1, each row-parallel linear (attention output,
-    MLP down projection) computes its output columns in this many chunks and sums each over the
-    ranks on a collective stream while the next chunk's GEMM runs (the weights are still read
-    once); 1 (default): one GEMM, then one all-reduce on the compute stream."""
+    all_reduce: how the ranks of a TP group sum the row-parallel linears' outputs (attention
+    output, MLP down projection) and the embedding's: "nccl" through the process group, or
+    "two_shot" (CUDA only) through torch's symmetric memory, each rank reading its peers' buffers
+    over NVLink: one buffer of max_num_seqs x hidden size elements a rank, for the decode steps;
+    larger tensors (prefill chunks) still go through NCCL."""
 
     tensor_parallel_size: int = 1
     collective_timeout_s: float = 60.0
     allow_cross_node_tp: bool = False
-    all_reduce_chunks: int = 1
+    all_reduce: str = "nccl"
 
     def __post_init__(self) -> None:
         _require(is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
@@ -156,8 +158,7 @@ class ParallelConfig:
                  "parallel.collective_timeout_s", self.collective_timeout_s, "a number > 0")
         _require(isinstance(self.allow_cross_node_tp, bool), "parallel.allow_cross_node_tp",
                  self.allow_cross_node_tp, "true | false")
-        _require(is_int(self.all_reduce_chunks) and self.all_reduce_chunks >= 1, "parallel.all_reduce_chunks",
-                 self.all_reduce_chunks, "an integer >= 1")
+        _require(self.all_reduce in ALL_REDUCES, "parallel.all_reduce", self.all_reduce, " | ".join(ALL_REDUCES))
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,7 @@ def test_unknown_config_keys():
     ({"max_num_seqs": 0}, "invalid value for 'max_num_seqs': 0; allowed: an integer >= 1"),
     ({"parallel": {"tensor_parallel_size": "2"}},
      "invalid value for 'parallel.tensor_parallel_size': '2'; allowed: an integer >= 1"),
-    ({"parallel": {"all_reduce_chunks": 0}},
-     "invalid value for 'parallel.all_reduce_chunks': 0; allowed: an integer >= 1"),
+    ({"parallel": {"all_reduce": "nvls"}}, "invalid value for 'parallel.all_reduce': 'nvls'; allowed: nccl | two_shot"),
     ({"kcache": 3}, "invalid value for 'kcache': expected an object, got 3"),
 ])
 def test_invalid_config_values(values, message):

@@ -112,3 +112,39 @@ def _reinitialise_on_rank() -> list:
 
 def test_shutdown_then_initialise_again():
     assert run_ranks(_reinitialise_on_rank, 2, 2) == [[(2, 0), (1, 2, [1.0, 1.0], 5)]] * 2
+
+
+def _two_shot_refusals_and_deadline_on_rank() -> dict:
+    from kcache_dist.parallel import (RankLostError, all_reduce_slot, enable_two_shot_all_reduce, tp_all_reduce,
+                                      two_shot_all_reduce_enabled)
+    from kcache_dist.parallel.collectives import wait_until
+
+    errors = []
+    for dtype in (torch.float16, torch.float32):
+        with pytest.raises(ValueError) as caught:
+            enable_two_shot_all_reduce(64, dtype, torch.device("cpu"))
+        errors.append(str(caught.value))
+    with all_reduce_slot(1):  # no buffers here: the process group sums, whatever the slot
+        summed = tp_all_reduce(torch.ones(3)).tolist()
+    with pytest.raises(RankLostError) as lost:
+        wait_until(lambda: False, 0.05, "a step's forward")
+    polls = []
+    wait_until(lambda: polls.append(1) or len(polls) == 3, 5.0, "never")  # true on the third poll
+    return {"errors": errors, "summed": summed, "lost": str(lost.value), "group": lost.value.group_ranks,
+            "polls": len(polls), "enabled": two_shot_all_reduce_enabled(torch.device("cpu"))}
+
+
+def test_two_shot_all_reduce_refusals_and_the_step_deadline():
+    """parallel.all_reduce='two_shot' is refused with a reason off CUDA and for float16; the wait
+    that bounds a step whose two-shot kernels spin on a lost peer raises RankLostError naming it."""
+    results = run_ranks(_two_shot_refusals_and_deadline_on_rank, 2, 2)
+    for out in results:
+        assert out["errors"] == [
+            "parallel.all_reduce='two_shot' sums bfloat16 or float32 activations, not float16: use "
+            "parallel.all_reduce='nccl'",
+            "parallel.all_reduce='two_shot' needs CUDA devices (symmetric memory); this rank runs on cpu: use "
+            "parallel.all_reduce='nccl'"]
+        assert out["summed"] == [2.0, 2.0, 2.0]
+        assert out["lost"] == ("a step's forward did not finish within the collective timeout of 0.05 s; a rank of "
+                               "the tensor-parallel group (ranks [0, 1]) may be lost")
+        assert out["group"] == (0, 1) and out["polls"] == 3 and out["enabled"] is False

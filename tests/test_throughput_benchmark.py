@@ -158,21 +158,21 @@ def test_reserve_keeps_every_sequence_within_the_context():
 
 def test_profile_all_reduce_overlap_from_timings():
     """benchmarks/profile_decode.py: the all-reduce cost of a path is its time with minus without
-    them; the hidden fraction compares the overlapped path's cost (micro-batches, all-reduce
-    chunks) with the whole one's."""
+    them; the hidden fraction compares the overlapped path's cost (micro-batches), or the two-shot
+    all-reduce's, with the whole one's."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from profile_decode import all_reduce_overlap
 
     ms = {"cuda_graph": 30.0, "cuda_graph_no_all_reduce": 20.0, "cuda_graph_2_micro_batches": 26.0,
-          "cuda_graph_2_micro_batches_no_all_reduce": 24.0, "cuda_graph_4_all_reduce_chunks": 23.5,
-          "cuda_graph_4_all_reduce_chunks_no_all_reduce": 21.0, "eager": 50.0}
+          "cuda_graph_2_micro_batches_no_all_reduce": 24.0, "cuda_graph_two_shot": 23.5,
+          "cuda_graph_two_shot_no_all_reduce": 21.0, "eager": 50.0}
     timings = {name: {"device_ms_median": v} for name, v in ms.items()}
     out = all_reduce_overlap(timings, "cuda_graph", "cuda_graph_2_micro_batches")
     assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_2_micro_batches": 2.0,
                                  "all_reduce_hidden_fraction_cuda_graph_2_micro_batches": 0.8})
-    out = all_reduce_overlap(timings, "cuda_graph", "cuda_graph_4_all_reduce_chunks")
-    assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_4_all_reduce_chunks": 2.5,
-                                 "all_reduce_hidden_fraction_cuda_graph_4_all_reduce_chunks": 0.75})
+    out = all_reduce_overlap(timings, "cuda_graph", "cuda_graph_two_shot")
+    assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_two_shot": 2.5,
+                                 "all_reduce_hidden_fraction_cuda_graph_two_shot": 0.75})
     assert all_reduce_overlap(timings, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
 
 

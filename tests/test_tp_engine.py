@@ -83,11 +83,11 @@ def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):
     assert run_job(4, tiny_llama_dir, 2, KCACHE, 16, prompts) == reference
 
 
-def test_default_model_tp3_in_all_reduce_chunks(default_model_dir):
-    """Hidden size 576: each row-parallel linear sums its output in 3 chunks of 192 columns."""
+def test_default_model_tp3_equals_tp1(default_model_dir):
+    """The embedded default model (9 attention heads, 3 KV heads) over 3 ranks."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     reference = generate(None, 1, None, 12, prompts)
-    engine = {"parallel": ParallelConfig(all_reduce_chunks=3, collective_timeout_s=90.0)}
+    engine = {"parallel": ParallelConfig(collective_timeout_s=90.0)}
     assert run_job(3, None, 3, None, 12, prompts, None, engine, timeout_s=240) == reference
 
 
@@ -141,9 +141,9 @@ def test_tensor_parallel_size_argument_keeps_the_other_parallel_settings(tiny_ll
     from kcache_dist import LLM
 
     llm = LLM(model=tiny_llama_dir, device="cpu", tensor_parallel_size=1,
-              parallel=ParallelConfig(collective_timeout_s=90.0, all_reduce_chunks=2))
-    try:
+              parallel=ParallelConfig(collective_timeout_s=90.0, all_reduce="two_shot"))
+    try:  # with one rank there is nothing to sum: two_shot is accepted off CUDA and allocates nothing
         assert llm.config.parallel == ParallelConfig(tensor_parallel_size=1, collective_timeout_s=90.0,
-                                                     all_reduce_chunks=2)
+                                                     all_reduce="two_shot")
     finally:
         llm.engine.release()

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..forward_context import ForwardContext
+from ..parallel import all_reduce_slot
 
 # CTAs of the zero-copy V gather in a micro-batched step: beside a K pass on another stream, a
 # 32-CTA gather hid 52-59% of itself and a full-grid one none (benchmarks/notes/kcache_triton.md, iv)
@@ -59,7 +60,7 @@ def run_interleaved(model, inputs: Sequence[tuple[torch.Tensor, ForwardContext]]
     while running:
         running = False
         for i, blocks in enumerate(steps):
-            with _on_stream(streams[i]):
+            with _on_stream(streams[i]), all_reduce_slot(i):
                 hidden = next(blocks, None)
             if hidden is not None:
                 last[i], running = hidden, True

@@ -16,12 +16,11 @@ from ..cache.planner import CacheGeometry, CachePlan, PlannerKnobs, agree, plan_
 from ..config import EngineConfig
 from ..forward_context import ForwardContext
 from ..kcache.selection import SelectionSpec
-from ..layers.linear import set_all_reduce_chunks
 from ..models.loader import iterate_checkpoint, load_weights
 from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
-from ..parallel import all_reduce_min, current_state
+from ..parallel import all_reduce_min, current_state, disable_two_shot_all_reduce, enable_two_shot_all_reduce
 from .block_table_rows import BlockTableRows, cache_slots
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, run_interleaved
@@ -47,7 +46,9 @@ class ModelRunner:
         else:
             load_weights(self.model, iterate_checkpoint(model_dir), f"checkpoint in '{model_dir}'")
         self.model.eval()
-        set_all_reduce_chunks(self.model, config.parallel.all_reduce_chunks)
+        if config.parallel.all_reduce == "two_shot":  # before the plan, which then sees the buffers' memory
+            enable_two_shot_all_reduce(config.max_num_seqs * model_config.hidden_size, dtype, device,
+                                       slots=config.decode_micro_batches)
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.model_config = model_config
         self.max_model_len = max_model_len
@@ -76,6 +77,7 @@ class ModelRunner:
         self.decode_graphs = None
         self.kv_cache = None
         self.model = None
+        disable_two_shot_all_reduce(self.device)
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -7,14 +7,13 @@ row-parallel layers split the input dimension and sum the partial outputs over t
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import tp_all_reduce, tp_all_reduce_chunks, tp_rank, tp_size
+from ..parallel import tp_all_reduce, tp_rank, tp_size
 
 
 def read_slice(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
@@ -111,35 +110,14 @@ class QKVParallelLinear(ColumnParallelLinear):
                       f"{type(self).__name__} shard {shard_id}")
 
 
-# Output columns of one all-reduce chunk are a multiple of this (whole GEMM tiles).
-ALL_REDUCE_CHUNK_ALIGNMENT = 64
-
-
-def chunk_bounds(size: int, chunks: int, alignment: int = ALL_REDUCE_CHUNK_ALIGNMENT) -> list[int]:
-    """[0, ..., size]: `size` split into at most `chunks` contiguous ranges of near-equal length,
-    every inner bound a multiple of `alignment` (fewer ranges when size is too small for them)."""
-    bounds = [0]
-    for i in range(1, chunks):
-        bound = round(size * i / chunks / alignment) * alignment
-        if bounds[-1] < bound < size:
-            bounds.append(bound)
-    return bounds + [size]
-
-
 class RowParallelLinear(_Linear):
     """y = x W^T with W's columns (inputs) split over the ranks; partial outputs summed over ranks.
-    The bias is added once, after the sum.
-
-    all_reduce_chunks (`ParallelConfig.all_reduce_chunks`; `set_all_reduce_chunks`): with more
-    than one tensor-parallel rank, the output columns are computed in this many chunks, each
-    chunk's sum over the ranks running beside the next chunk's GEMM (`tp_all_reduce_chunks`); the
-    weights are still read once. 1: one GEMM, then one all-reduce."""
+    The bias is added once, after the sum."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype):
         if input_size % tp_size():
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp_size()}")
         super().__init__(input_size // tp_size(), output_size, bias, dtype)
-        self.all_reduce_chunks = 1
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         if param.dim() == 1:
@@ -150,18 +128,5 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., input_size / tp_size] -> y [..., output_size], summed over the TP ranks."""
-        if self.all_reduce_chunks > 1 and tp_size() > 1:
-            bounds = chunk_bounds(self.weight.shape[0], self.all_reduce_chunks)
-            parts = tp_all_reduce_chunks([functools.partial(F.linear, x, self.weight[start:end])
-                                          for start, end in zip(bounds, bounds[1:])])
-            y = torch.cat(parts, dim=-1)
-        else:
-            y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
-
-
-def set_all_reduce_chunks(model: nn.Module, chunks: int) -> None:
-    """Every RowParallelLinear of `model` computes and sums its output in `chunks` chunks."""
-    for module in model.modules():
-        if isinstance(module, RowParallelLinear):
-            module.all_reduce_chunks = chunks

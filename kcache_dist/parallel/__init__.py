@@ -12,8 +12,9 @@ Works under `deepspeed --num_gpus N script.py`, torchrun, `mpirun -np N python s
 a plain single process (rank 0 of 1, no process group).
 """
 
-from .collectives import (all_reduce_min, barrier, dp_gather_objects, tp_all_reduce, tp_all_reduce_chunks,
-                          tp_broadcast_object, tp_gather_last_dim)
+from .collectives import (all_reduce_min, all_reduce_slot, barrier, disable_two_shot_all_reduce, dp_gather_objects,
+                          enable_two_shot_all_reduce, tp_all_reduce, tp_broadcast_object, tp_gather_last_dim,
+                          two_shot_all_reduce_enabled, wait_for_device)
 from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank
 from .launcher import strip_local_rank_arg
 from .process_group import init_parallel, launched_world_size, shutdown_parallel
@@ -22,7 +23,9 @@ from .state import ParallelState, current_state, tp_rank, tp_size, world_size
 __all__ = [
     "init_parallel", "launched_world_size", "shutdown_parallel", "ParallelState", "current_state", "tp_rank",
     "tp_size", "world_size",
-    "tp_all_reduce", "tp_all_reduce_chunks", "tp_gather_last_dim", "tp_broadcast_object", "dp_gather_objects",
+    "tp_all_reduce", "tp_gather_last_dim", "tp_broadcast_object", "dp_gather_objects",
+    "enable_two_shot_all_reduce", "disable_two_shot_all_reduce", "two_shot_all_reduce_enabled", "wait_for_device",
+    "all_reduce_slot",
     "all_reduce_min", "barrier",
     "RankLostError", "exit_for_lost_rank", "exit_on_lost_rank", "strip_local_rank_arg",
 ]

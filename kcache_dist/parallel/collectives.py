@@ -8,11 +8,14 @@ pickled into CPU tensors and go over gloo.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import peer_failures_as_rank_lost
+from .errors import RankLostError, peer_failures_as_rank_lost
 from .state import current_groups, current_state
 
 TP_GROUP = "the tensor-parallel group"
@@ -25,50 +28,124 @@ def _dist():
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` (any shape) over the TP group, in place when `x` is contiguous; returns the sum."""
+    """Sum `x` (any shape) over the TP group, in place when `x` is contiguous; returns the sum.
+    On a device with the two-shot all-reduce on (`enable_two_shot_all_reduce`), a tensor of its
+    buffers' dtype, at most their size and a whole number of TWO_SHOT_ALIGNMENT_BYTES goes through
+    the buffer of the current `all_reduce_slot`; any other through the process group (the choice
+    depends on the shape alone, so every rank makes the same)."""
     state = current_state()
     if state.tp_size == 1:
         return x
     out = x if x.is_contiguous() else x.contiguous()
+    two_shot = _two_shot_buffers.get(out.device.index) if out.is_cuda and out.device.index in _two_shot_on else None
+    buffer = two_shot.buffers[_slot] if two_shot is not None and _slot < len(two_shot.buffers) else None
     with peer_failures_as_rank_lost("tp_all_reduce", state.tp_group_ranks, TP_GROUP):
-        _dist().all_reduce(out, group=current_groups().tp_group)
+        if (buffer is not None and out.dtype == buffer.dtype and out.numel() <= buffer.numel()
+                and out.numel() * out.element_size() % TWO_SHOT_ALIGNMENT_BYTES == 0):
+            staged = buffer[: out.numel()]
+            staged.copy_(out.view(-1))
+            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", two_shot.group_name)
+            out.view(-1).copy_(staged)
+        else:
+            _dist().all_reduce(out, group=current_groups().tp_group)
     return out
 
 
-_collective_streams: dict = {}  # CUDA device index -> the stream chunked all-reduces run on
+# Which two-shot buffer `tp_all_reduce` uses: micro-batches whose all-reduces run at once on
+# different streams (`engine.micro_batches.run_interleaved`) each take their own.
+_slot = 0
 
 
-def _collective_stream(device: torch.device) -> torch.cuda.Stream:
-    if device.index not in _collective_streams:
-        _collective_streams[device.index] = torch.cuda.Stream(device)
-    return _collective_streams[device.index]
+@contextlib.contextmanager
+def all_reduce_slot(slot: int):
+    """Inside: `tp_all_reduce` stages two-shot sums in buffer `slot` (past the last buffer: NCCL)."""
+    global _slot
+    saved, _slot = _slot, slot
+    try:
+        yield
+    finally:
+        _slot = saved
 
 
-def tp_all_reduce_chunks(chunks: Sequence[Callable[[], torch.Tensor]]) -> list[torch.Tensor]:
-    """The TP-group sums of the tensors that `chunks` compute, in order. Each chunk runs on the
-    current stream; on CUDA its all-reduce runs on a collective stream of the device, so that it
-    overlaps the next chunk's computation, and the current stream waits for the last all-reduce
-    before this returns (the same inside a CUDA-graph capture). Elsewhere (CPU, gloo) each sum
-    follows its chunk. With tp_size 1 the chunks' results come back as they are."""
+@dataclass(frozen=True)
+class _SymmetricBuffers:
+    buffers: list  # [slots] x [elements] symmetric memory of the TP group
+    group_name: str
+
+
+_two_shot_buffers: dict[Optional[int], _SymmetricBuffers] = {}  # CUDA device index -> its buffers
+_two_shot_on: set = set()  # the CUDA device indices whose all-reduces go through their buffers now
+TWO_SHOT_DTYPES = (torch.bfloat16, torch.float32)
+TWO_SHOT_ALIGNMENT_BYTES = 16  # torch's kernel refuses sizes that are not whole 4-byte words; 16: whole vectors
+
+
+def enable_two_shot_all_reduce(max_elements: int, dtype: torch.dtype, device: torch.device, slots: int = 1) -> None:
+    """From now on `tp_all_reduce` sums CUDA tensors of `dtype` with at most `max_elements`
+    elements on `device` with torch's symmetric-memory two-shot all-reduce (`ParallelConfig.
+    all_reduce="two_shot"`): each rank copies its tensor into a buffer that every rank of the TP
+    group maps (over NVLink), sums its 1/tp slice from all the buffers, and gathers the others'
+    sums; no multicast. `slots` buffers, one per `all_reduce_slot` (per micro-batch). A collective
+    of the TP group: every rank calls it, in the same order. The buffers (slots x max_elements x
+    dtype) stay allocated until `disable_two_shot_all_reduce(device)` (CUDA graphs captured with
+    them read them); buffers already there that are as large are used again."""
     state = current_state()
     if state.tp_size == 1:
-        return [chunk() for chunk in chunks]
-    parts: list[torch.Tensor] = []
-    main = side = None
-    with peer_failures_as_rank_lost("tp_all_reduce_chunks", state.tp_group_ranks, TP_GROUP):
-        for chunk in chunks:
-            part = chunk().contiguous()
-            parts.append(part)
-            if part.device.type != "cuda":
-                _dist().all_reduce(part, group=current_groups().tp_group)
-                continue
-            main, side = torch.cuda.current_stream(part.device), _collective_stream(part.device)
-            side.wait_stream(main)  # the chunk is computed
-            with torch.cuda.stream(side):
-                _dist().all_reduce(part, group=current_groups().tp_group)
-    if side is not None:
-        main.wait_stream(side)  # the parts are freed (and their memory reused) on the main stream only after this
-    return parts
+        return
+    if dtype not in TWO_SHOT_DTYPES:
+        raise ValueError(f"parallel.all_reduce='two_shot' sums bfloat16 or float32 activations, not "
+                         f"{str(dtype).removeprefix('torch.')}: use parallel.all_reduce='nccl'")
+    if device.type != "cuda":
+        raise ValueError(f"parallel.all_reduce='two_shot' needs CUDA devices (symmetric memory); this rank runs on "
+                         f"{device.type}: use parallel.all_reduce='nccl'")
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group_name = current_groups().tp_group.group_name
+    held = _two_shot_buffers.get(device.index)
+    if (held is not None and held.group_name == group_name and len(held.buffers) >= slots
+            and held.buffers[0].dtype == dtype and held.buffers[0].numel() >= max_elements):
+        _two_shot_on.add(device.index)
+        return
+    buffers = []
+    with peer_failures_as_rank_lost("enable_two_shot_all_reduce", state.tp_group_ranks, TP_GROUP):
+        for _ in range(slots):
+            buffers.append(symm_mem.empty(max_elements, dtype=dtype, device=device))
+            symm_mem.rendezvous(buffers[-1], group_name)
+    _two_shot_buffers[device.index] = _SymmetricBuffers(buffers, group_name)
+    _two_shot_on.add(device.index)
+
+
+def disable_two_shot_all_reduce(device: torch.device, keep_buffers: bool = False) -> None:
+    """`tp_all_reduce` on `device` goes through the process group again; the buffers are dropped
+    unless keep_buffers (for CUDA graphs captured with them, or a later `enable_two_shot_all_reduce`)."""
+    _two_shot_on.discard(device.index)
+    if not keep_buffers:
+        _two_shot_buffers.pop(device.index, None)
+
+
+def two_shot_all_reduce_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and device.index in _two_shot_on
+
+
+def wait_for_device(device: torch.device, timeout_s: float, what: str) -> None:
+    """Wait until the work queued on `device`'s current stream so far has run, at most `timeout_s`:
+    past it, raise `RankLostError`. For GPU work that waits on peer ranks without a timeout of its
+    own (the two-shot all-reduce spins until every peer's signal comes), so that a lost peer ends
+    the job instead of hanging it."""
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    wait_until(done.query, timeout_s, what)
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 2e-5) -> None:
+    """Poll `done()` every `poll_s` seconds (sleeping, so other threads run) until it is true; past
+    `timeout_s`, raise `RankLostError` naming `what` and the TP group's ranks."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            ranks = current_state().tp_group_ranks
+            raise RankLostError(f"{what} did not finish within the collective timeout of {timeout_s:g} s; a rank of "
+                                f"the tensor-parallel group (ranks {list(ranks)}) may be lost", group_ranks=ranks)
+        time.sleep(poll_s)
 
 
 def tp_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
