@@ -101,3 +101,26 @@ def test_observed_picks_match_token_by_token_decode(default_model_dir):
             seq_len = position + 1
             assert len(set(picked.tolist())) == min(8, seq_len - 8 - 2)
             assert picked.min() >= 2 and picked.max() < seq_len - 8
+
+
+def test_deferred_misses_replay_keeps_what_the_recency_cache_held():
+    """benchmarks/deferred_misses_accuracy.py: a step keeps exactly the picks that the cache of the
+    most recently picked positions held before it (`cache_hits` counts the same), per KV head, over
+    chunks of a decode; a decode's first step keeps all; a decode that does not continue restarts cold."""
+    from deferred_misses_accuracy import DeferredMisses
+
+    g = np.random.default_rng(7)
+    heads = [[g.choice(30, 6, replace=False) + t for t in range(12)] for _ in range(2)]  # [head][step] picks
+    top = torch.tensor(np.stack([np.stack(steps) for steps in heads]))  # [Hkv 2, steps 12, 6]
+    replay = DeferredMisses()
+    keep = replay.filter(layer_key=1, capacity=9)
+    kept = torch.cat([keep(100, top[:, :5], [6] * 5), keep(105, top[:, 5:], [6] * 7)], dim=1)
+    assert kept[:, 0].all()  # the cold first step waits for its picks
+    for h, steps in enumerate(heads):
+        assert int(kept[h, 1:].sum()) == cache_hits(steps, 9, 100)[0]
+        for t in range(1, 12):  # a kept pick was picked at one of the steps before
+            before = set(np.concatenate(steps[:t]).tolist())
+            assert all(p in before for p in top[h, t][kept[h, t]].tolist())
+    assert replay.picked == 2 * 11 * 6 and replay.held == int(kept[:, 1:].sum())
+    again = keep(100, top[:, :5], [6] * 5)  # a new decode from the same position: cold again
+    assert torch.equal(again, kept[:, :5])

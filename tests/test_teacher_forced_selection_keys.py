@@ -1,6 +1,6 @@
 """`teacher_forced.sparse_decode_attention` with `selection_keys` (and `selection_queries`): another
 copy of K (of q) (fp8 ones in benchmarks/fp8_keys_accuracy.py) picks the far positions, the model's
-K and q weigh what is picked.
+K and q weigh what is picked; and with `keep_picks`, which leaves some picks out of a step.
 Checked against a per-position, per-head loop written from the definition, on fresh random inputs
 made so that the two copies of K pick differently."""
 
@@ -17,11 +17,12 @@ SCALE = HEAD_DIM ** -0.5
 KCACHE = KCacheConfig(mode="kcache", top_n=5, dense_layers=0, sink_tokens=2, recent_window=4)
 
 
-def by_definition(q, keys, values, selection_keys, scale, selection_queries=None) -> torch.Tensor:
+def by_definition(q, keys, values, selection_keys, scale, selection_queries=None, kept=lambda pick: True) -> torch.Tensor:
     """Per query position and KV head: the far positions with the top_n largest max-over-group
     softmax probabilities of the selection K, with the sink and window; their exact-K softmax
     (renormalised over them) times V. q [T, Hq, D]; keys, values, selection_keys [Hkv, L, D];
-    selection_queries [T, Hq, D], the q of the selection (default q)."""
+    selection_queries [T, Hq, D], the q of the selection (default q); kept(position): whether a
+    pick is attended."""
     selection_queries = q if selection_queries is None else selection_queries
     out = torch.empty(q.shape, dtype=torch.float64)
     for i in range(NUM_TOKENS):
@@ -35,6 +36,7 @@ def by_definition(q, keys, values, selection_keys, scale, selection_queries=None
             selection_probs = torch.softmax(sel_qh @ selection_keys[h, :seq_len].double().T, -1)  # [G, seq_len]
             far_score = selection_probs.amax(0)[sink_end:window_start]
             picks = torch.topk(far_score, min(KCACHE.top_n, window_start - sink_end)).indices + sink_end
+            picks = picks[[kept(int(p)) for p in picks]]
             chosen = torch.cat([torch.arange(sink_end), picks, torch.arange(window_start, seq_len)])
             weights = torch.softmax(qh @ keys[h, chosen].double().T, -1)  # [G, chosen]
             out[i, heads] = weights @ values[h, chosen].double()
@@ -84,3 +86,23 @@ def test_selection_queries_pick_and_model_queries_weigh():
     assert torch.equal(out, alone)
     own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE)
     assert not torch.allclose(out, own, atol=1e-3), f"seed {seed}: the coarse q picked what the model's q picked"
+
+
+def test_keep_picks_leaves_picks_out_of_the_step():
+    """keep_picks (benchmarks/deferred_misses_accuracy.py): the step attends to the sink, the window
+    and only the picks it keeps; it sees every chunk's picks after the selection."""
+    seed, g, q, keys, values = random_inputs()
+    seen = []
+
+    def even_only(first, top, counts):
+        seen.append((first, tuple(top.shape), list(counts)))
+        return top % 2 == 0
+
+    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE, keep_picks=even_only)
+    torch.testing.assert_close(out.double(), by_definition(q, keys, values, keys, SCALE, kept=lambda p: p % 2 == 0),
+                               rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    assert seen == [(START, (NUM_KV_HEADS, NUM_TOKENS, KCACHE.top_n), [KCACHE.top_n] * NUM_TOKENS)]
+    everything = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE,
+                                         keep_picks=lambda first, top, counts: torch.ones_like(top, dtype=torch.bool))
+    assert torch.equal(everything, sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE))
+    assert not torch.allclose(out, everything, atol=1e-3), f"seed {seed}: leaving odd picks out changed nothing"

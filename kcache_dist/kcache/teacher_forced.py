@@ -37,6 +37,9 @@ TopNAt = Callable[[int], int]
 # positions from `first` on, per KV head; row i's picks are top[:, i, :counts[i]] when the counts
 # differ (picks sorted by score), all `most` of them otherwise (in no particular order)
 SelectionObserver = Callable[[int, torch.Tensor, list], None]
+# keep_picks(first position, top, counts) -> bool [Hkv, t, most]: which of those picks the step attends
+# to (the others are left out, as if their rows had not arrived yet); called after on_select
+PickFilter = Callable[[int, torch.Tensor, list], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
                             max_scores_per_chunk: int = 1 << 23,
                             on_select: Optional[SelectionObserver] = None,
                             selection_keys: Optional[torch.Tensor] = None,
-                            selection_queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            selection_queries: Optional[torch.Tensor] = None,
+                            keep_picks: Optional[PickFilter] = None) -> torch.Tensor:
     """KCache decode attention of T consecutive positions start .. start+T-1, each over its own context.
 
     q [T, Hq, D]; keys, values [Hkv, L, D] with L >= start + T (entries past a position are masked).
@@ -119,6 +123,7 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     when given, are the K the selection scores (a compressed copy of K, say); the weights of what
     it picks still come from `keys`. `selection_queries` [T, Hq, D], when given, are the q the
     selection scores with (q rounded as a low-precision dot would take it); the weights use `q`.
+    `keep_picks`, when given, says which far picks each step attends to (`PickFilter`).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[0]
@@ -174,11 +179,12 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
             top = torch.topk(group_score, most, dim=-1, sorted=not same_count).indices  # [Hkv, t, most]
             if on_select is not None:
                 on_select(start + lo, top, counts)
-            if same_count:
-                selected.scatter_(-1, top, True)
-            else:  # rows keep their first counts[row] picks (sorted by score)
-                keep = torch.arange(most, device=q.device)[None, :] < torch.tensor(counts, device=q.device)[:, None]
-                selected.scatter_(-1, top, keep.expand(num_kv_heads, t, most))
+            # rows keep their first counts[row] picks (sorted by score when the counts differ)
+            keep = (torch.arange(most, device=q.device)[None, :] < torch.tensor(counts, device=q.device)[:, None]
+                    ).expand(num_kv_heads, t, most)
+            if keep_picks is not None:
+                keep = keep & keep_picks(start + lo, top, counts)
+            selected.scatter_(-1, top, keep)
         selected[..., :sink_cols] |= key_pos[None, :sink_cols] < sink_end[:, None]
         selected[..., tail:] |= (tail_pos[None, :] >= window_start[:, None]) & ~future
         probs.mul_(selected[:, None])
