@@ -22,25 +22,32 @@ steps (the first step of a block only fills the cache):
   the offline optimum (Belady's farthest next use, knowing the future picks: the most any eviction
   policy could hold, c >= 1);
 - the device memory such a cache takes per sequence: c x top_n rows x head_dim x dtype bytes x
-  sparse layers x KV heads (against the V bytes per sequence that KCache moves to host memory).
+  sparse layers x KV heads (against the V bytes per sequence that KCache moves to host memory);
+- with --prefetch-ranks k1,k2,..: whether a step's misses could be fetched a step early, off its
+  critical path: the share of the misses of the engine's default cache (GPU_ROW_CACHE_FACTOR x
+  top_n, recency) that the previous step ranked just below its picks (ranks top_n .. top_n + k - 1
+  of the same score; the decode then selects top_n + max k and attends to the first top_n), and how
+  many of those k candidates a step would copy in (not already cached).
 Writes benchmarks/results/selection_reuse_<model>.json and a PNG of hit rate against c.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections import defaultdict
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kcache_dist.config import SCORING_KEYS, KCacheConfig  # noqa: E402
+from kcache_dist.config import GPU_ROW_CACHE_FACTOR, SCORING_KEYS, KCacheConfig  # noqa: E402
 from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model  # noqa: E402
 
 import accuracy_data  # noqa: E402
@@ -59,22 +66,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", default="alice29.txt,bible_kjv.txt")
     p.add_argument("--scoring-keys", default="model", choices=list(SCORING_KEYS),
                    help="KCacheConfig.scoring_keys: fp8 picks with K rounded to float8 (row cache rows are then K | V)")
+    p.add_argument("--prefetch-ranks", default="", help="k values of the prefetch measure (empty: not measured)")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
 class PickLog:
-    """The far picks of a teacher-forced decode: picks[(layer, kv_head)][position] = int64 array."""
+    """The far picks of a teacher-forced decode: picks[(layer, kv_head)][position] = int64 array.
+    With top_n, a step's first top_n positions (best first) are its picks and the rest, in rank
+    order, its candidates[(layer, kv_head)][position]."""
 
-    def __init__(self) -> None:
+    def __init__(self, top_n: Optional[int] = None) -> None:
+        self.top_n = top_n
         self.picks: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
+        self.candidates: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
 
     def __call__(self, layer: int, first: int, top: torch.Tensor, counts: list) -> None:
         top = top.cpu().numpy()
         for i, count in enumerate(counts):
+            picked = count if self.top_n is None else min(count, self.top_n)
             for h in range(top.shape[0]):
-                self.picks[layer, h][first + i] = np.sort(top[h, i, :count])
+                self.picks[layer, h][first + i] = np.sort(top[h, i, :picked])
+                if self.top_n is not None:
+                    self.candidates[layer, h][first + i] = top[h, i, picked:count]
 
 
 def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[int, int]:
@@ -145,6 +160,27 @@ def farthest_next_use_hits(steps: list[np.ndarray], capacity: int, context: int)
                                 lambda t, others: np.argsort(next_after[t][others], kind="stable"))
 
 
+def prefetch_coverage(steps: list[np.ndarray], candidates: list[np.ndarray], capacity: int, k: int,
+                      context: int) -> tuple[int, int, int]:
+    """(misses, misses among the previous step's first k candidates, candidates not cached) over
+    steps[1:] of one (layer, KV head), for the cache of `cache_hits` (the `capacity` positions
+    picked most recently); the last count is what prefetching those candidates would copy in."""
+    last = np.full(context, -1, dtype=np.int64)
+    missed = covered = copied = 0
+    for t, picked in enumerate(steps):
+        if t > 0:
+            held = np.flatnonzero(last >= 0)
+            if len(held) > capacity:
+                held = held[np.argpartition(-last[held], capacity - 1)[:capacity]]
+            miss = picked[~np.isin(picked, held, assume_unique=True)]
+            early = candidates[t - 1][:k]
+            missed += len(miss)
+            covered += int(np.isin(miss, early).sum())
+            copied += int((~np.isin(early, held)).sum())
+        last[picked] = t
+    return missed, covered, copied
+
+
 def engine_cache_hits(rows: list[list[np.ndarray]], capacity: int, context: int) -> tuple[int, int]:
     """(picks already held, picks) over steps[1:] of every row (one (layer, KV head) each, all with
     the same number of steps), replayed through the engine's own cache (`FarRowCache.assign`: its
@@ -167,7 +203,7 @@ def engine_cache_hits(rows: list[list[np.ndarray]], capacity: int, context: int)
     return hits, total
 
 
-def reuse(log: PickLog, top_n: int, factors: list[float], context: int) -> dict:
+def reuse(log: PickLog, top_n: int, factors: list[float], context: int, prefetch_ranks: list[int] = ()) -> dict:
     hits = {f: 0 for f in factors}
     best = {f: 0 for f in factors}
     frequent = {f: 0 for f in factors}
@@ -187,7 +223,27 @@ def reuse(log: PickLog, top_n: int, factors: list[float], context: int) -> dict:
             "engine_cache_hit_rate": {str(f): h / n if n else None for f, (h, n) in engine.items()},
             "optimal_hit_rate": {str(f): best[f] / total if total else None for f in factors if f >= 1},
             "decayed_frequency_hit_rate": {str(f): frequent[f] / total if total else None
-                                           for f in factors if f >= 1}}
+                                           for f in factors if f >= 1},
+            **prefetch(log, top_n, context, prefetch_ranks)}
+
+
+def prefetch(log: PickLog, top_n: int, context: int, ranks: list[int]) -> dict:
+    """`prefetch_coverage` summed over the log's (layer, KV head) rows, per k of `ranks`."""
+    if not ranks or not log.candidates:
+        return {}
+    capacity = int(round(GPU_ROW_CACHE_FACTOR * top_n))
+    out = {}
+    for k in ranks:
+        missed = covered = copied = steps_seen = 0
+        for key, rows in log.picks.items():
+            positions = sorted(rows)
+            m, c, n = prefetch_coverage([rows[p] for p in positions],
+                                        [log.candidates[key][p] for p in positions], capacity, k, context)
+            missed, covered, copied, steps_seen = missed + m, covered + c, copied + n, steps_seen + len(positions) - 1
+        out[str(k)] = {"misses": missed, "share_of_misses_prefetched": covered / missed if missed else None,
+                       "rows_copied_per_step": copied / steps_seen if steps_seen else None,
+                       "misses_per_step": missed / steps_seen if steps_seen else None}
+    return {"prefetch": out, "prefetch_row_cache_factor": GPU_ROW_CACHE_FACTOR}
 
 
 def plot(result: dict, path: str) -> None:
@@ -219,6 +275,8 @@ def main(argv=None) -> dict:
     model_dir, model_name, device, dtype = model_choice(args.model, args.device, args.dtype)
     contexts = sorted((int(c) for c in args.contexts.split(",")), reverse=True)
     factors = [float(f) for f in args.cache_factors.split(",")]
+    ranks = [int(k) for k in args.prefetch_ranks.split(",") if k]
+    extra = max(ranks, default=0)  # selected beyond top_n, not attended: the prefetch candidates
     settings = [KCacheConfig(mode="kcache", top_n=int(n), scoring_keys=args.scoring_keys)
                 for n in args.top_n.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -228,7 +286,7 @@ def main(argv=None) -> dict:
     num_kv_heads, head_dim = attn.num_kv_heads, attn.attn.head_dim
     data = accuracy_data.ensure_data()
     named = {p.name: p for p in data["books"]} | {"bible_kjv.txt": data["bible"]}
-    logs = defaultdict(PickLog)  # (context, top_n) -> picks of every document
+    logs: dict = {}  # (context, top_n) -> picks of every document
     for d, name in enumerate(args.docs.split(",")):
         ids = tokenizer.encode(clean_text(open(named[name], encoding="utf-8").read()))[:contexts[0]]
         if len(ids) < contexts[0]:
@@ -239,19 +297,22 @@ def main(argv=None) -> dict:
         for context in contexts:
             start = context - args.steps
             for kc in settings:
-                log = logs[context, kc.top_n]
+                log = logs.setdefault((context, kc.top_n), PickLog(kc.top_n if extra else None))
                 lm.truncate(start)
                 lm.cache.on_select = lambda layer, first, top, counts, d=d, log=log: log(
                     (d, layer), first, top, counts)
+                if extra:  # attend to the first top_n of the top_n + extra selected: the top_n step
+                    lm.cache.keep_picks = lambda layer, first, top, counts, n=kc.top_n: (
+                        torch.arange(top.shape[-1], device=top.device) < n).expand(top.shape)
                 try:
-                    lm.decode(ids[start:context], kc)
+                    lm.decode(ids[start:context], dataclasses.replace(kc, top_n=kc.top_n + extra))
                 finally:
-                    lm.cache.on_select = None
+                    lm.cache.on_select = lm.cache.keep_picks = None
             print(f"[{time.perf_counter() - wall0:6.0f}s] {name}: context {context} decoded", flush=True)
     sparse_layers = lm.num_layers - settings[0].dense_layers
     rows = []
     for (context, top_n), log in sorted(logs.items()):
-        r = reuse(log, top_n, factors, context)
+        r = reuse(log, top_n, factors, context, ranks)
         row_bytes = head_dim * torch.finfo(dtype).bits // 8
         cached_row_bytes = row_bytes * (2 if settings[0].fp8_scoring_keys else 1)  # V, or K | V
         rows.append({"context": context, "top_n": top_n, **r,
@@ -262,6 +323,10 @@ def main(argv=None) -> dict:
             f"{f}x {v:.3f}" for f, v in r["hit_rate"].items()) + "; decayed pick count " + ", ".join(
             f"{f}x {v:.3f}" for f, v in r["decayed_frequency_hit_rate"].items()) + "; offline optimum " + ", ".join(
             f"{f}x {v:.3f}" for f, v in r["optimal_hit_rate"].items()), flush=True)
+        for k, p in r.get("prefetch", {}).items():
+            print(f"  prefetch of the next {k} ranks: {p['share_of_misses_prefetched']:.3f} of "
+                  f"{p['misses_per_step']:.1f} misses a step, {p['rows_copied_per_step']:.1f} rows copied a step",
+                  flush=True)
     result = {"benchmark": "selection_reuse", "model": model_name, "dtype": str(dtype).replace("torch.", ""),
               "device": str(device), "steps": args.steps, "docs": args.docs.split(","),
               "kcache": {k: v for k, v in vars(settings[0]).items() if k != "top_n"},

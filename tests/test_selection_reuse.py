@@ -16,7 +16,7 @@ from kcache_dist.kcache.teacher_forced import TeacherForcedLM, load_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from selection_reuse import (PickLog, cache_hits, decayed_frequency_hits, engine_cache_hits,  # noqa: E402
-                             farthest_next_use_hits)
+                             farthest_next_use_hits, prefetch_coverage)
 
 
 def test_cache_hits_by_hand():
@@ -28,6 +28,20 @@ def test_cache_hits_by_hand():
     hits, total = cache_hits(steps, 3, 8)
     assert total == 6 and hits in (3, 4)
     assert cache_hits(steps, 8, 8) == (4, 6)  # all ever picked: 2, then 1, then 3 and 4
+
+
+def test_prefetch_coverage_by_hand():
+    """The previous step's next-ranked candidates against a step's misses (capacity 2: the cache
+    holds the last step's picks), and what copying them in would move."""
+    steps = [np.array([1, 2]), np.array([2, 3]), np.array([1, 4]), np.array([3, 4])]
+    candidates = [np.array([3, 5]), np.array([4, 1]), np.array([3, 9]), np.array([7, 8])]
+    # misses {3}, {1, 4}, {3}; the first candidate of the step before covers 3, then 4, then 3
+    assert prefetch_coverage(steps, candidates, 2, 1, 10) == (4, 3, 3)
+    assert prefetch_coverage(steps, candidates, 2, 2, 10) == (4, 4, 6)  # 1 too; every candidate uncached
+    log = PickLog(top_n=2)  # a step's first top_n positions (best first) are picks, the rest candidates
+    log(0, 5, torch.tensor([[[9, 4, 7, 1], [3, 8, 2, 6]]]), [4, 3])
+    assert log.picks[0, 0][5].tolist() == [4, 9] and log.candidates[0, 0][5].tolist() == [7, 1]
+    assert log.picks[0, 0][6].tolist() == [3, 8] and log.candidates[0, 0][6].tolist() == [2]
 
 
 def test_offline_optimum_by_hand_and_never_below_recency():

@@ -34,8 +34,7 @@ from .fp8_keys import fp8_rounded
 
 TopNAt = Callable[[int], int]
 # on_select(first position, top [Hkv, t, most], counts [t]): the far positions picked for the t query
-# positions from `first` on, per KV head; row i's picks are top[:, i, :counts[i]] when the counts
-# differ (picks sorted by score), all `most` of them otherwise (in no particular order)
+# positions from `first` on, per KV head, best score first; row i's picks are top[:, i, :counts[i]]
 SelectionObserver = Callable[[int, torch.Tensor, list], None]
 # keep_picks(first position, top, counts) -> bool [Hkv, t, most]: which of those picks the step attends
 # to (the others are left out, as if their rows had not arrived yet); called after on_select
@@ -175,11 +174,10 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
                            else selection_probs.sum(1))  # [Hkv, t, L]
             group_score[..., :sink_cols] = -1.0
             group_score[..., tail:].masked_fill_(tail_pos[None, :] >= window_start[:, None], -1.0)
-            same_count = min(counts) == most
-            top = torch.topk(group_score, most, dim=-1, sorted=not same_count).indices  # [Hkv, t, most]
+            top = torch.topk(group_score, most, dim=-1).indices  # [Hkv, t, most], best first
             if on_select is not None:
                 on_select(start + lo, top, counts)
-            # rows keep their first counts[row] picks (sorted by score when the counts differ)
+            # rows keep their first counts[row] picks
             keep = (torch.arange(most, device=q.device)[None, :] < torch.tensor(counts, device=q.device)[:, None]
                     ).expand(num_kv_heads, t, most)
             if keep_picks is not None:
@@ -209,8 +207,10 @@ class _EmulatedCache:
         self.length = 0  # tokens whose K/V are stored; the forward's new tokens start here
         self.kcache: Optional[KCacheConfig] = None  # None: dense attention for every new token
         self.top_n_at: TopNAt = lambda seq_len: 0
-        # on_select(layer_idx, ...) sees every sparse layer's far picks (SelectionObserver's arguments)
+        # on_select(layer_idx, ...) sees every sparse layer's far picks (SelectionObserver's arguments);
+        # keep_picks(layer_idx, ...) says which of them its steps attend to (PickFilter's arguments)
         self.on_select: Optional[Callable[..., None]] = None
+        self.keep_picks: Optional[Callable[..., torch.Tensor]] = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                ctx: ForwardContext) -> torch.Tensor:
@@ -222,9 +222,10 @@ class _EmulatedCache:
         if kc is None or kc.mode == "full" or layer_idx < kc.dense_layers:
             return dense_causal_attention(q, keys, values, start, scale)
         observe = None if self.on_select is None else (lambda *picks: self.on_select(layer_idx, *picks))
+        keep = None if self.keep_picks is None else (lambda *picks: self.keep_picks(layer_idx, *picks))
         selection_keys = fp8_rounded(keys) if kc.fp8_scoring_keys else None
         return sparse_decode_attention(q, keys, values, start, kc, self.top_n_at, scale, on_select=observe,
-                                       selection_keys=selection_keys)
+                                       selection_keys=selection_keys, keep_picks=keep)
 
 
 def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, max_len: int) -> torch.nn.Module:
