@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fp8_keys_accuracy import compare  # noqa: E402
 from kcache_dist.config import GPU_ROW_CACHE_FACTOR  # noqa: E402
 from kcache_dist.kcache import teacher_forced  # noqa: E402
+from selection_reuse import recently_picked  # noqa: E402
 
 import accuracy  # noqa: E402
 
@@ -77,10 +78,7 @@ class DeferredMisses:
                 for h in range(hkv):
                     picked = picks[h, i, :count]
                     if step > state["first"]:
-                        held = np.flatnonzero(last[h] >= 0)
-                        if len(held) > capacity:
-                            held = held[np.argpartition(-last[h, held], capacity - 1)[:capacity]]
-                        hit = np.isin(picked, held, assume_unique=True)
+                        hit = np.isin(picked, recently_picked(last[h], capacity), assume_unique=True)
                         kept[h, i, :count] = hit
                         self.held += int(hit.sum())
                         self.picked += count
@@ -102,7 +100,7 @@ def run_accuracy(argv: list[str], out: str, variant: str) -> tuple[dict, float]:
     def deferring(q, keys, values, start, kcache, top_n_at, scale, *args, **kwargs):
         capacity = int(GPU_ROW_CACHE_FACTOR * top_n_at(start + q.shape[0]))
         return original(q, keys, values, start, kcache, top_n_at, scale, *args,
-                        keep_picks=replay.filter(keys.data_ptr(), capacity), **kwargs)
+                        **{**kwargs, "keep_picks": replay.filter(keys.data_ptr(), capacity)})
 
     if variant == "deferred_misses":
         teacher_forced.sparse_decode_attention = deferring

@@ -92,6 +92,15 @@ class PickLog:
                     self.candidates[layer, h][first + i] = top[h, i, picked:count]
 
 
+def recently_picked(last: np.ndarray, capacity: int) -> np.ndarray:
+    """The positions a cache of the `capacity` most recently picked ones holds, given last[p], the
+    step that last picked position p (-1: never); ties at the edge: any of them."""
+    held = np.flatnonzero(last >= 0)
+    if len(held) > capacity:
+        held = held[np.argpartition(-last[held], capacity - 1)[:capacity]]
+    return held
+
+
 def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[int, int]:
     """(picks already held, picks) over steps[1:] of one (layer, KV head), for a cache holding the
     `capacity` positions picked most recently (steps[0] only fills it)."""
@@ -99,9 +108,7 @@ def cache_hits(steps: list[np.ndarray], capacity: int, context: int) -> tuple[in
     hits = total = 0
     for t, picked in enumerate(steps):
         if t > 0:
-            held = np.flatnonzero(last >= 0)
-            if len(held) > capacity:
-                held = held[np.argpartition(-last[held], capacity - 1)[:capacity]]
+            held = recently_picked(last, capacity)
             hits += np.isin(picked, held, assume_unique=True).sum()
             total += len(picked)
         last[picked] = t
@@ -169,9 +176,7 @@ def prefetch_coverage(steps: list[np.ndarray], candidates: list[np.ndarray], cap
     missed = covered = copied = 0
     for t, picked in enumerate(steps):
         if t > 0:
-            held = np.flatnonzero(last >= 0)
-            if len(held) > capacity:
-                held = held[np.argpartition(-last[held], capacity - 1)[:capacity]]
+            held = recently_picked(last, capacity)
             miss = picked[~np.isin(picked, held, assume_unique=True)]
             early = candidates[t - 1][:k]
             missed += len(miss)
