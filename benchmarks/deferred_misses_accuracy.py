@@ -92,18 +92,22 @@ class DeferredMisses:
         return self.held / self.picked if self.picked else float("nan")
 
 
-def run_accuracy(argv: list[str], out: str, variant: str) -> tuple[dict, float]:
-    """accuracy.py's JSON for `variant`, and the share of picks held (deferred_misses; else NaN)."""
-    original = teacher_forced.sparse_decode_attention
-    replay = DeferredMisses()
-
+def deferring_attention(replay: DeferredMisses, original=teacher_forced.sparse_decode_attention):
+    """`original` (teacher_forced.sparse_decode_attention) with `replay`'s filter of each call's
+    layer, for a cache of GPU_ROW_CACHE_FACTOR x top_n positions."""
     def deferring(q, keys, values, start, kcache, top_n_at, scale, *args, **kwargs):
         capacity = int(GPU_ROW_CACHE_FACTOR * top_n_at(start + q.shape[0]))
         return original(q, keys, values, start, kcache, top_n_at, scale, *args,
                         **{**kwargs, "keep_picks": replay.filter(keys.data_ptr(), capacity)})
+    return deferring
 
+
+def run_accuracy(argv: list[str], out: str, variant: str) -> tuple[dict, float]:
+    """accuracy.py's JSON for `variant`, and the share of picks held (deferred_misses; else NaN)."""
+    original = teacher_forced.sparse_decode_attention
+    replay = DeferredMisses()
     if variant == "deferred_misses":
-        teacher_forced.sparse_decode_attention = deferring
+        teacher_forced.sparse_decode_attention = deferring_attention(replay, original)
     try:
         accuracy.main(argv + ["--out", os.path.relpath(out)])  # its JSON records --out: no machine's absolute path
     finally:

@@ -138,3 +138,31 @@ def test_deferred_misses_replay_keeps_what_the_recency_cache_held():
     assert replay.picked == 2 * 11 * 6 and replay.held == int(kept[:, 1:].sum())
     again = keep(100, top[:, :5], [6] * 5)  # a new decode from the same position: cold again
     assert torch.equal(again, kept[:, :5])
+
+
+def test_deferred_misses_decode_is_the_same_in_a_block_or_token_by_token(default_model_dir, monkeypatch):
+    """The study's attention under the emulated model: a block decoded in one forward and token by
+    token give the same logits (the replay carries each layer's cache from call to call), other
+    than the exact steps', with a share of the picks held."""
+    from deferred_misses_accuracy import DeferredMisses, deferring_attention
+    from kcache_dist.kcache import teacher_forced
+
+    kc = KCacheConfig(mode="kcache", top_n=8, dense_layers=28, sink_tokens=2, recent_window=8)
+    model = load_model(default_model_dir, torch.device("cpu"), torch.float32, max_len=256)
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(default_model_dir).encode(pydoc_data.topics.topics["assignment"])[:112]
+    lm = TeacherForcedLM(model, capacity=256)
+    lm.prefill(ids[:80])
+    exact = lm.decode(ids[80:], kc)
+    replays, logits = [], []
+    for how in ("block", "token by token"):
+        replays.append(DeferredMisses())
+        monkeypatch.setattr(teacher_forced, "sparse_decode_attention", deferring_attention(replays[-1]))
+        lm.truncate(80)
+        logits.append(lm.decode(ids[80:], kc) if how == "block" else
+                      torch.cat([lm.decode([token], kc) for token in ids[80:]]))
+        monkeypatch.undo()
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert replays[0].picked == replays[1].picked == 2 * 3 * 31 * 8  # 2 layers, 3 KV heads, 31 warm steps
+    assert replays[0].held == replays[1].held and 0 < replays[0].held < replays[0].picked
+    assert not torch.allclose(logits[0], exact, atol=1e-3)
