@@ -319,7 +319,7 @@ def main(argv=None) -> dict:
     for (context, top_n), log in sorted(logs.items()):
         r = reuse(log, top_n, factors, context, ranks)
         row_bytes = head_dim * torch.finfo(dtype).bits // 8
-        cached_row_bytes = row_bytes * (2 if settings[0].fp8_scoring_keys else 1)  # V, or K | V
+        cached_row_bytes = row_bytes * settings[0].host_rows_per_position  # V, or K | V
         rows.append({"context": context, "top_n": top_n, **r,
                      "cache_bytes_per_sequence": {str(f): int(round(f * top_n)) * cached_row_bytes * sparse_layers
                                                   * num_kv_heads for f in factors},

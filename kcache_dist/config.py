@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .cache.planner import HOST_MEMORY_AUTO
+from .cache.planner import HOST_MEMORY_AUTO, host_rows_per_position
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -30,6 +30,7 @@ LOAD_FORMATS = ("safetensors", "random")
 GROUP_REDUCES = ("max", "sum")
 SCORING_KEYS = ("model", "fp8")
 ALL_REDUCES = ("nccl", "two_shot")  # ParallelConfig.all_reduce
+
 # The far-row cache by default on CUDA: 2 x top_n rows held 89% of a step's picks on the default
 # model at 8K; on one H100 at 8K it gave 803 against 684 tok/s even with random weights, whose
 # picks repeat least (README, Throughput).
@@ -97,6 +98,11 @@ class KCacheConfig:
     def fp8_scoring_keys(self) -> bool:
         """Whether the sparse layers pick with float8 K (and keep the exact K in host memory)."""
         return self.mode == "kcache" and self.scoring_keys == "fp8"
+
+    @property
+    def host_rows_per_position(self) -> int:
+        """`host_rows_per_position` of this config's scoring keys."""
+        return host_rows_per_position(self.fp8_scoring_keys)
 
     def for_device(self, device_type: str) -> "KCacheConfig":
         """This config with a row_cache_factor of None made the default of `device_type`."""

@@ -46,6 +46,7 @@ from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
+from .planner import host_rows_per_position
 from .store_rows import store_rows
 
 
@@ -60,8 +61,7 @@ class KCacheKVCache:
         self.fp8_scoring_keys = fp8_scoring_keys
         block_shape = (num_blocks, num_kv_heads, block_size, head_dim)
         num_sparse = num_layers - dense_layers
-        # a host row: V, or with fp8 scoring keys K | V
-        host_shape = (*block_shape[:3], 2 * head_dim if fp8_scoring_keys else head_dim)
+        host_shape = (*block_shape[:3], host_rows_per_position(fp8_scoring_keys) * head_dim)  # V, or K | V
         self.host_pool = HostPool(HostPool.bytes_for([host_shape] * num_sparse, dtype), device)  # most likely to fail
         self.host_rows = [self.host_pool.take(host_shape, dtype) for _ in range(num_sparse)]
         sparse_k_dtype = FP8_DTYPE if fp8_scoring_keys else dtype

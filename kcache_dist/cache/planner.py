@@ -164,6 +164,12 @@ def far_row_cache_slot_bytes(num_sparse_layers: int, num_kv_heads: int, capacity
     return num_sparse_layers * (num_kv_heads * per_head + 8) + 8
 
 
+def host_rows_per_position(fp8_scoring_keys: bool) -> int:
+    """head_dim-wide rows that one position of one KV head of a sparse layer keeps in host memory,
+    and that a far fetch reads and a row-cache slot holds: V (1), or with fp8 scoring keys K | V (2)."""
+    return 2 if fp8_scoring_keys else 1
+
+
 @dataclass(frozen=True)
 class CacheGeometry:
     """The shape of one rank's cache.
@@ -206,7 +212,7 @@ class CacheGeometry:
         rank; max_model_len sizes the row cache's position map."""
         kc = config.kcache
         kcache = kc.mode == "kcache"
-        row_width = head_dim * (2 if kc.fp8_scoring_keys else 1)  # a cached far row: V, or K | V
+        row_width = head_dim * kc.host_rows_per_position  # a cached far row: V, or K | V
         row_cache = (far_row_cache_slot_bytes(num_layers - kc.dense_layers, num_kv_heads, kc.row_cache_rows,
                                               max_model_len, row_width, dtype_bytes) if kc.row_cache_rows else 0)
         return cls(mode=kc.mode, num_layers=num_layers, dense_layers=kc.dense_layers, num_kv_heads=num_kv_heads,
@@ -238,7 +244,7 @@ class CacheGeometry:
     @property
     def host_rows_per_token(self) -> int:
         """Rows one token of a sparse layer keeps in host memory (and a far fetch reads): V, or K | V."""
-        return 2 if self.fp8_scoring_keys else 1
+        return host_rows_per_position(self.fp8_scoring_keys)
 
     @property
     def gpu_bytes_per_token(self) -> int:
