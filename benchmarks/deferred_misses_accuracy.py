@@ -28,7 +28,6 @@ go to `deferred_misses_accuracy.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,12 +36,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fp8_keys_accuracy import compare  # noqa: E402
+from fp8_keys_accuracy import run_accuracy_with, write_comparison  # noqa: E402
 from kcache_dist.config import GPU_ROW_CACHE_FACTOR  # noqa: E402
 from kcache_dist.kcache import teacher_forced  # noqa: E402
 from selection_reuse import recently_picked  # noqa: E402
 
-import accuracy  # noqa: E402
 
 DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024", "--scaled", "",
                          "--only", "top_n=256;top_n=1024", "--qa-questions", "50"]
@@ -104,16 +102,10 @@ def deferring_attention(replay: DeferredMisses, original=teacher_forced.sparse_d
 
 def run_accuracy(argv: list[str], out: str, variant: str) -> tuple[dict, float]:
     """accuracy.py's JSON for `variant`, and the share of picks held (deferred_misses; else NaN)."""
-    original = teacher_forced.sparse_decode_attention
     replay = DeferredMisses()
-    if variant == "deferred_misses":
-        teacher_forced.sparse_decode_attention = deferring_attention(replay, original)
-    try:
-        accuracy.main(argv + ["--out", os.path.relpath(out)])  # its JSON records --out: no machine's absolute path
-    finally:
-        teacher_forced.sparse_decode_attention = original
-    with open(out, encoding="utf-8") as f:
-        return json.load(f), replay.held_share
+    attention = (deferring_attention(replay) if variant == "deferred_misses"
+                 else teacher_forced.sparse_decode_attention)
+    return run_accuracy_with(attention, argv, out), replay.held_share
 
 
 def main() -> None:
@@ -126,17 +118,10 @@ def main() -> None:
     for variant in VARIANTS:
         runs[variant], held[variant] = run_accuracy(
             accuracy_argv, os.path.join(args.out_dir, f"deferred_misses_accuracy_{variant}.json"), variant)
-    rows = compare(runs)
-    out = os.path.join(args.out_dir, "deferred_misses_accuracy.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump({"accuracy_args": accuracy_argv, "row_cache_factor": GPU_ROW_CACHE_FACTOR,
-                   "held_share_deferred": held["deferred_misses"], "rows": rows}, f, indent=1)
     print(f"share of picks held by the caches (deferred run, all settings): {held['deferred_misses']:.4f}")
-    for row in rows:
-        print(f"{row['setting']}:")
-        for variant, relative in row["relative_to_full"].items():
-            print(f"  {variant:16s} {json.dumps(relative)}")
-    print(f"wrote {out}")
+    write_comparison(os.path.join(args.out_dir, "deferred_misses_accuracy.json"), runs,
+                     {"accuracy_args": accuracy_argv, "row_cache_factor": GPU_ROW_CACHE_FACTOR,
+                      "held_share_deferred": held["deferred_misses"]})
 
 
 if __name__ == "__main__":

@@ -66,15 +66,21 @@ def sparse_attention_with(variant: str):
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 
-def run_accuracy(argv: list[str], out: str, variant: str) -> dict:
+def run_accuracy_with(attention, argv: list[str], out: str) -> dict:
+    """accuracy.py's JSON, run with `attention` as every sparse layer's decode attention
+    (`teacher_forced.sparse_decode_attention`, restored afterwards)."""
     original = teacher_forced.sparse_decode_attention
-    teacher_forced.sparse_decode_attention = sparse_attention_with(variant)
+    teacher_forced.sparse_decode_attention = attention
     try:
         accuracy.main(argv + ["--out", os.path.relpath(out)])  # its JSON records --out: no machine's absolute path
     finally:
         teacher_forced.sparse_decode_attention = original
     with open(out, encoding="utf-8") as f:
         return json.load(f)
+
+
+def run_accuracy(argv: list[str], out: str, variant: str) -> dict:
+    return run_accuracy_with(sparse_attention_with(variant), argv, out)
 
 
 def same_accuracy_args(stored: dict, argv: list[str]) -> bool:
@@ -92,6 +98,19 @@ def compare(runs: dict[str, dict]) -> list[dict]:
                                   for v, results in by_variant.items()},
              "metrics": {v: results[r["setting"]["name"]]["metrics"] for v, results in by_variant.items()}}
             for r in first["results"]]
+
+
+def write_comparison(out: str, runs: dict[str, dict], header: dict) -> None:
+    """`compare(runs)` written to `out` after the `header` entries, and printed per setting."""
+    rows = compare(runs)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({**header, "rows": rows}, f, indent=1)
+    width = max(len(v) for v in runs) + 2
+    for row in rows:
+        print(f"{row['setting']}:")
+        for variant, relative in row["relative_to_full"].items():
+            print(f"  {variant:{width}s}{json.dumps(relative)}")
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -115,15 +134,8 @@ def main() -> None:
                 runs[variant] = json.load(f)
             if not same_accuracy_args(runs[variant]["args"], accuracy_argv):
                 raise SystemExit(f"{path} was run with other accuracy.py flags; add {variant} to --variants")
-    rows = compare(runs)
-    out = os.path.join(args.out_dir, "fp8_keys_accuracy.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump({"accuracy_args": accuracy_argv, "variants": list(runs), "rows": rows}, f, indent=1)
-    for row in rows:
-        print(f"{row['setting']}:")
-        for variant, relative in row["relative_to_full"].items():
-            print(f"  {variant:14s} {json.dumps(relative)}")
-    print(f"wrote {out}")
+    write_comparison(os.path.join(args.out_dir, "fp8_keys_accuracy.json"), runs,
+                     {"accuracy_args": accuracy_argv, "variants": list(runs)})
 
 
 if __name__ == "__main__":
