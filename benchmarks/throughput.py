@@ -495,27 +495,30 @@ def _mean_bytes(steps: list[DecodeStepBytes]) -> DecodeStepBytes:
 def measure_prefill(engine: LLMEngine, context: int, num_seqs: int, generator: torch.Generator,
                     device: torch.device) -> dict:
     """Time to first token of a lone prompt of context - 1 tokens, then prefill tokens/s of
-    num_seqs such prompts submitted together (one output token each: every step is a prefill)."""
+    num_seqs such prompts submitted together (one output token each: every step is a prefill).
+    Each step's time is kept too (`ttft_step_s`, `prefill_step_s`: a long prompt's later chunks
+    attend to more positions, so they take longer)."""
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     prompt_len, vocab = context - 1, engine.model_config.vocab_size
-    prompt = random_prompt(generator, vocab, prompt_len)
-    _sync(device)
-    t0 = time.perf_counter()
-    engine.add_request(prompt, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-    ttft_s = time.perf_counter() - t0
-    prompts = [random_prompt(generator, vocab, prompt_len) for _ in range(num_seqs)]
-    _sync(device)
-    t0, steps = time.perf_counter(), 0
-    for p in prompts:
-        engine.add_request(p, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    _sync(device)
-    wall_s = time.perf_counter() - t0
-    return {"prompt_tokens": prompt_len, "ttft_s": ttft_s, "prefill_seqs": num_seqs, "prefill_steps": steps,
+
+    def run_prompts(prompts: list[list[int]]) -> list[float]:
+        """Each step's seconds, the first with the requests' submission."""
+        _sync(device)
+        t0 = time.perf_counter()
+        for p in prompts:
+            engine.add_request(p, params)
+        step_s = []
+        while engine.has_unfinished_requests():
+            engine.step()
+            _sync(device)
+            step_s.append(time.perf_counter() - t0 - sum(step_s))
+        return step_s
+
+    ttft_step_s = run_prompts([random_prompt(generator, vocab, prompt_len)])
+    prefill_step_s = run_prompts([random_prompt(generator, vocab, prompt_len) for _ in range(num_seqs)])
+    wall_s = sum(prefill_step_s)
+    return {"prompt_tokens": prompt_len, "ttft_s": sum(ttft_step_s), "ttft_step_s": ttft_step_s,
+            "prefill_seqs": num_seqs, "prefill_steps": len(prefill_step_s), "prefill_step_s": prefill_step_s,
             "prefill_wall_s": wall_s, "prefill_tokens_per_s": num_seqs * prompt_len / wall_s}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 
@@ -29,6 +30,9 @@ class ForwardContext:
     token_seqs [T] int64 (device): the sequence (0..B-1) of each new token, for work per token that
     must not wait on the host (set by the model runner's steps; None in the decode-only contexts of
     CUDA graphs and the teacher-forced emulation, which do not use it).
+    block_tables_host [B, max_blocks] int32 (numpy): block_tables as the host has them (set by the
+    model runner's steps), so that host-side work needs no copy back from the device (KCache's
+    copies of a prefill chunk's earlier host rows); None: read from block_tables.
     """
 
     positions: torch.Tensor
@@ -44,6 +48,7 @@ class ForwardContext:
     kv_cache: Any
     fetch_grid: Optional[int] = None
     token_seqs: Optional[torch.Tensor] = None
+    block_tables_host: Optional[np.ndarray] = None
 
     @property
     def num_seqs(self) -> int:

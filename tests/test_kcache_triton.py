@@ -362,20 +362,6 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 """)
 
 
-CONTEXT_SCRIPT = textwrap.dedent("""
-    import torch
-    from kcache_dist.kcache.triton_kcache import gather_context_zero_copy
-    from kcache_dist.layers.paged_attention import gather_context
-    g = torch.Generator().manual_seed({seed})
-    for hkv, bs, d, length in [(2, 4, 16, 1), (2, 4, 16, 13), (3, 8, 32, 64), (1, 16, 16, 100)]:
-        pool = torch.randn(40, hkv, bs, d, generator=g)
-        table = torch.randperm(40, generator=g)[: -(-length // bs) + 2].int()  # longer than needed
-        got = gather_context_zero_copy(pool, table, length)
-        assert torch.equal(got, gather_context(pool, table, length)), (hkv, bs, d, length)
-    print("interpreter ok")
-""")
-
-
 SPARSE_OUT_SCRIPT = textwrap.dedent("""
     import torch
     from test_kcache_reference import paged_inputs
@@ -460,14 +446,6 @@ def test_output_split_over_several_ctas_under_interpreter():
     their sums, renormalised or not) gives the reference's output."""
     seed = fresh_seed()
     run_under_triton_interpreter(SPARSE_OUT_SCRIPT.format(seed=seed), seed, timeout_s=120)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
-def test_prefill_context_read_equals_the_host_gather_under_interpreter():
-    """The zero-copy read a later prefill chunk makes of its earlier chunks' V on CUDA
-    (`gather_context_zero_copy`) gives the host-side gather's rows."""
-    seed = fresh_seed()
-    run_under_triton_interpreter(CONTEXT_SCRIPT.format(seed=seed), seed, timeout_s=120)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

@@ -11,7 +11,8 @@ A sparse layer keeps:
                                               each sequence picked most recently (`FarRowCache`),
                                               forgotten when a sequence starts (`start_sequences`)
 Block ids are shared by all pools, so one block table serves K and V. Prefill runs dense attention
-(earlier chunks' V read back from the host pool); a decode step runs KCache attention.
+(earlier chunks' V copied back from the host pool one layer ahead: `PrefillHostReads`); a decode
+step runs KCache attention.
 
 With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`) a sparse layer keeps instead:
   k pool   [num_blocks, Hkv, bs, D] float8 e4m3, k scales [num_blocks, Hkv, bs] float32   device
@@ -24,8 +25,7 @@ chunks' exact K back from the host pool with their V.
 
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
-it on the GPU (the kernels that read host memory: the decode's fetch and a prefill chunk's read
-of its earlier chunks' V). A decode-only step makes no host synchronisation, so it can be
+it on the GPU (the decode's fetch, and the copy of a prefill chunk's earlier rows). A decode-only step makes no host synchronisation, so it can be
 captured in a CUDA graph: inside a capture the offload branch forks from the capture stream and
 `join_offload` joins it back before the capture ends; a replay is preceded by `join_offload` for
 earlier writes.
@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from ..forward_context import ForwardContext
-from ..kcache.decode import far_rows_fetched, kcache_decode, triton_kernels
+from ..kcache.decode import far_rows_fetched, kcache_decode
 from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, quantize_rows
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
@@ -47,6 +47,7 @@ from ..layers.paged_attention import gather_context, prefill_attention
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
 from .planner import host_rows_per_position
+from .prefill_host_reads import PrefillHostReads
 from .store_rows import store_rows
 
 
@@ -81,6 +82,7 @@ class KCacheKVCache:
         self._far_rows_counted = 0  # without a row cache: far V rows the decode steps read (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
+        self.prefill_reads = PrefillHostReads(device)
 
     def device_bytes(self) -> int:
         """Device memory of the cache's tensors (blocks, hot rows, row cache), as the planner counts it."""
@@ -93,6 +95,8 @@ class KCacheKVCache:
                ctx: ForwardContext) -> torch.Tensor:
         """Store the new k, v [T, Hkv, D]; return attention of q [T, Hq, D] over each context."""
         k_cache = self.k_caches[layer_idx]
+        if not ctx.decode_only and layer_idx + 1 - self.dense_layers in range(len(self.host_rows)):
+            self._start_prefill_reads(layer_idx + 1 - self.dense_layers, ctx)  # beside this layer's work
         if layer_idx < self.dense_layers:
             return dense_attend(k_cache, self.dense_v_caches[layer_idx], q, k, v, scale, ctx)
         sparse = layer_idx - self.dense_layers
@@ -123,14 +127,12 @@ class KCacheKVCache:
                                      row_cache=self.row_cache.layer(sparse) if self.row_cache else None,
                                      k_scales=self.k_scales[sparse] if fp8 else None,
                                      k_hot=self.k_hot[sparse] if fp8 else None)
+        earlier_rows = ({} if ctx.decode_only else
+                        self.prefill_reads.take(sparse, host_rows, ctx, self._host_writes_event(earlier_writes)))
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
-            num_earlier = length - (end - start)
-            if num_earlier:  # a later chunk of a long prompt: read the earlier chunks' host rows back
-                earlier = self._read_host_context(host_rows, table, num_earlier, earlier_writes, q.device)
-            else:
-                earlier = v.new_empty(v.shape[1], 0, host_rows.shape[-1])
+            earlier = earlier_rows.get(i, v.new_empty(v.shape[1], 0, host_rows.shape[-1]))  # later chunks only
             earlier_k, earlier_v = earlier.split(self.head_dim, -1) if fp8 else (None, earlier)
             values = torch.cat([earlier_v, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
             keys = (torch.cat([earlier_k, k[start:end].transpose(0, 1)], dim=1) if fp8
@@ -198,18 +200,17 @@ class KCacheKVCache:
         else:
             done.event.synchronize()
 
-    def _read_host_context(self, host_rows: torch.Tensor, table: torch.Tensor, length: int,
-                           earlier_writes: Optional["_OffloadDone"], device: torch.device) -> torch.Tensor:
-        """One sequence's first `length` host rows of a sparse layer (V, or K | V with fp8 scoring
-        keys), [Hkv, length, D or 2D] on `device`: on CUDA read from the pinned pool by a Triton kernel
-        after the GPU waits for the offload; elsewhere (or without Triton) gathered on the host after
-        the host waits, then copied."""
-        kernels = triton_kernels() if device.type == "cuda" and host_rows.is_pinned() else None
-        if kernels is not None:
-            self._wait_for_host_writes(earlier_writes, on_device=True)
-            return kernels.gather_context_zero_copy(host_rows, table.to(device), length)
-        self._wait_for_host_writes(earlier_writes, on_device=False)
-        return gather_context(host_rows, table.to(host_rows.device), length).to(device)
+    def _start_prefill_reads(self, sparse: int, ctx: ForwardContext) -> None:
+        """Start copying sparse layer `sparse`'s earlier rows of ctx's prefill chunks to the device,
+        after the layer's host writes so far."""
+        self.prefill_reads.start(sparse, self.host_rows[sparse], ctx,
+                                 self._host_writes_event(self._offload_done[sparse]))
+
+    def _host_writes_event(self, done: Optional["_OffloadDone"]) -> Optional[torch.cuda.Event]:
+        """The event a read of the host pool outside a capture waits for after the write `done`
+        (None: nothing to wait for; a write recorded in a capture was joined into the capture
+        stream before it ended, so the stream orders it)."""
+        return None if done is None or done.captured else done.event
 
     def _write_hot(self, hot: torch.Tensor, rows: torch.Tensor, ctx: ForwardContext) -> None:
         """Copy new V (or K) rows [T, Hkv, D] that are sink positions or among the last `recent_window` of

@@ -222,6 +222,7 @@ class ModelRunner:
             hot_slots_list=plan.hot_slots,
             kv_cache=self.kv_cache,
             token_seqs=torch.from_numpy(token_seqs_np).to(dev),
+            block_tables_host=block_tables,
         )
         input_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=dev)
         last_rows = [query_start_loc[i + 1] - 1 for i in range(plan.num_seqs) if plan.sample[i]]

@@ -822,16 +822,6 @@ def gather_far_rows_zero_copy(v_host: torch.Tensor, block_tables: torch.Tensor, 
     return out
 
 
-def gather_context_zero_copy(v_host: torch.Tensor, block_table: torch.Tensor, length: int,
-                             grid: Optional[int] = None) -> torch.Tensor:
-    """One sequence's rows 0..length-1 of v_host [NB, Hkv, bs, D] (pinned host memory, read
-    through UVA by `_gather_kernel`, no host synchronisation) -> [Hkv, length, D] on
-    block_table's device; block_table [>= ceil(length / bs)] on the device. What a later prefill
-    chunk reads of its earlier chunks' V (`layers.paged_attention.gather_context` on the host)."""
-    idx = torch.arange(length, dtype=torch.int32, device=block_table.device).expand(v_host.shape[1], length)
-    return gather_far_rows_zero_copy(v_host, block_table.view(1, -1), idx, grid=grid)
-
-
 def far_row_ids(block_tables_cpu: torch.Tensor, idx_cpu: torch.Tensor, num_kv_heads: int,
                 block_size: int) -> torch.Tensor:
     """Host-side flat row ids into v_host.view(-1, D) of idx [B * Hkv, top_n] (-1 entries -> row 0)."""
