@@ -21,6 +21,11 @@ JSON holds them all, with the bulk H2D figure measured at the start of the same 
   order   B = 128 x 32K, top 256 and 1024: block tables as a random permutation of the pool (as in
           kernels.py), each sequence's blocks contiguous, and sequences contiguous but in random
           order; each gathered by (sequence, head) rows as the library does and in pool-address order.
+  warm    whether the copy engine can take the translation misses off the SMs: one row every 64 KiB
+          over 1 and 1.5 GiB read cold (after 8 GiB of other pieces), warm (read again), and after
+          a copy-engine "sweep" of the span (one 2D copy, cudaMemcpy2DAsync: 4, 64 or 256 bytes of
+          every 64 KiB piece); then the sweep and the cold gather each beside a 2 GiB device copy
+          on another stream (how much of each hides behind HBM-bound work).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -284,14 +290,111 @@ def part_concurrent(gpu_counts: list[int]) -> list[dict]:
     return runs
 
 
+PIECE_BYTES = 64 << 10  # the unit of the translations (part stride)
+
+
+def _cudart() -> ctypes.CDLL:
+    """The CUDA runtime torch loaded (for cudaMemcpy2DAsync, which torch does not expose)."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            rt = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError("no CUDA runtime library (libcudart.so) found")
+    rt.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                     ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    return rt
+
+
+def _timed_ms(fn, stream: torch.cuda.Stream) -> float:
+    """Device time of fn's work on `stream` (one call: a repeat would find the translations warm)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def part_warm(dev, reps: int = 5) -> dict:
+    pool = HostPool(12 * GIB, dev)
+    rows = pool.take((12 * GIB // ROW_BYTES, D), DT)
+    rt, main, side = _cudart(), torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+    sweep_out = torch.empty(2 * GIB // PIECE_BYTES * 256, dtype=torch.uint8, device=dev)
+
+    def gather_fn(start: int, span: int, grid: int = 264):
+        n = span // PIECE_BYTES
+        src = torch.arange(n, device=dev, dtype=torch.int64) * (PIECE_BYTES // ROW_BYTES) + start // ROW_BYTES
+        dst = torch.arange(n, device=dev, dtype=torch.int64)
+        out = torch.empty(n, D, dtype=DT, device=dev)
+        return lambda: _gather_rows[(grid,)](rows, src, dst, out, n, D=D, R=32, num_warps=4)
+
+    def sweep_fn(span: int, width: int):
+        def sweep():
+            err = rt.cudaMemcpy2DAsync(sweep_out.data_ptr(), width, rows.data_ptr(), PIECE_BYTES, width,
+                                       span // PIECE_BYTES, 1, torch.cuda.current_stream(dev).cuda_stream)
+            if err:
+                raise RuntimeError(f"cudaMemcpy2DAsync failed: cudaError {err}")
+        return sweep
+
+    evict = gather_fn(2 * GIB, 8 * GIB)
+
+    def cold(fn, stream=main) -> float:
+        evict()
+        torch.cuda.synchronize()
+        return _timed_ms(fn, stream)
+
+    result = {"spans": []}
+    for span in (GIB, 3 * GIB // 2):
+        gather = gather_fn(0, span)
+        gather()  # compiled
+        point = {"span_GiB": span / GIB, "pieces": span // PIECE_BYTES,
+                 "gather_cold_ms": [cold(gather) for _ in range(reps)],
+                 "gather_warm_ms": [_timed_ms(gather, main) for _ in range(reps)]}
+        for width in (4, 64, 256):
+            sweep, after = [], []
+            for _ in range(reps):
+                sweep.append(cold(sweep_fn(span, width), side))
+                after.append(_timed_ms(gather, main))
+            point[f"sweep{width}_ms"], point[f"gather_after_sweep{width}_ms"] = sweep, after
+        log(json.dumps({k: (statistics.median(v) if isinstance(v, list) else v) for k, v in point.items()}))
+        result["spans"].append(point)
+    x = torch.empty(2 * GIB, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    beside = {"hbm_copy_alone_ms": [_timed_ms(lambda: y.copy_(x), main) for _ in range(reps)]}
+    for name, fn in (("sweep64", sweep_fn(GIB, 64)), ("gather_cold", gather_fn(0, GIB, grid=132))):
+        alone, together = [], []
+        for _ in range(reps):
+            alone.append(cold(fn, side))
+            evict()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(main)
+            side.wait_event(start)
+            with torch.cuda.stream(side):
+                fn()
+            y.copy_(x)
+            main.wait_stream(side)
+            end.record(main)
+            torch.cuda.synchronize()
+            together.append(start.elapsed_time(end))
+        beside[f"{name}_alone_ms"], beside[f"hbm_copy_with_{name}_ms"] = alone, together
+    log(json.dumps({k: statistics.median(v) for k, v in beside.items()}))
+    result["beside_hbm_copy"] = beside
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default="fetch_footprint.json")
-    p.add_argument("--parts", default="stride,pools,order", help="of: stride, pools, order, concurrent")
+    p.add_argument("--parts", default="stride,pools,order", help="of: stride, pools, order, concurrent, warm")
     p.add_argument("--gpus", default="1,2,4", help="GPU counts of the concurrent part (GPUs 0 .. N-1)")
     args = p.parse_args()
     parts = args.parts.split(",")
-    unknown = sorted(set(parts) - {"stride", "pools", "order", "concurrent"})
+    unknown = sorted(set(parts) - {"stride", "pools", "order", "concurrent", "warm"})
     if unknown:
         p.error(f"unknown parts: {', '.join(unknown)}")
     out_path = args.out
@@ -306,6 +409,8 @@ def main() -> None:
         result["pools"] = part_pools(dev, h2d, gen)
     if "order" in parts:
         result["order"] = part_order(dev, h2d, gen)
+    if "warm" in parts:
+        result["warm"] = part_warm(dev)
     if "concurrent" in parts:
         counts = [int(n) for n in args.gpus.split(",")]
         if max(counts) > torch.cuda.device_count():
