@@ -21,9 +21,12 @@ every sparse layer's decode attention uses:
   the picked rows fetched with their V from host memory, sink and window K kept exact on the GPU;
   with `renormalize`, the default, the output is then the exact softmax over what was picked);
 - `fp8_qk_selection`: as `fp8_selection` with q rounded to e4m3 too for the selection (a scale
-  per query head and position): what a K pass taking an fp8 x fp8 dot would pick.
+  per query head and position): what a K pass taking an fp8 x fp8 dot would pick;
+- `fp8_far_values`: K as it is; the far picks weighed with V rounded to e4m3 (a scale per KV head
+  and position), as a host pool holding V in float8 would give them (half the bytes a miss
+  fetches and the host memory a token takes); sink and window V exact, as the device keeps them.
 
-Dense layers, the dense prefill and V are unchanged. Each variant's JSON lands in --out-dir
+Dense layers and the dense prefill are unchanged, and V in every variant but the last. Each variant's JSON lands in --out-dir
 (`fp8_keys_accuracy_<variant>.json`; a variant not in --variants is read from there when present),
 and a table of each setting's metrics relative to full attention per variant is printed and written
 to `fp8_keys_accuracy.json`.
@@ -46,7 +49,7 @@ DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024",
                          "--only", "top_n=256;top_n=1024", "--qa-questions", "50"]
 
 
-VARIANTS = ("model_keys", "fp8_keys", "fp8_selection", "fp8_qk_selection")
+VARIANTS = ("model_keys", "fp8_keys", "fp8_selection", "fp8_qk_selection", "fp8_far_values")
 
 
 def sparse_attention_with(variant: str):
@@ -63,6 +66,9 @@ def sparse_attention_with(variant: str):
         return lambda q, keys, values, *args, **kwargs: original(
             q, keys, values, *args,
             **{**kwargs, "selection_keys": fp8_rounded(keys), "selection_queries": fp8_rounded(q)})
+    if variant == "fp8_far_values":
+        return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
+                                                                 **{**kwargs, "far_values": fp8_rounded(values)})
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

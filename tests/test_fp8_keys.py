@@ -44,7 +44,7 @@ def test_unknown_variant_is_refused_with_the_known_ones():
     with pytest.raises(ValueError) as err:
         sparse_attention_with("fp8")
     assert str(err.value) == ("unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection, "
-                              "fp8_qk_selection")
+                              "fp8_qk_selection, fp8_far_values")
 
 
 def test_the_studys_variants_attend_as_the_emulation_does():
@@ -63,3 +63,5 @@ def test_the_studys_variants_attend_as_the_emulation_does():
     assert torch.equal(sparse_attention_with("fp8_qk_selection")(*args, selection_keys=None),
                        sparse_decode_attention(*args, selection_keys=fp8_rounded(keys),
                                                selection_queries=fp8_rounded(q)))
+    assert torch.equal(sparse_attention_with("fp8_far_values")(*args, selection_keys=None),
+                       sparse_decode_attention(*args, far_values=fp8_rounded(values)))

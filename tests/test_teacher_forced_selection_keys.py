@@ -1,6 +1,7 @@
 """`teacher_forced.sparse_decode_attention` with `selection_keys` (and `selection_queries`): another
 copy of K (of q) (fp8 ones in benchmarks/fp8_keys_accuracy.py) picks the far positions, the model's
-K and q weigh what is picked; and with `keep_picks`, which leaves some picks out of a step.
+K and q weigh what is picked; with `keep_picks`, which leaves some picks out of a step; and with
+`far_values`, the V the far picks are weighed with (sink and window keep the model's V).
 Checked against a per-position, per-head loop written from the definition, on fresh random inputs
 made so that the two copies of K pick differently."""
 
@@ -17,12 +18,13 @@ SCALE = HEAD_DIM ** -0.5
 KCACHE = KCacheConfig(mode="kcache", top_n=5, dense_layers=0, sink_tokens=2, recent_window=4)
 
 
-def by_definition(q, keys, values, selection_keys, scale, selection_queries=None, kept=lambda pick: True) -> torch.Tensor:
+def by_definition(q, keys, values, selection_keys, scale, selection_queries=None, kept=lambda pick: True,
+                  far_values=None) -> torch.Tensor:
     """Per query position and KV head: the far positions with the top_n largest max-over-group
     softmax probabilities of the selection K, with the sink and window; their exact-K softmax
     (renormalised over them) times V. q [T, Hq, D]; keys, values, selection_keys [Hkv, L, D];
     selection_queries [T, Hq, D], the q of the selection (default q); kept(position): whether a
-    pick is attended."""
+    pick is attended; far_values [Hkv, L, D], the V of the far picks (default values)."""
     selection_queries = q if selection_queries is None else selection_queries
     out = torch.empty(q.shape, dtype=torch.float64)
     for i in range(NUM_TOKENS):
@@ -39,7 +41,10 @@ def by_definition(q, keys, values, selection_keys, scale, selection_queries=None
             picks = picks[[kept(int(p)) for p in picks]]
             chosen = torch.cat([torch.arange(sink_end), picks, torch.arange(window_start, seq_len)])
             weights = torch.softmax(qh @ keys[h, chosen].double().T, -1)  # [G, chosen]
-            out[i, heads] = weights @ values[h, chosen].double()
+            chosen_values = values[h, chosen].double()
+            if far_values is not None:
+                chosen_values[sink_end:sink_end + len(picks)] = far_values[h, picks].double()
+            out[i, heads] = weights @ chosen_values
     return out
 
 
@@ -106,3 +111,16 @@ def test_keep_picks_leaves_picks_out_of_the_step():
                                          keep_picks=lambda first, top, counts: torch.ones_like(top, dtype=torch.bool))
     assert torch.equal(everything, sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE))
     assert not torch.allclose(out, everything, atol=1e-3), f"seed {seed}: leaving odd picks out changed nothing"
+
+
+def test_far_values_weigh_only_the_far_picks():
+    seed, g, q, keys, values = random_inputs()
+    far_values = values + 0.5 * torch.randn(values.shape, generator=g)  # e.g. V as a rounded host copy holds it
+
+    out = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE, far_values=far_values)
+    torch.testing.assert_close(out.double(), by_definition(q, keys, values, keys, SCALE, far_values=far_values),
+                               rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    own = sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE)
+    torch.testing.assert_close(sparse_decode_attention(q, keys, values, START, KCACHE, top_n_at, SCALE,
+                                                       far_values=values), own, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out, own, atol=1e-3), f"seed {seed}: the far values changed nothing"

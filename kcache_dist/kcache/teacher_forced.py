@@ -108,7 +108,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
                             on_select: Optional[SelectionObserver] = None,
                             selection_keys: Optional[torch.Tensor] = None,
                             selection_queries: Optional[torch.Tensor] = None,
-                            keep_picks: Optional[PickFilter] = None) -> torch.Tensor:
+                            keep_picks: Optional[PickFilter] = None,
+                            far_values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KCache decode attention of T consecutive positions start .. start+T-1, each over its own context.
 
     q [T, Hq, D]; keys, values [Hkv, L, D] with L >= start + T (entries past a position are masked).
@@ -123,6 +124,8 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     it picks still come from `keys`. `selection_queries` [T, Hq, D], when given, are the q the
     selection scores with (q rounded as a low-precision dot would take it); the weights use `q`.
     `keep_picks`, when given, says which far picks each step attends to (`PickFilter`).
+    `far_values` [Hkv, >= start + T, D], when given, are the V the far picks are weighed with (the
+    host pool's copy of V, say, when it is stored rounded); sink and window rows use `values`.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[0]
@@ -131,6 +134,7 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     keys_t = keys[:, :end].float().transpose(1, 2)  # [Hkv, D, L]
     selection_keys_t = None if selection_keys is None else selection_keys[:, :end].float().transpose(1, 2)
     values = values[:, :end].float()
+    far_values = None if far_values is None else far_values[:, :end].float()
     out = torch.empty_like(q)
     rows_per_chunk = max(1, max_scores_per_chunk // (num_heads * end))
     key_pos = torch.arange(end, device=q.device)
@@ -183,10 +187,16 @@ def sparse_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
             if keep_picks is not None:
                 keep = keep & keep_picks(start + lo, top, counts)
             selected.scatter_(-1, top, keep)
+        far_picks = selected.clone() if far_values is not None else None
         selected[..., :sink_cols] |= key_pos[None, :sink_cols] < sink_end[:, None]
         selected[..., tail:] |= (tail_pos[None, :] >= window_start[:, None]) & ~future
         probs.mul_(selected[:, None])
-        attended = torch.bmm(probs.view(num_kv_heads, group * t, end), values)  # [Hkv, G * t, D]
+        if far_values is None:
+            attended = torch.bmm(probs.view(num_kv_heads, group * t, end), values)  # [Hkv, G * t, D]
+        else:  # sink and window rows with values, far picks with far_values
+            far_probs = probs * far_picks[:, None]
+            attended = (torch.bmm((probs - far_probs).view(num_kv_heads, group * t, end), values)
+                        + torch.bmm(far_probs.view(num_kv_heads, group * t, end), far_values))
         if kcache.renormalize:
             attended.div_(probs.sum(-1).view(num_kv_heads, group * t, 1))
         out[lo:hi] = attended.view(num_kv_heads, group, t, head_dim).permute(2, 0, 1, 3).reshape(
