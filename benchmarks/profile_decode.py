@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from kcache_dist.config import (SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
+from kcache_dist.config import (HOST_VALUES, SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
                                parse_host_memory_gb)
 from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "8K: benchmarks/notes/selection_reuse.md)")
     p.add_argument("--scoring-keys", default=KCacheConfig().scoring_keys, choices=list(SCORING_KEYS),
                    help="KCacheConfig.scoring_keys of the kcache mode")
+    p.add_argument("--host-values", default=KCacheConfig().host_values, choices=list(HOST_VALUES),
+                   help="KCacheConfig.host_values of the kcache mode")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--two-shot-all-reduce", action=argparse.BooleanOptionalAction, default=False,
                    help="under tensor parallelism, also time the CUDA-graph steps with the two-shot all-reduce "
@@ -188,7 +190,8 @@ def graph_path(runner, micro_batches: int, own_graphs: bool):
 
 def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
     kcache = (KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers,
-                           row_cache_factor=args.row_cache_factor, scoring_keys=args.scoring_keys)
+                           row_cache_factor=args.row_cache_factor, scoring_keys=args.scoring_keys,
+                           host_values=args.host_values)
               if mode == "kcache" else KCacheConfig(mode="full"))
     engine = LLMEngine(EngineConfig(model=model_dir, dtype=args.dtype, max_model_len=args.context,
                                     max_num_seqs=batch, gpu_memory_utilization=args.gpu_memory_utilization,

@@ -62,8 +62,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from kcache_dist.cache.decode_traffic import DecodeStepBytes, decode_step_bytes  # noqa: E402
-from kcache_dist.config import (ALL_REDUCES, SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
-                               parse_host_memory_gb)
+from kcache_dist.config import (ALL_REDUCES, HOST_VALUES, SCORING_KEYS, EngineConfig, KCacheConfig,  # noqa: E402
+                               ParallelConfig, parse_host_memory_gb)
 from kcache_dist.engine.llm_engine import LLMEngine, resolve_device_type  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.models.named_shapes import NAMED_SHAPES, write_shape_dir  # noqa: E402
@@ -136,6 +136,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "roofline's PCIe bytes are its misses")
     p.add_argument("--scoring-keys", default=kcache_defaults.scoring_keys, choices=list(SCORING_KEYS),
                    help="KCacheConfig.scoring_keys")
+    p.add_argument("--host-values", default=kcache_defaults.host_values, choices=list(HOST_VALUES),
+                   help="KCacheConfig.host_values")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="buffer of the bandwidth measurements (default 1024 on CUDA, 64 on CPU)")
     p.add_argument("--collective-timeout-s", type=float, default=600.0)
@@ -171,7 +173,7 @@ def kcache_knobs(args: argparse.Namespace) -> KCacheConfig:
     return KCacheConfig(mode="kcache", top_n=args.top_n, dense_layers=args.dense_layers, sink_tokens=args.sink_tokens,
                         recent_window=args.recent_window, renormalize=args.renormalize,
                         group_reduce=args.group_reduce, row_cache_factor=args.row_cache_factor,
-                        scoring_keys=args.scoring_keys)
+                        scoring_keys=args.scoring_keys, host_values=args.host_values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +416,8 @@ def decode_sweep(engine: LLMEngine, sizes: list[int], context: int, args: argpar
     fill_s = time.perf_counter() - t0
     geometry, spec = engine.runner.cache_plan.geometry, _selection_spec(engine.config.kcache)
     weight_bytes = weight_bytes_per_decode_step(engine.runner.model)
-    # a fetched far row per KV head: V, or K | V with fp8 scoring keys
-    bytes_per_fetched_row = geometry.host_rows_per_token * engine.model_config.head_dim * engine.dtype.itemsize
+    # a fetched far row per KV head: V (float8 with fp8 host values), or K | V with fp8 scoring keys
+    bytes_per_fetched_row = geometry.host_row_bytes // geometry.num_kv_heads
     hbm_Bps, h2d_Bps = bandwidth["hbm_copy_GBps"] * GB, bandwidth["h2d_GBps"] * GB
     plan = engine.runner.cache_plan
     points = []

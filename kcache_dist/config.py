@@ -29,6 +29,7 @@ KCACHE_MODES = ("full", "kcache")
 LOAD_FORMATS = ("safetensors", "random")
 GROUP_REDUCES = ("max", "sum")
 SCORING_KEYS = ("model", "fp8")
+HOST_VALUES = ("model", "fp8")  # KCacheConfig.host_values
 ALL_REDUCES = ("nccl", "two_shot")  # ParallelConfig.all_reduce
 
 # The far-row cache by default on CUDA: 2 x top_n rows held 89% of a step's picks on the default
@@ -82,6 +83,12 @@ class KCacheConfig:
     2 x head_dim to head_dim + 4 (bf16); a miss fetches twice the bytes. Needs renormalize
     (benchmarks/notes/accuracy.md, "Study: K in fp8": no accuracy lost on the default model; on the
     GPU not yet faster than "model": benchmarks/notes/throughput.md).
+    host_values: how a sparse layer's V rows are kept in host memory (the far rows a decode step
+    fetches). "model" (default): in the model's dtype. "fp8": float8 e4m3 with a float32 scale per
+    (position, KV head) kept in device memory; the sink and window rows stay exact on the device, so
+    only the far picks are weighed with rounded V (benchmarks/notes/accuracy.md, "The far V in fp8":
+    no accuracy lost on the default model). Half the host memory of V and half the bytes of every
+    fetched row (and of the row cache's rows). Not with scoring_keys="fp8" yet.
     """
 
     mode: str = "full"
@@ -93,11 +100,17 @@ class KCacheConfig:
     group_reduce: str = "max"
     row_cache_factor: Optional[float] = None
     scoring_keys: str = "model"
+    host_values: str = "model"
 
     @property
     def fp8_scoring_keys(self) -> bool:
         """Whether the sparse layers pick with float8 K (and keep the exact K in host memory)."""
         return self.mode == "kcache" and self.scoring_keys == "fp8"
+
+    @property
+    def fp8_host_values(self) -> bool:
+        """Whether the sparse layers keep their V in host memory as float8 (scales on the device)."""
+        return self.mode == "kcache" and self.host_values == "fp8"
 
     @property
     def host_rows_per_position(self) -> int:
@@ -135,6 +148,10 @@ class KCacheConfig:
         _require(factor is None or (is_number(factor) and (factor == 0 or factor >= 1)), "kcache.row_cache_factor",
                  factor, f"null ({GPU_ROW_CACHE_FACTOR:g} on CUDA, 0 on CPU), 0 (no row cache) or a number >= 1")
         _require(self.scoring_keys in SCORING_KEYS, "kcache.scoring_keys", self.scoring_keys, " | ".join(SCORING_KEYS))
+        _require(self.host_values in HOST_VALUES, "kcache.host_values", self.host_values, " | ".join(HOST_VALUES))
+        if self.host_values == "fp8" and self.scoring_keys == "fp8":
+            raise ValueError("kcache.host_values='fp8' does not combine with kcache.scoring_keys='fp8' yet: "
+                             "choose one of them")
         if self.scoring_keys == "fp8" and not self.renormalize:
             raise ValueError("kcache.scoring_keys='fp8' needs kcache.renormalize=true: the picked positions are "
                              "weighed by their exact K, which the positions not picked have only in host memory")

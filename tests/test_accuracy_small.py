@@ -101,6 +101,17 @@ def test_fp8_scoring_keys_emulation_equals_engine_decode(default_model_dir, text
     check_emulation_equals_engine(llm, fp8, text_ids, monkeypatch, other=SMALL_BUDGET)
 
 
+def test_fp8_host_values_emulation_equals_engine_decode(default_model_dir, text_ids, monkeypatch):
+    """host_values="fp8": the engine keeps the sparse layers' V in host memory as float8 with
+    device scales and weighs the far picks with them, as the emulation's `far_values` does; exact V
+    differs."""
+    fp8 = dataclasses.replace(SMALL_BUDGET, host_values="fp8")
+    llm = LLM(device="cpu", kcache=fp8, max_model_len=2048)
+    kv_cache = llm.engine.runner.kv_cache
+    assert kv_cache.host_rows[0].dtype == torch.float8_e4m3fn and len(kv_cache.v_scales) == len(kv_cache.host_rows)
+    check_emulation_equals_engine(llm, fp8, text_ids, monkeypatch, other=SMALL_BUDGET)
+
+
 def test_emulated_greedy_equals_engine_greedy(engine_llm, text_ids):
     prompt, num_tokens = text_ids[:200], 16
     engine_tokens = engine_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=num_tokens,

@@ -82,6 +82,9 @@ def test_unknown_config_keys():
     ({"kcache": {"scoring_keys": "fp8", "renormalize": False}},
      "kcache.scoring_keys='fp8' needs kcache.renormalize=true: the picked positions are weighed by their exact K, "
      "which the positions not picked have only in host memory$"),
+    ({"kcache": {"host_values": "int8"}}, "invalid value for 'kcache.host_values': 'int8'; allowed: model | fp8"),
+    ({"kcache": {"host_values": "fp8", "scoring_keys": "fp8"}},
+     "kcache.host_values='fp8' does not combine with kcache.scoring_keys='fp8' yet: choose one of them$"),
     ({"gpu_memory_utilization": 1.5}, r"invalid value for 'gpu_memory_utilization': 1.5; allowed: a number in \(0, 1\]"),
     ({"max_num_seqs": 0}, "invalid value for 'max_num_seqs': 0; allowed: an integer >= 1"),
     ({"parallel": {"tensor_parallel_size": "2"}},
@@ -187,3 +190,6 @@ def test_scoring_keys_flag(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--scoring-keys", "int8"])
     assert "argument --scoring-keys: invalid choice: 'int8' (choose from 'model', 'fp8')" in capsys.readouterr().err
+    args = parser.parse_args(["--kcache-mode", "kcache", "--host-values", "fp8"])
+    assert engine_config_from_args(args).kcache.host_values == "fp8"
+    assert engine_config_from_args(parser.parse_args([])).kcache.host_values == "model"

@@ -55,6 +55,22 @@ def test_fp8_scoring_keys_on_cuda_equal_full_mode(fixture, request):
         assert cache.v_rows_fetched > 0
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_fp8_host_values_on_cuda_equal_the_cpu_engine(fixture, request):
+    """host_values="fp8" on CUDA (float8 V rows in the pinned pool, scales on the device, the Triton
+    kernels) gives the greedy tokens of the CPU engine (the torch reference) with the same setting,
+    float32, with and without the row cache, and through chunked prefill."""
+    model_dir = request.getfixturevalue(fixture)
+    fp8 = dataclasses.replace(COVERING, host_values="fp8")
+    for kcache, extra in ((fp8, {}), (dataclasses.replace(fp8, row_cache_factor=0), {}),
+                          (fp8, dict(block_size=8, num_kv_blocks=14, max_model_len=112, max_num_batched_tokens=7))):
+        on_cpu = token_ids(LLM(model=model_dir, dtype="float32", device="cpu", kcache=kcache, **extra)
+                           .generate(PROMPTS, GREEDY))
+        llm = LLM(model=model_dir, dtype="float32", device="cuda", kcache=kcache, **extra)
+        assert llm.engine.runner.kv_cache.host_rows[0].dtype == torch.float8_e4m3fn
+        assert token_ids(llm.generate(PROMPTS, GREEDY)) == on_cpu, (kcache, extra)
+
+
 def test_kcache_chunked_prefill_and_preemption_on_cuda(tiny_llama_dir):
     full = token_ids(LLM(model=tiny_llama_dir, dtype="float32", device="cuda").generate(PROMPTS, GREEDY))
     llm = LLM(model=tiny_llama_dir, dtype="float32", device="cuda", kcache=COVERING, block_size=8,

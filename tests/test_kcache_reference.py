@@ -120,6 +120,31 @@ def test_fp8_scoring_reference_matches_the_definition(group, spec):
         assert torch.equal(cached, out)
 
 
+@pytest.mark.parametrize("spec", [
+    SelectionSpec(top_n=5, sink_tokens=2, recent_window=6, renormalize=True, group_reduce="max"),
+    SelectionSpec(top_n=9, sink_tokens=0, recent_window=3, renormalize=False, group_reduce="sum"),
+])
+def test_fp8_host_values_weigh_the_far_picks_with_rounded_v(spec):
+    """host_values="fp8": the far rows are the pool's float8 rows times their scales, as an exact
+    reference given those rounded rows computes it (sink and window rows exact); with a row cache of
+    float8 rows the same; and the rounding does change the output."""
+    seq_lens = [1, 7, 19, 40, 33]
+    seed = fresh_seed()
+    q, k_pool, v_pool, v_hot, tables, slots, dense_k, dense_v = paged_inputs(5, 2, 3, 16, seq_lens, 4, spec, seed=seed)
+    v_fp8, v_scales = quantize_rows(v_pool)
+    out = kcache_decode_reference(q, k_pool, v_fp8, v_hot, tables, seq_lens, slots, spec, 0.25, v_scales=v_scales)
+    rounded = kcache_decode_reference(q, k_pool, fp8_rounded(v_pool), v_hot, tables, seq_lens, slots, spec, 0.25)
+    torch.testing.assert_close(out, rounded, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+    exact = kcache_decode_reference(q, k_pool, v_pool, v_hot, tables, seq_lens, slots, spec, 0.25)
+    assert not torch.allclose(out, exact, atol=1e-4), f"seed {seed}: rounding V changed nothing"
+    cache = FarRowCache(1, len(slots) + 2, 2, 2 * spec.top_n, max(seq_lens), 16, torch.float8_e4m3fn,
+                        torch.device("cpu"))
+    for _ in range(2):  # the second call hits every far row
+        cached = kcache_decode_reference(q, k_pool, v_fp8, v_hot, tables, seq_lens, slots, spec, 0.25,
+                                         row_cache=cache.layer(0), v_scales=v_scales)
+        assert torch.equal(cached, out)
+
+
 def test_fp8_scoring_keys_pick_what_the_float8_copy_ranks_first():
     """Two far keys whose order float8 reverses: position 3 = [17, 448, 0...] scores 17 exactly and
     16 in e4m3 (scale 1: 17 is a tie between 16 and 18, rounded to even); position 6 = [16.6, 460,

@@ -258,6 +258,35 @@ def test_kcache_decode_dispatches_to_triton():
     assert out.is_cuda and relative_error(out.cpu(), ref) < TOL[torch.float16], seed
 
 
+@cuda
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_fp8_host_values_triton_matches_reference(case):
+    """fp8 host values on the GPU: float8 V rows from pinned host memory (directly and through a
+    row cache of float8 rows), each pick multiplied by its device scale; against the torch reference."""
+    from kcache_dist.kcache.fp8_keys import quantize_rows
+    from kcache_dist.kcache.row_cache import FarRowCache
+    from kcache_dist.kcache.triton_kcache import kcache_decode_triton
+
+    batch, hkv, group, head_dim, lens, bs, spec, dtype = case
+    seed = fresh_seed()
+    q, k_pool, v_pool, v_hot, tables, slots, _, _ = paged_inputs(batch, hkv, group, head_dim, lens, bs, spec, dtype,
+                                                                  seed=seed)
+    v_fp8, v_scales = quantize_rows(v_pool)
+    scale = head_dim ** -0.5
+    ref = kcache_decode_reference(q, k_pool, v_fp8, v_hot, tables, lens, slots, spec, scale, v_scales=v_scales)
+    dev = torch.device("cuda")
+    args = (q.to(dev), k_pool.to(dev), v_fp8.pin_memory(), v_hot.to(dev), tables.to(dev),
+            torch.tensor(lens, device=dev), torch.tensor(slots, device=dev), spec, scale)
+    cache = FarRowCache(1, max(slots) + 1, hkv, 2 * spec.top_n, max(lens), head_dim, torch.float8_e4m3fn, dev)
+    for row_cache in (None, cache.layer(0), cache.layer(0)):
+        out = torch.full_like(args[0], float("nan"))
+        kcache_decode_triton(*args, out=out, row_cache=row_cache, v_scales=v_scales.to(dev))
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"NaN in output (seed {seed})"
+        err = relative_error(out.cpu(), ref)
+        assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, row cache {row_cache is not None})"
+
+
 FP8_CASES = [c for c in CASES if c[6].renormalize]
 
 
@@ -430,6 +459,42 @@ FP8_SCRIPT = textwrap.dedent("""
     assert torch.equal(out, torch.full((1, 1, 16), 6.0)), out
     print("interpreter ok")
 """)
+
+
+FP8_VALUES_SCRIPT = textwrap.dedent("""
+    import torch
+    from test_kcache_reference import paged_inputs
+    from kcache_dist.kcache.fp8_keys import quantize_rows
+    from kcache_dist.kcache.reference import kcache_decode_reference
+    from kcache_dist.kcache.row_cache import FarRowCache
+    from kcache_dist.kcache.selection import SelectionSpec
+    from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton
+    seed = {seed}
+    cases = [(3, 2, 2, 16, [70, 9, 130], 8, SelectionSpec(5, 2, 6, True, "max")),  # (b, hkv, g, d, lens, bs, spec)
+             (2, 1, 4, 16, [60, 1], 4, SelectionSpec(3, 4, 0, False, "sum"))]
+    for i, (b, hkv, g, d, lens, bs, spec) in enumerate(cases):
+        q, kp, vp, vh, bt, slots, _, _ = paged_inputs(b, hkv, g, d, lens, bs, spec, torch.float32, seed=seed + i)
+        v8, vs = quantize_rows(vp)
+        ref = kcache_decode_reference(q, kp, v8, vh, bt, lens, slots, spec, d ** -0.5, v_scales=vs)
+        cfg = KPassConfig(split=32, block_n=16, sel_tile=16, key_tile=32, scratch_extra=64, select_warps=4)
+        cache = FarRowCache(1, max(slots) + 1, hkv, 2 * spec.top_n, max(lens), d, torch.float8_e4m3fn,
+                            torch.device("cpu"))
+        for row_cache in (None, cache.layer(0), cache.layer(0)):
+            out = torch.full_like(q, float("nan"))
+            kcache_decode_triton(q, kp, v8, vh, bt, torch.tensor(lens), torch.tensor(slots), spec, d ** -0.5,
+                                 cfg=cfg, out=out, row_cache=row_cache, v_scales=vs)
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert not out.isnan().any() and err < 1e-5, (i, row_cache is not None, err)
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_fp8_host_values_kernels_under_interpreter():
+    """float8 far rows (directly and through a row cache of float8 rows) times their scales give the
+    fp8 host values reference's output."""
+    seed = fresh_seed()
+    run_under_triton_interpreter(FP8_VALUES_SCRIPT.format(seed=seed), seed, timeout_s=180)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

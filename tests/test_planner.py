@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kcache_dist.cache import memory_facts
+from kcache_dist.cache.decode_traffic import decode_step_bytes
 from kcache_dist.cache.full_kv_cache import FullKVCache
 from kcache_dist.cache.kcache_kv_cache import KCacheKVCache
 from kcache_dist.cache.planner import (BINDS_FIXED, BINDS_GPU, BINDS_HOST, BINDS_MEMLOCK, BINDS_SEQS_X_LEN, GIB,
@@ -400,20 +401,23 @@ def test_agree_rejects_incomplete_or_mismatched_plans():
 
 
 @pytest.mark.parametrize("kv_heads, block_size, num_blocks", [(8, 16, 7), (1, 16, 3), (3, 5, 11)])
-@pytest.mark.parametrize("scoring_keys, row_cache_factor", [("model", 0), ("model", 1.5), ("fp8", 0), ("fp8", 2)])
-def test_geometry_matches_what_the_caches_allocate(kv_heads, block_size, num_blocks, scoring_keys, row_cache_factor):
+@pytest.mark.parametrize("scoring_keys, row_cache_factor, host_values", [
+    ("model", 0, "model"), ("model", 1.5, "model"), ("fp8", 0, "model"), ("fp8", 2, "model"), ("model", 0, "fp8"),
+    ("model", 2, "fp8")])
+def test_geometry_matches_what_the_caches_allocate(kv_heads, block_size, num_blocks, scoring_keys, row_cache_factor,
+                                                   host_values):
     """The planner's bytes equal the tensors the caches really allocate (small head_dim and layer
     counts keep the CPU allocation small; the arithmetic is the same)."""
     layers, dense, head_dim, num_seqs, max_len = 6, 2, 16, 3, 40
     config = EngineConfig(block_size=block_size, kcache=KCacheConfig(
         mode="kcache", top_n=8, dense_layers=dense, sink_tokens=2, recent_window=5, scoring_keys=scoring_keys,
-        row_cache_factor=row_cache_factor))
+        row_cache_factor=row_cache_factor, host_values=host_values))
     geometry = CacheGeometry.from_engine_config(config, layers, kv_heads, head_dim, 4, max_model_len=max_len)
     kc = config.kcache
     spec = SelectionSpec(kc.top_n, kc.sink_tokens, kc.recent_window, kc.renormalize, kc.group_reduce)
     cache = KCacheKVCache(layers, dense, num_blocks, num_seqs, kv_heads, block_size, head_dim, spec, torch.float32,
                           torch.device("cpu"), row_cache_rows=kc.row_cache_rows, max_model_len=max_len,
-                          fp8_scoring_keys=kc.fp8_scoring_keys)
+                          fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values)
     assert cache.device_bytes() == geometry.gpu_cache_bytes(num_blocks, num_seqs)
     assert cache.host_pool.num_bytes == geometry.host_pool_bytes(num_blocks)
     assert sum(t.numel() * t.element_size() for t in cache.host_rows) == \
@@ -438,6 +442,24 @@ def test_fp8_scoring_keys_bytes_by_hand():
     assert fp8.hot_gpu_bytes(3) == 2 * model.hot_gpu_bytes(3) == 4 * 24 * 132 * 2 * 2048
     assert fp8.describe_per_token() == ("GPU 58112 B (K of 8 dense layers, fp8 K of 24 sparse layers + V of 8 "
                                         "dense layers), host 98304 B (K and V of 24 sparse layers)")
+
+
+def test_fp8_host_values_bytes_by_hand():
+    """Llama-3-8B on one rank, bf16, 8 dense layers, host_values="fp8": the host keeps one byte per
+    V element of the 24 sparse layers (24 x 8 x 128 B), the GPU their scales (24 x 8 x 4 B) beside
+    the K of every layer and the V of the dense layers; the hot rows stay in bf16; a far row fetched
+    is 1024 B instead of 2048 (`decode_traffic`)."""
+    fp8 = CacheGeometry("kcache", 32, 8, 8, 128, 2, 256, hot_rows=132, fp8_host_values=True)
+    model = dataclasses.replace(fp8, fp8_host_values=False)
+    assert fp8.gpu_bytes_per_token == model.gpu_bytes_per_token + 24 * 8 * 4 == 81920 + 768
+    assert fp8.host_bytes_per_token == model.host_bytes_per_token // 2 == 24 * 8 * 128 == 24576
+    assert fp8.hot_gpu_bytes(3) == model.hot_gpu_bytes(3)
+    assert fp8.describe_per_token() == ("GPU 82688 B (K of 32 layers + V of 8 dense layers + scales of the fp8 V of "
+                                        "24 sparse layers), host 24576 B (fp8 V of 24 sparse layers)")
+    spec = SelectionSpec(1024, 4, 128, True, "max")
+    fetched, exact = (decode_step_bytes(g, 0, [8192], spec) for g in (fp8, model))
+    assert fetched.far_v_bytes == exact.far_v_bytes // 2 == 24 * 1024 * 1024
+    assert (fetched.hot_v_bytes, fetched.k_bytes) == (exact.hot_v_bytes, exact.k_bytes)
 
 
 def test_inputs_from_engine_config_and_their_checks():

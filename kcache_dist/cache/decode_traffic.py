@@ -13,7 +13,8 @@ A decode step reads, on each rank:
 
 and with fp8 scoring keys (`CacheGeometry.fp8_scoring_keys`) a sparse layer's K is read as float8
 and a scale per KV head (`sparse_k_bytes_per_token`), the sink + window rows as K and V, and the far
-rows fetched as K | V (2 rows each);
+rows fetched as K | V (2 rows each); with fp8 host values (`CacheGeometry.fp8_host_values`) a far
+V row is one byte an element (its scale, 4 bytes per KV head read from HBM, is left out);
 with a row = one token of one layer's K or V on this rank (num_kv_heads x head_dim x dtype bytes),
 hot(L) = the sink and window positions of L, far(L) = the others (`SelectionSpec.split`). This is
 the ideal: each byte read once; scores, the selection's scratch, the fetched rows' second read from
@@ -82,11 +83,12 @@ def decode_step_bytes(geometry: CacheGeometry, weight_bytes: int, seq_lens: Sequ
         return DecodeStepBytes(weight_bytes, k, geometry.num_layers * total_len * row, 0, 0)
     sparse = geometry.num_sparse_layers
     k = total_len * (geometry.dense_layers * row + sparse * geometry.sparse_k_bytes_per_token)
-    host_row = geometry.host_rows_per_token * row  # a hot or far row: V, or K | V
+    hot_row = geometry.host_rows_per_token * row  # V, or K | V, in the model's dtype on the device
+    far_row = geometry.host_row_bytes  # as the host pool holds it
     hot_rows = far_rows = 0
     for length in seq_lens:
         sink_end, window_start = spec.split(length)
         hot_rows += sink_end + (length - window_start)
         far_rows += min(spec.top_n, window_start - sink_end)
     return DecodeStepBytes(weight_bytes=weight_bytes, k_bytes=k, dense_v_bytes=geometry.dense_layers * total_len * row,
-                           hot_v_bytes=sparse * hot_rows * host_row, far_v_bytes=sparse * far_rows * host_row)
+                           hot_v_bytes=sparse * hot_rows * hot_row, far_v_bytes=sparse * far_rows * far_row)

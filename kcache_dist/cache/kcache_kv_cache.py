@@ -23,6 +23,12 @@ The float8 K only scores and picks; the picked, sink and window positions are we
 K (`kcache/decode.py`: the torch reference or the Triton kernels). A prefill reads its earlier
 chunks' exact K back from the host pool with their V.
 
+With fp8 host values (`KCacheConfig.host_values="fp8"`) a sparse layer's host rows are V as float8
+e4m3 (`kcache/fp8_keys.quantize_rows`: a float32 scale per position and KV head, kept in device
+memory as v scales [num_blocks, Hkv, bs]), and so are the row cache's rows; v hot keeps the exact
+V of the sink and window. The far picks and a prefill's earlier chunks are weighed with the rows
+multiplied back by their scales.
+
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
 it on the GPU (the decode's fetch, and the copy of a prefill chunk's earlier rows). A decode-only
@@ -40,7 +46,7 @@ import torch
 
 from ..forward_context import ForwardContext
 from ..kcache.decode import far_rows_fetched, kcache_decode
-from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, quantize_rows
+from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, dequantize_rows, quantize_rows
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
@@ -54,17 +60,23 @@ from .store_rows import store_rows
 class KCacheKVCache:
     def __init__(self, num_layers: int, dense_layers: int, num_blocks: int, num_slots: int, num_kv_heads: int,
                  block_size: int, head_dim: int, spec: SelectionSpec, dtype: torch.dtype, device: torch.device,
-                 row_cache_rows: int = 0, max_model_len: int = 0, fp8_scoring_keys: bool = False):
+                 row_cache_rows: int = 0, max_model_len: int = 0, fp8_scoring_keys: bool = False,
+                 fp8_host_values: bool = False):
         self.dense_layers = dense_layers
         self.spec = spec
         self.device = device
         self.head_dim = head_dim
         self.fp8_scoring_keys = fp8_scoring_keys
+        self.fp8_host_values = fp8_host_values
         block_shape = (num_blocks, num_kv_heads, block_size, head_dim)
         num_sparse = num_layers - dense_layers
         host_shape = (*block_shape[:3], host_rows_per_position(fp8_scoring_keys) * head_dim)  # V, or K | V
-        self.host_pool = HostPool(HostPool.bytes_for([host_shape] * num_sparse, dtype), device)  # most likely to fail
-        self.host_rows = [self.host_pool.take(host_shape, dtype) for _ in range(num_sparse)]
+        host_dtype = FP8_DTYPE if fp8_host_values else dtype
+        # the host pool first: the allocation most likely to fail
+        self.host_pool = HostPool(HostPool.bytes_for([host_shape] * num_sparse, host_dtype), device)
+        self.host_rows = [self.host_pool.take(host_shape, host_dtype) for _ in range(num_sparse)]
+        self.v_scales = ([torch.empty(block_shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(num_sparse)]
+                         if fp8_host_values else [])
         sparse_k_dtype = FP8_DTYPE if fp8_scoring_keys else dtype
         self.k_caches = [torch.empty(block_shape, dtype=dtype if layer < dense_layers else sparse_k_dtype,
                                      device=device) for layer in range(num_layers)]
@@ -78,7 +90,7 @@ class KCacheKVCache:
         self.k_hot = ([torch.empty(hot_shape, dtype=dtype, device=device) for _ in range(num_sparse)]
                       if fp8_scoring_keys else [])
         self.row_cache = (FarRowCache(num_sparse, num_slots + 1, num_kv_heads, row_cache_rows, max_model_len,
-                                      host_shape[-1], dtype, device) if row_cache_rows else None)
+                                      host_shape[-1], host_dtype, device) if row_cache_rows else None)
         self._far_rows_counted = 0  # without a row cache: far V rows the decode steps read (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
@@ -86,7 +98,7 @@ class KCacheKVCache:
 
     def device_bytes(self) -> int:
         """Device memory of the cache's tensors (blocks, hot rows, row cache), as the planner counts it."""
-        tensors = [*self.k_caches, *self.k_scales, *self.dense_v_caches, *self.v_hot, *self.k_hot]
+        tensors = [*self.k_caches, *self.k_scales, *self.v_scales, *self.dense_v_caches, *self.v_hot, *self.k_hot]
         if self.row_cache is not None:
             tensors += self.row_cache.tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -114,7 +126,11 @@ class KCacheKVCache:
             else:
                 self._write_hot(hot, rows, ctx)
         earlier_writes = self._offload_done[sparse]
-        self._offload(sparse, torch.cat([k, v], dim=-1) if fp8 else v, ctx.slot_mapping)
+        host_v = v
+        if self.fp8_host_values:
+            host_v, v_scale = quantize_rows(v)
+            store_rows(self.v_scales[sparse][..., None], v_scale[..., None], ctx.slot_mapping)
+        self._offload(sparse, torch.cat([k, v], dim=-1) if fp8 else host_v, ctx.slot_mapping)
         out = torch.empty_like(q)
         nd = ctx.num_decodes
         if nd:
@@ -126,13 +142,19 @@ class KCacheKVCache:
                                      self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
                                      row_cache=self.row_cache.layer(sparse) if self.row_cache else None,
                                      k_scales=self.k_scales[sparse] if fp8 else None,
-                                     k_hot=self.k_hot[sparse] if fp8 else None)
+                                     k_hot=self.k_hot[sparse] if fp8 else None,
+                                     v_scales=self.v_scales[sparse] if self.fp8_host_values else None)
         earlier_rows = ({} if ctx.decode_only else
                         self.prefill_reads.take(sparse, host_rows, ctx, self._host_writes_event(earlier_writes)))
         for i in range(nd, ctx.num_seqs):
             start, end = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             length, table = ctx.seq_lens_list[i], ctx.block_tables[i]
-            earlier = earlier_rows.get(i, v.new_empty(v.shape[1], 0, host_rows.shape[-1]))  # later chunks only
+            earlier = earlier_rows.get(i)  # later chunks only
+            if earlier is None:
+                earlier = v.new_empty(v.shape[1], 0, host_rows.shape[-1])
+            elif self.fp8_host_values:
+                scales = gather_context(self.v_scales[sparse][..., None], table, earlier.shape[1])[..., 0]
+                earlier = dequantize_rows(earlier, scales).to(v.dtype)
             earlier_k, earlier_v = earlier.split(self.head_dim, -1) if fp8 else (None, earlier)
             values = torch.cat([earlier_v, v[start:end].transpose(0, 1)], dim=1)  # [Hkv, L, D]
             keys = (torch.cat([earlier_k, k[start:end].transpose(0, 1)], dim=1) if fp8

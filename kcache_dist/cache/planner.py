@@ -180,6 +180,8 @@ class CacheGeometry:
     hot_rows: V rows per (sequence, KV head, sparse layer) kept on the GPU: sink + recent window.
     row_cache_slot_bytes: GPU bytes of the far-row cache of one sequence slot (0: no row cache).
     fp8_scoring_keys: kcache.scoring_keys="fp8" (module docstring).
+    fp8_host_values: kcache.host_values="fp8": the sparse layers' V in host memory as float8 (one
+    byte an element), with a float32 scale per (position, KV head) on the GPU.
     """
 
     mode: str
@@ -192,6 +194,7 @@ class CacheGeometry:
     hot_rows: int = 0
     row_cache_slot_bytes: int = 0
     fp8_scoring_keys: bool = False
+    fp8_host_values: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -214,11 +217,12 @@ class CacheGeometry:
         kcache = kc.mode == "kcache"
         row_width = head_dim * kc.host_rows_per_position  # a cached far row: V, or K | V
         row_cache = (far_row_cache_slot_bytes(num_layers - kc.dense_layers, num_kv_heads, kc.row_cache_rows,
-                                              max_model_len, row_width, dtype_bytes) if kc.row_cache_rows else 0)
+                                              max_model_len, row_width, 1 if kc.fp8_host_values else dtype_bytes)
+                     if kc.row_cache_rows else 0)
         return cls(mode=kc.mode, num_layers=num_layers, dense_layers=kc.dense_layers, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, dtype_bytes=dtype_bytes, block_size=config.resolved_block_size,
                    hot_rows=kc.sink_tokens + kc.recent_window if kcache else 0, row_cache_slot_bytes=row_cache,
-                   fp8_scoring_keys=kc.fp8_scoring_keys)
+                   fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values)
 
     @property
     def row_bytes(self) -> int:
@@ -242,6 +246,14 @@ class CacheGeometry:
         return self.num_kv_heads * (self.head_dim + 4) if self.fp8_scoring_keys else self.row_bytes
 
     @property
+    def host_row_bytes(self) -> int:
+        """One token of one sparse layer in host memory (and what a far fetch reads): V (float8 with
+        fp8 host values), or K | V."""
+        if self.fp8_host_values:
+            return self.num_kv_heads * self.head_dim
+        return self.host_rows_per_token * self.row_bytes
+
+    @property
     def host_rows_per_token(self) -> int:
         """Rows one token of a sparse layer keeps in host memory (and a far fetch reads): V, or K | V."""
         return host_rows_per_position(self.fp8_scoring_keys)
@@ -249,14 +261,15 @@ class CacheGeometry:
     @property
     def gpu_bytes_per_token(self) -> int:
         """K of every layer (the sparse layers' as `sparse_k_bytes_per_token`) + V of the layers that keep it on
-        the GPU."""
+        the GPU (+ with fp8 host values the scales of the sparse layers' V, a float32 per KV head)."""
+        v_scales = self.num_kv_heads * 4 if self.fp8_host_values else 0
         return (2 * self.num_gpu_v_layers * self.row_bytes
-                + self.num_sparse_layers * self.sparse_k_bytes_per_token)
+                + self.num_sparse_layers * (self.sparse_k_bytes_per_token + v_scales))
 
     @property
     def host_bytes_per_token(self) -> int:
         """V (with fp8 scoring keys K | V) of the sparse layers."""
-        return self.num_sparse_layers * self.host_rows_per_token * self.row_bytes
+        return self.num_sparse_layers * self.host_row_bytes
 
     @property
     def gpu_bytes_per_block(self) -> int:
@@ -265,7 +278,7 @@ class CacheGeometry:
     @property
     def host_bytes_per_layer_block(self) -> int:
         """One block of one sparse layer's host pool."""
-        return self.host_rows_per_token * self.row_bytes * self.block_size
+        return self.host_row_bytes * self.block_size
 
     def hot_gpu_bytes(self, max_num_seqs: int) -> int:
         """The GPU buffers kept per sequence slot: sink + window V rows (per sparse layer; with fp8
@@ -293,9 +306,11 @@ class CacheGeometry:
         keys = f"K of {self.num_layers} layers"
         if self.fp8_scoring_keys and self.num_sparse_layers:
             keys = f"K of {self.num_gpu_v_layers} dense layers, fp8 K of {self.num_sparse_layers} sparse layers"
+        if self.fp8_host_values and self.num_sparse_layers:
+            dense += f" + scales of the fp8 V of {self.num_sparse_layers} sparse layers"
         text = f"GPU {self.gpu_bytes_per_token} B ({keys} + {dense})"
         if self.num_sparse_layers:
-            held = "K and V" if self.fp8_scoring_keys else "V"
+            held = "K and V" if self.fp8_scoring_keys else ("fp8 V" if self.fp8_host_values else "V")
             text += f", host {self.host_bytes_per_token} B ({held} of {self.num_sparse_layers} sparse layers)"
         return text
 

@@ -94,7 +94,7 @@ class ModelRunner:
         return KCacheKVCache(mc.num_hidden_layers, kc.dense_layers, num_blocks, self.config.max_num_seqs,
                              self.num_kv_heads, self.block_size, mc.head_dim, spec, dtype, self.device,
                              row_cache_rows=kc.row_cache_rows, max_model_len=self.max_model_len,
-                             fp8_scoring_keys=kc.fp8_scoring_keys)
+                             fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values)
 
     def _plan_cache(self) -> CachePlan:
         """Measure this rank's memory, plan the cache blocks and agree on them with every rank

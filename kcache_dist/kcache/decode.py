@@ -27,7 +27,7 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
                   seq_lens_list: list[int], hot_slots_list: list[int], spec: SelectionSpec,
                   scale: float, max_seq_len: int, fetch_grid: Optional[int] = None,
                   row_cache: Optional[FarRowCacheLayer] = None, k_scales: Optional[torch.Tensor] = None,
-                  k_hot: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  k_hot: Optional[torch.Tensor] = None, v_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode token per sequence.
 
     q [B, Hq, D] (device); k_cache [NB, Hkv, bs, D] (device); v_host [NB, Hkv, bs, D] (host memory,
@@ -39,15 +39,17 @@ def kcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.Tensor, 
     (`row_cache.py`; sequence b in cache slot hot_slots[b]), None to fetch every far row.
     With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`): k_cache is float8 with k_scales
     [NB, Hkv, bs] float32, v_host holds K | V rows [NB, Hkv, bs, 2D] and k_hot the hot rows' exact K
-    (shaped as v_hot). Returns out [B, Hq, D]. On CUDA the host pool is read by kernels, in stream order.
+    (shaped as v_hot). With fp8 host values (`KCacheConfig.host_values="fp8"`): v_host (and a row
+    cache's rows) float8 with v_scales [NB, Hkv, bs] float32 (device). Returns out [B, Hq, D]. On
+    CUDA the host pool is read by kernels, in stream order.
     """
     kernels = triton_kernels() if q.is_cuda else None
     if kernels is not None:
         return kernels.kcache_decode_triton(q, k_cache, v_host, v_hot, block_tables, seq_lens, hot_slots, spec, scale,
                                             max_seq_len=max_seq_len, gather_grid=fetch_grid, row_cache=row_cache,
-                                            k_scales=k_scales, k_hot=k_hot)
+                                            k_scales=k_scales, k_hot=k_hot, v_scales=v_scales)
     if k_scales is not None:
         return kcache_decode_fp8_scoring_reference(q, k_cache, k_scales, v_host, k_hot, v_hot, block_tables,
                                                    seq_lens_list, hot_slots_list, spec, scale, row_cache=row_cache)
     return kcache_decode_reference(q, k_cache, v_host, v_hot, block_tables, seq_lens_list, hot_slots_list, spec,
-                                   scale, row_cache=row_cache)
+                                   scale, row_cache=row_cache, v_scales=v_scales)

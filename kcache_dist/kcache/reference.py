@@ -12,6 +12,9 @@ With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`, renormalize only), p a
 float8 copy of K (`fp8_keys.py`) and only pick; the output weighs what was picked by the exact K:
     o[g]    = sum_{j in sel} softmax_{j in sel}(q[g] . k[j] * scale) v[j]
 the exact K of the far picks coming from host memory with their V (a host row is K | V).
+
+With fp8 host values (`KCacheConfig.host_values="fp8"`) the far rows v[j] are the host pool's
+float8 rows times their float32 scales (v_scales, device); the sink and window rows are exact.
 """
 
 from __future__ import annotations
@@ -47,13 +50,15 @@ def gather_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.
 
 def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.Tensor, v_hot: torch.Tensor,
                       block_table: torch.Tensor, seq_len: int, spec: SelectionSpec, scale: float,
-                      fetch_far: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                      fetch_far: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                      v_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One sequence's decode step.
 
     q [Hq, D]; k_cache [NB, Hkv, bs, D] (device); v_far_pool [NB, Hkv, bs, D] (host memory);
     v_hot [Hkv, sink + window, D] this sequence's hot rows (device); block_table [>= blocks];
     fetch_far(far positions [Hkv, n]) -> their V rows [Hkv, n, D] (default: `gather_rows` from the
-    pool; the far-row cache passes its own). Returns [Hq, D] in q's dtype.
+    pool; the far-row cache passes its own); v_scales [NB, Hkv, bs] float32: the far rows are float8,
+    multiplied by their scales (fp8 host values). Returns [Hq, D] in q's dtype.
     """
     num_kv_heads = k_cache.shape[1]
     qg = q.view(num_kv_heads, -1, q.shape[-1]).float()  # [Hkv, G, D]
@@ -68,6 +73,8 @@ def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.
         p_far = probs.gather(-1, far_pos[:, None, :].expand(-1, qg.shape[1], -1))
         v_far = (gather_rows(v_far_pool, block_table, far_pos) if fetch_far is None
                  else fetch_far(far_pos)).to(q.device).float()
+        if v_scales is not None:
+            v_far = v_far * gather_rows(v_scales[..., None], block_table, far_pos).to(q.device)
         p_sel, v_sel = torch.cat([p_sel, p_far], -1), torch.cat([v_sel, v_far], 1)
     out = torch.einsum("hgn,hnd->hgd", p_sel, v_sel)
     if spec.renormalize:
@@ -125,13 +132,16 @@ def through_row_cache(row_cache: Optional["FarRowCacheLayer"], pool: torch.Tenso
 def kcache_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.Tensor, v_hot: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: list[int], hot_slots: list[int],
                             spec: SelectionSpec, scale: float,
-                            row_cache: Optional["FarRowCacheLayer"] = None) -> torch.Tensor:
+                            row_cache: Optional["FarRowCacheLayer"] = None,
+                            v_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Batch of decode steps. q [B, Hq, D]; v_hot [num_slots, Hkv, sink + window, D];
     block_tables [B, max_blocks]; seq_lens, hot_slots: B ints; row_cache: far V rows through the
-    layer's far-row cache (`row_cache.py`), sequence b in cache slot hot_slots[b]. Returns [B, Hq, D]."""
+    layer's far-row cache (`row_cache.py`), sequence b in cache slot hot_slots[b]; v_scales: as
+    `kcache_decode_one`. Returns [B, Hq, D]."""
     return torch.stack([kcache_decode_one(q[b], k_cache, v_far_pool, v_hot[hot_slots[b]], block_tables[b],
                                           seq_lens[b], spec, scale,
-                                          through_row_cache(row_cache, v_far_pool, block_tables[b], hot_slots[b]))
+                                          through_row_cache(row_cache, v_far_pool, block_tables[b], hot_slots[b]),
+                                          v_scales=v_scales)
                         for b in range(q.shape[0])])
 
 

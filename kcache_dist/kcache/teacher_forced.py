@@ -234,8 +234,9 @@ class _EmulatedCache:
         observe = None if self.on_select is None else (lambda *picks: self.on_select(layer_idx, *picks))
         keep = None if self.keep_picks is None else (lambda *picks: self.keep_picks(layer_idx, *picks))
         selection_keys = fp8_rounded(keys) if kc.fp8_scoring_keys else None
+        far_values = fp8_rounded(values) if kc.fp8_host_values else None
         return sparse_decode_attention(q, keys, values, start, kc, self.top_n_at, scale, on_select=observe,
-                                       selection_keys=selection_keys, keep_picks=keep)
+                                       selection_keys=selection_keys, keep_picks=keep, far_values=far_values)
 
 
 def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, max_len: int) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import (DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, KCACHE_MODES, SCORING_KEYS,
+from ..config import (DTYPE_ALIASES, DTYPE_NAMES, DEVICE_NAMES, GROUP_REDUCES, HOST_VALUES, KCACHE_MODES, SCORING_KEYS,
                       EngineConfig, parse_host_memory_gb)
 from .body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
 
@@ -84,9 +84,12 @@ KCACHE_FLAGS = [
      "0 on CPU; 0: none)"),
     ("--scoring-keys", "scoring_keys", str, "K that picks the far positions: model (default) | fp8 (K in device "
      "memory as float8, the exact K beside V in host memory)"),
+    ("--host-values", "host_values", str, "how host memory keeps the V of sparse layers: model (default) | fp8 "
+     "(float8 with a scale per row on the device: half the bytes of host memory and of each fetched row)"),
 ]
 _CHOICES = {"dtype": list(DTYPE_NAMES + tuple(DTYPE_ALIASES)), "device": list(DEVICE_NAMES),
-            "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES), "scoring_keys": list(SCORING_KEYS)}
+            "mode": list(KCACHE_MODES), "group_reduce": list(GROUP_REDUCES), "scoring_keys": list(SCORING_KEYS),
+            "host_values": list(HOST_VALUES)}
 
 
 @dataclass(frozen=True)
