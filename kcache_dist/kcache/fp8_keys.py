@@ -1,5 +1,6 @@
-"""K as float8 e4m3 with a float32 scale per row: the copy of K that `kcache.scoring_keys="fp8"`
-keeps in device memory to score and pick the far positions (the exact K lives in host memory).
+"""Rows as float8 e4m3 with a float32 scale per row: the copy of K that `kcache.scoring_keys="fp8"`
+keeps in device memory to score and pick the far positions (the exact K lives in host memory), and
+the V rows that `kcache.host_values="fp8"` keeps in host memory (their scales in device memory).
 
 A row (one position of one KV head, head_dim values) is divided by amax / 448 (448 is e4m3's
 largest finite value, so the row's largest magnitude lands on it exactly) and rounded to e4m3;
