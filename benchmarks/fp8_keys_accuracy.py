@@ -24,9 +24,18 @@ every sparse layer's decode attention uses:
   per query head and position): what a K pass taking an fp8 x fp8 dot would pick;
 - `fp8_far_values`: K as it is; the far picks weighed with V rounded to e4m3 (a scale per KV head
   and position), as a host pool holding V in float8 would give them (half the bytes a miss
-  fetches and the host memory a token takes); sink and window V exact, as the device keeps them.
+  fetches and the host memory a token takes); sink and window V exact, as the device keeps them;
+- `fp8_values_rounded_prefill`: as `fp8_far_values`, and in the sparse layers (from
+  `KCacheConfig().dense_layers` on) every prefill chunk after the first attends to the earlier
+  chunks' V rounded, as the engine's later chunks of a long prompt read them back from a float8
+  host pool. The emulation prefills in chunks of 1024 tokens (the engine in chunks of
+  `max_num_batched_tokens`, 8192 by default, so a prompt of up to 8K is one chunk there): a
+  pessimistic stand-in for long prompts. The prefill is shared by every setting of a run, so this
+  variant's `full` setting has the rounded prefill too: compare its absolute metrics with
+  `model_keys`'.
 
-Dense layers and the dense prefill are unchanged, and V in every variant but the last. Each variant's JSON lands in --out-dir
+Dense layers and the dense prefill are unchanged except in the last variant, and V in every
+variant but the last two. Each variant's JSON lands in --out-dir
 (`fp8_keys_accuracy_<variant>.json`; a variant not in --variants is read from there when present),
 and a table of each setting's metrics relative to full attention per variant is printed and written
 to `fp8_keys_accuracy.json`.
@@ -42,6 +51,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import accuracy  # noqa: E402
+from kcache_dist.config import KCacheConfig  # noqa: E402
 from kcache_dist.kcache import teacher_forced  # noqa: E402
 from kcache_dist.kcache.fp8_keys import fp8_rounded  # noqa: E402
 
@@ -49,7 +59,8 @@ DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024",
                          "--only", "top_n=256;top_n=1024", "--qa-questions", "50"]
 
 
-VARIANTS = ("model_keys", "fp8_keys", "fp8_selection", "fp8_qk_selection", "fp8_far_values")
+VARIANTS = ("model_keys", "fp8_keys", "fp8_selection", "fp8_qk_selection", "fp8_far_values",
+            "fp8_values_rounded_prefill")
 
 
 def sparse_attention_with(variant: str):
@@ -66,27 +77,50 @@ def sparse_attention_with(variant: str):
         return lambda q, keys, values, *args, **kwargs: original(
             q, keys, values, *args,
             **{**kwargs, "selection_keys": fp8_rounded(keys), "selection_queries": fp8_rounded(q)})
-    if variant == "fp8_far_values":
+    if variant in ("fp8_far_values", "fp8_values_rounded_prefill"):
         return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
                                                                  **{**kwargs, "far_values": fp8_rounded(values)})
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 
-def run_accuracy_with(attention, argv: list[str], out: str) -> dict:
+def emulated_attend_with(variant: str):
+    """`teacher_forced._EmulatedCache.attend` as the variant runs it (module docstring)."""
+    original = teacher_forced._EmulatedCache.attend
+    if variant != "fp8_values_rounded_prefill":
+        return original
+    dense_layers = KCacheConfig().dense_layers
+
+    def attend(self, layer_idx, q, k, v, scale, ctx):
+        start = self.length
+        if self.kcache is not None or layer_idx < dense_layers or start == 0:  # not a later prefill chunk
+            return original(self, layer_idx, q, k, v, scale, ctx)
+        earlier = self.values[layer_idx][:, :start].clone()
+        self.values[layer_idx][:, :start] = fp8_rounded(earlier)  # as a float8 host pool gives them back
+        try:
+            return original(self, layer_idx, q, k, v, scale, ctx)
+        finally:
+            self.values[layer_idx][:, :start] = earlier  # the decode's sink and window rows stay exact
+    return attend
+
+
+def run_accuracy_with(attention, argv: list[str], out: str, attend=None) -> dict:
     """accuracy.py's JSON, run with `attention` as every sparse layer's decode attention
-    (`teacher_forced.sparse_decode_attention`, restored afterwards)."""
-    original = teacher_forced.sparse_decode_attention
+    (`teacher_forced.sparse_decode_attention`) and `attend`, when given, as the emulated cache's
+    `attend` (both restored afterwards)."""
+    original, original_attend = teacher_forced.sparse_decode_attention, teacher_forced._EmulatedCache.attend
     teacher_forced.sparse_decode_attention = attention
+    teacher_forced._EmulatedCache.attend = attend or original_attend
     try:
         accuracy.main(argv + ["--out", os.path.relpath(out)])  # its JSON records --out: no machine's absolute path
     finally:
         teacher_forced.sparse_decode_attention = original
+        teacher_forced._EmulatedCache.attend = original_attend
     with open(out, encoding="utf-8") as f:
         return json.load(f)
 
 
 def run_accuracy(argv: list[str], out: str, variant: str) -> dict:
-    return run_accuracy_with(sparse_attention_with(variant), argv, out)
+    return run_accuracy_with(sparse_attention_with(variant), argv, out, emulated_attend_with(variant))
 
 
 def same_accuracy_args(stored: dict, argv: list[str]) -> bool:

@@ -11,12 +11,12 @@ import torch
 
 from kcache_dist.config import KCacheConfig
 from kcache_dist.kcache.fp8_keys import FP8_DTYPE, dequantize_rows, fp8_rounded, quantize_rows
-from kcache_dist.kcache.teacher_forced import sparse_decode_attention
+from kcache_dist.kcache.teacher_forced import _EmulatedCache, dense_causal_attention, sparse_decode_attention
 from helpers import fresh_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from fp8_keys_accuracy import sparse_attention_with  # noqa: E402
+from fp8_keys_accuracy import emulated_attend_with, sparse_attention_with  # noqa: E402
 
 
 def test_rows_scaled_to_448_and_rounded_to_e4m3():
@@ -44,7 +44,7 @@ def test_unknown_variant_is_refused_with_the_known_ones():
     with pytest.raises(ValueError) as err:
         sparse_attention_with("fp8")
     assert str(err.value) == ("unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection, "
-                              "fp8_qk_selection, fp8_far_values")
+                              "fp8_qk_selection, fp8_far_values, fp8_values_rounded_prefill")
 
 
 def test_the_studys_variants_attend_as_the_emulation_does():
@@ -65,3 +65,29 @@ def test_the_studys_variants_attend_as_the_emulation_does():
                                                selection_queries=fp8_rounded(q)))
     assert torch.equal(sparse_attention_with("fp8_far_values")(*args, selection_keys=None),
                        sparse_decode_attention(*args, far_values=fp8_rounded(values)))
+
+
+def test_rounded_prefill_variant_rounds_only_earlier_chunks_of_sparse_layers():
+    """fp8_values_rounded_prefill: a later prefill chunk of a sparse layer attends to the earlier
+    chunks' V rounded, and leaves them stored exact; first chunks, dense layers and decode steps
+    (a kcache set) attend as they are."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    dense = KCacheConfig().dense_layers
+    cache = _EmulatedCache(dense + 1, 2, 16, 40, torch.float32, torch.device("cpu"))
+    q, k, v = (torch.randn(6, 4, 16, generator=g) for _ in range(3))
+    kv = torch.randn(2, 20, 16, generator=g)
+    attend = emulated_attend_with("fp8_values_rounded_prefill")
+    assert emulated_attend_with("fp8_far_values") is _EmulatedCache.attend
+    for layer in (dense - 1, dense):
+        cache.keys[layer][:, :20], cache.values[layer][:, :20] = kv, kv * 3
+    cache.length = 20
+    for layer, rounded in ((dense, True), (dense - 1, False)):
+        out = attend(cache, layer, q, k[:, :2], v[:, :2], 0.25, None)
+        earlier = fp8_rounded(kv * 3) if rounded else kv * 3
+        values = torch.cat([earlier, v[:, :2].transpose(0, 1)], 1)
+        keys = torch.cat([kv, k[:, :2].transpose(0, 1)], 1)
+        assert torch.equal(out, dense_causal_attention(q, keys, values, 20, 0.25)), layer
+        assert torch.equal(cache.values[layer][:, :20], kv * 3), layer  # stored exact
+    cache.length = 0  # a first chunk: nothing earlier to round
+    assert torch.equal(attend(cache, dense, q, k[:, :2], v[:, :2], 0.25, None),
+                       _EmulatedCache.attend(cache, dense, q, k[:, :2], v[:, :2], 0.25, None))
