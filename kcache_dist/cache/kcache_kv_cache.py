@@ -32,9 +32,9 @@ multiplied back by their scales.
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
 it on the GPU (the decode's fetch, and the copy of a prefill chunk's earlier rows). A decode-only
-step makes no host synchronisation, so it can be captured in a CUDA graph: inside a capture the offload branch forks from the capture stream and
-`join_offload` joins it back before the capture ends; a replay is preceded by `join_offload` for
-earlier writes.
+step makes no host synchronisation, so it can be captured in a CUDA graph: inside a capture the
+offload branch forks from the capture stream and `join_offload` joins it back before the capture
+ends; a replay is preceded by `join_offload` for earlier writes.
 """
 
 from __future__ import annotations
