@@ -170,6 +170,12 @@ def host_rows_per_position(fp8_scoring_keys: bool) -> int:
     return 2 if fp8_scoring_keys else 1
 
 
+def host_element_bytes(fp8_host_values: bool, dtype_bytes: int) -> int:
+    """Bytes of one element of a host row (and of a row-cache row): float8 with fp8 host values,
+    else the model's dtype."""
+    return 1 if fp8_host_values else dtype_bytes
+
+
 @dataclass(frozen=True)
 class CacheGeometry:
     """The shape of one rank's cache.
@@ -217,7 +223,8 @@ class CacheGeometry:
         kcache = kc.mode == "kcache"
         row_width = head_dim * kc.host_rows_per_position  # a cached far row: V, or K | V
         row_cache = (far_row_cache_slot_bytes(num_layers - kc.dense_layers, num_kv_heads, kc.row_cache_rows,
-                                              max_model_len, row_width, 1 if kc.fp8_host_values else dtype_bytes)
+                                              max_model_len, row_width,
+                                              host_element_bytes(kc.fp8_host_values, dtype_bytes))
                      if kc.row_cache_rows else 0)
         return cls(mode=kc.mode, num_layers=num_layers, dense_layers=kc.dense_layers, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, dtype_bytes=dtype_bytes, block_size=config.resolved_block_size,
@@ -249,9 +256,8 @@ class CacheGeometry:
     def host_row_bytes(self) -> int:
         """One token of one sparse layer in host memory (and what a far fetch reads): V (float8 with
         fp8 host values), or K | V."""
-        if self.fp8_host_values:
-            return self.num_kv_heads * self.head_dim
-        return self.host_rows_per_token * self.row_bytes
+        return (self.host_rows_per_token * self.num_kv_heads * self.head_dim
+                * host_element_bytes(self.fp8_host_values, self.dtype_bytes))
 
     @property
     def host_rows_per_token(self) -> int:

@@ -55,6 +55,7 @@ def earlier_lengths(ctx: ForwardContext) -> dict[int, int]:
 @dataclass
 class _LayerReads:
     ctx: ForwardContext  # the step the blocks were read for
+    lengths: dict[int, int]  # sequence index -> its earlier positions (`earlier_lengths`)
     blocks: dict[int, torch.Tensor]  # sequence index -> [nb, Hkv, bs, W] on the device
     done: Optional[torch.cuda.Event]  # recorded on the read stream after the copies (None: copied at once)
 
@@ -95,7 +96,7 @@ class PrefillHostReads:
                     out[first:first + n].copy_(host_rows[block_id:block_id + n], non_blocking=True)
             if done is not None:
                 done.record(self.stream)
-        self._pending[sparse] = _LayerReads(ctx, blocks, done)
+        self._pending[sparse] = _LayerReads(ctx, lengths, blocks, done)
 
     def take(self, sparse: int, host_rows: torch.Tensor, ctx: ForwardContext,
              host_writes_done: Optional[torch.cuda.Event]) -> dict[int, torch.Tensor]:
@@ -109,6 +110,5 @@ class PrefillHostReads:
                 return {}
         if reads.done is not None:
             torch.cuda.current_stream(self.device).wait_event(reads.done)
-        lengths = earlier_lengths(ctx)
-        return {i: out.transpose(0, 1).flatten(1, 2)[:, :lengths[i]] for i, out in reads.blocks.items()}
+        return {i: out.transpose(0, 1).flatten(1, 2)[:, :reads.lengths[i]] for i, out in reads.blocks.items()}
 

@@ -37,7 +37,7 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if state.tp_size == 1:
         return x
     out = x if x.is_contiguous() else x.contiguous()
-    two_shot = _two_shot_buffers.get(out.device.index) if out.is_cuda and out.device.index in _two_shot_on else None
+    two_shot = _two_shot_buffers.get(out.device.index) if two_shot_all_reduce_enabled(out.device) else None
     buffer = two_shot.buffers[_slot] if two_shot is not None and _slot < len(two_shot.buffers) else None
     with peer_failures_as_rank_lost("tp_all_reduce", state.tp_group_ranks, TP_GROUP):
         if (buffer is not None and out.dtype == buffer.dtype and out.numel() <= buffer.numel()
