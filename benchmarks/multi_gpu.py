@@ -43,7 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kcache_dist.config import ALL_REDUCES, parse_host_memory_gb  # noqa: E402
+from kcache_dist.config import ALL_REDUCES, HOST_VALUES, KCacheConfig, parse_host_memory_gb  # noqa: E402
 from kcache_dist.parallel.launcher import mpirun_flags  # noqa: E402
 
 from server_load import free_port, wait_until_healthy  # noqa: E402
@@ -206,7 +206,7 @@ def part_profile(args) -> dict:
         path = os.path.join(args.out_dir, f"profile_tp{tp}_{context}.json")
         script = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_decode.py"), "--context", str(context),
                   "--batch", args.profile_batch, "--steps", "3", "--rows", "12", "--host-memory-gb",
-                  str(args.host_memory_gb), "--two-shot-all-reduce", *_row_cache_flag(args),
+                  str(args.host_memory_gb), "--two-shot-all-reduce", *_kcache_flags(args),
                   "--out", path]
         cmd = script if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), *script]
         env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
@@ -219,8 +219,10 @@ def part_profile(args) -> dict:
     return out
 
 
-def _row_cache_flag(args) -> list[str]:
-    return [] if args.row_cache_factor is None else ["--row-cache-factor", str(args.row_cache_factor)]
+def _kcache_flags(args) -> list[str]:
+    """The KCacheConfig flags that profile_decode.py and throughput.py take from this script's."""
+    row_cache = [] if args.row_cache_factor is None else ["--row-cache-factor", str(args.row_cache_factor)]
+    return [*row_cache, "--host-values", args.host_values]
 
 
 def part_throughput(args) -> dict:
@@ -228,7 +230,7 @@ def part_throughput(args) -> dict:
     common = ["--model", args.shape, "--dtype", "bfloat16", "--batches", "max", "--decode-tokens", "8",
               "--warmup-steps", "2", "--prefill-seqs", "1", "--no-hf-baseline", "--host-memory-gb",
               str(args.host_memory_gb), "--micro-batches", args.micro_batches, "--modes", args.modes,
-              "--all-reduce", args.all_reduce, *_row_cache_flag(args),
+              "--all-reduce", args.all_reduce, *_kcache_flags(args),
               *({True: ["--enforce-eager"], False: ["--no-enforce-eager"]}.get(args.enforce_eager, []))]
     for context in args.contexts:
         for tp in args.tps:
@@ -304,6 +306,8 @@ def main() -> None:
     p.add_argument("--all-reduce", default="nccl", choices=list(ALL_REDUCES), help="throughput.py --all-reduce")
     p.add_argument("--row-cache-factor", type=float, default=None,
                    help="KCacheConfig.row_cache_factor of the profile and throughput runs (default: the engine's)")
+    p.add_argument("--host-values", default=KCacheConfig().host_values, choices=list(HOST_VALUES),
+                   help="KCacheConfig.host_values of the profile and throughput runs")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "multi_gpu"))
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]

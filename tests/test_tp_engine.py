@@ -25,6 +25,8 @@ KCACHE = {"mode": "kcache", "top_n": 64, "dense_layers": 1, "sink_tokens": 4, "r
 # fp8 scoring keys with a budget below the context: each rank picks with its KV heads' float8 K
 KCACHE_FP8 = {"mode": "kcache", "top_n": 8, "dense_layers": 1, "sink_tokens": 2, "recent_window": 4,
               "scoring_keys": "fp8"}
+# fp8 host values: scales per (position, KV head), so each rank quantizes its KV heads as one process does
+KCACHE_FP8_VALUES = {**KCACHE_FP8, "scoring_keys": "model", "host_values": "fp8"}
 
 
 def run_job(world: int, *args, timeout_s: float = 120.0) -> list:
@@ -70,7 +72,8 @@ def test_tp2_with_preemption_and_chunked_prefill_equals_tp1(tiny_llama_dir):
     assert run_job(2, tiny_llama_dir, 2, None, 24, PROMPTS, None, engine) == reference
 
 
-@pytest.mark.parametrize("kcache", [None, KCACHE, KCACHE_FP8], ids=["full", "kcache", "kcache-fp8"])
+@pytest.mark.parametrize("kcache", [None, KCACHE, KCACHE_FP8, KCACHE_FP8_VALUES],
+                         ids=["full", "kcache", "kcache-fp8", "kcache-fp8-values"])
 def test_tp2_micro_batched_decode_equals_tp1(tiny_llama_dir, kcache):
     """Micro-batches run their blocks, each ending in an all-reduce, in the same order on every rank."""
     reference = generate(tiny_llama_dir, 1, kcache, 24)
