@@ -517,3 +517,20 @@ def test_output_split_over_several_ctas_under_interpreter():
 def test_triton_kernels_under_interpreter_on_cpu():
     seed = fresh_seed()
     run_under_triton_interpreter(INTERPRET_SCRIPT.format(seed=seed), seed, timeout_s=300)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_sparse_output_refuses_mismatched_fp8_arguments():
+    """The output kernel's fp8 host values need each pick's scale and the block table to find it;
+    fp8 host values and fp8 scoring keys do not combine. Refused before any launch."""
+    from kcache_dist.kcache.triton_kcache import SelectResult, sparse_output
+
+    spec = SelectionSpec(4, 2, 4, True, "max")
+    sel = SelectResult(torch.zeros(2, 2, 16), torch.zeros(2, 2), torch.zeros(2, 4, dtype=torch.int32))
+    args = (sel, torch.zeros(2, 4, 16), torch.zeros(1, 2, 6, 16), torch.tensor([16]), torch.tensor([0]), spec, 4)
+    scales, tables = torch.ones(4, 2, 4), torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^sparse_output needs v_scales and block_tables together"):
+        sparse_output(*args, v_scales=scales)
+    with pytest.raises(ValueError, match=r"^sparse_output takes v_scales \(fp8 host values\) or k_hot"):
+        sparse_output(*args, q=torch.zeros(1, 4, 16), k_hot=torch.zeros(1, 2, 6, 16), v_scales=scales,
+                      block_tables=tables)

@@ -529,18 +529,19 @@ def _exact_probs(q, k, ok, lse, qk_scale):
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, FAR_SCALE, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART,
-                       sink, window, top_n, Cs, hot_rows, picks_per_part, qk_scale, HKV: tl.constexpr,
+def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART,
+                       sink, window, top_n, Cs, hot_rows, picks_per_part, qk_scale, bt_stride, HKV: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RENORM: tl.constexpr,
                        HAS_FAR_ROW: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr,
-                       EXACT_K: tl.constexpr, W: tl.constexpr, FAR_SCALED: tl.constexpr):
+                       EXACT_K: tl.constexpr, W: tl.constexpr, FAR_SCALED: tl.constexpr, BS: tl.constexpr):
     """grid (rows, PARTS). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D])
     and the fetched far rows (VFAR [rows, top_n, W], or with HAS_FAR_ROW VFAR [any, W] and pick j of
     the row in row FAR_ROW[row, j]; W = D, or 2 D with EXACT_K); p = exp2(S - lse). With EXACT_K (fp8
     scoring keys) S only picked: p = exp2(q . k * qk_scale - lse) of q (Q [B, HKV*G, D]) against the
     exact K, from KHOT [slots, HKV, hot_rows, D] for the hot rows and from the first D columns of a
-    far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8 and pick j of
-    the row is multiplied by FAR_SCALE [rows, top_n] float32 before use (in VHOT's dtype). Part k
+    far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8 and the pick at
+    position p of sequence b, KV head h is multiplied by its scale before use (in VHOT's dtype):
+    V_SCALES [NB, HKV, BS] float32 at block BT[b, p // BS] (BT [B, bt_stride] int32). Part k
     takes the picks [k, k + 1) *
     picks_per_part (part 0 also the hot rows). PARTS == 1: OUT [B, HKV*G, D] directly; else each part
     writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and Z_PART [PARTS, B*HKV*G] (sum p) for
@@ -599,7 +600,8 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, FAR_SCALE, VHOT, Q, KHOT, SEQ
         else:
             v = tl.load(VFAR + far_at, mask=ok[:, None], other=0.0)
             if FAR_SCALED:
-                v_scale = tl.load(FAR_SCALE + far_base + t, mask=ok, other=0.0)
+                blk = tl.load(BT + b * bt_stride + pos // BS, mask=ok, other=0).to(tl.int64)
+                v_scale = tl.load(V_SCALES + (blk * HKV + h) * BS + pos % BS, mask=ok, other=0.0)
                 v = (v.to(tl.float32) * v_scale[:, None]).to(VHOT.dtype.element_ty)
             s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
             p = tl.exp2(s - lse[:, None])
@@ -870,14 +872,16 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
                   far_rows: Optional[torch.Tensor] = None, parts: int = 2, rows_per_step: int = 64,
                   num_warps: int = 4, num_stages: int = 3, q: Optional[torch.Tensor] = None,
                   k_hot: Optional[torch.Tensor] = None, scale: float = 0.0,
-                  far_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  v_scales: Optional[torch.Tensor] = None,
+                  block_tables: Optional[torch.Tensor] = None) -> torch.Tensor:
     """o [B, Hq, D] from the selection, the fetched far rows vfar [rows, top_n, D] (or vfar [any, D]
     and far_rows [rows, top_n] int32: the row of each pick, e.g. a far-row cache's) and v_hot
     [slots, Hkv, sink + window, D]. With fp8 scoring keys (k_hot given: the exact K of the hot rows,
     shaped as v_hot; needs renormalize) the weights come from q [B, Hq, D] . exact K * scale, and a
-    far row is K | V (vfar [rows, top_n, 2D] or [any, 2D]). With far_scales [rows, top_n] float32
-    (fp8 host values) the far rows are float8 and pick (r, j) is weighed as its row times
-    far_scales[r, j]. Each row's picks are split over `parts`
+    far row is K | V (vfar [rows, top_n, 2D] or [any, 2D]). With v_scales [NB, Hkv, bs] float32 and
+    block_tables [B, max_blocks] int32 on the device (fp8 host values) the far rows are float8 and
+    each pick is weighed as its row times its position's scale, read inside the kernel. Each row's
+    picks are split over `parts`
     CTAs whose fp32 sums a second kernel adds (parts=1: one CTA a row, no second kernel). The defaults were the fastest
     launch on an H100 over the engine's 8K and 32K batches (benchmarks/notes/kcache_triton.md)."""
     rows, G, _ = sel.scores.shape
@@ -888,14 +892,18 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     exact_k = k_hot is not None
     if exact_k and (q is None or not spec.renormalize):
         raise ValueError("sparse_output with k_hot (fp8 scoring keys) needs q and spec.renormalize")
-    if exact_k and far_scales is not None:
-        raise ValueError("sparse_output takes far_scales (fp8 host values) or k_hot (fp8 scoring keys), not both")
+    if exact_k and v_scales is not None:
+        raise ValueError("sparse_output takes v_scales (fp8 host values) or k_hot (fp8 scoring keys), not both")
+    if (v_scales is None) != (block_tables is None):
+        raise ValueError("sparse_output needs v_scales and block_tables together (fp8 host values)")
     if out is None:
         out = torch.empty(B, num_q_heads, D, dtype=dtype or v_hot.dtype, device=dev)
     idx = sel.idx.contiguous()
     vfar = vfar if top_n else torch.empty(rows, 1, 2 * D if exact_k else D, dtype=v_hot.dtype, device=dev)
-    scaled = far_scales is not None and top_n > 0
-    far_scale = far_scales.contiguous() if scaled else sel.lse  # sel.lse: a placeholder the kernel does not read
+    scaled = v_scales is not None and top_n > 0
+    # sel.lse and idx: placeholders the kernel does not read without scales
+    scales, bt = (v_scales.contiguous(), block_tables.int().contiguous()) if scaled else (sel.lse, idx)
+    bs = v_scales.shape[2] if scaled else 1
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     slots = hot_slots if hot_slots.dtype == torch.int64 else hot_slots.long()
     vhot = v_hot if hot_rows else torch.empty(1, Hkv, 1, D, dtype=v_hot.dtype, device=dev)
@@ -907,13 +915,13 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     out_part = torch.empty(parts if parts > 1 else 1, all_q_rows if parts > 1 else 1, D, dtype=torch.float32,
                            device=dev)
     z_part = torch.empty(out_part.shape[:2], dtype=torch.float32, device=dev)
-    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, far_scale, vhot, q if exact_k else vhot,
+    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, scales, bt, vhot, q if exact_k else vhot,
                                       khot, seq, slots, out, out_part, z_part, spec.sink_tokens, spec.recent_window,
                                       top_n, sel.scores.stride(1), max(hot_rows, 1), picks_per_part, scale * LOG2E,
-                                      HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, R=rows_per_step,
-                                      RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None, PARTS=parts,
+                                      bt.stride(0), HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
+                                      R=rows_per_step, RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None, PARTS=parts,
                                       STAGES=num_stages, EXACT_K=exact_k, W=2 * D if exact_k else D,
-                                      FAR_SCALED=scaled, num_warps=num_warps)
+                                      FAR_SCALED=scaled, BS=bs, num_warps=num_warps)
     if parts > 1:
         q_block = 16
         _sparse_out_combine_kernel[(triton.cdiv(all_q_rows, q_block),)](out_part, z_part, out, all_q_rows,
@@ -939,7 +947,7 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
     keys: k_cache float8 with k_scales [NB, Hkv, bs] float32, v_host the host rows K | V [NB, Hkv,
     bs, 2D] (a row cache's rows too), k_hot the exact K of the hot rows (shaped as v_hot). With fp8
     host values: v_host (and a row cache's rows) float8, v_scales [NB, Hkv, bs] float32 on the device,
-    each pick's scale gathered beside its row. Returns o [B, Hq, D] in q's dtype.
+    each pick's scale read by the output kernel. Returns o [B, Hq, D] in q's dtype.
     """
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item())
@@ -969,9 +977,6 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
     else:
         vfar = gather_far_rows_copy_engine(v_host, block_tables_cpu if block_tables_cpu is not None
                                            else block_tables.cpu(), sel.idx)
-    far_scales = None
-    if v_scales is not None and top_n:  # each pick's scale, from device memory, in pick order
-        far_scales = gather_far_rows_zero_copy(v_scales[..., None], bt_dev, sel.idx, grid=gather_grid)[..., 0]
     return sparse_output(sel, vfar, v_hot, seq_dev, slots_dev, spec, q.shape[1], out=out, dtype=q.dtype,
                          far_rows=far_rows, q=q if k_hot is not None else None, k_hot=k_hot, scale=scale,
-                         far_scales=far_scales)
+                         v_scales=v_scales, block_tables=bt_dev if v_scales is not None else None)
