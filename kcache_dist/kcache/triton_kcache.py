@@ -542,10 +542,10 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
     far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8 and the pick at
     position p of sequence b, KV head h is multiplied by its scale before use (in VHOT's dtype):
     V_SCALES [NB, HKV, BS] float32 at block BT[b, p // BS] (BT [B, bt_stride] int32). Part k
-    takes the picks [k, k + 1) *
-    picks_per_part (part 0 also the hot rows). PARTS == 1: OUT [B, HKV*G, D] directly; else each part
-    writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and Z_PART [PARTS, B*HKV*G] (sum p) for
-    `_sparse_out_combine_kernel`: lse is the whole row's, so the parts add without rescaling."""
+    takes the picks [k, k + 1) * picks_per_part (part 0 also the hot rows). PARTS == 1: OUT
+    [B, HKV*G, D] directly; else each part writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and
+    Z_PART [PARTS, B*HKV*G] (sum p) for `_sparse_out_combine_kernel`: lse is the whole row's, so the
+    parts add without rescaling."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     b = row // HKV
@@ -881,9 +881,9 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     far row is K | V (vfar [rows, top_n, 2D] or [any, 2D]). With v_scales [NB, Hkv, bs] float32 and
     block_tables [B, max_blocks] int32 on the device (fp8 host values) the far rows are float8 and
     each pick is weighed as its row times its position's scale, read inside the kernel. Each row's
-    picks are split over `parts`
-    CTAs whose fp32 sums a second kernel adds (parts=1: one CTA a row, no second kernel). The defaults were the fastest
-    launch on an H100 over the engine's 8K and 32K batches (benchmarks/notes/kcache_triton.md)."""
+    picks are split over `parts` CTAs whose fp32 sums a second kernel adds (parts=1: one CTA a row,
+    no second kernel). The defaults were the fastest launch on an H100 over the engine's 8K and 32K
+    batches (benchmarks/notes/kcache_triton.md)."""
     rows, G, _ = sel.scores.shape
     _, Hkv, hot_rows, D = v_hot.shape
     B = rows // Hkv
@@ -919,8 +919,8 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
                                       khot, seq, slots, out, out_part, z_part, spec.sink_tokens, spec.recent_window,
                                       top_n, sel.scores.stride(1), max(hot_rows, 1), picks_per_part, scale * LOG2E,
                                       bt.stride(0), HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
-                                      R=rows_per_step, RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None, PARTS=parts,
-                                      STAGES=num_stages, EXACT_K=exact_k, W=2 * D if exact_k else D,
+                                      R=rows_per_step, RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None,
+                                      PARTS=parts, STAGES=num_stages, EXACT_K=exact_k, W=2 * D if exact_k else D,
                                       FAR_SCALED=scaled, BS=bs, num_warps=num_warps)
     if parts > 1:
         q_block = 16
