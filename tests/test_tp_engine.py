@@ -1,7 +1,9 @@
 """Tensor and data parallelism through the engine, on CPU ranks over gloo: TP=2 and TP=4 (also
 with more ranks than KV heads) and DP 2 x TP 2 give the same greedy tokens as one process, in full
 and KCache modes, from a checkpoint or from random weights of a named shape; the real launchers run
-it; a rank that dies mid-generation ends the job. KCache with fp8 scoring keys too (micro-batched)."""
+it; a rank that dies mid-generation ends the job. KCache also with every sparse layer picking
+(at TP=4 with KV heads replicated over ranks: `parallel/kv_head_replicas.py`), with fp8 scoring keys
+and with fp8 host values, also micro-batched."""
 
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from kcache_dist.models.named_shapes import write_shape_dir
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 KCACHE = {"mode": "kcache", "top_n": 64, "dense_layers": 1, "sink_tokens": 4, "recent_window": 16}
-# fp8 scoring keys with a budget below the context: each rank picks with its KV heads' float8 K
-KCACHE_FP8 = {"mode": "kcache", "top_n": 8, "dense_layers": 1, "sink_tokens": 2, "recent_window": 4,
-              "scoring_keys": "fp8"}
+# a budget below the prompts' contexts: every sparse layer picks (at TP=4 each KV head of the tiny
+# models is on two ranks, each with half its query heads, which must pick as the whole group does)
+KCACHE_PICKING = {"mode": "kcache", "top_n": 8, "dense_layers": 1, "sink_tokens": 2, "recent_window": 4}
+# fp8 scoring keys: each rank picks with its KV heads' float8 K
+KCACHE_FP8 = {**KCACHE_PICKING, "scoring_keys": "fp8"}
 # fp8 host values: scales per (position, KV head), so each rank quantizes its KV heads as one process does
-KCACHE_FP8_VALUES = {**KCACHE_FP8, "scoring_keys": "model", "host_values": "fp8"}
+KCACHE_FP8_VALUES = {**KCACHE_PICKING, "host_values": "fp8"}
 
 
 def run_job(world: int, *args, timeout_s: float = 120.0) -> list:
@@ -38,7 +42,10 @@ def run_job(world: int, *args, timeout_s: float = 120.0) -> list:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
-@pytest.mark.parametrize("kcache", [None, KCACHE], ids=["full", "kcache"])
+@pytest.mark.parametrize("kcache", [None, KCACHE, KCACHE_PICKING, {**KCACHE_PICKING, "group_reduce": "sum"},
+                                    KCACHE_FP8, KCACHE_FP8_VALUES],
+                         ids=["full", "kcache", "kcache-picking", "kcache-picking-sum", "kcache-fp8",
+                              "kcache-fp8-values"])
 def test_tp2_and_tp4_equal_tp1(fixture, kcache, request):
     model_dir = request.getfixturevalue(fixture)  # 4 query heads, 2 KV heads: TP=4 replicates KV heads
     reference = generate(model_dir, 1, kcache, 24)
@@ -78,6 +85,13 @@ def test_tp2_micro_batched_decode_equals_tp1(tiny_llama_dir, kcache):
     """Micro-batches run their blocks, each ending in an all-reduce, in the same order on every rank."""
     reference = generate(tiny_llama_dir, 1, kcache, 24)
     assert run_job(2, tiny_llama_dir, 2, kcache, 24, PROMPTS, None, {"decode_micro_batches": 2}) == reference
+
+
+def test_tp4_micro_batched_decode_with_replicated_kv_heads_equals_tp1(tiny_llama_dir):
+    """Each micro-batch's sparse layers gather their KV heads' query groups (an all-gather per
+    layer beside the all-reduces), in the same order on every rank."""
+    reference = generate(tiny_llama_dir, 1, KCACHE_PICKING, 24)
+    assert run_job(4, tiny_llama_dir, 4, KCACHE_PICKING, 24, PROMPTS, None, {"decode_micro_batches": 2}) == reference
 
 
 def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):

@@ -29,6 +29,10 @@ memory as v scales [num_blocks, Hkv, bs]), and so are the row cache's rows; v ho
 V of the sink and window. The far picks and a prefill's earlier chunks are weighed with the rows
 multiplied back by their scales.
 
+Under tensor parallelism with more ranks than KV heads, a rank holds part of its KV head's query
+group; the decode gathers the whole group's queries before picking and keeps its own heads' output
+(`parallel/kv_head_replicas.py`), so the picks are one process's.
+
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
 it on the GPU (the decode's fetch, and the copy of a prefill chunk's earlier rows). A decode-only
@@ -50,6 +54,7 @@ from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, dequantize_rows, quantize_
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
+from ..parallel.kv_head_replicas import KVHeadReplicas
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
 from .planner import host_rows_per_position
@@ -61,8 +66,9 @@ class KCacheKVCache:
     def __init__(self, num_layers: int, dense_layers: int, num_blocks: int, num_slots: int, num_kv_heads: int,
                  block_size: int, head_dim: int, spec: SelectionSpec, dtype: torch.dtype, device: torch.device,
                  row_cache_rows: int = 0, max_model_len: int = 0, fp8_scoring_keys: bool = False,
-                 fp8_host_values: bool = False):
+                 fp8_host_values: bool = False, kv_head_replicas: KVHeadReplicas = KVHeadReplicas()):
         self.dense_layers = dense_layers
+        self.kv_head_replicas = kv_head_replicas
         self.spec = spec
         self.device = device
         self.head_dim = head_dim
@@ -137,13 +143,16 @@ class KCacheKVCache:
             # With a recent window the new row is read from v_hot, so only earlier writes must land first.
             self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
                                        on_device=q.is_cuda)
-            out[:nd] = kcache_decode(q[:nd], k_cache, host_rows, v_hot, ctx.block_tables[:nd], ctx.seq_lens[:nd],
-                                     ctx.hot_slots[:nd], ctx.seq_lens_list[:nd], ctx.hot_slots_list[:nd],
-                                     self.spec, scale, max_seq_len=ctx.max_seq_len, fetch_grid=ctx.fetch_grid,
-                                     row_cache=self.row_cache.layer(sparse) if self.row_cache else None,
-                                     k_scales=self.k_scales[sparse] if fp8 else None,
-                                     k_hot=self.k_hot[sparse] if fp8 else None,
-                                     v_scales=self.v_scales[sparse] if self.fp8_host_values else None)
+            replicas = self.kv_head_replicas  # a replicated KV head picks from its whole query group
+            group_out = kcache_decode(replicas.whole_groups(q[:nd]), k_cache, host_rows, v_hot, ctx.block_tables[:nd],
+                                      ctx.seq_lens[:nd], ctx.hot_slots[:nd], ctx.seq_lens_list[:nd],
+                                      ctx.hot_slots_list[:nd], self.spec, scale, max_seq_len=ctx.max_seq_len,
+                                      fetch_grid=ctx.fetch_grid,
+                                      row_cache=self.row_cache.layer(sparse) if self.row_cache else None,
+                                      k_scales=self.k_scales[sparse] if fp8 else None,
+                                      k_hot=self.k_hot[sparse] if fp8 else None,
+                                      v_scales=self.v_scales[sparse] if self.fp8_host_values else None)
+            out[:nd] = replicas.own_heads(group_out)
         earlier_rows = ({} if ctx.decode_only else
                         self.prefill_reads.take(sparse, host_rows, ctx, self._host_writes_event(earlier_writes)))
         for i in range(nd, ctx.num_seqs):

@@ -21,6 +21,7 @@ from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import all_reduce_min, current_state, disable_two_shot_all_reduce, enable_two_shot_all_reduce
+from ..parallel.kv_head_replicas import KVHeadReplicas
 from .block_table_rows import BlockTableRows, cache_slots
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, run_interleaved
@@ -94,7 +95,8 @@ class ModelRunner:
         return KCacheKVCache(mc.num_hidden_layers, kc.dense_layers, num_blocks, self.config.max_num_seqs,
                              self.num_kv_heads, self.block_size, mc.head_dim, spec, dtype, self.device,
                              row_cache_rows=kc.row_cache_rows, max_model_len=self.max_model_len,
-                             fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values)
+                             fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values,
+                             kv_head_replicas=KVHeadReplicas.of_this_rank(mc.total_num_kv_heads))
 
     def _plan_cache(self) -> CachePlan:
         """Measure this rank's memory, plan the cache blocks and agree on them with every rank
