@@ -25,6 +25,10 @@ every sparse layer's decode attention uses:
 - `fp8_far_values`: K as it is; the far picks weighed with V rounded to e4m3 (a scale per KV head
   and position), as a host pool holding V in float8 would give them (half the bytes a miss
   fetches and the host memory a token takes); sink and window V exact, as the device keeps them;
+- `int4_far_values`, `int4_g32_far_values`: as `fp8_far_values` with V rounded to 4 bits instead
+  (16 levels between the minimum and the maximum, q4_1-style: a scale and an offset per KV head and
+  position, or per 32 values of it): would a quarter of the model's bytes per far row (64 bytes of
+  a 128-wide head, plus 4 or 16 bytes of scales) keep the accuracy? (A study; no engine path.)
 - `fp8_values_rounded_prefill`: as `fp8_far_values`, and in the sparse layers (from
   `KCacheConfig().dense_layers` on) every prefill chunk after the first attends to the earlier
   chunks' V rounded, as the engine's later chunks of a long prompt read them back from a float8
@@ -47,6 +51,9 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,7 +67,19 @@ DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024",
 
 
 VARIANTS = ("model_keys", "fp8_keys", "fp8_selection", "fp8_qk_selection", "fp8_far_values",
-            "fp8_values_rounded_prefill")
+            "fp8_values_rounded_prefill", "int4_far_values", "int4_g32_far_values")
+INT4_GROUPS = {"int4_far_values": None, "int4_g32_far_values": 32}  # values per scale (None: the whole row)
+
+
+def int4_rounded(x: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
+    """x [..., D] rounded to 4 bits as a q4_1-style cache would hold it: per row of D values (or per
+    `group` consecutive values of a row) 16 levels from its minimum to its maximum; returned in
+    float32. Shape [..., D]."""
+    d = x.shape[-1]
+    g = x.float().reshape(*x.shape[:-1], d // (group or d), group or d)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    return (((g - low) / step).round().clamp(0, 15) * step + low).reshape(x.shape)
 
 
 def sparse_attention_with(variant: str):
@@ -80,6 +99,10 @@ def sparse_attention_with(variant: str):
     if variant in ("fp8_far_values", "fp8_values_rounded_prefill"):
         return lambda q, keys, values, *args, **kwargs: original(q, keys, values, *args,
                                                                  **{**kwargs, "far_values": fp8_rounded(values)})
+    if variant in INT4_GROUPS:
+        group = INT4_GROUPS[variant]
+        return lambda q, keys, values, *args, **kwargs: original(
+            q, keys, values, *args, **{**kwargs, "far_values": int4_rounded(values, group)})
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

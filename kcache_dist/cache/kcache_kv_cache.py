@@ -54,7 +54,7 @@ from ..kcache.fp8_keys import FP8_DTYPE, SCALE_DTYPE, dequantize_rows, quantize_
 from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
-from ..parallel.kv_head_replicas import KVHeadReplicas
+from ..parallel import KVHeadReplicas
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
 from .planner import host_rows_per_position

@@ -20,8 +20,8 @@ from ..models.loader import iterate_checkpoint, load_weights
 from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
-from ..parallel import all_reduce_min, current_state, disable_two_shot_all_reduce, enable_two_shot_all_reduce
-from ..parallel.kv_head_replicas import KVHeadReplicas
+from ..parallel import (KVHeadReplicas, all_reduce_min, current_state, disable_two_shot_all_reduce,
+                        enable_two_shot_all_reduce)
 from .block_table_rows import BlockTableRows, cache_slots
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, run_interleaved

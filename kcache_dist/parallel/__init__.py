@@ -16,6 +16,7 @@ from .collectives import (all_reduce_min, all_reduce_slot, barrier, disable_two_
                           enable_two_shot_all_reduce, tp_all_reduce, tp_broadcast_object, tp_gather_last_dim,
                           two_shot_all_reduce_enabled, wait_for_device)
 from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank
+from .kv_head_replicas import KVHeadReplicas
 from .launcher import strip_local_rank_arg
 from .process_group import init_parallel, launched_world_size, shutdown_parallel
 from .state import ParallelState, current_state, tp_rank, tp_size, world_size
@@ -26,6 +27,6 @@ __all__ = [
     "tp_all_reduce", "tp_gather_last_dim", "tp_broadcast_object", "dp_gather_objects",
     "enable_two_shot_all_reduce", "disable_two_shot_all_reduce", "two_shot_all_reduce_enabled", "wait_for_device",
     "all_reduce_slot",
-    "all_reduce_min", "barrier",
+    "all_reduce_min", "barrier", "KVHeadReplicas",
     "RankLostError", "exit_for_lost_rank", "exit_on_lost_rank", "strip_local_rank_arg",
 ]
