@@ -73,10 +73,13 @@ INT4_GROUPS = {"int4_far_values": None, "int4_g32_far_values": 32}  # values per
 
 def int4_rounded(x: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
     """x [..., D] rounded to 4 bits as a q4_1-style cache would hold it: per row of D values (or per
-    `group` consecutive values of a row) 16 levels from its minimum to its maximum; returned in
-    float32. Shape [..., D]."""
+    `group` consecutive values of a row; rows narrower than `group` whole) 16 levels from its minimum
+    to its maximum; returned in float32. Shape [..., D]."""
     d = x.shape[-1]
-    g = x.float().reshape(*x.shape[:-1], d // (group or d), group or d)
+    size = min(group or d, d)
+    if d % size:
+        raise ValueError(f"int4 groups of {size} values do not divide rows of {d}")
+    g = x.float().reshape(*x.shape[:-1], d // size, size)
     low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     step = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
     return (((g - low) / step).round().clamp(0, 15) * step + low).reshape(x.shape)

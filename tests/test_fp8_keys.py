@@ -1,5 +1,5 @@
 """kcache_dist/kcache/fp8_keys.py (the fp8 copy of K that scoring_keys="fp8" picks with), and the
-variant names of benchmarks/fp8_keys_accuracy.py."""
+variants of benchmarks/fp8_keys_accuracy.py (their 4-bit rounding too)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from helpers import fresh_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from fp8_keys_accuracy import emulated_attend_with, sparse_attention_with  # noqa: E402
+from fp8_keys_accuracy import INT4_GROUPS, emulated_attend_with, int4_rounded, sparse_attention_with  # noqa: E402
 
 
 def test_rows_scaled_to_448_and_rounded_to_e4m3():
@@ -44,7 +44,8 @@ def test_unknown_variant_is_refused_with_the_known_ones():
     with pytest.raises(ValueError) as err:
         sparse_attention_with("fp8")
     assert str(err.value) == ("unknown variant 'fp8'; expected one of model_keys, fp8_keys, fp8_selection, "
-                              "fp8_qk_selection, fp8_far_values, fp8_values_rounded_prefill")
+                              "fp8_qk_selection, fp8_far_values, fp8_values_rounded_prefill, int4_far_values, "
+                              "int4_g32_far_values")
 
 
 def test_the_studys_variants_attend_as_the_emulation_does():
@@ -65,6 +66,25 @@ def test_the_studys_variants_attend_as_the_emulation_does():
                                                selection_queries=fp8_rounded(q)))
     assert torch.equal(sparse_attention_with("fp8_far_values")(*args, selection_keys=None),
                        sparse_decode_attention(*args, far_values=fp8_rounded(values)))
+    for variant in ("int4_far_values", "int4_g32_far_values"):  # (rows of 16: one group of 32 is the row)
+        assert torch.equal(sparse_attention_with(variant)(*args, selection_keys=None),
+                           sparse_decode_attention(*args, far_values=int4_rounded(values, INT4_GROUPS[variant])))
+
+
+def test_int4_rows_take_16_levels_from_their_minimum_to_their_maximum():
+    g = torch.Generator().manual_seed(fresh_seed())
+    values = torch.randn(3, 40, 64, generator=g) * torch.rand(3, 40, 1, generator=g) * 20
+    for group in (None, 32):
+        rounded = int4_rounded(values, group)
+        assert rounded.shape == values.shape and rounded.dtype == torch.float32
+        pieces = values.reshape(3, 40, -1, group or 64)
+        low, high = pieces.amin(-1, keepdim=True), pieces.amax(-1, keepdim=True)
+        step = (high - low) / 15
+        levels = (rounded.reshape(pieces.shape) - low) / step
+        assert torch.allclose(levels, levels.round(), atol=1e-3) and int(levels.round().max()) == 15
+        assert bool(((rounded.reshape(pieces.shape) - pieces).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all())
+    flat = torch.full((2, 16), 3.0)  # a constant row keeps its value
+    assert torch.equal(int4_rounded(flat), flat)
 
 
 def test_rounded_prefill_variant_rounds_only_earlier_chunks_of_sparse_layers():
