@@ -65,18 +65,21 @@ def test_random_weights_tp2_equal_tp1(shape, tmp_path):
     assert run_job(2, model_dir, 2, None, 16, prompts, None, engine) == reference
 
 
-def test_tp2_with_preemption_and_chunked_prefill_equals_tp1(tiny_llama_dir):
+@pytest.mark.parametrize("kcache", [None, KCACHE_PICKING, KCACHE_FP8_VALUES],
+                         ids=["full", "kcache", "kcache-fp8-values"])
+def test_tp2_with_preemption_and_chunked_prefill_equals_tp1(tiny_llama_dir, kcache):
     """Sequences preempted (their blocks freed, new tables when they come back) and prompts
     prefilled in chunks: the workers keep every plan's block tables from the blocks each plan
-    adds (`engine/block_table_rows.py`), and the tokens are one process's."""
-    from kcache_dist import LLM, SamplingParams
+    adds (`engine/block_table_rows.py`), and the tokens are one process's (in KCache mode a later
+    chunk reads its earlier chunks' V back from each rank's host pool)."""
+    from kcache_dist import LLM, KCacheConfig, SamplingParams
 
     engine = {"block_size": 4, "num_kv_blocks": 16, "max_model_len": 64, "max_num_batched_tokens": 7}
-    llm = LLM(device="cpu", model=tiny_llama_dir, **engine)
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=KCacheConfig(**kcache) if kcache else None, **engine)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions > 0
     reference = [o.outputs[0].token_ids for o in outputs]
-    assert run_job(2, tiny_llama_dir, 2, None, 24, PROMPTS, None, engine) == reference
+    assert run_job(2, tiny_llama_dir, 2, kcache, 24, PROMPTS, None, engine) == reference
 
 
 @pytest.mark.parametrize("kcache", [None, KCACHE, KCACHE_FP8, KCACHE_FP8_VALUES],
