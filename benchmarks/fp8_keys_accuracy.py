@@ -38,8 +38,8 @@ every sparse layer's decode attention uses:
   variant's `full` setting has the rounded prefill too: compare its absolute metrics with
   `model_keys`'.
 
-Dense layers and the dense prefill are unchanged except in the last variant, and V in every
-variant but the last two. Each variant's JSON lands in --out-dir
+Dense layers and the dense prefill are unchanged except in `fp8_values_rounded_prefill`, and V
+in every variant but those named for their values. Each variant's JSON lands in --out-dir
 (`fp8_keys_accuracy_<variant>.json`; a variant not in --variants is read from there when present),
 and a table of each setting's metrics relative to full attention per variant is printed and written
 to `fp8_keys_accuracy.json`.
