@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fp8_keys_accuracy import run_accuracy_with, write_comparison  # noqa: E402
 from kcache_dist.config import GPU_ROW_CACHE_FACTOR  # noqa: E402
 from kcache_dist.kcache import teacher_forced  # noqa: E402
-from selection_reuse import recently_picked  # noqa: E402
+from selection_reuse import cache_rows, recently_picked  # noqa: E402
 
 
 DEFAULT_ACCURACY_ARGS = ["--contexts", "2048,4096,8192", "--ladder", "256,1024", "--scaled", "",
@@ -94,7 +94,7 @@ def deferring_attention(replay: DeferredMisses, original=teacher_forced.sparse_d
     """`original` (teacher_forced.sparse_decode_attention) with `replay`'s filter of each call's
     layer, for a cache of GPU_ROW_CACHE_FACTOR x top_n positions."""
     def deferring(q, keys, values, start, kcache, top_n_at, scale, *args, **kwargs):
-        capacity = int(GPU_ROW_CACHE_FACTOR * top_n_at(start + q.shape[0]))
+        capacity = cache_rows(GPU_ROW_CACHE_FACTOR, top_n_at(start + q.shape[0]))
         return original(q, keys, values, start, kcache, top_n_at, scale, *args,
                         **{**kwargs, "keep_picks": replay.filter(keys.data_ptr(), capacity)})
     return deferring

@@ -92,6 +92,13 @@ class PickLog:
                     self.candidates[layer, h][first + i] = top[h, i, picked:count]
 
 
+def cache_rows(factor: float, top_n: int) -> int:
+    """Positions a cache of `factor` x top_n holds in this study (rounded to nearest; the engine's
+    `KCacheConfig.row_cache_rows` rounds up: the same wherever factor x top_n is whole, as in every
+    run recorded here)."""
+    return int(round(factor * top_n))
+
+
 def recently_picked(last: np.ndarray, capacity: int) -> np.ndarray:
     """The positions a cache of the `capacity` most recently picked ones holds, given last[p], the
     step that last picked position p (-1: never); ties at the edge: any of them."""
@@ -216,14 +223,14 @@ def reuse(log: PickLog, top_n: int, factors: list[float], context: int, prefetch
     for rows in log.picks.values():
         steps = [rows[p] for p in sorted(rows)]
         for f in factors:
-            h, n = cache_hits(steps, int(round(f * top_n)), context)
+            h, n = cache_hits(steps, cache_rows(f, top_n), context)
             hits[f] += h
             if f >= 1:
-                best[f] += farthest_next_use_hits(steps, int(round(f * top_n)), context)[0]
-                frequent[f] += decayed_frequency_hits(steps, int(round(f * top_n)), context)[0]
+                best[f] += farthest_next_use_hits(steps, cache_rows(f, top_n), context)[0]
+                frequent[f] += decayed_frequency_hits(steps, cache_rows(f, top_n), context)[0]
         total += n
     all_rows = [[rows[p] for p in sorted(rows)] for rows in log.picks.values()]
-    engine = {f: engine_cache_hits(all_rows, int(round(f * top_n)), context) for f in factors if f >= 1}
+    engine = {f: engine_cache_hits(all_rows, cache_rows(f, top_n), context) for f in factors if f >= 1}
     return {"picks": total, "hit_rate": {str(f): hits[f] / total if total else None for f in factors},
             "engine_cache_hit_rate": {str(f): h / n if n else None for f, (h, n) in engine.items()},
             "optimal_hit_rate": {str(f): best[f] / total if total else None for f in factors if f >= 1},
@@ -236,7 +243,7 @@ def prefetch(log: PickLog, top_n: int, context: int, ranks: list[int]) -> dict:
     """`prefetch_coverage` summed over the log's (layer, KV head) rows, per k of `ranks`."""
     if not ranks or not log.candidates:
         return {}
-    capacity = int(round(GPU_ROW_CACHE_FACTOR * top_n))
+    capacity = cache_rows(GPU_ROW_CACHE_FACTOR, top_n)
     out = {}
     for k in ranks:
         missed = covered = copied = steps_seen = 0
@@ -321,7 +328,7 @@ def main(argv=None) -> dict:
         row_bytes = head_dim * torch.finfo(dtype).bits // 8
         cached_row_bytes = row_bytes * settings[0].host_rows_per_position  # V, or K | V
         rows.append({"context": context, "top_n": top_n, **r,
-                     "cache_bytes_per_sequence": {str(f): int(round(f * top_n)) * cached_row_bytes * sparse_layers
+                     "cache_bytes_per_sequence": {str(f): cache_rows(f, top_n) * cached_row_bytes * sparse_layers
                                                   * num_kv_heads for f in factors},
                      "host_v_bytes_per_sequence": context * row_bytes * sparse_layers * num_kv_heads})
         print(f"context {context} top_n {top_n}: hit rate " + ", ".join(
