@@ -489,6 +489,40 @@ FP8_VALUES_SCRIPT = textwrap.dedent("""
 """)
 
 
+STRIDED_QUERY_SCRIPT = textwrap.dedent("""
+    import torch
+    from test_kcache_reference import paged_inputs
+    from kcache_dist.kcache.reference import kcache_decode_reference
+    from kcache_dist.kcache.selection import SelectionSpec
+    from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton
+    seed = {seed}
+    spec, lens = SelectionSpec(5, 2, 6, True, "max"), [70, 40, 33]
+    q, kp, vp, vh, bt, slots, _, _ = paged_inputs(3, 1, 2, 16, lens, 8, spec, torch.float32, seed=seed)
+    ref = kcache_decode_reference(q, kp, vp, vh, bt, lens, slots, spec, 0.25)
+    # as `KVHeadReplicas.whole_groups` gives it at TP=4 with 2 KV heads: 2 of 4 ranks' heads, rows 4 heads apart
+    everyone = torch.randn(3, 4, 1, 16)
+    everyone[:, 2:4] = q.view(3, 2, 1, 16)
+    strided = everyone[:, 2:4].reshape(3, 2, 16)
+    assert not strided.is_contiguous() and torch.equal(strided, q)
+    for mode in ("fused", "row"):
+        cfg = KPassConfig(split=32, block_n=16, sel_tile=16, key_tile=32, scratch_extra=64, select_warps=4,
+                          select_mode=mode)
+        out = kcache_decode_triton(strided, kp, vp, vh, bt, torch.tensor(lens), torch.tensor(slots), spec, 0.25,
+                                   cfg=cfg)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < 1e-5, (mode, err)
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_strided_query_under_interpreter():
+    """A query that is a strided view (the gathered query group of a KV head replicated over ranks)
+    gives the reference's output: the kernels read a contiguous copy."""
+    seed = fresh_seed()
+    run_under_triton_interpreter(STRIDED_QUERY_SCRIPT.format(seed=seed), seed, timeout_s=120)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_fp8_host_values_kernels_under_interpreter():
     """float8 far rows (directly and through a row cache of float8 rows) times their scales give the

@@ -128,14 +128,19 @@ def test_rank_killed_mid_generation_ends_the_job(tiny_llama_dir):
     assert "lost rank(s) [1]" in (outcomes[0].error or "") + outcomes[0].output
 
 
-def _launch(command: list[str], timeout_s: float = 180) -> list[list[int]]:
+def launch_runs(command: list[str], num_runs: int, timeout_s: float = 180) -> list[list[list[int]]]:
+    """The token ids of each of the `num_runs` runs that a launched generate.py job prints."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [l for l in done.stdout.splitlines() if l.startswith("TOKENS ")]
-    assert len(lines) == 1, done.stdout[-3000:]
-    return json.loads(lines[0][len("TOKENS "):])
+    assert len(lines) == num_runs, done.stdout[-3000:]
+    return [json.loads(line[len("TOKENS "):]) for line in lines]
+
+
+def _launch(command: list[str]) -> list[list[int]]:
+    return launch_runs(command, 1)[0]
 
 
 SCRIPT = os.path.join("tests", "dist_scripts", "generate.py")

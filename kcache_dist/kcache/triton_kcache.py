@@ -696,6 +696,7 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     caller-owned int32 buffer of at least B * Hkv * max(top_n, 1) elements for idx.
     """
     cfg = cfg or KPassConfig()
+    q = q.contiguous()  # the K pass reads q densely (a replicated KV head's gathered group is a strided view)
     B, Hq, D = q.shape
     _, Hkv, bs, _ = k_cache.shape
     G = Hq // Hkv
@@ -915,8 +916,9 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     out_part = torch.empty(parts if parts > 1 else 1, all_q_rows if parts > 1 else 1, D, dtype=torch.float32,
                            device=dev)
     z_part = torch.empty(out_part.shape[:2], dtype=torch.float32, device=dev)
-    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, scales, bt, vhot, q if exact_k else vhot,
-                                      khot, seq, slots, out, out_part, z_part, spec.sink_tokens, spec.recent_window,
+    _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, scales, bt, vhot,
+                                      q.contiguous() if exact_k else vhot, khot, seq, slots, out, out_part, z_part,
+                                      spec.sink_tokens, spec.recent_window,
                                       top_n, sel.scores.stride(1), max(hot_rows, 1), picks_per_part, scale * LOG2E,
                                       bt.stride(0), HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
                                       R=rows_per_step, RENORM=spec.renormalize, HAS_FAR_ROW=far_rows is not None,
@@ -951,6 +953,7 @@ def kcache_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_host: torch.T
     """
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item())
+    q = q.contiguous()  # the kernels read q densely
     seq_dev = seq_lens.to(q.device)
     bt_dev = block_tables.to(q.device)
     sel = score_and_select(q, k_cache, bt_dev, seq_dev, max_seq_len, spec, scale, cfg, k_scales=k_scales)
