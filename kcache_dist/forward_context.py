@@ -25,8 +25,6 @@ class ForwardContext:
     hot_slots [B] int64 (device) and hot_slots_list: each sequence's row of per-sequence buffers
     (KCache keeps its sink and recent-window V rows there).
     kv_cache: the cache object whose `attend(layer_idx, q, k, v, ctx)` runs attention.
-    fetch_grid: CTAs of KCache's zero-copy V gather (None: its default, 2 per SM). A micro-batched
-    step gives a small grid, so that the gather leaves SMs to the other micro-batch's kernels.
     token_seqs [T] int64 (device): the sequence (0..B-1) of each new token, for work per token that
     must not wait on the host (set by the model runner's steps; None in the decode-only contexts of
     CUDA graphs and the teacher-forced emulation, which do not use it).
@@ -46,7 +44,6 @@ class ForwardContext:
     hot_slots: torch.Tensor
     hot_slots_list: list[int]
     kv_cache: Any
-    fetch_grid: Optional[int] = None
     token_seqs: Optional[torch.Tensor] = None
     block_tables_host: Optional[np.ndarray] = None
 

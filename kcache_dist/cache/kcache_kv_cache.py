@@ -147,7 +147,6 @@ class KCacheKVCache:
             group_out = kcache_decode(replicas.whole_groups(q[:nd]), k_cache, host_rows, v_hot, ctx.block_tables[:nd],
                                       ctx.seq_lens[:nd], ctx.hot_slots[:nd], ctx.seq_lens_list[:nd],
                                       ctx.hot_slots_list[:nd], self.spec, scale, max_seq_len=ctx.max_seq_len,
-                                      fetch_grid=ctx.fetch_grid,
                                       row_cache=self.row_cache.layer(sparse) if self.row_cache else None,
                                       k_scales=self.k_scales[sparse] if fp8 else None,
                                       k_hot=self.k_hot[sparse] if fp8 else None,

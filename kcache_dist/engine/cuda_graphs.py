@@ -31,7 +31,7 @@ import torch
 
 from ..forward_context import ForwardContext
 from .block_table_rows import cache_slots
-from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, part_bounds, run_interleaved
+from .micro_batches import MicroBatchStreams, part_bounds, run_interleaved
 from .step_plan import StepPlan
 
 PAD_SLOT = -1  # cache slot of a padding row: the store kernels skip it
@@ -153,9 +153,7 @@ class DecodeGraphs:
             return self.model(ids[:batch], ctx.positions, ctx)
         inputs = []
         for a, b in zip(bounds, bounds[1:]):
-            ctx = self._context(slice(a, b), context)
-            ctx.fetch_grid = MICRO_BATCH_FETCH_GRID
-            inputs.append((ids[a:b], ctx))
+            inputs.append((ids[a:b], self._context(slice(a, b), context)))
         return torch.cat(run_interleaved(self.model, inputs, self.streams.get(len(inputs))))
 
     def _capture(self, batch: int, context: int, micro_batches: int) -> _Graph:

@@ -16,11 +16,6 @@ import torch
 from ..forward_context import ForwardContext
 from ..parallel import all_reduce_slot
 
-# CTAs of the zero-copy V gather in a micro-batched step: beside a K pass on another stream, a
-# 32-CTA gather hid 52-59% of itself and a full-grid one none (benchmarks/notes/kcache_triton.md, iv)
-MICRO_BATCH_FETCH_GRID = 32
-
-
 def part_bounds(num_rows: int, parts: int) -> list[int]:
     """Bounds [0, ..., num_rows] of `parts` contiguous groups of near-equal size (at most num_rows
     groups, at least one)."""

@@ -24,7 +24,7 @@ from ..parallel import (KVHeadReplicas, all_reduce_min, current_state, disable_t
                         enable_two_shot_all_reduce)
 from .block_table_rows import BlockTableRows, cache_slots
 from .cuda_graphs import DecodeGraphs, graphs_enabled
-from .micro_batches import MICRO_BATCH_FETCH_GRID, MicroBatchStreams, run_interleaved
+from .micro_batches import MicroBatchStreams, run_interleaved
 from .step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,6 @@ class ModelRunner:
         """Run the plans `parts` (the micro-batches of one decode step) op by op, interleaved block
         by block, part i on stream i (`micro_batches.run_interleaved`). Logits in part order."""
         prepared = [self._prepare(part) for part in parts]
-        for _, ctx, _ in prepared:
-            ctx.fetch_grid = MICRO_BATCH_FETCH_GRID
         last = run_interleaved(self.model, [(ids, ctx) for ids, ctx, _ in prepared],
                                self.micro_batch_streams.get(len(parts)))
         hidden = torch.cat([h[rows] for h, (_, _, rows) in zip(last, prepared)])
