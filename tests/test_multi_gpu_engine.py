@@ -1,10 +1,11 @@
 """Tensor parallelism on several GPUs: `mpirun -np N` ranks, one GPU each, NCCL (and the two-shot
 all-reduce), CUDA-graph decode, pinned host V pools, give the greedy tokens of one GPU, in full mode
 and in KCache mode with every sparse layer picking (max and sum over the query group, fp8 scoring
-keys, fp8 host values, two micro-batches, op by op). With more ranks than KV heads (the tiny
-models at TP=4, a one-KV-head model at TP=2) each KV head is on several ranks, each with part of its
-query heads (`parallel/kv_head_replicas.py`). float32, so that the row-parallel
-all-reduce's summation order does not flip a token. Skipped with fewer GPUs than the TP size or
+keys, fp8 host values, two micro-batches, op by op). With more ranks than KV heads each KV head is
+on several ranks, each with part of its query heads (`parallel/kv_head_replicas.py`): the tiny
+Llama (2 KV heads) at TP=4, where a KV head's gathered query group is a strided view of the
+all-gather, and a one-KV-head model at TP=2, where it is all of it. float32, so that the
+row-parallel all-reduce's summation order does not flip a token. Skipped with fewer GPUs than the TP size or
 without mpirun; tests/test_tp_engine.py runs the same checks on CPU ranks over gloo."""
 
 from __future__ import annotations
@@ -57,5 +58,9 @@ def test_tp_on_gpus_equals_one_gpu(tp, fixture, request):
     command = [MPIRUN, *mpirun_flags(MPIRUN), "-np", str(tp), sys.executable, SCRIPT, "--model", model_dir,
                "--tp", str(tp), "--device", "cuda", "--max-tokens", str(MAX_TOKENS), "--runs", json.dumps(runs)]
     tokens = launch_runs(command, len(runs), timeout_s=600)
-    differ = [name for (name, _), a, b in zip(RUNS, reference, tokens) if a != b]
-    assert not differ, f"TP={tp} differs from one GPU in {differ}"
+    differ = {name: _first_difference(a, b) for (name, _), a, b in zip(RUNS, reference, tokens) if a != b}
+    assert not differ, f"TP={tp} differs from one GPU (run: first differing token per prompt): {differ}"
+
+
+def _first_difference(a: list[list[int]], b: list[list[int]]) -> list:
+    return [next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), None) for x, y in zip(a, b)]
