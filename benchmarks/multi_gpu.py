@@ -23,7 +23,8 @@ after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, 
               two-shot all-reduce (--two-shot-all-reduce), and what the all-reduces cost a step
               with and without the overlap or the two-shot kernel (the steps timed without them).
   throughput  `benchmarks/throughput.py` under each `mpirun -np N` (N=1: one process on one GPU) at
-              each context, each mode at its planned largest batch, whole and in --micro-batches:
+              each context, each mode at its planned largest batch (at most --max-batch-per-gpu
+              x N), whole and in --micro-batches:
               total and per-GPU decode tokens/s; TP scaling against the TP=1 result in --out-dir
               (so the sizes can be run in separate calls: --tp 1,2 then --tp 4).
 """
@@ -236,7 +237,7 @@ def part_throughput(args) -> dict:
         for tp in args.tps:
             path = os.path.join(args.out_dir, f"throughput_tp{tp}_{context}.json")
             script = [os.path.join(ROOT, "benchmarks", "throughput.py"), "--contexts", str(context), *common,
-                      "--out", path]
+                      "--max-batch", str(args.max_batch_per_gpu * tp), "--out", path]
             cmd = [sys.executable, *script] if tp == 1 else ["mpirun", *mpirun_flags(), "-np", str(tp), sys.executable,
                                                              *script]
             env = _env(CUDA_VISIBLE_DEVICES="0") if tp == 1 else _env()
@@ -302,6 +303,8 @@ def main() -> None:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="throughput.py --enforce-eager (no CUDA graphs); default: the engine's, CUDA graphs")
     p.add_argument("--micro-batches", default="1,2", help="throughput.py --micro-batches")
+    p.add_argument("--max-batch-per-gpu", type=int, default=512,
+                   help="throughput.py --max-batch is this times the TP size, so the cap grows with the memory")
     p.add_argument("--modes", default="kcache,full", help="throughput.py --modes")
     p.add_argument("--all-reduce", default="nccl", choices=list(ALL_REDUCES), help="throughput.py --all-reduce")
     p.add_argument("--row-cache-factor", type=float, default=None,
