@@ -126,7 +126,7 @@ def _run(cmd: list[str], log_path: str, timeout_s: float, env: dict) -> dict:
     return {"cmd": " ".join(cmd), "exit_code": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _first_difference(a: list[list[int]], b: list[list[int]]) -> list:
+def first_difference(a: list[list[int]], b: list[list[int]]) -> list:
     """Per prompt: None if equal, else the first index where the token ids differ."""
     out = []
     for x, y in zip(a, b):
@@ -149,7 +149,7 @@ def part_greedy(args, model_dir: str) -> dict:
             many = json.load(f)
         for run, tokens in many["modes"].items():  # two-shot runs against TP=1 of their mode
             a, b = one["modes"][run.removesuffix("_two_shot")]["token_ids"], tokens["token_ids"]
-            out[f"tp{tp}_{run}"] = {"equal": a == b, "first_difference_per_prompt": _first_difference(a, b)}
+            out[f"tp{tp}_{run}"] = {"equal": a == b, "first_difference_per_prompt": first_difference(a, b)}
     numa = []
     for rank in range(args.tp):
         with open(os.path.join(args.out_dir, f"greedy_tp{args.tp}.json.rank{rank}.numa.json")) as f:

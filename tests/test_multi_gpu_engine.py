@@ -21,7 +21,10 @@ import torch
 from conftest import save_tiny_model
 from dist_scripts.generate import PROMPTS, engine_arguments, generate
 from kcache_dist.parallel.launcher import mpirun_flags
-from test_tp_engine import KCACHE_FP8, KCACHE_FP8_VALUES, KCACHE_PICKING, SCRIPT, launch_runs
+from test_tp_engine import KCACHE_FP8, KCACHE_FP8_VALUES, KCACHE_PICKING, ROOT, SCRIPT, launch_runs
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from multi_gpu import first_difference  # noqa: E402
 
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
 FLOAT32 = {"dtype": "float32"}
@@ -58,9 +61,5 @@ def test_tp_on_gpus_equals_one_gpu(tp, fixture, request):
     command = [MPIRUN, *mpirun_flags(MPIRUN), "-np", str(tp), sys.executable, SCRIPT, "--model", model_dir,
                "--tp", str(tp), "--device", "cuda", "--max-tokens", str(MAX_TOKENS), "--runs", json.dumps(runs)]
     tokens = launch_runs(command, len(runs), timeout_s=600)
-    differ = {name: _first_difference(a, b) for (name, _), a, b in zip(RUNS, reference, tokens) if a != b}
+    differ = {name: first_difference(a, b) for (name, _), a, b in zip(RUNS, reference, tokens) if a != b}
     assert not differ, f"TP={tp} differs from one GPU (run: first differing token per prompt): {differ}"
-
-
-def _first_difference(a: list[list[int]], b: list[list[int]]) -> list:
-    return [next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), None) for x, y in zip(a, b)]

@@ -111,4 +111,3 @@ class PrefillHostReads:
         if reads.done is not None:
             torch.cuda.current_stream(self.device).wait_event(reads.done)
         return {i: out.transpose(0, 1).flatten(1, 2)[:, :reads.lengths[i]] for i, out in reads.blocks.items()}
-
