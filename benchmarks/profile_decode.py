@@ -18,7 +18,10 @@ which gives what the all-reduces cost a step, whole and split, and the fraction 
 split hides, for the eager steps and for the graphs; with --two-shot-all-reduce also for the graphs
 of the step whole and split whose all-reduces go through torch's symmetric-memory two-shot kernel
 (`ParallelConfig.all_reduce="two_shot"`) instead of NCCL, and the share of the NCCL all-reduces'
-cost that this cuts. For the eager forward
+cost that this cuts; and ("overall") what each split step pays over the faster of the steps
+without all-reduces, against what they add to the whole step. The times are rank 0's; every rank
+times every path, and each rank's medians are listed (`per_rank_device_ms_median`): with the
+all-reduces every rank waits for the slowest, so a slow rank would pass for all-reduce cost. For the eager forward
 also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
 are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
 plan's blocks hold (said in the output) when the request is larger.
@@ -50,7 +53,7 @@ from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
 from kcache_dist.parallel import (current_state, disable_two_shot_all_reduce, enable_two_shot_all_reduce,  # noqa: E402
-                                  init_parallel, launched_world_size, strip_local_rank_arg)
+                                  init_parallel, launched_world_size, strip_local_rank_arg, tp_gather_objects)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,19 +161,35 @@ def _with_two_shot(run, runner, slots: int):
     return run_two_shot
 
 
-def all_reduce_overlap(timings: dict, whole: str, split: str) -> dict:
+def all_reduce_overlap(step_ms: dict, whole: str, split: str) -> dict:
     """What the all-reduces add to a step of path `whole` and of its overlapped form `split`
-    (micro-batches, or the two-shot all-reduce; with - without them, median device ms), and the
-    fraction of it the split hides (or cuts): 1 - split cost / whole cost."""
-    cost = {name: timings[name]["device_ms_median"] - timings[name + "_no_all_reduce"]["device_ms_median"]
-            for name in (whole, split) if name in timings and name + "_no_all_reduce" in timings}
+    (micro-batches, or the two-shot all-reduce; with - without them, from `step_ms`: path name ->
+    median device ms), and the fraction of it the split hides (or cuts): 1 - split cost / whole cost.
+    Also what the split step pays over the faster of the two steps without all-reduces, and the
+    fraction of the whole step's all-reduce cost this hides ("overall"): a split that slows the
+    step's own work counts against it, one that speeds it up does not count for it."""
+    cost = {name: step_ms[name] - step_ms[name + "_no_all_reduce"]
+            for name in (whole, split) if name in step_ms and name + "_no_all_reduce" in step_ms}
     if whole not in cost:
         return {}
     out = {f"all_reduce_ms_{whole}": cost[whole]}
     if split in cost:
-        out.update({f"all_reduce_ms_{split}": cost[split],
-                    f"all_reduce_hidden_fraction_{split}": 1 - cost[split] / cost[whole] if cost[whole] > 0 else None})
+        overall = step_ms[split] - min(step_ms[whole + "_no_all_reduce"], step_ms[split + "_no_all_reduce"])
+        hidden = (lambda c: 1 - c / cost[whole] if cost[whole] > 0 else None)
+        out.update({f"all_reduce_ms_{split}": cost[split], f"all_reduce_hidden_fraction_{split}": hidden(cost[split]),
+                    f"all_reduce_ms_{split}_overall": overall,
+                    f"all_reduce_hidden_fraction_{split}_overall": hidden(overall)})
     return out
+
+
+def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
+    """`all_reduce_overlap` of every pair profile_mode times: micro-batches against the whole step
+    (eager and graphs), the two-shot all-reduce against NCCL's, and both against the two-shot alone."""
+    m = micro_batches
+    return {**all_reduce_overlap(step_ms, "eager", f"eager_{m}_micro_batches"),
+            **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
+            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
+            **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot")}
 
 
 def graph_path(runner, micro_batches: int, own_graphs: bool):
@@ -244,10 +263,9 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
         picks = steps_run * batch * len(row_cache.rows) * row_cache.rows[0].shape[1] * min(
             args.top_n, args.context - runner.config.kcache.sink_tokens - runner.config.kcache.recent_window)
         hit_rate = 1.0 - (int(row_cache.misses.sum()) - misses_before) / picks
-    overlap = {**all_reduce_overlap(timings, "eager", f"eager_{m}_micro_batches"),
-               **all_reduce_overlap(timings, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
-               **all_reduce_overlap(timings, "cuda_graph", "cuda_graph_two_shot"),
-               **all_reduce_overlap(timings, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot")}
+    medians = {name: t["device_ms_median"] for name, t in timings.items()}
+    per_rank = tp_gather_objects(medians)  # a rank slower than the others would pass for all-reduce cost
+    overlap = all_reduce_overlaps(medians, m)
     if before_step is not None:
         before_step()  # the profiled step misses as the timed ones do
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -262,12 +280,16 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
               "row_cache_hit_rate_requested": args.row_cache_hit_rate if row_cache is not None else None,
               "row_cache_hit_rate_measured": hit_rate,
               **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},
+              "per_rank_device_ms_median": {name: [rank[name] for rank in per_rank] for name in medians},
               "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows, **overlap}
     if rank0:
         cached = f", row cache hit rate {hit_rate:.3f}" if hit_rate is not None else ""
         print(f"\n== {mode} batch {batch} @ {args.context}, TP={current_state().tp_size}{cached}: " + "; ".join(
             f"{name} device {t['device_ms_median']:.2f} ms, host until return {t['host_ms_median']:.2f} ms"
             for name, t in timings.items()), flush=True)
+        if len(per_rank) > 1:
+            print("  per rank: " + "; ".join(f"{name} " + " / ".join(f"{rank[name]:.2f}" for rank in per_rank) + " ms"
+                                            for name in medians if name.endswith("_no_all_reduce")), flush=True)
         if overlap:
             print("  all-reduce: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in overlap.items()),
                   flush=True)

@@ -11,7 +11,7 @@ from dist_scripts.multiprocess import run_ranks
 
 def _collectives_on_rank(inputs: list[dict]) -> dict:
     from kcache_dist.parallel import (all_reduce_min, barrier, current_state, dp_gather_objects, tp_all_reduce,
-                                      tp_broadcast_object, tp_gather_last_dim)
+                                      tp_broadcast_object, tp_gather_last_dim, tp_gather_objects)
 
     state = current_state()
     mine = inputs[state.rank]
@@ -19,11 +19,12 @@ def _collectives_on_rank(inputs: list[dict]) -> dict:
     reduced_transposed = tp_all_reduce(mine["reduce"].clone().t())  # not contiguous
     gathered = tp_gather_last_dim(mine["gather"])
     plan = tp_broadcast_object({"from_rank": state.rank, "plan": mine["plan"]})
+    group_blocks = tp_gather_objects({"from_rank": state.rank, "blocks": mine["blocks"]})
     replicas = dp_gather_objects({"from_rank": state.rank, "blocks": mine["blocks"]})
     smallest = all_reduce_min(mine["blocks"])
     barrier()
     return {"state": state, "reduced": reduced, "reduced_transposed": reduced_transposed, "gathered": gathered,
-            "plan": plan, "replicas": replicas, "min": smallest}
+            "plan": plan, "group_blocks": group_blocks, "replicas": replicas, "min": smallest}
 
 
 def _random_inputs(world: int) -> list[dict]:
@@ -55,6 +56,7 @@ def test_collectives_match_single_process(world, tp):
         assert out["plan"]["from_rank"] == group[0]
         assert out["plan"]["plan"]["seq_ids"] == inputs[group[0]]["plan"]["seq_ids"]
         torch.testing.assert_close(out["plan"]["plan"]["positions"], inputs[group[0]]["plan"]["positions"])
+        assert out["group_blocks"] == [{"from_rank": r, "blocks": inputs[r]["blocks"]} for r in group]
         if rank == 0:
             assert out["replicas"] == [{"from_rank": r, "blocks": inputs[r]["blocks"]} for r in leaders]
         else:
@@ -74,7 +76,7 @@ def test_single_process_collectives_do_not_touch_torch_distributed(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("torch.distributed was called in a single-process job")
 
-    for name in ("all_reduce", "all_gather", "broadcast_object_list", "gather_object", "barrier", "new_group",
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast_object_list", "gather_object", "barrier", "new_group",
                  "init_process_group"):
         monkeypatch.setattr(dist, name, forbidden)
     state = parallel.init_parallel(1)
@@ -87,6 +89,7 @@ def test_single_process_collectives_do_not_touch_torch_distributed(monkeypatch):
         plan = {"ids": torch.randint(0, 99, (3,)).tolist()}
         assert parallel.tp_broadcast_object(plan) is plan
         assert parallel.dp_gather_objects(plan) == [plan]
+        assert parallel.tp_gather_objects(plan) == [plan]
         assert parallel.all_reduce_min(17) == 17
         parallel.barrier()
         with pytest.raises(ValueError, match=r"tensor_parallel_size 2 needs 2 processes.*world size 1"):

@@ -161,19 +161,30 @@ def test_profile_all_reduce_overlap_from_timings():
     them; the hidden fraction compares the overlapped path's cost (micro-batches), or the two-shot
     all-reduce's, with the whole one's."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from profile_decode import all_reduce_overlap
+    from profile_decode import all_reduce_overlap, all_reduce_overlaps
 
     ms = {"cuda_graph": 30.0, "cuda_graph_no_all_reduce": 20.0, "cuda_graph_2_micro_batches": 26.0,
           "cuda_graph_2_micro_batches_no_all_reduce": 24.0, "cuda_graph_two_shot": 23.5,
           "cuda_graph_two_shot_no_all_reduce": 21.0, "eager": 50.0}
-    timings = {name: {"device_ms_median": v} for name, v in ms.items()}
-    out = all_reduce_overlap(timings, "cuda_graph", "cuda_graph_2_micro_batches")
-    assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_2_micro_batches": 2.0,
-                                 "all_reduce_hidden_fraction_cuda_graph_2_micro_batches": 0.8})
-    out = all_reduce_overlap(timings, "cuda_graph", "cuda_graph_two_shot")
-    assert out == pytest.approx({"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_two_shot": 2.5,
-                                 "all_reduce_hidden_fraction_cuda_graph_two_shot": 0.75})
-    assert all_reduce_overlap(timings, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
+    # the split's own work is slower (24 vs 20 ms without all-reduces): overall it pays 6 of the 10 ms
+    split = {"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_2_micro_batches": 2.0,
+             "all_reduce_hidden_fraction_cuda_graph_2_micro_batches": 0.8,
+             "all_reduce_ms_cuda_graph_2_micro_batches_overall": 6.0,
+             "all_reduce_hidden_fraction_cuda_graph_2_micro_batches_overall": 0.4}
+    assert all_reduce_overlap(ms, "cuda_graph", "cuda_graph_2_micro_batches") == pytest.approx(split)
+    # the two-shot step's own work is slower too (21 ms): 2.5 ms against 3.5 overall
+    two_shot = {"all_reduce_ms_cuda_graph": 10.0, "all_reduce_ms_cuda_graph_two_shot": 2.5,
+                "all_reduce_hidden_fraction_cuda_graph_two_shot": 0.75,
+                "all_reduce_ms_cuda_graph_two_shot_overall": 3.5,
+                "all_reduce_hidden_fraction_cuda_graph_two_shot_overall": 0.65}
+    assert all_reduce_overlap(ms, "cuda_graph", "cuda_graph_two_shot") == pytest.approx(two_shot)
+    # a split whose own work is faster (18 ms) is measured from there, not from the whole step's 20
+    faster = all_reduce_overlap({**ms, "cuda_graph_2_micro_batches_no_all_reduce": 18.0}, "cuda_graph",
+                                "cuda_graph_2_micro_batches")
+    assert faster["all_reduce_ms_cuda_graph_2_micro_batches"] == pytest.approx(8.0)
+    assert faster["all_reduce_ms_cuda_graph_2_micro_batches_overall"] == pytest.approx(8.0)
+    assert all_reduce_overlap(ms, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
+    assert all_reduce_overlaps(ms, 2) == pytest.approx({**split, **two_shot})
 
 
 def test_profile_fills_float8_key_pools():

@@ -173,6 +173,18 @@ def tp_broadcast_object(obj: Any) -> Any:
     return holder[0]
 
 
+def tp_gather_objects(obj: Any) -> list:
+    """[obj of TP rank 0, obj of TP rank 1, ...] (picklable) on every rank of the TP group, e.g.
+    each rank's own timings."""
+    state = current_state()
+    if state.tp_size == 1:
+        return [obj]
+    gathered: list = [None] * state.tp_size
+    with peer_failures_as_rank_lost("tp_gather_objects", state.tp_group_ranks, TP_GROUP):
+        _dist().all_gather_object(gathered, obj, group=current_groups().tp_group)
+    return gathered
+
+
 def dp_gather_objects(obj: Any) -> Optional[list]:
     """Global rank 0 gets [obj of TP group 0's leader, obj of TP group 1's leader, ...] (DP rank
     order); every other rank gets None. Only the TP leaders (tp_rank 0) communicate; the other
