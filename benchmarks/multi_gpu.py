@@ -254,31 +254,48 @@ def part_throughput(args) -> dict:
     return runs
 
 
+SCALING_SETUP_ARGS = ("model", "dtype", "host_memory_gb", "all_reduce", "enforce_eager", "top_n", "dense_layers",
+                      "sink_tokens", "recent_window", "group_reduce", "renormalize", "row_cache_factor",
+                      "scoring_keys", "host_values", "decode_tokens")
+
+
+def _setup(result: dict) -> dict:
+    """What must match for two throughput.py results to be compared: the card and the settings."""
+    args = result.get("args", {})
+    return {"device": result.get("device", {}).get("name"), **{k: args.get(k) for k in SCALING_SETUP_ARGS}}
+
+
 def tp_scaling(out_dir: str, contexts: list[int]) -> list[dict]:
     """Per context, mode and TP size found in `out_dir`: the fastest decode tokens/s at the largest
-    batch, per GPU, against TP=1, and KCache over full at that size."""
+    batch, per GPU, against TP=1, and KCache over full at that size. A result whose card or settings
+    differ from TP=1's (e.g. a file left from another run) is not divided by it: `over_tp1` is None
+    and `setup_differs_from_tp1` names what differs."""
     rows = []
     for context in contexts:
-        best = {}  # (tp, mode) -> point
+        best, setups = {}, {}  # (tp, mode) -> point; tp -> _setup
         for name in os.listdir(out_dir):
             prefix, suffix = "throughput_tp", f"_{context}.json"
             if not (name.startswith(prefix) and name.endswith(suffix)):
                 continue
             tp = int(name[len(prefix):-len(suffix)])
             with open(os.path.join(out_dir, name)) as f:
-                points = json.load(f)["points"]
+                result = json.load(f)
+            setups[tp] = _setup(result)
             for mode in MODES:
-                mine = [p for p in points if p["mode"] == mode]
+                mine = [p for p in result["points"] if p["mode"] == mode]
                 if mine:
                     top = max(p["batch"] for p in mine)
                     best[tp, mode] = max((p for p in mine if p["batch"] == top), key=lambda p: p["decode_tokens_per_s"])
         for (tp, mode), p in sorted(best.items()):
             one = best.get((1, mode))
             full = best.get((tp, "full"))
+            differs = sorted(k for k, v in setups[tp].items() if 1 in setups and setups[1][k] != v)
+            comparable = one is not None and not differs
             rows.append({"context": context, "tp": tp, "mode": mode, "batch": p["batch"],
                          "micro_batches": p["micro_batches"], "decode_tokens_per_s": p["decode_tokens_per_s"],
                          "per_gpu_decode_tokens_per_s": p["decode_tokens_per_s"] / tp,
-                         "over_tp1": p["decode_tokens_per_s"] / one["decode_tokens_per_s"] if one else None,
+                         "over_tp1": p["decode_tokens_per_s"] / one["decode_tokens_per_s"] if comparable else None,
+                         "setup_differs_from_tp1": differs,
                          "kcache_over_full": (p["decode_tokens_per_s"] / full["decode_tokens_per_s"]
                                               if mode == "kcache" and full else None)})
     return rows

@@ -12,19 +12,24 @@ runs through `ModelRunner.execute` (forward + logits; no scheduling, sampling or
 Reported per mode, for the eager forward, the eager forward split into --micro-batches
 micro-batches on as many CUDA streams, and the CUDA-graph replay of the step whole and split: the
 step's device time (CUDA events from the first launch to the end of the step, so an eager step
-slowed by its launches counts as slow) and the host time until the call returns. Under tensor
-parallelism every path is also timed with the all-reduces left out (graphs captured without them),
-which gives what the all-reduces cost a step, whole and split, and the fraction of that cost the
-split hides, for the eager steps and for the graphs; with --two-shot-all-reduce also for the graphs
-of the step whole and split whose all-reduces go through torch's symmetric-memory two-shot kernel
-(`ParallelConfig.all_reduce="two_shot"`) instead of NCCL, and the share of the NCCL all-reduces'
-cost that this cuts; and ("overall") what each split step pays over the faster of the steps
-without all-reduces, against what they add to the whole step. The times are rank 0's; every rank
-times every path, and each rank's medians are listed (`per_rank_device_ms_median`): with the
-all-reduces every rank waits for the slowest, so a slow rank would pass for all-reduce cost. For the eager forward
-also the `torch.profiler` table of device time per kernel name (an op and the kernels it launches
-are both listed, so the shares overlap). Printed and written to --out. The batch is cut to what the
-plan's blocks hold (said in the output) when the request is larger.
+slowed by its launches counts as slow) and the host time until the call returns.
+
+Under tensor parallelism the ranks meet at a barrier before each timed step, and every path is also
+timed with the all-reduces left out (graphs captured without them; the logits' gather too, so each
+rank runs on its own). That gives what the all-reduces cost a step, whole and split, and the
+fraction of that cost the split hides, for the eager steps and for the graphs; with
+--two-shot-all-reduce also for the graphs of the step whole and split whose all-reduces go through
+torch's symmetric-memory two-shot kernel (`ParallelConfig.all_reduce="two_shot"`) instead of
+NCCL, and the share of the NCCL all-reduces' cost that this cuts; and ("overall") what each split
+step pays over the faster of the steps without all-reduces, against what they add to the whole
+step. The times are rank 0's; every rank times every path, and each rank's medians are listed
+(`per_rank_device_ms_median`): with the all-reduces every rank waits for the slowest, so a slow
+rank would pass for all-reduce cost.
+
+The row cache's hit rate is over the timed steps. For the eager forward also the `torch.profiler`
+table of device time per kernel name (an op and the kernels it launches are both listed, so the
+shares overlap). Printed and written to --out. The batch is cut to what the plan's blocks hold
+(said in the output) when the request is larger.
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
-from kcache_dist.parallel import (current_state, disable_two_shot_all_reduce, enable_two_shot_all_reduce,  # noqa: E402
-                                  init_parallel, launched_world_size, strip_local_rank_arg, tp_gather_objects)
+from kcache_dist.parallel import (barrier, current_state, disable_two_shot_all_reduce,  # noqa: E402
+                                  enable_two_shot_all_reduce, init_parallel, launched_world_size,
+                                  strip_local_rank_arg, tp_gather_objects)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,17 +118,23 @@ def fill_device_pools(cache) -> None:
         t.fill_(1.0)
 
 
-def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=None) -> dict:
+def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=None, misses=None) -> dict:
     """Median device time (CUDA events) and host time until `run(plan)` returns, after two warm-up
-    calls; `before_step()` (untimed) runs before each call."""
+    calls; `before_step()` (untimed) runs before each call. Under tensor parallelism the ranks meet
+    at a barrier before each timed call, so that no rank's time includes waiting for another rank
+    to start (`before_step` takes the ranks different host times). `misses()`, if given, counts the
+    row cache's misses so far: the timed calls' misses are returned."""
     before_step = before_step or (lambda: None)
     for _ in range(2):  # compile, capture
         before_step()
         run(plan)
     torch.cuda.synchronize(dev)
     device_ms, host_ms = [], []
+    misses_before = misses() if misses else 0
     for _ in range(steps):
         before_step()
+        torch.cuda.synchronize(dev)
+        barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
@@ -131,19 +143,26 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
         end.record()
         end.synchronize()
         device_ms.append(start.elapsed_time(end))
-    return {"device_ms_median": statistics.median(device_ms), "host_ms_median": statistics.median(host_ms),
-            "device_ms": device_ms, "host_ms": host_ms}
+    out = {"device_ms_median": statistics.median(device_ms), "host_ms_median": statistics.median(host_ms),
+           "device_ms": device_ms, "host_ms": host_ms}
+    if misses:
+        out["misses"] = misses() - misses_before
+    return out
 
 
 def _without_all_reduce(run):
-    """`run` with the model's tensor-parallel all-reduces replaced by nothing (every rank alike)."""
+    """`run` with the model's tensor-parallel all-reduces replaced by nothing and the logits'
+    gather by copies of the rank's own part (every rank alike), so that no rank waits for another
+    and each rank's time is its own work. (With more ranks than KV heads the decode's gather of a
+    KV head's queries still joins the ranks.)"""
     def run_without(plan):
-        saved = (linear.tp_all_reduce, embedding.tp_all_reduce)
+        saved = (linear.tp_all_reduce, embedding.tp_all_reduce, embedding.tp_gather_last_dim)
         linear.tp_all_reduce = embedding.tp_all_reduce = lambda x: x
+        embedding.tp_gather_last_dim = lambda x: torch.cat([x] * current_state().tp_size, dim=-1)
         try:
             return run(plan)
         finally:
-            linear.tp_all_reduce, embedding.tp_all_reduce = saved
+            linear.tp_all_reduce, embedding.tp_all_reduce, embedding.tp_gather_last_dim = saved
     return run_without
 
 
@@ -253,19 +272,19 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     if row_cache is not None and args.row_cache_hit_rate < 1.0:
         generator = torch.Generator(device=dev).manual_seed(0)
         before_step = lambda: row_cache.forget_random(1.0 - args.row_cache_hit_rate, generator)  # noqa: E731
-    misses_before = int(row_cache.misses.sum()) if row_cache is not None else 0
-    timings = {name: time_step(run, plan, args.steps, dev, before_step) for name, run in paths.items()}
-    for name in [n for n in timings if n.endswith("_two_shot")]:  # the same step without all-reduces
-        timings[name + "_no_all_reduce"] = timings[name.removesuffix("_two_shot") + "_no_all_reduce"]
+    misses = (lambda: int(row_cache.misses.sum())) if row_cache is not None else None  # noqa: E731
+    timings = {name: time_step(run, plan, args.steps, dev, before_step, misses) for name, run in paths.items()}
     hit_rate = None
-    if row_cache is not None:  # over every step run, the first (all misses) included
-        steps_run = len(paths) * (args.steps + 2)
-        picks = steps_run * batch * len(row_cache.rows) * row_cache.rows[0].shape[1] * min(
+    if row_cache is not None:  # over the timed steps
+        picks = len(paths) * args.steps * batch * len(row_cache.rows) * row_cache.rows[0].shape[1] * min(
             args.top_n, args.context - runner.config.kcache.sink_tokens - runner.config.kcache.recent_window)
-        hit_rate = 1.0 - (int(row_cache.misses.sum()) - misses_before) / picks
+        hit_rate = 1.0 - sum(t.pop("misses") for t in timings.values()) / picks
     medians = {name: t["device_ms_median"] for name, t in timings.items()}
     per_rank = tp_gather_objects(medians)  # a rank slower than the others would pass for all-reduce cost
-    overlap = all_reduce_overlaps(medians, m)
+    step_ms = dict(medians)
+    for name in [n for n in medians if n.endswith("_two_shot")]:  # the same step without all-reduces
+        step_ms[name + "_no_all_reduce"] = medians[name.removesuffix("_two_shot") + "_no_all_reduce"]
+    overlap = all_reduce_overlaps(step_ms, m)
     if before_step is not None:
         before_step()  # the profiled step misses as the timed ones do
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -289,7 +308,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             for name, t in timings.items()), flush=True)
         if len(per_rank) > 1:
             print("  per rank: " + "; ".join(f"{name} " + " / ".join(f"{rank[name]:.2f}" for rank in per_rank) + " ms"
-                                            for name in medians if name.endswith("_no_all_reduce")), flush=True)
+                                            for name in medians), flush=True)
         if overlap:
             print("  all-reduce: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in overlap.items()),
                   flush=True)

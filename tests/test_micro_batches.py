@@ -6,6 +6,8 @@ tensor parallel runs are in test_tp_engine.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from conftest import PROMPTS
 from helpers import token_ids
 from kcache_dist import LLM, KCacheConfig, SamplingParams
 from kcache_dist.engine.cuda_graphs import PAD_SLOT, DecodeGraphs
-from kcache_dist.engine.micro_batches import part_bounds
+from kcache_dist.engine.micro_batches import part_bounds, run_interleaved
 from kcache_dist.engine.step_plan import StepPlan
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -69,6 +71,47 @@ class RowEcho(torch.nn.Module):
     def blocks(self, ids, positions, ctx):
         yield ids[:, None]
         yield self(ids, positions, ctx)
+
+
+def test_interleaved_blocks_run_in_turn_and_rejoin_the_streams_on_an_error(monkeypatch):
+    """run_interleaved runs block 1 of every micro-batch, then block 2 of every one, ...; the side
+    streams start after the current one and it continues after them, also when a block raises (else
+    the next step could reuse memory that a side stream still reads)."""
+    from kcache_dist.engine import micro_batches
+
+    order = []
+
+    class Ctx(str):  # a micro-batch's name, standing in for its ForwardContext
+        positions = None
+
+    class Model:
+        def blocks(self, ids, positions, ctx):
+            for block in range(3):
+                if ctx == "fails" and block == 1:
+                    raise RuntimeError("out of memory in block 1")
+                order.append((ctx, block))
+                yield ids + block
+
+    class Stream:  # records the streams it was told to wait for
+        def __init__(self, name):
+            self.name, self.waited_for = name, []
+
+        def wait_stream(self, other):
+            self.waited_for.append(other.name)
+
+    monkeypatch.setattr(micro_batches, "_on_stream", lambda stream: contextlib.nullcontext())
+    ids = torch.zeros(2)
+    main, side = Stream("main"), Stream("side")
+    out = run_interleaved(Model(), [(ids, Ctx("a")), (ids, Ctx("b"))], [main, side])
+    assert [o.tolist() for o in out] == [[2.0, 2.0], [2.0, 2.0]]
+    assert order == [(c, b) for b in range(3) for c in ("a", "b")]
+    assert (main.waited_for, side.waited_for) == (["side"], ["main"])
+    order.clear()
+    main, side = Stream("main"), Stream("side")
+    with pytest.raises(RuntimeError, match="out of memory in block 1"):
+        run_interleaved(Model(), [(ids, Ctx("a")), (ids, Ctx("fails"))], [main, side])
+    assert order == [("a", 0), ("fails", 0), ("a", 1)]
+    assert (main.waited_for, side.waited_for) == (["side"], ["main"])
 
 
 def test_graph_micro_batches_are_slices_of_the_static_rows():

@@ -118,9 +118,10 @@ def test_shutdown_then_initialise_again():
 
 
 def _two_shot_refusals_and_deadline_on_rank() -> dict:
-    from kcache_dist.parallel import (RankLostError, all_reduce_slot, enable_two_shot_all_reduce, tp_all_reduce,
-                                      two_shot_all_reduce_enabled)
+    from kcache_dist.parallel import (RankLostError, all_reduce_slot, enable_two_shot_all_reduce, rank_was_lost,
+                                      tp_all_reduce, two_shot_all_reduce_enabled)
     from kcache_dist.parallel.collectives import wait_until
+    from kcache_dist.parallel.state import current_groups
 
     errors = []
     for dtype in (torch.float16, torch.float32):
@@ -129,17 +130,22 @@ def _two_shot_refusals_and_deadline_on_rank() -> dict:
         errors.append(str(caught.value))
     with all_reduce_slot(1):  # no buffers here: the process group sums, whatever the slot
         summed = tp_all_reduce(torch.ones(3)).tolist()
+    lost_before = rank_was_lost()
     with pytest.raises(RankLostError) as lost:
         wait_until(lambda: False, 0.05, "a step's forward")
+    lost_after = rank_was_lost()  # so the device is not waited on at exit
+    current_groups().lost_rank = False  # (this test's ranks are all there: let them tear down cleanly)
     polls = []
     wait_until(lambda: polls.append(1) or len(polls) == 3, 5.0, "never")  # true on the third poll
     return {"errors": errors, "summed": summed, "lost": str(lost.value), "group": lost.value.group_ranks,
-            "polls": len(polls), "enabled": two_shot_all_reduce_enabled(torch.device("cpu"))}
+            "polls": len(polls), "enabled": two_shot_all_reduce_enabled(torch.device("cpu")),
+            "lost_before_after": (lost_before, lost_after)}
 
 
 def test_two_shot_all_reduce_refusals_and_the_step_deadline():
     """parallel.all_reduce='two_shot' is refused with a reason off CUDA and for float16; the wait
-    that bounds a step whose two-shot kernels spin on a lost peer raises RankLostError naming it."""
+    that bounds a step whose two-shot kernels spin on a lost peer raises RankLostError naming it, and
+    records the loss (so that the engine's release does not wait on the device)."""
     results = run_ranks(_two_shot_refusals_and_deadline_on_rank, 2, 2)
     for out in results:
         assert out["errors"] == [
@@ -151,3 +157,4 @@ def test_two_shot_all_reduce_refusals_and_the_step_deadline():
         assert out["lost"] == ("a step's forward did not finish within the collective timeout of 0.05 s; a rank of "
                                "the tensor-parallel group (ranks [0, 1]) may be lost")
         assert out["group"] == (0, 1) and out["polls"] == 3 and out["enabled"] is False
+        assert out["lost_before_after"] == (False, True)

@@ -95,3 +95,21 @@ def test_peer_failure_classification():
     assert is_peer_failure(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"))
     assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert not is_peer_failure(ValueError("connection reset"))
+
+
+def test_release_after_a_lost_rank_does_not_wait_on_the_device(monkeypatch):
+    """After a lost rank (a two-shot all-reduce may spin on it for ever) the model runner's release
+    drops its graphs without waiting on the device; otherwise it waits first."""
+    from types import SimpleNamespace
+
+    from kcache_dist.engine import model_runner
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    for lost in (True, False):
+        monkeypatch.setattr(model_runner, "rank_was_lost", lambda: lost)
+        runner = SimpleNamespace(decode_graphs=object(), kv_cache=object(), model=object(),
+                                 device=torch.device("cpu"))
+        model_runner.ModelRunner.release(runner)
+        assert (runner.decode_graphs, runner.kv_cache, runner.model) == (None, None, None)
+    assert waited == [torch.device("cpu")]  # only the release without a lost rank waited

@@ -187,6 +187,32 @@ def test_profile_all_reduce_overlap_from_timings():
     assert all_reduce_overlaps(ms, 2) == pytest.approx({**split, **two_shot})
 
 
+def test_profile_steps_without_collectives(monkeypatch):
+    """benchmarks/profile_decode.py: the steps "without all-reduces" run no collective at all (the
+    logits' gather becomes copies of the rank's own part), so that each rank's time is its own; the
+    layers' collectives are back afterwards, also when the step raises."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_decode
+    from kcache_dist.layers import embedding, linear
+    from kcache_dist.parallel import ParallelState
+
+    monkeypatch.setattr(profile_decode, "current_state", lambda: ParallelState(tp_size=2))
+    originals = (linear.tp_all_reduce, embedding.tp_all_reduce, embedding.tp_gather_last_dim)
+    x = torch.randn(3, 5)
+
+    def step(plan):
+        assert linear.tp_all_reduce(x) is x and embedding.tp_all_reduce(x) is x
+        torch.testing.assert_close(embedding.tp_gather_last_dim(x), torch.cat([x, x], dim=-1))
+        if plan == "fail":
+            raise RuntimeError("step failed")
+        return plan
+
+    assert profile_decode._without_all_reduce(step)("plan") == "plan"
+    with pytest.raises(RuntimeError, match="step failed"):
+        profile_decode._without_all_reduce(step)("fail")
+    assert (linear.tp_all_reduce, embedding.tp_all_reduce, embedding.tp_gather_last_dim) == originals
+
+
 def test_profile_fills_float8_key_pools():
     """benchmarks/profile_decode.py: the pools of fp8 scoring keys (float8 K, which has no normal_,
     and its float32 scales) get random keys and unit scales like the 16-bit pools."""
@@ -225,3 +251,14 @@ def test_multi_gpu_tp_scaling_from_result_files(tmp_path):
     assert rows[2, "kcache"]["over_tp1"] == pytest.approx(1.5)
     assert rows[2, "full"]["over_tp1"] == pytest.approx(1.25) and rows[2, "full"]["kcache_over_full"] is None
     assert rows[4, "kcache"]["over_tp1"] == pytest.approx(2.5) and rows[4, "kcache"]["kcache_over_full"] is None
+    assert all(r["setup_differs_from_tp1"] == [] for r in rows.values())
+    # a TP=4 file left from a run with other settings on another card is not divided by TP=1
+    setup = {"device": {"name": "NVIDIA H200"}, "args": {"model": "llama3-8b", "host_values": "model"}}
+    for tp, points in runs.items():
+        other = {"device": {"name": "NVIDIA H100 80GB HBM3"}, "args": {**setup["args"], "host_values": "fp8"}}
+        (tmp_path / f"throughput_tp{tp}_8192.json").write_text(json.dumps({"points": points,
+                                                                          **(other if tp == 4 else setup)}))
+    rows = {(r["tp"], r["mode"]): r for r in tp_scaling(str(tmp_path), [8192])}
+    assert rows[2, "kcache"]["over_tp1"] == pytest.approx(1.5) and rows[2, "kcache"]["setup_differs_from_tp1"] == []
+    assert rows[4, "kcache"]["over_tp1"] is None
+    assert rows[4, "kcache"]["setup_differs_from_tp1"] == ["device", "host_values"]

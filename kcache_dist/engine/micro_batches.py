@@ -45,22 +45,28 @@ def run_interleaved(model, inputs: Sequence[tuple[torch.Tensor, ForwardContext]]
     context), run through `model.blocks` one block of each in turn, micro-batch i on streams[i]
     (streams[0] is the current stream). The side streams start after the work already issued on the
     current stream (the inputs were made there) and the current stream continues after theirs, so
-    later work on any stream follows this step; the same holds inside a CUDA-graph capture."""
+    later work on any stream follows this step; the same holds inside a CUDA-graph capture, and
+    also when a block raises (the side streams rejoin before the error goes on, so that nothing
+    freed on the current stream is reused while a side stream still reads it)."""
     main, side = streams[0], [s for s in streams[1:] if s is not None]
     for stream in side:
         stream.wait_stream(main)
     steps = [model.blocks(ids, ctx.positions, ctx) for ids, ctx in inputs]
     last: list = [None] * len(inputs)
-    running = True
-    while running:
-        running = False
-        for i, blocks in enumerate(steps):
-            with _on_stream(streams[i]), all_reduce_slot(i):
-                hidden = next(blocks, None)
-            if hidden is not None:
-                last[i], running = hidden, True
-    for stream in side:
-        main.wait_stream(stream)
+    try:
+        running = True
+        while running:
+            running = False
+            for i, blocks in enumerate(steps):
+                with _on_stream(streams[i]), all_reduce_slot(i):
+                    hidden = next(blocks, None)
+                if hidden is not None:
+                    last[i], running = hidden, True
+    finally:
+        for blocks in steps:
+            blocks.close()
+        for stream in side:
+            main.wait_stream(stream)
     return last
 
 

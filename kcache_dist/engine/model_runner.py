@@ -21,7 +21,7 @@ from ..models.model_config import ModelConfig
 from ..models.random_weights import random_checkpoint
 from ..models.registry import model_class
 from ..parallel import (KVHeadReplicas, all_reduce_min, current_state, disable_two_shot_all_reduce,
-                        enable_two_shot_all_reduce)
+                        enable_two_shot_all_reduce, rank_was_lost)
 from .block_table_rows import BlockTableRows, cache_slots
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .micro_batches import MicroBatchStreams, run_interleaved
@@ -66,8 +66,9 @@ class ModelRunner:
                              if self.uses_cuda_graphs else None)
 
     def release(self) -> None:
-        """Drop the CUDA graphs (and so their memory pool), the cache and the model now."""
-        if self.decode_graphs is not None:
+        """Drop the CUDA graphs (and so their memory pool), the cache and the model now. After a
+        lost rank the device is not waited on: a two-shot all-reduce may spin on the lost peer."""
+        if self.decode_graphs is not None and not rank_was_lost():
             # cuBLAS caches a workspace per (handle, stream); a capture takes it from the graphs' pool.
             # Drop the cached ones before that pool's memory goes back to the allocator, so that no
             # later GEMM on the capture stream writes into a tensor that reuses it.

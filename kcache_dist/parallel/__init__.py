@@ -15,7 +15,7 @@ a plain single process (rank 0 of 1, no process group).
 from .collectives import (all_reduce_min, all_reduce_slot, barrier, disable_two_shot_all_reduce, dp_gather_objects,
                           enable_two_shot_all_reduce, tp_all_reduce, tp_broadcast_object, tp_gather_last_dim,
                           tp_gather_objects, two_shot_all_reduce_enabled, wait_for_device)
-from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank
+from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank, rank_was_lost
 from .kv_head_replicas import KVHeadReplicas
 from .launcher import strip_local_rank_arg
 from .process_group import init_parallel, launched_world_size, shutdown_parallel
@@ -28,5 +28,5 @@ __all__ = [
     "enable_two_shot_all_reduce", "disable_two_shot_all_reduce", "two_shot_all_reduce_enabled", "wait_for_device",
     "all_reduce_slot",
     "all_reduce_min", "barrier", "KVHeadReplicas",
-    "RankLostError", "exit_for_lost_rank", "exit_on_lost_rank", "strip_local_rank_arg",
+    "RankLostError", "exit_for_lost_rank", "exit_on_lost_rank", "rank_was_lost", "strip_local_rank_arg",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import RankLostError, peer_failures_as_rank_lost
+from .errors import RankLostError, mark_rank_lost, peer_failures_as_rank_lost
 from .state import current_groups, current_state
 
 TP_GROUP = "the tensor-parallel group"
@@ -142,6 +142,7 @@ def wait_until(done: Callable[[], bool], timeout_s: float, what: str, poll_s: fl
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
+            mark_rank_lost()
             ranks = current_state().tp_group_ranks
             raise RankLostError(f"{what} did not finish within the collective timeout of {timeout_s:g} s; a rank of "
                                 f"the tensor-parallel group (ranks {list(ranks)}) may be lost", group_ranks=ranks)

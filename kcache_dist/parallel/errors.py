@@ -138,10 +138,23 @@ def rank_lost_error(operation: str, group_ranks: Sequence[int], group_name: str,
         message = (f"rank {me}: {operation} over {where} failed: a peer rank died or did not answer within "
                    f"the collective timeout of {timeout_s:g} s; rank(s) that may be lost: {others}; "
                    f"cause: {cause_text}")
+    mark_rank_lost()
+    return RankLostError(message, lost, group_ranks)
+
+
+def mark_rank_lost() -> None:
+    """Record that a collective of this job failed: from then on the process groups are dropped,
+    not torn down, at shutdown, and nothing waits on the device without a deadline (a kernel of the
+    two-shot all-reduce may spin on the lost peer for ever)."""
     groups = current_groups()
     if groups is not None:
         groups.lost_rank = True
-    return RankLostError(message, lost, group_ranks)
+
+
+def rank_was_lost() -> bool:
+    """Whether a collective of this job has failed (`mark_rank_lost`)."""
+    groups = current_groups()
+    return groups is not None and groups.lost_rank
 
 
 @contextlib.contextmanager
