@@ -26,7 +26,8 @@ after every part; N runs over the --tp sizes, 1 meaning one process on one GPU, 
               each context, each mode at its planned largest batch (at most --max-batch-per-gpu
               x N), whole and in --micro-batches:
               total and per-GPU decode tokens/s; TP scaling against the TP=1 result in --out-dir
-              (so the sizes can be run in separate calls: --tp 1,2 then --tp 4).
+              (so the sizes can be run in separate calls: --tp 1,2 then --tp 4; a result of another
+              card or other settings is not divided by it).
 """
 
 from __future__ import annotations
