@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 
 import pytest
 
@@ -27,6 +28,22 @@ def test_held_back_length():
     assert held_back_length("hello", ["xyz"]) == 0
     assert held_back_length("ab", ["b!", "abc"]) == 2  # the longest candidate wins
     assert held_back_length("abc", ["c"]) == 0  # a one-character stop is never a proper prefix
+    assert held_back_length("", ["abc"]) == 0 and held_back_length("abc", [""]) == 0
+
+
+def test_held_back_length_equals_trying_every_prefix():
+    """The hold-back compares only prefixes that end in the text's last character; it must give what
+    trying every prefix of every stop string gives (random texts over a small alphabet, so that
+    partial matches abound; fresh each run)."""
+    def every_prefix(text, stops):
+        return max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+                   default=0)
+
+    rng = random.Random()
+    for _ in range(5000):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 10)))
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(0, 7))) for _ in range(rng.randint(0, 3))]
+        assert held_back_length(text, stops) == every_prefix(text, stops), (text, stops)
 
 
 def test_streamed_pieces_add_up_to_the_cut_text():

@@ -63,13 +63,22 @@ def find_stop(text: str, num_new_chars: int, stops: tuple[str, ...]) -> Optional
 
 
 def held_back_length(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    """Length of the longest tail of `text` that is a proper prefix of a stop string. Only the
+    prefixes that end in text's last character (and start with the character k back) are compared."""
     longest = 0
+    if not text:
+        return 0
+    last = text[-1]
     for s in stop:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
+        k = min(len(s) - 1, len(text))  # a prefix s[:k] can match only where s[k - 1] == last
+        while k > longest:
+            k = s.rfind(last, 0, k) + 1
+            if k <= longest:
+                break
+            if text[-k] == s[0] and text.endswith(s[:k]):
                 longest = k
                 break
+            k -= 1
     return longest
 
 

@@ -138,9 +138,10 @@ class LLMEngine:
     def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
         """(prompt text or None, prompt token ids), validated against the model."""
         if isinstance(prompt, str):
-            if prompt == "":
+            token_ids = self.tokenizer.encode(prompt) if prompt else []
+            if not token_ids:
                 raise ValueError("prompt is empty: give at least one token")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, token_ids
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                             for t in prompt):
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")

@@ -169,9 +169,10 @@ async def read_json(request: Request):
     if not raw:
         raise bad_request("the request body is empty: send a JSON object")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a too long integer, too deep nesting
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise bad_request(f"the request body is not valid JSON: {reason}") from None
     if SURROGATE_ESCAPE.search(raw):  # a pair is one character; a lone half cannot be encoded or tokenized
         try:
             json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -179,6 +180,11 @@ async def read_json(request: Request):
             raise bad_request("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
                               "its pair): strings must be valid Unicode") from None
     return body
+
+
+def _refuse_constant(name: str):
+    """JSON has no NaN or Infinity (Python's json module reads them unless told not to)."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def usage_of(output: RequestOutput, stream: RequestStream) -> dict[str, int]:

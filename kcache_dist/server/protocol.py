@@ -26,6 +26,12 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+# Every step checks each running request's stop strings against its new text on the engine's one
+# thread, so a request may not hold so many (or such long) ones that it slows everyone's steps.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: Optional[bool] = None
@@ -58,10 +64,17 @@ class _GenerationRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_is_text(cls, value: Any) -> Any:
-        if value is None or isinstance(value, str) or (isinstance(value, list)
-                                                       and all(isinstance(s, str) for s in value)):
-            return value
-        raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
+        if not (value is None or isinstance(value, str) or (isinstance(value, list)
+                                                            and all(isinstance(s, str) for s in value))):
+            raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        longest = max(stops, key=len, default="")
+        if len(longest) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"a stop string is {len(longest)} characters long; at most {MAX_STOP_STRING_CHARS} "
+                             "are allowed")
+        return value
 
     @property
     def wants_stream(self) -> bool:
