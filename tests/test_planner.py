@@ -422,6 +422,9 @@ def test_geometry_matches_what_the_caches_allocate(kv_heads, block_size, num_blo
     assert cache.host_pool.num_bytes == geometry.host_pool_bytes(num_blocks)
     assert sum(t.numel() * t.element_size() for t in cache.host_rows) == \
         num_blocks * block_size * geometry.host_bytes_per_token
+    # what a fetched far row moves (the server's v_bytes_fetched, throughput.py's V GB/s)
+    assert cache.host_row_bytes == geometry.host_row_bytes // kv_heads == (
+        (2 if scoring_keys == "fp8" else 1) * head_dim * (1 if host_values == "fp8" else 4))
     full_config = EngineConfig(block_size=block_size)
     full = CacheGeometry.from_engine_config(full_config, layers, kv_heads, head_dim, 4)
     full_cache = FullKVCache(layers, num_blocks, kv_heads, block_size, head_dim, torch.float32, torch.device("cpu"))

@@ -110,7 +110,7 @@ def test_driver_batches_concurrent_requests_and_reports_kcache_metrics(kcache_ll
     assert stats.host_v_blocks_in_use == stats.device_cache_blocks_in_use == 0
     rows = engine.runner.kv_cache.v_rows_fetched - fetched_before
     assert rows > 0
-    v_row_bytes = engine.model_config.head_dim * engine.dtype.itemsize
+    v_row_bytes = engine.model_config.head_dim * engine.dtype.itemsize  # V rows of the model's dtype here
     assert stats.v_bytes_fetched_total == engine.runner.kv_cache.v_rows_fetched * v_row_bytes
     text = render_prometheus(stats, "tiny")
     assert f'kcache_dist_v_bytes_fetched_total{{model_name="tiny"}} {stats.v_bytes_fetched_total}' in text

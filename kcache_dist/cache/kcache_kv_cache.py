@@ -186,6 +186,13 @@ class KCacheKVCache:
                                                                              self.spec)
 
     @property
+    def host_row_bytes(self) -> int:
+        """Bytes of one position's row of one KV head in the host pool: V, or K | V with fp8 scoring
+        keys, as stored (float8 with fp8 host values)."""
+        rows = self.host_rows[0] if self.host_rows else None
+        return 0 if rows is None else rows.shape[-1] * rows.element_size()
+
+    @property
     def v_rows_fetched(self) -> int:
         """Far V rows read from host memory by decode steps so far, all sparse layers (with a row
         cache: its misses, read from the device)."""

@@ -233,7 +233,6 @@ class LLMEngine:
         blocks = self.block_manager
         kv_cache = self.runner.kv_cache
         keeps_v_on_host = bool(getattr(kv_cache, "host_rows", None))  # KCache mode with at least one sparse layer
-        v_row_bytes = self.model_config.head_dim * self.dtype.itemsize
         return EngineSnapshot(
             kcache_mode=self.config.kcache.mode,
             num_requests_running=len(self.scheduler.running),
@@ -243,7 +242,7 @@ class LLMEngine:
             device_cache_blocks_total=blocks.num_blocks,
             host_v_blocks_in_use=blocks.num_used_blocks if keeps_v_on_host else 0,
             host_v_blocks_total=blocks.num_blocks if keeps_v_on_host else 0,
-            v_bytes_fetched_total=getattr(kv_cache, "v_rows_fetched", 0) * v_row_bytes,
+            v_bytes_fetched_total=getattr(kv_cache, "v_rows_fetched", 0) * getattr(kv_cache, "host_row_bytes", 0),
             pinned_host_bytes=self._pinned_host_bytes())
 
     def _pinned_host_bytes(self) -> int:
