@@ -110,6 +110,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             weight_bytes = torch.cuda.memory_allocated(self.device)
+            # The activation profile builds a stand-in cache with every sequence slot (hot rows, the
+            # row cache's maps): plan once without activations first, so that a configuration that
+            # cannot fit fails with the planner's message, not with an allocation error in the profile.
+            device, host = gather_memory_facts(self.device.index, weight_bytes, 0)
+            agree(plan_rank(state.rank, device, host, geometry, knobs, state.world_size), all_reduce_min)
             activation_peak_bytes = self._profile_activation_peak()
             device, host = gather_memory_facts(self.device.index, weight_bytes, activation_peak_bytes)
         else:
