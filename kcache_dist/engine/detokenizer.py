@@ -63,12 +63,11 @@ def find_stop(text: str, num_new_chars: int, stops: tuple[str, ...]) -> Optional
 
 
 def held_back_length(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string. Only the
-    prefixes that end in text's last character (and start with the character k back) are compared."""
-    longest = 0
+    """Length of the longest tail of `text` that is a proper prefix of a stop string. Only prefixes
+    that end in text's last character and start with the character as far back are compared."""
     if not text:
         return 0
-    last = text[-1]
+    longest, last = 0, text[-1]
     for s in stop:
         k = min(len(s) - 1, len(text))  # a prefix s[:k] can match only where s[k - 1] == last
         while k > longest:
