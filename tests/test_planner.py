@@ -260,6 +260,27 @@ def test_gpu_short_only_by_the_hot_rows_suggests_a_smaller_batch():
         == 256
 
 
+def test_advice_to_lower_max_num_seqs_must_hold_on_every_rank():
+    """Rank 0's GPU is short only by the hot rows of 64 sequences (50 would fit), but rank 1's host
+    memory cannot hold one sequence either (by less, so rank 0 binds): lowering max_num_seqs is not
+    offered, on every rank, whichever spelling of agree runs."""
+    host_short = HostMemoryFacts(numa_node=0, node_available_bytes=int(4.625 * GIB), memlock_limit_bytes=None,
+                                 ranks_on_node=1)
+    knobs = PlannerKnobs(64, 65536)
+    plans = [plan_rank(0, SMALL_GPU, HostMemoryFacts(), kcache_geometry(8), knobs, world_size=2),
+             plan_rank(1, h100(1, 78, LLAMA3_8B_WEIGHT_BYTES, 2 * GIB), host_short, kcache_geometry(8), knobs,
+                       world_size=2)]
+    assert [p.num_blocks for p in plans] == [250, 252]  # one sequence needs 256
+    with pytest.raises(ValueError) as error:
+        agree(plans)
+    message = str(error.value)
+    assert "on rank 0" in message and "max_num_seqs <= " not in message
+    assert message.endswith("What fits: max_model_len <= 64000 (a smaller max_num_seqs is not enough: another "
+                            "rank's host memory cannot hold one sequence of max_model_len=65536); otherwise raise "
+                            "gpu_memory_utilization, free GPU memory or use more tensor-parallel ranks.")
+    assert [str(e) for e in ThreadWorld(2).run(plans)] == [message, message]
+
+
 NODE1_STARVED = {0: 400 * GIB, 1: 3 * GIB}
 NODE1_STARVED_MESSAGE = (
     "the KV cache cannot hold one sequence of max_model_len=131072 (512 blocks of 256 tokens) on rank 4 (GPU cuda:4, "
@@ -367,7 +388,7 @@ def test_collective_agreement_matches_the_list_of_plans(free_gib, node_available
     expected = agree(plans)
     world = ThreadWorld(8)
     results = world.run(plans)
-    assert world.calls == [11] * 8
+    assert world.calls == [12] * 8
     for rank, plan in enumerate(results):
         assert (plan.num_blocks, plan.binding, plan.binding_rank) == \
                (expected.num_blocks, expected.binding, expected.binding_rank)

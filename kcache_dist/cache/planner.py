@@ -623,9 +623,10 @@ def agree(plans: Union[CachePlan, Sequence[CachePlan]],
       agree([plan_of_rank_0, ..., plan_of_rank_N-1])   every rank's plan in hand (tests, or a gather)
       agree(local_plan, all_reduce_min)               on every rank, with a MIN over the world, e.g.
                                                       `kcache_dist.parallel.all_reduce_min`
-    The collective spelling costs 11 integer all-reduces whatever the world size: one finds the
+    The collective spelling costs 12 integer all-reduces whatever the world size: one finds the
     binding rank (fewest blocks, lowest rank on a tie), ten carry its facts to everyone, so each
-    rank can name it in the table and in the error.
+    rank can name it in the table and in the error, and one finds the fewest sequences any rank's
+    memory holds at max_model_len, so that the error's advice holds on every rank.
 
     Raises ValueError — on every rank, with the same message — when the agreed cache cannot hold
     one max_model_len sequence, or a fixed num_kv_blocks does not fit.
@@ -643,8 +644,28 @@ def agree(plans: Union[CachePlan, Sequence[CachePlan]],
     agreed = CachePlan(geometry=first.geometry, knobs=first.knobs, world_size=first.world_size,
                        rank_budgets=tuple(sorted(known, key=lambda b: b.rank)), num_blocks=binding.num_blocks,
                        binding=binding.binding, binding_rank=binding.rank, agreed=True)
-    _raise_if_it_cannot_fit(agreed, binding)
+    if all_reduce_min is None:
+        seqs_fit = min(_seqs_fit(agreed, b) for b in known)
+    else:
+        seqs_fit = int(all_reduce_min(_seqs_fit(agreed, plans.rank_budgets[0])))
+    _raise_if_it_cannot_fit(agreed, binding, seqs_fit)
     return agreed
+
+
+def _seqs_fit(plan: CachePlan, b: RankBudget) -> int:
+    """How many sequences rank b can run at max_model_len: max_num_seqs if its memory holds one
+    sequence now; else, when only its GPU is short, how many sequences' hot rows (and row cache)
+    fit beside one sequence's blocks; 0 when its host memory cannot hold one sequence."""
+    g, blocks_per_seq = plan.geometry, plan.blocks_per_seq
+    if b.num_host_blocks_fit is not None and b.num_host_blocks_fit < blocks_per_seq:
+        return 0
+    if b.num_gpu_blocks_fit >= blocks_per_seq:
+        return plan.max_num_seqs
+    hot_per_seq = g.hot_gpu_bytes(1) - g.hot_gpu_bytes(0)  # hot_gpu_bytes(0): the spare slot alone
+    if not hot_per_seq:
+        return 0
+    return max(0, (b.gpu_cache_budget_bytes - blocks_per_seq * g.gpu_bytes_per_block - g.hot_gpu_bytes(0))
+               // hot_per_seq)
 
 
 def _check_complete(plans: Sequence[CachePlan]) -> list[RankBudget]:
@@ -697,7 +718,8 @@ def _exchange(local_plan: CachePlan, all_reduce_min: Callable[[int], int]) -> li
 # --------------------------------------------------------------------------------------------- errors
 
 
-def _raise_if_it_cannot_fit(plan: CachePlan, binding: RankBudget) -> None:
+def _raise_if_it_cannot_fit(plan: CachePlan, binding: RankBudget, seqs_fit: int) -> None:
+    """seqs_fit: the fewest sequences any rank holds at max_model_len (`_seqs_fit`)."""
     g, k = plan.geometry, plan.knobs
     blocks_per_seq = plan.blocks_per_seq
     gpu_short = binding.num_gpu_blocks_fit < blocks_per_seq
@@ -709,7 +731,7 @@ def _raise_if_it_cannot_fit(plan: CachePlan, binding: RankBudget) -> None:
             parts.append(_gpu_shortfall(plan, binding))
         if host_short:
             parts.append(_host_shortfall(plan, binding))
-        parts.append(_what_fits(plan, binding, gpu_short, host_short))
+        parts.append(_what_fits(plan, binding, gpu_short, host_short, seqs_fit))
         raise ValueError(". ".join(parts) + ".")
     if k.num_kv_blocks is not None and plan.num_blocks < k.num_kv_blocks:
         raise ValueError(f"num_kv_blocks={k.num_kv_blocks} does not fit: {binding.where()} holds at most "
@@ -772,18 +794,20 @@ def _host_shortfall(plan: CachePlan, b: RankBudget) -> str:
             f"{need // g.num_sparse_layers} bytes")
 
 
-def _what_fits(plan: CachePlan, b: RankBudget, gpu_short: bool, host_short: bool) -> str:
+def _what_fits(plan: CachePlan, b: RankBudget, gpu_short: bool, host_short: bool, seqs_fit: int) -> str:
+    """The advice of the can't-fit error about rank b; `seqs_fit` is over every rank, so that a
+    smaller max_num_seqs is offered only where every rank's memory then holds a sequence."""
     g, k = plan.geometry, plan.knobs
     fit_blocks = min(v for v in (b.num_gpu_blocks_fit, b.num_host_blocks_fit) if v is not None)
     options = []
     if fit_blocks:
         options.append(f"max_model_len <= {fit_blocks * g.block_size}")
-    hot_per_seq = g.hot_gpu_bytes(1) - g.hot_gpu_bytes(0)  # hot_gpu_bytes(0): the spare slot alone
-    if gpu_short and not host_short and hot_per_seq:
-        seqs_fit = (b.gpu_cache_budget_bytes - plan.blocks_per_seq * g.gpu_bytes_per_block
-                    - g.hot_gpu_bytes(0)) // hot_per_seq
-        if seqs_fit >= 1:
-            options.append(f"max_num_seqs <= {seqs_fit} at max_model_len={k.max_model_len}")
+    if gpu_short and not host_short and seqs_fit >= 1:
+        options.append(f"max_num_seqs <= {seqs_fit} at max_model_len={k.max_model_len}")
+    not_enough = ""
+    if gpu_short and not host_short and seqs_fit < 1 <= _seqs_fit(plan, b):  # this rank alone would hold them
+        not_enough = (f" (a smaller max_num_seqs is not enough: another rank's host memory cannot hold one "
+                      f"sequence of max_model_len={k.max_model_len})")
     remedies = []
     if gpu_short and b.device.device_index < 0:
         remedies.append("raise cpu_kv_cache_gb")
@@ -801,5 +825,5 @@ def _what_fits(plan: CachePlan, b: RankBudget, gpu_short: bool, host_short: bool
     elif host_short:
         remedies.append("raise host_memory_gb")
     if options:
-        return f"What fits: {' or '.join(options)}; otherwise {'; '.join(remedies)}"
-    return f"No max_model_len fits: {'; '.join(remedies)}"
+        return f"What fits: {' or '.join(options)}{not_enough}; otherwise {'; '.join(remedies)}"
+    return f"No max_model_len fits{not_enough}: {'; '.join(remedies)}"
