@@ -83,3 +83,29 @@ def test_pool_mapping_for_huge_pages(monkeypatch, huge_pages):
     assert backed is None or 0 <= backed <= num_bytes + host_pool.HUGE_PAGE_BYTES
     print("huge-page backed bytes:", backed)
     pool.close()
+
+
+def test_pool_that_cannot_be_bound_to_its_node_says_so_and_works(monkeypatch, caplog):
+    """A refused mbind (some containers' seccomp profiles) leaves the pool unbound with a warning
+    (numa_node None), and a machine whose mbind number is unknown too; the pool still works."""
+    import kcache_dist.cache.host_pool as host_pool
+
+    monkeypatch.setattr(host_pool, "_register", lambda address, num_bytes: 0)
+    monkeypatch.setattr(host_pool, "_unregister", lambda address, mapping: None)
+    monkeypatch.setattr(host_pool, "gpu_numa_node", lambda index: 1)
+
+    def refused(address, num_bytes, node):
+        raise OSError(1, f"mbind of {num_bytes} bytes to NUMA node {node} failed: Operation not permitted")
+
+    for bind, warning in ((refused, "not bound to the GPU's NUMA node 1 ([Errno 1] mbind of 8192 bytes to NUMA node 1 "
+                                    "failed: Operation not permitted)"), (lambda *a: False, None)):
+        monkeypatch.setattr(host_pool, "bind_to_node", bind)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=host_pool.logger.name):
+            pool = HostPool(2 * 4096, torch.device("cuda", 0), huge_pages=False)
+        assert pool.numa_node is None and pool.pinned
+        assert (warning is None) or any(warning in r.getMessage() for r in caplog.records)
+        view = pool.take((2, 4096), torch.uint8)
+        view.fill_(7)
+        assert int(view.sum()) == 7 * 8192
+        pool.close()

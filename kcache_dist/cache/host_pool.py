@@ -67,9 +67,14 @@ class HostPool:
                 logger.info("host V pool: no transparent huge pages (madvise: %s); 4 KiB pages", ex)
         self._buffer = whole[start:start + num_bytes]
         address = self._buffer.data_ptr()
-        self.numa_node = gpu_numa_node(device.index if device.index is not None else torch.cuda.current_device())
-        if self.numa_node is not None:
-            bind_to_node(address, num_bytes, self.numa_node)
+        node = gpu_numa_node(device.index if device.index is not None else torch.cuda.current_device())
+        if node is not None:
+            try:
+                self.numa_node = node if bind_to_node(address, num_bytes, node) else None
+            except OSError as error:  # e.g. a container whose seccomp profile refuses mbind
+                logger.warning("host V pool: not bound to the GPU's NUMA node %d (%s); its pages go where they are "
+                               "first touched, possibly on another node (in a container, allow mbind, e.g. with "
+                               "CAP_SYS_NICE)", node, error)
         self._buffer.fill_(0)  # first touch: the pages are placed now, under the binding
         err = _register(address, num_bytes)
         if err != 0:

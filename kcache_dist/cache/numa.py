@@ -64,14 +64,15 @@ def gpu_numa_node(device_index: int) -> Optional[int]:
     return node if node is not None else node_from_sysfs(bus_id)
 
 
-def bind_to_node(address: int, num_bytes: int, node: int) -> None:
-    """Ask the kernel to place the (not yet touched) pages of [address, address + num_bytes) on `node`."""
+def bind_to_node(address: int, num_bytes: int, node: int) -> bool:
+    """Ask the kernel to place the (not yet touched) pages of [address, address + num_bytes) on `node`.
+    False (and a warning) where this machine's system call number is unknown; OSError if it fails."""
     if not 0 <= node < 64:
         raise ValueError(f"NUMA node {node} is outside the 0..63 this binding supports")
     number = _SYS_MBIND.get(platform.machine())
     if number is None:
         logger.warning("mbind: unknown system call number on %s; host pool left unbound", platform.machine())
-        return
+        return False
     libc = ctypes.CDLL(None, use_errno=True)
     mask = ctypes.c_ulong(1 << node)
     result = libc.syscall(number, ctypes.c_void_p(address), ctypes.c_ulong(num_bytes), MPOL_PREFERRED,
@@ -79,6 +80,7 @@ def bind_to_node(address: int, num_bytes: int, node: int) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mbind of {num_bytes} bytes to NUMA node {node} failed: {os.strerror(err)}")
+    return True
 
 
 def pages_per_node(address: int, num_bytes: int, sample_pages: int = 64) -> dict[int, int]:
