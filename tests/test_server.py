@@ -270,7 +270,6 @@ BAD_REQUESTS = [
     ('{"model": MODEL, "prompt": "Hi", "max_tokens": "ten"}', "max_tokens", "Input should be a valid integer"),
     ('{"model": MODEL, "prompt": 5}', "prompt", "prompt must be a string or a list of token ids"),
     ('{"model": MODEL, "prompt": "Hi", "bogus": 1}', "bogus", "unknown field 'bogus'"),
-    ('{"model": "no-such-model", "prompt": "Hi"}', "model", "the model 'no-such-model' does not exist"),
     ('{"model": MODEL, "prompt": "Hi", "temperature": -1}', "temperature", "temperature must be a number >= 0"),
     ('{"model": MODEL, "prompt": "Hi", "top_p": 1.5}', "top_p", "top_p must be in (0, 1]"),
     ('{"model": MODEL, "prompt": "Hi", "max_tokens": 0}', "max_tokens", "max_tokens must be an integer >= 1"),
@@ -312,8 +311,11 @@ def test_bad_chat_requests_through_the_openai_client(client, model_dir):
     with pytest.raises(openai.BadRequestError, match=f"max_model_len is {MAX_MODEL_LEN}") as info:
         client.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "Hello " * 2000}])
     assert info.value.body["param"] == "messages"
-    with pytest.raises(openai.BadRequestError, match="does not exist"):
+    with pytest.raises(openai.NotFoundError, match="does not exist") as info:  # 404, as OpenAI and vLLM answer
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError, match="the model 'no-such-model' does not exist"):
+        client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
     reply = client.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert reply.usage.completion_tokens == 3
 

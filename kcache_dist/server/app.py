@@ -67,9 +67,9 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
         return JSONResponse(error_body(f"internal server error: {error}", "server_error"), status_code=500)
 
     def check_model(name: str) -> None:
-        if name not in model_names:
-            raise bad_request(f"the model '{name}' does not exist; this server serves: {', '.join(model_names)}",
-                              param="model", code="model_not_found")
+        if name not in model_names:  # 404, as OpenAI and vLLM answer
+            raise APIError(404, f"the model '{name}' does not exist; this server serves: {', '.join(model_names)}",
+                           param="model", code="model_not_found")
 
     async def submit(prompt: Prompt, params: SamplingParams, request_id: str, prompt_param: str) -> RequestStream:
         """The request's stream of DELTA outputs: a step copies none of the text or token ids before them."""
