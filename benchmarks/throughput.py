@@ -67,8 +67,8 @@ from kcache_dist.config import (ALL_REDUCES, HOST_VALUES, SCORING_KEYS, EngineCo
 from kcache_dist.engine.llm_engine import LLMEngine, resolve_device_type  # noqa: E402
 from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kcache_dist.models.named_shapes import NAMED_SHAPES, write_shape_dir  # noqa: E402
-from kcache_dist.parallel import (all_reduce_min, current_state, exit_on_lost_rank, init_parallel,  # noqa: E402
-                                  launched_world_size, shutdown_parallel, strip_local_rank_arg)
+from kcache_dist.parallel import (all_reduce_min, barrier, current_state, exit_on_lost_rank,  # noqa: E402
+                                  init_parallel, launched_world_size, shutdown_parallel, strip_local_rank_arg)
 from kcache_dist.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 from device_timing import device_copy_Bps, host_to_device_Bps  # noqa: E402
@@ -246,8 +246,12 @@ def model_source(model: str, scratch_dir: str) -> ModelSource:
 
 def measure_bandwidths(device: torch.device, num_bytes: int, reps: int = 10) -> dict:
     """HBM: device-to-device copy of num_bytes, (read + written bytes) / time. H2D: pinned host to
-    device copy of num_bytes. On a CPU device both are a host memory copy (no PCIe in the path)."""
+    device copy of num_bytes. On a CPU device both are a host memory copy (no PCIe in the path).
+    Under tensor parallelism every rank measures at once (they meet at a barrier first), as their
+    decode steps fetch from host memory at once: the H2D figure is a rank's share."""
+    barrier()
     hbm_Bps = device_copy_Bps(device, num_bytes, reps)
+    barrier()
     # on a CPU device a copy reads num_bytes once: the rate at which V rows can be read
     h2d_Bps = host_to_device_Bps(device, num_bytes, reps) if device.type == "cuda" else hbm_Bps / 2
     _free_device_memory(device)
