@@ -61,6 +61,25 @@ def test_chunked_prefill_and_preemption_in_kcache_mode(tiny_llama_dir, scoring_k
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_prompt_chunks_of_one_token_are_prefilled_not_decoded(tiny_llama_dir):
+    """With a small budget (sparse decodes pick), a prompt whose last chunk is one token gives the
+    tokens of a whole prefill: that token is the prompt's, attended densely, not a sparse decode;
+    also with decodes of other sequences in the same step."""
+    small = KCacheConfig(mode="kcache", top_n=2, dense_layers=1, sink_tokens=1, recent_window=2)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompt = [(7 * i + 3) % 380 + 10 for i in range(57)]
+    whole = token_ids(LLM(device="cpu", model=tiny_llama_dir, kcache=small, block_size=4).generate([prompt], greedy))
+    for budget in (56, 28):  # the last chunk is 1 token
+        llm = LLM(device="cpu", model=tiny_llama_dir, kcache=small, block_size=4, max_num_batched_tokens=budget)
+        assert token_ids(llm.generate([prompt], greedy)) == whole, budget
+    prompts = [prompt, prompt[:30], prompt[:41], prompt[:9]]
+    alone = [token_ids(LLM(device="cpu", model=tiny_llama_dir, kcache=small, block_size=4).generate([p], greedy))[0]
+             for p in prompts]
+    for budget in (1, 2, 7):  # one-token chunks beside decodes
+        llm = LLM(device="cpu", model=tiny_llama_dir, kcache=small, block_size=4, max_num_batched_tokens=budget)
+        assert token_ids(llm.generate(prompts, greedy)) == alone, budget
+
+
 def test_fp8_host_values_through_chunked_prefill_and_preemption(tiny_llama_dir):
     """host_values="fp8": float8 V rows in the host pool and their scales on the device survive
     chunked prefill (earlier chunks read back and multiplied by their scales) and preemption; the

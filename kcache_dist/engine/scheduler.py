@@ -72,7 +72,11 @@ class Scheduler:
             budget -= n
         if not scheduled:
             return None
-        scheduled.sort(key=lambda item: item[1] != 1)  # stable: one-token sequences first
+        # A decode: one new token that is the sequence's last known one, an output token. The last
+        # token of a prompt (a one-token chunk) is prefilled densely, as the rest of the prompt is.
+        decode = {s.seq_id: n == 1 and s.num_computed_tokens == s.num_tokens - 1 >= s.num_prompt_tokens
+                  for s, n in scheduled}
+        scheduled.sort(key=lambda item: not decode[item[0].seq_id])  # stable: the decodes first
         kept_blocks, new_blocks = [], []
         for s, _ in scheduled:  # the runners write the plan's blocks into the sequences' hot slot rows
             kept_blocks.append(s.num_slot_blocks)
@@ -87,6 +91,7 @@ class Scheduler:
             new_blocks=new_blocks,
             hot_slots=[s.hot_slot for s, _ in scheduled],
             sample=[s.num_computed_tokens + n == s.num_tokens for s, n in scheduled],
+            decode=[decode[s.seq_id] for s, _ in scheduled],
         )
 
     def _preempt(self, seq: Sequence) -> None:

@@ -5,20 +5,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .micro_batches import part_bounds
 
 
 @dataclass
 class StepPlan:
-    """Sequences to run this step, those with one new token first.
+    """Sequences to run this step, the decodes first.
 
     For sequence i: `num_new_tokens[i]` tokens starting at position `num_computed_tokens[i]`, whose
     ids are its slice of `token_ids` (flat, in sequence order); its row in per-sequence buffers is
     `hot_slots[i]`; its cache blocks are the `kept_blocks[i]` first that its hot slot's row of the
     runner's block tables holds from earlier plans (0: its table starts anew) followed by
     `new_blocks[i]` (`block_table_rows.py`); `sample[i]` says whether the step ends its known
-    tokens, so a next token is sampled from the logits of its last new token.
+    tokens, so a next token is sampled from the logits of its last new token. `decode[i]` says
+    whether its one new token is a decode (its last known token, an output token: attended as a
+    decode, sparse in KCache mode) rather than a one-token prefill chunk (dense, as the rest of its
+    prompt); None: every sequence with one new token is a decode.
     A decode-only step runs as `micro_batches` micro-batches on as many CUDA streams, op by op or
     from its CUDA graph (`engine/micro_batches.py`), the same on every rank.
     """
@@ -32,6 +36,7 @@ class StepPlan:
     hot_slots: list[int]
     sample: list[bool]
     micro_batches: int = 1
+    decode: Optional[list[bool]] = None
 
     @property
     def num_seqs(self) -> int:
@@ -39,7 +44,9 @@ class StepPlan:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for n in self.num_new_tokens if n == 1)
+        if self.decode is None:
+            return sum(1 for n in self.num_new_tokens if n == 1)
+        return sum(self.decode)
 
     @property
     def decode_only(self) -> bool:
@@ -55,7 +62,8 @@ class StepPlan:
             token_starts.append(token_starts[-1] + n)
         return [StepPlan(self.seq_ids[a:b], self.num_new_tokens[a:b], self.num_computed_tokens[a:b],
                          self.token_ids[token_starts[a]:token_starts[b]], self.kept_blocks[a:b],
-                         self.new_blocks[a:b], self.hot_slots[a:b], self.sample[a:b])
+                         self.new_blocks[a:b], self.hot_slots[a:b], self.sample[a:b],
+                         decode=None if self.decode is None else self.decode[a:b])
                 for a, b in zip(bounds, bounds[1:])]
 
 
