@@ -77,9 +77,11 @@ def check_emulation_equals_engine(llm: LLM, kcache: KCacheConfig, text_ids: list
     lm = TeacherForcedLM(llm.engine.runner.model, capacity=1024)
     lm.prefill(text_ids[:prompt_len])
     emulated = lm.decode(forced[:-1], kcache)
-    # float32; the emulation's dense layers use a fused kernel, so far-tail log-probs (~ -30) differ by ~1e-3
+    # float32; the emulation's dense layers use a fused kernel, and it renormalises by the picks'
+    # share of the softmax where the engine's reference takes a softmax over the picks, so far-tail
+    # log-probs (~ -30) differ by a few 1e-3
     torch.testing.assert_close(torch.log_softmax(emulated, -1), torch.log_softmax(engine_logits[1:], -1),
-                               atol=3e-3, rtol=0)
+                               atol=5e-3, rtol=0)
     assert torch.equal(emulated.argmax(-1), engine_logits[1:].argmax(-1))
     lm.truncate(prompt_len)
     elsewise = lm.decode(forced[:-1], other)

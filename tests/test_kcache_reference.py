@@ -183,3 +183,31 @@ def test_hot_row_ring():
     no_window = SelectionSpec(top_n=1, sink_tokens=3, recent_window=0, renormalize=True, group_reduce="max")
     assert no_window.hot_row(torch.arange(6)).tolist() == [0, 1, 2, 2, 2, 2]  # past the sink: in range, unread
     assert spec.split(2) == (2, 2) and spec.split(10) == (3, 6) and spec.split(5) == (3, 3)
+
+
+def test_equal_scores_pick_the_lowest_far_positions():
+    """Ties (e.g. q = 0: every score equal) go to the lowest positions, as the Triton selection
+    takes them, so the CPU and CUDA paths pick alike."""
+    from kcache_dist.kcache.reference import select_far_positions
+
+    spec = SelectionSpec(top_n=3, sink_tokens=2, recent_window=2, renormalize=True, group_reduce="max")
+    probs = torch.full((2, 4, 40), 1 / 40)
+    assert select_far_positions(probs, 2, 38, spec).tolist() == [[2, 3, 4], [2, 3, 4]]
+    probs[1, 2, 30] = 0.5  # one head of the second group prefers position 30
+    assert select_far_positions(probs, 2, 38, spec).tolist() == [[2, 3, 4], [2, 3, 30]]
+
+
+def test_renormalised_output_of_a_head_whose_picks_hold_almost_no_mass():
+    """GQA max-reduce with top_n 1: both heads' favourite positions tie (each holds all of its head's
+    mass), the lower one is picked, and the other head's weight on it (e^-700 of its softmax)
+    underflows float32. Renormalised, that head's output is still the picked row's V (a softmax over
+    the picks), not NaN."""
+    spec = SelectionSpec(top_n=1, sink_tokens=0, recent_window=0, renormalize=True, group_reduce="max")
+    k_pool = torch.zeros(1, 1, 4, 2)
+    k_pool[0, 0, 0] = torch.tensor([1.0, 0.0])
+    k_pool[0, 0, 2] = torch.tensor([0.0, 1.0])
+    v_pool = torch.arange(8.0).view(1, 1, 4, 2)  # V of position j: (2j, 2j + 1)
+    q = torch.tensor([[[1000.0, 0.0], [0.0, 700.0]]])  # head 0 -> position 0, head 1 -> position 2
+    out = kcache_decode_reference(q, k_pool, v_pool, torch.zeros(1, 1, 0, 2), torch.zeros(1, 1, dtype=torch.int32),
+                                  [3], [0], spec, scale=1.0)
+    torch.testing.assert_close(out, torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]))

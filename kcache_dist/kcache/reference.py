@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 
 
 def select_far_positions(probs: torch.Tensor, sink_end: int, window_start: int, spec: SelectionSpec) -> torch.Tensor:
-    """probs [Hkv, G, L] float32 -> selected far positions [Hkv, n] (ascending), n = min(top_n, far)."""
+    """probs [Hkv, G, L] float32 -> selected far positions [Hkv, n] (ascending), n = min(top_n, far);
+    among equal scores the lowest positions, as the Triton selection takes them."""
     far = probs[..., sink_end:window_start]
     group_score = far.amax(1) if spec.group_reduce == "max" else far.sum(1)  # [Hkv, F]
     n = min(spec.top_n, far.shape[-1])
-    return torch.topk(group_score, n, dim=-1).indices.sort(-1).values + sink_end
+    ranked = torch.sort(group_score, dim=-1, descending=True, stable=True).indices
+    return ranked[..., :n].sort(-1).values + sink_end
 
 
 def gather_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -63,22 +65,25 @@ def kcache_decode_one(q: torch.Tensor, k_cache: torch.Tensor, v_far_pool: torch.
     num_kv_heads = k_cache.shape[1]
     qg = q.view(num_kv_heads, -1, q.shape[-1]).float()  # [Hkv, G, D]
     keys = gather_context(k_cache, block_table, seq_len).float()  # [Hkv, L, D]
-    probs = torch.softmax(torch.einsum("hgd,hld->hgl", qg, keys) * scale, dim=-1)  # [Hkv, G, L]
+    logits = torch.einsum("hgd,hld->hgl", qg, keys) * scale  # [Hkv, G, L]
+    probs = torch.softmax(logits, dim=-1)
     sink_end, window_start = spec.split(seq_len)
     hot_pos = hot_positions(sink_end, window_start, seq_len, q.device)
-    p_sel = probs[..., hot_pos]  # [Hkv, G, nh]
+    sel_logits = logits[..., hot_pos]  # [Hkv, G, nh]
     v_sel = v_hot[:, spec.hot_row(hot_pos)].float()  # [Hkv, nh, D]
     if window_start > sink_end:
         far_pos = select_far_positions(probs, sink_end, window_start, spec)  # [Hkv, n]
-        p_far = probs.gather(-1, far_pos[:, None, :].expand(-1, qg.shape[1], -1))
+        far_logits = logits.gather(-1, far_pos[:, None, :].expand(-1, qg.shape[1], -1))
         v_far = (gather_rows(v_far_pool, block_table, far_pos) if fetch_far is None
                  else fetch_far(far_pos)).to(q.device).float()
         if v_scales is not None:
             v_far = v_far * gather_rows(v_scales[..., None], block_table, far_pos).to(q.device)
-        p_sel, v_sel = torch.cat([p_sel, p_far], -1), torch.cat([v_sel, v_far], 1)
-    out = torch.einsum("hgn,hnd->hgd", p_sel, v_sel)
-    if spec.renormalize:
-        out = out / p_sel.sum(-1, keepdim=True)
+        sel_logits, v_sel = torch.cat([sel_logits, far_logits], -1), torch.cat([v_sel, v_far], 1)
+    # renormalised: a softmax over the picks themselves (their share of the whole softmax can
+    # underflow, e.g. for a head whose mass lies on positions its group did not pick)
+    weights = (torch.softmax(sel_logits, dim=-1) if spec.renormalize
+               else torch.exp(sel_logits - torch.logsumexp(logits, dim=-1, keepdim=True)))
+    out = torch.einsum("hgn,hnd->hgd", weights, v_sel)
     return out.reshape(q.shape).to(q.dtype)
 
 
