@@ -12,7 +12,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: Optional[object] = None  # the stop string or stop token id that ended it
+    stop_reason: Optional[object] = None  # the stop string or stop token id that ended it (None for EOS)
 
 
 @dataclass

@@ -102,6 +102,7 @@ def test_eos_stops_unless_ignored(tiny_llama_dir):
     first = base.token_ids.index(base.token_ids[3])
     stopped = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
     assert stopped.token_ids == base.token_ids[: first + 1] and stopped.finish_reason == "stop"
+    assert stopped.stop_reason is None  # as vLLM: the EOS is no stop string or stop token id
     ignored = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
     assert ignored.token_ids == base.token_ids
 

@@ -290,8 +290,10 @@ class LLMEngine:
                 seq.output_text = seq.output_text[:hit[0]]
                 seq.finish_reason, seq.stop_reason = "stop", hit[1]
                 return
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        if token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"  # stop_reason None for the EOS, as vLLM
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
