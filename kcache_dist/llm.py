@@ -54,14 +54,16 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:
-        """Run every prompt (a string or a list of token ids) to completion; outputs in input order.
+        """Run every prompt (a string, a list of token ids, or vLLM's prompt dicts {"prompt": text} and
+        {"prompt_token_ids": ids}) to completion; outputs in input order.
 
         In a launched job, call it on every rank with the same arguments: the prompts are shared
         out over the data-parallel replicas and every output comes back on global rank 0 (the
         other ranks return an empty list)."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [_plain_prompt(p) for p in prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
@@ -103,3 +105,14 @@ class LLM:
         for out, text in zip(outputs, prompts):
             out.prompt = text
         return outputs
+
+
+def _plain_prompt(prompt):
+    """A prompt as the engine takes it: vLLM's TextPrompt / TokensPrompt dicts unwrapped."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if set(prompt) == {"prompt_token_ids"}:
+        return list(prompt["prompt_token_ids"])
+    if set(prompt) == {"prompt"}:
+        return prompt["prompt"]
+    raise ValueError(f"a prompt dict holds either 'prompt' (text) or 'prompt_token_ids', got keys {sorted(prompt)}")

@@ -90,6 +90,14 @@ def test_token_id_prompts_equal_text_prompts(tiny_llama_dir, reference):
     outputs = llm.generate(ids, GREEDY)
     assert token_ids(outputs) == reference
     assert [o.prompt_token_ids for o in outputs] == ids and all(o.prompt is None for o in outputs)
+    # vLLM's prompt dicts, and one prompt of token ids as a tuple
+    dicts = [{"prompt_token_ids": ids[0]}, {"prompt": PROMPTS[1]}]
+    assert token_ids(llm.generate(dicts, GREEDY)) == reference[:2]
+    assert token_ids(llm.generate({"prompt": PROMPTS[2]}, GREEDY)) == reference[2:3]
+    assert token_ids(llm.generate(tuple(ids[3]), GREEDY)) == reference[3:4]
+    with pytest.raises(ValueError, match=r"a prompt dict holds either 'prompt' \(text\) or 'prompt_token_ids', "
+                                         r"got keys \['multi_modal_data', 'prompt'\]"):
+        llm.generate({"prompt": "Hi", "multi_modal_data": {}}, GREEDY)
 
 
 def test_block_manager_accounting():
