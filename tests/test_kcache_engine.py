@@ -80,6 +80,21 @@ def test_prompt_chunks_of_one_token_are_prefilled_not_decoded(tiny_llama_dir):
         assert token_ids(llm.generate(prompts, greedy)) == alone, budget
 
 
+def test_preempted_sequences_continue_as_without_preemption(tiny_llama_dir):
+    """With a small budget (sparse decodes pick), a preempted sequence recomputes its prompt by
+    prefill and its produced tokens as decodes, one a step, as they were first computed: every
+    greedy continuation equals the uninterrupted run's."""
+    small = KCacheConfig(mode="kcache", top_n=2, dense_layers=1, sink_tokens=1, recent_window=2)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(device="cpu", model=tiny_llama_dir, kcache=small, block_size=4, max_model_len=96)
+    reference = token_ids(roomy.generate(PROMPTS, greedy))
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=small, block_size=4, max_model_len=96, num_kv_blocks=24)
+    assert token_ids(llm.generate(PROMPTS, greedy)) == reference
+    assert llm.engine.scheduler.num_preemptions > 0
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_fp8_host_values_through_chunked_prefill_and_preemption(tiny_llama_dir):
     """host_values="fp8": float8 V rows in the host pool and their scales on the device survive
     chunked prefill (earlier chunks read back and multiplied by their scales) and preemption; the

@@ -111,7 +111,8 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.runner = ModelRunner(config, model_dir, self.model_config, self.max_model_len, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.runner.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   replay_outputs=config.kcache.mode == "kcache")
         self.generator = torch.Generator().manual_seed(config.seed)
         # micro-batches of decode steps (EngineConfig.decode_micro_batches); the scheduling
         # rank puts it in each plan, so benchmarks may change it between steps
