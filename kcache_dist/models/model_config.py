@@ -1,7 +1,10 @@
 """The architecture facts the engine needs, read from a Hugging Face `config.json`.
 
 Both spellings of rotary settings are read: `rope_theta` + `rope_scaling` (older checkpoints) and
-`rope_parameters` (transformers 5).
+`rope_parameters` (transformers 5); where both are given, `rope_scaling` wins, as in transformers.
+Defaults follow transformers' configs: `hidden_act` silu (others are refused), Llama-3 rope's
+`original_max_position_embeddings` = `max_position_embeddings`, Mistral's (and Qwen2's, when
+`use_sliding_window`) `sliding_window` 4096 when the key is absent.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Optional
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DEFAULT_SLIDING_WINDOW = 4096  # transformers' MistralConfig and Qwen2Config
 
 
 @dataclass(frozen=True)
@@ -67,14 +71,18 @@ def load_model_config(model_dir: str) -> ModelConfig:
     arch = architectures[0] if architectures else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    hidden_act = raw.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ValueError(f"unsupported hidden_act {hidden_act!r} in {path}; supported: silu")
     num_heads = _get(raw, path, "num_attention_heads")
     hidden = _get(raw, path, "hidden_size")
     head_dim = raw.get("head_dim") or hidden // num_heads
     attention_bias = bool(raw.get("attention_bias", False))
     is_qwen2 = arch == "Qwen2ForCausalLM"
-    sliding_window = raw.get("sliding_window")
-    if is_qwen2 and not raw.get("use_sliding_window", False):
-        sliding_window = None
+    sliding_window = raw.get("sliding_window", DEFAULT_SLIDING_WINDOW) if arch != "LlamaForCausalLM" else None
+    if is_qwen2 and (not raw.get("use_sliding_window", False)
+                     or raw.get("max_window_layers", 28) >= _get(raw, path, "num_hidden_layers")):
+        sliding_window = None  # Qwen2 slides only in the layers from max_window_layers on
     return ModelConfig(
         architecture=arch,
         vocab_size=_get(raw, path, "vocab_size"),
@@ -104,15 +112,16 @@ def _get(raw: dict[str, Any], path: str, key: str) -> Any:
 
 
 def _rope_config(raw: dict[str, Any], path: str) -> RopeConfig:
-    params = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling") or {}
-    params = {**scaling, **params}
+    # as transformers: rope_scaling wins, and then its theta is its own or the top-level one
+    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_type {rope_type!r} in {path}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     kwargs = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                       "original_max_position_embeddings") if k in params}
+    if rope_type == "llama3":
+        kwargs.setdefault("original_max_position_embeddings", _get(raw, path, "max_position_embeddings"))
     return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
 
 
