@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 from .config import EngineConfig, KCacheConfig
 from .engine.llm_engine import LLMEngine, Prompt
 from .outputs import RequestOutput
-from .parallel import dp_gather_objects
+from .parallel import dp_gather_objects, rank_was_lost
 from .sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, str]
@@ -70,19 +70,29 @@ class LLM:
             else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        for p, sp in zip(prompts, params):  # every rank validates every prompt before any is queued
-            self.engine.validate(p, sp)
+        # every rank validates every prompt before any is queued
+        validated = [self.engine.validate(p, sp) for p, sp in zip(prompts, params)]
         params = [dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY) for sp in params]  # one output each
         engine, state = self.engine, self.engine.parallel
         mine = [i for i in range(len(prompts)) if i % state.dp_size == state.dp_rank]  # this replica's share
         results: dict[int, RequestOutput] = {}
         if engine.is_scheduler:
-            request_ids = {engine.add_request(prompts[i], params[i]): i for i in mine}
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        results[request_ids[out.request_id]] = out
-            engine.stop_workers()
+            request_ids: dict[str, int] = {}
+            try:
+                for i in mine:
+                    request_ids[engine.add_validated_request(*validated[i], params[i])] = i
+                    engine.keepalive()  # the workers already wait for the first plan
+                while engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished and out.request_id in request_ids:
+                            results[request_ids[out.request_id]] = out
+            except BaseException:  # e.g. KeyboardInterrupt: leave the engine as it was, for the next call
+                for request_id in request_ids:
+                    engine.abort_request(request_id)
+                raise
+            finally:
+                if not rank_was_lost():
+                    engine.stop_workers()
         else:
             engine.run_worker()
         if state.dp_size == 1:

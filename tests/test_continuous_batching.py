@@ -142,3 +142,24 @@ def test_step_outputs_grow_and_abort_frees_blocks(tiny_llama_dir, reference):
     while engine.has_unfinished_requests():
         engine.step()
     assert_all_blocks_free(llm)
+
+
+def test_generate_interrupted_mid_way_leaves_the_engine_usable(tiny_llama_dir, reference, monkeypatch):
+    """An error in a step (e.g. Ctrl-C in a notebook) aborts that call's requests and goes on to the
+    caller; the next generate runs as on a fresh engine, with every block free."""
+    llm = LLM(device="cpu", model=tiny_llama_dir)
+    engine, real_step, calls = llm.engine, llm.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY)
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference

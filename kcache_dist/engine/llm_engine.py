@@ -166,6 +166,12 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
         text, token_ids = self.validate(prompt, params)
+        return self.add_validated_request(text, token_ids, params, request_id)
+
+    def add_validated_request(self, text: Optional[str], token_ids: list[int], params: SamplingParams,
+                              request_id: Optional[str] = None) -> str:
+        """`add_request` of a prompt that `validate` has passed (its text or None, and its token
+        ids), without tokenizing it again."""
         seq_id = next(self._seq_ids)
         request_id = str(seq_id) if request_id is None else request_id
         if request_id in self._by_request:
