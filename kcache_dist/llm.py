@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 from .config import EngineConfig, KCacheConfig
 from .engine.llm_engine import LLMEngine, Prompt
 from .outputs import RequestOutput
-from .parallel import dp_gather_objects, rank_was_lost
+from .parallel import ReplicaProgress, dp_gather_objects, rank_was_lost
 from .sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, str]
@@ -78,14 +78,17 @@ class LLM:
         results: dict[int, RequestOutput] = {}
         if engine.is_scheduler:
             request_ids: dict[str, int] = {}
+            progress = ReplicaProgress()  # the replicas finish when they finish
             try:
                 for i in mine:
                     request_ids[engine.add_validated_request(*validated[i], params[i])] = i
                     engine.keepalive()  # the workers already wait for the first plan
+                    progress.beat()
                 while engine.has_unfinished_requests():
                     for out in engine.step():
                         if out.finished and out.request_id in request_ids:
                             results[request_ids[out.request_id]] = out
+                    progress.beat()
             except BaseException:  # e.g. KeyboardInterrupt: leave the engine as it was, for the next call
                 for request_id in request_ids:
                     engine.abort_request(request_id)
@@ -97,6 +100,9 @@ class LLM:
             engine.run_worker()
         if state.dp_size == 1:
             return [results[i] for i in range(len(prompts))] if state.rank == 0 else []
+        if engine.is_scheduler:  # the gather below waits at most the collective timeout
+            progress.done()
+            progress.wait_for_all()
         gathered = dp_gather_objects(results)
         if gathered is None:
             return []

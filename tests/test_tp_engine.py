@@ -103,6 +103,31 @@ def test_dp2_x_tp2_returns_every_output_in_order(tiny_llama_dir):
     assert run_job(4, tiny_llama_dir, 2, KCACHE, 16, prompts) == reference
 
 
+def test_replicas_that_finish_far_apart_still_gather(tiny_llama_dir):
+    """DP 2 x TP 1 with a 3 s collective timeout, the second replica ~6 s slower (0.4 s a step): the
+    first waits for it, beyond the timeout, while it keeps making progress; every output comes back."""
+    reference = generate(tiny_llama_dir, 1, None, 16)
+    engine = {"parallel": ParallelConfig(collective_timeout_s=3.0)}
+    outcomes = run_rank_outcomes(generate, world_size=2, args=(tiny_llama_dir, 1, None, 16, PROMPTS, None, engine,
+                                                               "cpu", (1, 0.4)), timeout_s=90)
+    for o in outcomes:
+        assert o.exitcode == 0 and o.error is None, f"rank {o.rank} failed:\n{o.error}\n{o.output[-3000:]}"
+    assert outcomes[0].result == reference and outcomes[1].result == []
+
+
+def test_replica_that_dies_is_named_by_the_waiting_one(tiny_llama_dir):
+    """DP 2 x TP 1: the second replica's rank dies mid-generation; the first, done, stops waiting
+    for it once it has shown no progress for the collective timeout, naming it."""
+    engine = {"parallel": ParallelConfig(collective_timeout_s=3.0)}
+    start = time.monotonic()
+    outcomes = run_rank_outcomes(generate, world_size=2, args=(tiny_llama_dir, 1, None, 24, PROMPTS, 1, engine),
+                                 timeout_s=60, stop_on_first_error=False)
+    assert outcomes[1].exitcode == 9
+    assert "data-parallel replica 1 (leader rank 1) made no progress for the collective timeout of 3 s" in \
+        (outcomes[0].error or ""), outcomes[0].output[-2000:]
+    assert time.monotonic() - start < 45
+
+
 def test_default_model_tp3_equals_tp1(default_model_dir):
     """The embedded default model (9 attention heads, 3 KV heads) over 3 ranks."""
     prompts = ["The capital of France is", "def fibonacci(n):"]

@@ -12,7 +12,7 @@ Works under `deepspeed --num_gpus N script.py`, torchrun, `mpirun -np N python s
 a plain single process (rank 0 of 1, no process group).
 """
 
-from .collectives import (all_reduce_min, all_reduce_slot, barrier, disable_two_shot_all_reduce, dp_gather_objects,
+from .collectives import (ReplicaProgress, all_reduce_min, all_reduce_slot, barrier, disable_two_shot_all_reduce, dp_gather_objects,
                           enable_two_shot_all_reduce, tp_all_reduce, tp_broadcast_object, tp_gather_last_dim,
                           tp_gather_objects, two_shot_all_reduce_enabled, wait_for_device)
 from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank, rank_was_lost
@@ -27,6 +27,6 @@ __all__ = [
     "tp_all_reduce", "tp_gather_last_dim", "tp_broadcast_object", "tp_gather_objects", "dp_gather_objects",
     "enable_two_shot_all_reduce", "disable_two_shot_all_reduce", "two_shot_all_reduce_enabled", "wait_for_device",
     "all_reduce_slot",
-    "all_reduce_min", "barrier", "KVHeadReplicas",
+    "all_reduce_min", "barrier", "ReplicaProgress", "KVHeadReplicas",
     "RankLostError", "exit_for_lost_rank", "exit_on_lost_rank", "rank_was_lost", "strip_local_rank_arg",
 ]

@@ -202,6 +202,56 @@ def dp_gather_objects(obj: Any) -> Optional[list]:
     return gathered
 
 
+class ReplicaProgress:
+    """The data-parallel replicas of one call (e.g. `LLM.generate`) each run at their own pace, and
+    may finish far more than the collective timeout apart. Their TP leaders mark progress (`beat`,
+    between steps) and the end (`done`) in the job's key store, and `wait_for_all` waits until every
+    leader is done, with no deadline while the others keep beating; a leader whose beats stop for
+    the collective timeout is named in a RankLostError. Created on the TP leaders only, once per call
+    on every leader in the same order; with one replica it does nothing."""
+
+    BEAT_INTERVAL_S = 1.0
+    _calls = 0  # calls made in this process (the same count on every leader)
+
+    def __init__(self):
+        state, groups = current_state(), current_groups()
+        self.active = state.dp_size > 1 and state.tp_rank == 0 and groups is not None and groups.keys is not None
+        ReplicaProgress._calls += 1
+        self._prefix = f"replica_progress/{ReplicaProgress._calls}/"
+        self._last_beat_s = 0.0
+
+    def beat(self) -> None:
+        if self.active and time.monotonic() - self._last_beat_s >= self.BEAT_INTERVAL_S:
+            current_groups().keys.add(f"{self._prefix}beat/{current_state().dp_rank}", 1)
+            self._last_beat_s = time.monotonic()
+
+    def done(self) -> None:
+        if self.active:
+            current_groups().keys.set(f"{self._prefix}done/{current_state().dp_rank}", "1")
+
+    def wait_for_all(self, poll_s: float = 0.05) -> None:
+        if not self.active:
+            return
+        state, groups = current_state(), current_groups()
+        seen: dict[int, tuple[int, float]] = {}  # replica -> (its last beat count, when it changed)
+        while True:
+            pending = [r for r in range(state.dp_size) if not groups.keys.check([f"{self._prefix}done/{r}"])]
+            if not pending:
+                return
+            now = time.monotonic()
+            for replica in pending:
+                beats = int(groups.keys.add(f"{self._prefix}beat/{replica}", 0))
+                if seen.get(replica, (None,))[0] != beats:
+                    seen[replica] = (beats, now)
+                elif now - seen[replica][1] > groups.timeout_s:
+                    mark_rank_lost()
+                    leader = replica * state.tp_size
+                    raise RankLostError(f"rank {state.rank}: data-parallel replica {replica} (leader rank {leader}) "
+                                        f"made no progress for the collective timeout of {groups.timeout_s:g} s; "
+                                        "it may be lost", group_ranks=tuple(range(state.world_size)))
+            time.sleep(poll_s)
+
+
 def all_reduce_min(value: int) -> int:
     """The smallest `value` over all ranks of the world, on every rank (e.g. blocks that fit)."""
     state = current_state()

@@ -246,7 +246,7 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
                           tp_group_ranks=layout.tp_group_ranks(rank // tp_size), backend=backend,
                           launcher=info.launcher, device_type=device_type)
     _set(state, ProcessGroups(tp_group=tp_group, dp_leaders_group=leaders_group, timeout_s=timeout_s,
-                              hostnames=tuple(hostnames), pids=tuple(pids), store=raw_store))
+                              hostnames=tuple(hostnames), pids=tuple(pids), store=raw_store, keys=store))
     if not _atexit_registered:
         atexit.register(shutdown_parallel)
         _atexit_registered = True

@@ -52,6 +52,7 @@ class ProcessGroups:
     hostnames: tuple[str, ...] = ()
     pids: tuple[int, ...] = ()
     store: Any = None
+    keys: Any = None  # the store under this init's prefix: small keys the ranks share (e.g. replica progress)
     lost_rank: bool = False  # a collective failed: the groups can no longer be torn down cleanly
 
 

@@ -24,10 +24,11 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "Once upon a
 
 def generate(model_dir: Optional[str], tp: int, kcache: Optional[dict], max_tokens: int,
              prompts: list = PROMPTS, die_on_rank: Optional[int] = None,
-             engine: Optional[dict] = None, device: str = "cpu") -> list[list[int]]:
+             engine: Optional[dict] = None, device: str = "cpu",
+             slow_rank: Optional[tuple[int, float]] = None) -> list[list[int]]:
     """Every rank builds the LLM (with the EngineConfig fields `engine`, e.g. load_format) on
     `device` and calls generate on `prompts` (texts or token-id lists); rank 0 returns the token ids
-    (others [])."""
+    (others []). slow_rank (rank, seconds): that rank's steps each take that much longer."""
     from kcache_dist import LLM, KCacheConfig, SamplingParams
 
     llm = LLM(device=device, model=model_dir, tensor_parallel_size=tp,
@@ -41,6 +42,15 @@ def generate(model_dir: Optional[str], tp: int, kcache: Optional[dict], max_toke
                 os._exit(9)
             return execute(plan)
         llm.engine.runner.execute = execute_then_die
+    if slow_rank is not None and llm.engine.parallel.rank == slow_rank[0]:
+        import time
+
+        execute_fast = llm.engine.runner.execute
+
+        def execute_slowly(plan):
+            time.sleep(slow_rank[1])
+            return execute_fast(plan)
+        llm.engine.runner.execute = execute_slowly
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     llm.engine.release()  # a job may build another LLM next (--runs)
     return [o.outputs[0].token_ids for o in outputs]
