@@ -115,3 +115,21 @@ def test_strip_local_rank_arg():
     assert strip_local_rank_arg(["--model", "m"]) == ["--model", "m"]
     assert local_rank_from_argv(["s.py", "--local_rank=3"]) == 3
     assert local_rank_from_argv(["s.py"]) is None
+
+
+def test_cuda_device_of_each_rank():
+    """Local rank r drives GPU r of the host; a rank that was given one GPU of its own
+    (CUDA_VISIBLE_DEVICES naming one device, as Slurm and some mpirun set-ups do) drives device 0;
+    too few GPUs is refused on every such rank with a reason."""
+    from kcache_dist.parallel.process_group import cuda_device_of_rank
+
+    assert [cuda_device_of_rank(r, r, 4, None) for r in range(4)] == [0, 1, 2, 3]
+    assert [cuda_device_of_rank(r, r, 4, "0,1,2,3") for r in range(4)] == [0, 1, 2, 3]
+    assert [cuda_device_of_rank(r, r, 1, str(r)) for r in range(4)] == [0, 0, 0, 0]
+    assert cuda_device_of_rank(0, 0, 1, None) == 0
+    with pytest.raises(ValueError, match=r"^rank 5 has local rank 1 but this host shows 1 GPU\(s\); start at most "
+                                         r"that many ranks per node, or give each rank its own GPU with "
+                                         r"CUDA_VISIBLE_DEVICES$"):
+        cuda_device_of_rank(5, 1, 1, None)
+    with pytest.raises(ValueError, match="local rank 2 but this host shows 2 GPU"):
+        cuda_device_of_rank(2, 2, 2, "0,1")

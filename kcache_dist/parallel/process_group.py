@@ -164,6 +164,19 @@ def _hand_groups_to_deepspeed(timeout_s: float) -> None:
                                timeout=timedelta(seconds=timeout_s))
 
 
+def cuda_device_of_rank(rank: int, local_rank: int, visible_devices: int, cuda_visible_devices: Optional[str]) -> int:
+    """The CUDA device a rank drives: its local rank among the host's GPUs, or device 0 where the
+    launcher gave each rank one GPU of its own (CUDA_VISIBLE_DEVICES naming a single device)."""
+    one_of_its_own = cuda_visible_devices is not None and len([d for d in cuda_visible_devices.split(",") if d]) == 1
+    if visible_devices == 1 and one_of_its_own:
+        return 0
+    if local_rank >= visible_devices:
+        raise ValueError(f"rank {rank} has local rank {local_rank} but this host shows {visible_devices} GPU(s); "
+                         "start at most that many ranks per node, or give each rank its own GPU with "
+                         "CUDA_VISIBLE_DEVICES")
+    return local_rank
+
+
 def launched_world_size() -> int:
     """How many processes the launcher started (1 for a plain process), known before
     `init_parallel` joins them: from the launcher's environment, or from MPI under mpirun."""
@@ -223,10 +236,8 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
         if loopback:
             os.environ["GLOO_SOCKET_IFNAME"] = loopback
     if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"rank {rank} has local rank {local_rank} but this host shows "
-                             f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per node")
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_device_of_rank(rank, local_rank, torch.cuda.device_count(),
+                                                  os.environ.get("CUDA_VISIBLE_DEVICES")))
     backend = DEVICE_BACKENDS[device_type]
     try:
         dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
