@@ -76,8 +76,8 @@ def test_single_process_collectives_do_not_touch_torch_distributed(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("torch.distributed was called in a single-process job")
 
-    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast_object_list", "gather_object", "barrier", "new_group",
-                 "init_process_group"):
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast_object_list", "gather_object", "barrier",
+                 "new_group", "init_process_group"):
         monkeypatch.setattr(dist, name, forbidden)
     state = parallel.init_parallel(1)
     try:

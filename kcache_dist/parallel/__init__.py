@@ -12,9 +12,9 @@ Works under `deepspeed --num_gpus N script.py`, torchrun, `mpirun -np N python s
 a plain single process (rank 0 of 1, no process group).
 """
 
-from .collectives import (ReplicaProgress, all_reduce_min, all_reduce_slot, barrier, disable_two_shot_all_reduce, dp_gather_objects,
-                          enable_two_shot_all_reduce, tp_all_reduce, tp_broadcast_object, tp_gather_last_dim,
-                          tp_gather_objects, two_shot_all_reduce_enabled, wait_for_device)
+from .collectives import (ReplicaProgress, all_reduce_min, all_reduce_slot, barrier, disable_two_shot_all_reduce,
+                          dp_gather_objects, enable_two_shot_all_reduce, tp_all_reduce, tp_broadcast_object,
+                          tp_gather_last_dim, tp_gather_objects, two_shot_all_reduce_enabled, wait_for_device)
 from .errors import RankLostError, exit_for_lost_rank, exit_on_lost_rank, rank_was_lost
 from .kv_head_replicas import KVHeadReplicas
 from .launcher import strip_local_rank_arg
