@@ -174,7 +174,8 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.applies_to(plan):
             hidden = self.decode_graphs.run(plan, self.block_table_rows.gather(plan.hot_slots))
             if not all(plan.sample):
-                hidden = hidden[torch.tensor([i for i, s in enumerate(plan.sample) if s], device=self.device)]
+                sampled_rows = [i for i, s in enumerate(plan.sample) if s]
+                hidden = hidden[torch.tensor(sampled_rows, dtype=torch.long, device=self.device)]
             logits = self.model.compute_logits(hidden)
         else:
             logits = self._execute_eager(plan)
