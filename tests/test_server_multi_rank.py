@@ -7,11 +7,13 @@ mid-stream ends that stream with an error, new requests and /health get 503 nami
 and every process exits non-zero within 30 s. On forkserver
 ranks (tests/dist_scripts/multiprocess.py): idle workers outlive the collective timeout through
 rank 0's keepalives, a worker whose rank 0 died exits with a message (and rank 0 whose worker
-died), and a job of more processes than the tensor parallel size is refused. Every wait is bounded."""
+died), a step that fails on every rank fails its requests while the server serves on, and a job
+of more processes than the tensor parallel size is refused. Every wait is bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -262,6 +264,47 @@ def test_idle_workers_outlive_the_collective_timeout(tiny_llama_dir, offline):
     assert outcomes[1].result == 0  # serve_as_worker's exit status
     assert interval_s == 0.25 * timeout_s
     assert num_keepalives >= idle_s / (2 * interval_s), report  # one per interval, give or take a slow wake-up
+    want = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert tokens == want.outputs[0].token_ids
+
+
+def _a_step_fails_on_every_rank(model_dir: str):
+    """Both ranks' third forward raises (as an out-of-memory error of one batch would on every
+    rank); rank 0 serves a request that step breaks, then another one."""
+    from kcache_dist.server.engine_driver import EngineDriver, EngineFailure
+    from kcache_dist.server.worker_rank import serve_as_worker
+
+    engine = _engine(model_dir, 60.0)
+    forwards = itertools.count(1)
+
+    def execute_failing_third(plan, execute=engine.runner.execute):
+        if next(forwards) == 3:
+            raise RuntimeError("injected fault in the third forward")
+        return execute(plan)
+    engine.runner.execute = execute_failing_third
+    if not engine.is_scheduler:
+        return serve_as_worker(engine)
+    driver = EngineDriver(engine).start()
+    try:
+        _generate_through_driver(driver, PROMPTS[0], 8)
+        error = None
+    except EngineFailure as e:
+        error = str(e)
+    tokens = _generate_through_driver(driver, PROMPTS[0], 8)
+    assert driver.shutdown(timeout_s=REQUEST_TIMEOUT_S)
+    engine.stop_workers()
+    return error, tokens
+
+
+def test_a_step_that_fails_on_every_rank_fails_its_requests_and_the_server_serves_on(tiny_llama_dir, offline):
+    outcomes = run_rank_outcomes(_a_step_fails_on_every_rank, 2, None, args=(tiny_llama_dir,), timeout_s=120,
+                                 stop_on_first_error=False)
+    report = describe(outcomes)
+    assert [o.exitcode for o in outcomes] == [0, 0] and not any(o.error for o in outcomes), report
+    error, tokens = outcomes[0].result
+    assert error == "engine step failed: injected fault in the third forward", report
+    assert outcomes[1].result == 0  # serve_as_worker's exit status
+    assert "step failed on this rank; the scheduling rank drops its requests" in outcomes[1].output, report
     want = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert tokens == want.outputs[0].token_ids
 

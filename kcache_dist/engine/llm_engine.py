@@ -28,7 +28,7 @@ from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
-from ..parallel import init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled, wait_for_device
+from ..parallel import RankLostError, init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled, wait_for_device
 from ..sampling_params import RequestOutputKind, SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
@@ -201,12 +201,27 @@ class LLMEngine:
         """Whether this rank schedules and samples (the first rank of its tensor-parallel group)."""
         return self.parallel.tp_rank == 0
 
-    def run_worker(self) -> None:
+    def run_worker(self, survive_step_errors: bool = False) -> None:
         """On the other ranks of a tensor-parallel group: run each step plan the scheduling rank
-        sends (a `KeepAlive` is a no-op), until it sends None (`stop_workers`)."""
+        sends (a `KeepAlive` is a no-op), until it sends None (`stop_workers`).
+
+        A plan whose forward raises ends the loop with that error, unless `survive_step_errors`
+        (the server's policy, where the scheduling rank drops the step's requests and serves on):
+        then the error is logged and the next plan runs. A lost rank always ends the loop. A
+        failure that struck the ranks at different points leaves a collective unmatched; that one
+        ends in the collective timeout, as a lost rank."""
         while (message := tp_broadcast_object(None)) is not None:
-            if isinstance(message, StepPlan):
+            if not isinstance(message, StepPlan):
+                continue
+            try:
                 self.runner.execute(message)
+            except RankLostError:
+                raise
+            except Exception:
+                if not survive_step_errors:
+                    raise
+                logger.exception("step failed on this rank; the scheduling rank drops its requests, "
+                                 "this rank runs the next plan")
 
     def stop_workers(self) -> None:
         """On the scheduling rank: release the workers from `run_worker`."""

@@ -55,9 +55,11 @@ class SignalsWaitForRank0:
 
 
 def serve_as_worker(engine) -> int:
-    """Run `engine.run_worker()` until rank 0 stops the workers; returns the exit status, 0."""
+    """Run `engine.run_worker()` until rank 0 stops the workers; returns the exit status, 0. A
+    step that raises is logged and the worker runs on, as rank 0's engine driver does (it drops
+    that step's requests with an error and serves on)."""
     logger.info("worker rank: running the step plans of rank 0")
     with SignalsWaitForRank0(), exit_on_lost_rank():
-        engine.run_worker()
+        engine.run_worker(survive_step_errors=True)
     logger.info("stopped by rank 0")
     return 0
