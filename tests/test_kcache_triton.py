@@ -515,6 +515,59 @@ STRIDED_QUERY_SCRIPT = textwrap.dedent("""
 """)
 
 
+RENORM_GAP_SCRIPT = textwrap.dedent("""
+    import torch
+    from test_kcache_reference import paged_inputs
+    from kcache_dist.kcache.reference import kcache_decode_reference
+    from kcache_dist.kcache.selection import SelectionSpec
+    from kcache_dist.kcache.triton_kcache import (KPassConfig, gather_far_rows_zero_copy, kcache_decode_triton,
+                                                  score_and_select, sparse_output)
+    seed = {seed}
+    cfg = KPassConfig(split=32, block_n=16, sel_tile=16, key_tile=32, scratch_extra=64, select_warps=4)
+    # GQA max with top_n 1: the heads' favourites (positions 0 and 2) tie, position 0 is picked, and
+    # head 1's weight on it is e^-gap of its softmax: past float32's range at 700 nats, past float16's
+    # (p is rounded to V's dtype before p @ V) at 20. Renormalised, both heads give V of position 0.
+    spec = SelectionSpec(1, 0, 0, True, "max")
+    for dtype, gap in ((torch.float32, 700.0), (torch.float16, 20.0)):
+        k_pool = torch.zeros(1, 1, 4, 16, dtype=dtype)
+        k_pool[0, 0, 0, 0] = 1.0
+        k_pool[0, 0, 2, 1] = 1.0
+        v_pool = torch.arange(64.0).view(1, 1, 4, 16).to(dtype)
+        q = torch.zeros(1, 2, 16, dtype=dtype)
+        q[0, 0, 0] = 1.5 * gap
+        q[0, 1, 1] = gap
+        out = torch.full_like(q, float("nan"))
+        kcache_decode_triton(q, k_pool, v_pool, torch.zeros(1, 1, 0, 16, dtype=dtype),
+                             torch.zeros(1, 1, dtype=torch.int32), torch.tensor([3]), torch.tensor([0]), spec, 1.0,
+                             cfg=cfg, out=out)
+        assert torch.equal(out[0].float(), v_pool[0, 0, :1].float().expand(2, 16)), (dtype, out)
+    # peaked random heads (q x 60: the group's picks lie hundreds of nats below some heads' lse), the
+    # picks over 1, 2 and 3 programs whose partial sums are brought to a common maximum
+    spec, lens = SelectionSpec(40, 2, 6, True, "max"), [300, 90, 45]
+    q, kp, vp, vh, bt, slots, _, _ = paged_inputs(3, 2, 4, 16, lens, 8, spec, torch.float32, seed=seed)
+    q = q * 60
+    ref = kcache_decode_reference(q, kp, vp, vh, bt, lens, slots, spec, 0.25)
+    sel = score_and_select(q, kp, bt, torch.tensor(lens), max(lens), spec, 0.25, cfg)
+    vfar = gather_far_rows_zero_copy(vp, bt, sel.idx)
+    for parts in (1, 2, 3):
+        out = torch.full_like(q, float("nan"))
+        sparse_output(sel, vfar, vh, torch.tensor(lens), torch.tensor(slots), spec, q.shape[1], out=out,
+                      parts=parts, rows_per_step=16)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert not out.isnan().any() and err < 1e-5, (parts, err)
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_renormalised_output_where_the_picks_lie_far_below_a_heads_softmax_under_interpreter():
+    """Renormalised, the output kernel weighs the hot rows and picks by a softmax over themselves
+    (against their own largest score), so a head whose group's picks hold almost none of its mass
+    still gets their weighted mean, in float32 and float16, whole and split over programs."""
+    seed = fresh_seed()
+    run_under_triton_interpreter(RENORM_GAP_SCRIPT.format(seed=seed), seed, timeout_s=180)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_strided_query_under_interpreter():
     """A query that is a strided view (the gathered query group of a KV head replicated over ranks)

@@ -45,7 +45,8 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    copy on the copy engines). With a far-row cache (`row_cache.py`), `row_cache_triton.assign_rows`
    finds the slot of every pick and the picks it misses; only those are read from host memory,
    straight into their slots, and step 3 reads every far row from the cache by slot.
-3. `sparse_output`: o[g] = sum_{hot + far} p[g, j] v_j (/ sum p when renormalizing), p from S and lse,
+3. `sparse_output`: o[g] = sum_{hot + far} p[g, j] v_j, p from S and lse (renormalising: a softmax
+   over the hot rows and picks themselves, against their own largest score),
    hot rows from v_hot, far rows from vfar; each row's picks split over two CTAs whose fp32 sums a
    second kernel adds.
 
@@ -53,9 +54,8 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
 
 With fp8 scoring keys (`KCacheConfig.scoring_keys="fp8"`): step 1 reads float8 K times a float32
 scale per row (`paged_tiles.tile_scores_scaled`) and selects on those scores; step 2 fetches K | V
-rows (2D wide); step 3 weighs each hot and far row by exp2(q . k * scale - lse) with its exact K (the
-hot rows' from k_hot, a far row's from its first D columns), lse still the float8 scores' (the
-exact scores exceed it by little; renormalised, so only the ratios count).
+rows (2D wide); step 3 weighs each hot and far row by its exact score q . k * scale (the hot rows'
+K from k_hot, a far row's from its first D columns), renormalised over the hot rows and picks.
 """
 
 from __future__ import annotations
@@ -516,36 +516,57 @@ def _gather_kernel(VP, BT, IDX, OUT, DST, n_rows, stride_bt, top_n,
 
 
 @triton.jit
-def _exact_probs(q, k, ok, lse, qk_scale):
-    """p [GP, R] = exp2(q . k * qk_scale - lse) of q [GP, D] against exact K rows k [R, D] (ok: which
-    are real; 0 elsewhere). lse comes from the float8 scores, which the exact ones exceed by little;
-    the exponent is capped at 126 so that no weight overflows float32 (renormalised afterwards)."""
+def _exact_scores(q, k, ok, qk_scale):
+    """s [GP, R] = q . k * qk_scale (log2 domain) of q [GP, D] against exact K rows k [R, D] (ok:
+    which are real; -inf elsewhere)."""
     if k.dtype == tl.float32:
         s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q.to(k.dtype), tl.trans(k))
-    p = tl.exp2(tl.minimum(s * qk_scale - lse[:, None], 126.0))
-    return tl.where(ok[None, :], p, 0.0)
+    return tl.where(ok[None, :], s * qk_scale, float("-inf"))
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART,
+def _accumulate(acc, z, m, s, v, lse, RENORM: tl.constexpr):
+    """Add the rows v [R, D] weighed by their scores s [GP, R] (log2 domain; -inf: no row) to acc
+    [GP, D] and z [GP] (the weights' sum); returns (acc, z, m). RENORM: weights exp2(s - m) against
+    m [GP], the largest score so far (acc and z rescaled when it grows), so the picks' own softmax
+    cannot underflow however far below lse they lie; else exp2(s - lse), shares of the whole
+    softmax (m unused)."""
+    if RENORM:
+        m_new = tl.maximum(m, tl.max(s, 1))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - ref)
+        p = tl.exp2(s - ref[:, None])
+        acc = acc * alpha[:, None] + probs_times_values(p, v)
+        z = z * alpha + tl.sum(p, 1)
+        m = m_new
+    else:
+        p = tl.exp2(s - lse[:, None])
+        acc += probs_times_values(p, v)
+        z += tl.sum(p, 1)
+    return acc, z, m
+
+
+@triton.jit
+def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART, M_PART,
                        sink, window, top_n, Cs, hot_rows, picks_per_part, qk_scale, bt_stride, HKV: tl.constexpr,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RENORM: tl.constexpr,
                        HAS_FAR_ROW: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr,
                        EXACT_K: tl.constexpr, W: tl.constexpr, FAR_SCALED: tl.constexpr, BS: tl.constexpr):
     """grid (rows, PARTS). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D])
     and the fetched far rows (VFAR [rows, top_n, W], or with HAS_FAR_ROW VFAR [any, W] and pick j of
-    the row in row FAR_ROW[row, j]; W = D, or 2 D with EXACT_K); p = exp2(S - lse). With EXACT_K (fp8
-    scoring keys) S only picked: p = exp2(q . k * qk_scale - lse) of q (Q [B, HKV*G, D]) against the
-    exact K, from KHOT [slots, HKV, hot_rows, D] for the hot rows and from the first D columns of a
-    far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8 and the pick at
+    the row in row FAR_ROW[row, j]; W = D, or 2 D with EXACT_K); p = exp2(S - lse), or with RENORM
+    p / sum p from exp2(S - max S) over the row's hot rows and picks (`_accumulate`). With EXACT_K
+    (fp8 scoring keys, RENORM) S only picked: the scores are q . k * qk_scale of q (Q [B, HKV*G, D])
+    against the exact K, from KHOT [slots, HKV, hot_rows, D] for the hot rows and from the first D
+    columns of a far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8 and the pick at
     position p of sequence b, KV head h is multiplied by its scale before use (in VHOT's dtype):
     V_SCALES [NB, HKV, BS] float32 at block BT[b, p // BS] (BT [B, bt_stride] int32). Part k
     takes the picks [k, k + 1) * picks_per_part (part 0 also the hot rows). PARTS == 1: OUT
     [B, HKV*G, D] directly; else each part writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and
-    Z_PART [PARTS, B*HKV*G] (sum p) for `_sparse_out_combine_kernel`: lse is the whole row's, so the
-    parts add without rescaling."""
+    Z_PART [PARTS, B*HKV*G] (sum p), with RENORM also M_PART [PARTS, B*HKV*G] (its largest score, to
+    which its sums are relative), for `_sparse_out_combine_kernel`."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     b = row // HKV
@@ -560,6 +581,7 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
         q = tl.load(Q + (row * G + gi).to(tl.int64)[:, None] * D + di[None, :], mask=gmask[:, None], other=0.0)
     acc = tl.zeros([GP, D], tl.float32)
     z = tl.zeros([GP], tl.float32)
+    m = tl.full([GP], float("-inf"), tl.float32)
     if part == 0:
         L = tl.load(SEQ + b).to(tl.int32)
         slot = tl.load(SLOTS + b)
@@ -576,12 +598,10 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
             hot_at = (hot_base + hrow).to(tl.int64)[:, None] * D + di[None, :]
             v = tl.load(VHOT + hot_at, mask=ok[:, None], other=0.0)
             if EXACT_K:
-                p = _exact_probs(q, tl.load(KHOT + hot_at, mask=ok[:, None], other=0.0), ok, lse, qk_scale)
+                s = _exact_scores(q, tl.load(KHOT + hot_at, mask=ok[:, None], other=0.0), ok, qk_scale)
             else:
                 s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
-                p = tl.exp2(s - lse[:, None])
-            acc += probs_times_values(p, v)
-            z += tl.sum(p, 1)
+            acc, z, m = _accumulate(acc, z, m, s, v, lse, RENORM)
     far_base = row.to(tl.int64) * top_n
     first = part * picks_per_part
     end = tl.minimum(first + picks_per_part, top_n)
@@ -596,7 +616,7 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
         far_at = vrow[:, None] * W + di[None, :]
         if EXACT_K:
             v = tl.load(VFAR + far_at + D, mask=ok[:, None], other=0.0)
-            p = _exact_probs(q, tl.load(VFAR + far_at, mask=ok[:, None], other=0.0), ok, lse, qk_scale)
+            s = _exact_scores(q, tl.load(VFAR + far_at, mask=ok[:, None], other=0.0), ok, qk_scale)
         else:
             v = tl.load(VFAR + far_at, mask=ok[:, None], other=0.0)
             if FAR_SCALED:
@@ -604,9 +624,7 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
                 v_scale = tl.load(V_SCALES + (blk * HKV + h) * BS + pos % BS, mask=ok, other=0.0)
                 v = (v.to(tl.float32) * v_scale[:, None]).to(VHOT.dtype.element_ty)
             s = tl.load(s_row + pos[None, :], mask=gmask[:, None] & ok[None, :], other=float("-inf"))
-            p = tl.exp2(s - lse[:, None])
-        acc += probs_times_values(p, v)
-        z += tl.sum(p, 1)
+        acc, z, m = _accumulate(acc, z, m, s, v, lse, RENORM)
     q_rows = row * G + gi  # = b * (HKV * G) + h * G + gi
     if PARTS == 1:
         if RENORM:
@@ -617,22 +635,33 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
         tl.store(OUT_PART + (part * all_q_rows + q_rows).to(tl.int64)[:, None] * D + di[None, :], acc,
                  mask=gmask[:, None])
         tl.store(Z_PART + part * all_q_rows + q_rows, z, mask=gmask)
+        if RENORM:
+            tl.store(M_PART + part * all_q_rows + q_rows, m, mask=gmask)
 
 
 @triton.jit
-def _sparse_out_combine_kernel(OUT_PART, Z_PART, OUT, all_q_rows, QB: tl.constexpr, D: tl.constexpr,
+def _sparse_out_combine_kernel(OUT_PART, Z_PART, M_PART, OUT, all_q_rows, QB: tl.constexpr, D: tl.constexpr,
                                PARTS: tl.constexpr, RENORM: tl.constexpr):
     """grid (cdiv(all_q_rows, QB),): OUT [all_q_rows, D] = sum of the parts' OUT_PART (/ the sum of
-    their Z_PART when renormalizing), in OUT's dtype."""
+    their Z_PART when renormalizing, each part's sums first brought to the parts' largest M_PART),
+    in OUT's dtype."""
     qi = tl.program_id(0) * QB + tl.arange(0, QB)
     di = tl.arange(0, D)
     live = qi < all_q_rows
     acc = tl.zeros([QB, D], tl.float32)
     z = tl.zeros([QB], tl.float32)
+    top = tl.full([QB], float("-inf"), tl.float32)
+    if RENORM:
+        for k in tl.static_range(PARTS):
+            top = tl.maximum(top, tl.load(M_PART + k * all_q_rows + qi, mask=live, other=float("-inf")))
+    ref = tl.where(top == float("-inf"), 0.0, top)
     for k in tl.static_range(PARTS):
-        acc += tl.load(OUT_PART + (k * all_q_rows + qi).to(tl.int64)[:, None] * D + di[None, :],
-                       mask=live[:, None], other=0.0)
-        z += tl.load(Z_PART + k * all_q_rows + qi, mask=live, other=0.0)
+        w = tl.full([QB], 1.0, tl.float32)
+        if RENORM:
+            w = tl.exp2(tl.load(M_PART + k * all_q_rows + qi, mask=live, other=float("-inf")) - ref)
+        acc += w[:, None] * tl.load(OUT_PART + (k * all_q_rows + qi).to(tl.int64)[:, None] * D + di[None, :],
+                                    mask=live[:, None], other=0.0)
+        z += w * tl.load(Z_PART + k * all_q_rows + qi, mask=live, other=0.0)
     if RENORM:
         acc = acc / tl.where(z > 0, z, 1.0)[:, None]
     tl.store(OUT + qi.to(tl.int64)[:, None] * D + di[None, :], acc.to(OUT.dtype.element_ty), mask=live[:, None])
@@ -916,8 +945,10 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
     out_part = torch.empty(parts if parts > 1 else 1, all_q_rows if parts > 1 else 1, D, dtype=torch.float32,
                            device=dev)
     z_part = torch.empty(out_part.shape[:2], dtype=torch.float32, device=dev)
+    m_part = torch.empty_like(z_part) if spec.renormalize and parts > 1 else z_part  # z_part: unread placeholder
     _sparse_out_kernel[(rows, parts)](sel.scores, sel.lse, idx, vfar, far, scales, bt, vhot,
                                       q.contiguous() if exact_k else vhot, khot, seq, slots, out, out_part, z_part,
+                                      m_part,
                                       spec.sink_tokens, spec.recent_window,
                                       top_n, sel.scores.stride(1), max(hot_rows, 1), picks_per_part, scale * LOG2E,
                                       bt.stride(0), HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
@@ -926,7 +957,7 @@ def sparse_output(sel: SelectResult, vfar: torch.Tensor, v_hot: torch.Tensor, se
                                       FAR_SCALED=scaled, BS=bs, num_warps=num_warps)
     if parts > 1:
         q_block = 16
-        _sparse_out_combine_kernel[(triton.cdiv(all_q_rows, q_block),)](out_part, z_part, out, all_q_rows,
+        _sparse_out_combine_kernel[(triton.cdiv(all_q_rows, q_block),)](out_part, z_part, m_part, out, all_q_rows,
                                                                         QB=q_block, D=D, PARTS=parts,
                                                                         RENORM=spec.renormalize, num_warps=4)
     return out
