@@ -285,6 +285,9 @@ BAD_REQUESTS = [
     ('{"model": MODEL, "prompt": ""}', "prompt", "prompt is empty"),
     ('{"model": MODEL, "prompt": [1, 99999]}', "prompt", "prompt token ids must be in"),
     ('{"model": MODEL, "prompt": LONG}', "prompt", f"but max_model_len is {MAX_MODEL_LEN}"),
+    ('{"model": MODEL, "prompt": [1, 2, 3], "max_tokens": ' + str(MAX_MODEL_LEN - 2) + '}', "max_tokens",
+     f"max_tokens is too large: {MAX_MODEL_LEN - 2}. This model's maximum context length is {MAX_MODEL_LEN} "
+     f"tokens and your request has 3 input tokens ({MAX_MODEL_LEN - 2} > {MAX_MODEL_LEN} - 3)"),
 ]
 
 
@@ -311,6 +314,11 @@ def test_bad_chat_requests_through_the_openai_client(client, model_dir):
     with pytest.raises(openai.BadRequestError, match=f"max_model_len is {MAX_MODEL_LEN}") as info:
         client.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "Hello " * 2000}])
     assert info.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match=f"This model's maximum context length is {MAX_MODEL_LEN} "
+                       "tokens and your request has") as info:
+        client.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "Hi"}],
+                                       max_completion_tokens=MAX_MODEL_LEN)
+    assert info.value.body["param"] == "max_completion_tokens"
     with pytest.raises(openai.NotFoundError, match="does not exist") as info:  # 404, as OpenAI and vLLM answer
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
     assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"

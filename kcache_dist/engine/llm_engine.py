@@ -68,6 +68,10 @@ def resolve_dtype(name: str, checkpoint_dtype: Optional[str], device: torch.devi
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(checkpoint_dtype or "", torch.bfloat16)
 
 
+class ContextLengthExceeded(ValueError):
+    """A request's prompt plus its max_tokens exceed max_model_len (where that is refused)."""
+
+
 def resolve_max_model_len(requested: Optional[int], mc: ModelConfig) -> int:
     if requested is not None and requested > mc.max_position_embeddings:
         raise ValueError(f"max_model_len={requested} exceeds the model's max_position_embeddings="
@@ -154,18 +158,28 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         return None, list(prompt)
 
-    def validate(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
-        """(prompt text or None, token ids) of a request that can run; ValueError saying why not."""
+    def validate(self, prompt: Prompt, params: SamplingParams,
+                 max_tokens_within_context: bool = False) -> tuple[Optional[str], list[int]]:
+        """(prompt text or None, token ids) of a request that can run; ValueError saying why not.
+        A `max_tokens` past the context ends the output at `max_model_len`, or with
+        `max_tokens_within_context` (the server's explicit max_tokens, as vLLM's server) is refused
+        with `ContextLengthExceeded`."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens long but max_model_len is {self.max_model_len} "
                              "(the prompt and at least one generated token must fit)")
+        if max_tokens_within_context and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"max_tokens is too large: {params.max_tokens}. This model's maximum context length is "
+                f"{self.max_model_len} tokens and your request has {len(token_ids)} input tokens "
+                f"({params.max_tokens} > {self.max_model_len} - {len(token_ids)})")
         return text, token_ids
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> str:
-        text, token_ids = self.validate(prompt, params)
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None,
+                    max_tokens_within_context: bool = False) -> str:
+        text, token_ids = self.validate(prompt, params, max_tokens_within_context)
         return self.add_validated_request(text, token_ids, params, request_id)
 
     def add_validated_request(self, text: Optional[str], token_ids: list[int], params: SamplingParams,

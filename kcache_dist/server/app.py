@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.llm_engine import ContextLengthExceeded
 from ..outputs import RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
 from . import openai_format as fmt
@@ -71,11 +72,17 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
             raise APIError(404, f"the model '{name}' does not exist; this server serves: {', '.join(model_names)}",
                            param="model", code="model_not_found")
 
-    async def submit(prompt: Prompt, params: SamplingParams, request_id: str, prompt_param: str) -> RequestStream:
-        """The request's stream of DELTA outputs: a step copies none of the text or token ids before them."""
+    async def submit(prompt: Prompt, params: SamplingParams, request_id: str, prompt_param: str,
+                     max_tokens_param: Optional[str]) -> RequestStream:
+        """The request's stream of DELTA outputs: a step copies none of the text or token ids before them.
+        `max_tokens_param`: the field that gave max_tokens, if the request gave it; a prompt plus
+        that many tokens past the context is then refused (as vLLM's server), else the output ends
+        at the context's end."""
         try:
             return await driver.submit(prompt, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA),
-                                       request_id)
+                                       request_id, max_tokens_within_context=max_tokens_param is not None)
+        except ContextLengthExceeded as e:
+            raise bad_request(str(e), param=max_tokens_param) from None
         except ValueError as e:  # the engine's validation: the prompt's length, token ids, ...
             raise bad_request(str(e), param=prompt_param) from None
         except ServerDraining as e:
@@ -107,7 +114,8 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
         check_model(body.model)
         params = body.sampling_params(body.resolved_max_tokens())
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = await submit(body.prompt, params, request_id, "prompt")
+        stream = await submit(body.prompt, params, request_id, "prompt",
+                              None if body.max_tokens is None else "max_tokens")
 
         if body.wants_stream:
             async def events() -> AsyncIterator[str]:
@@ -137,7 +145,7 @@ def build_app(driver: EngineDriver, chat_prompts: ChatPromptBuilder, settings: S
             max_tokens = max(1, driver.max_model_len - len(prompt_token_ids))
         params = body.sampling_params(max_tokens)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = await submit(prompt_token_ids, params, request_id, "messages")
+        stream = await submit(prompt_token_ids, params, request_id, "messages", body.max_tokens_field())
 
         if body.wants_stream:
             async def events() -> AsyncIterator[str]:

@@ -81,6 +81,7 @@ class _AddRequest:
     params: SamplingParams
     subscriber: _Subscriber
     accepted: "asyncio.Future[None]"
+    max_tokens_within_context: bool
 
 
 @dataclass
@@ -216,9 +217,11 @@ class EngineDriver:
             return None
         return f"the engine failed: {self.crash}"
 
-    async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> RequestStream:
+    async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                     max_tokens_within_context: bool = False) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises the engine's ValueError for a
-        bad request, `ServerDraining` while shutting down, `EngineFailure` if the driver is not running."""
+        bad request (with `max_tokens_within_context`, also for a prompt plus max_tokens past the
+        context), `ServerDraining` while shutting down, `EngineFailure` if the driver is not running."""
         loop = asyncio.get_running_loop()
         subscriber = _Subscriber(loop, asyncio.Queue())
         accepted: asyncio.Future[None] = loop.create_future()
@@ -232,7 +235,8 @@ class EngineDriver:
             if self.max_queued_requests is not None and self._num_queued >= self.max_queued_requests:
                 raise ServerOverloaded(self._num_queued, self.max_queued_requests)
             self._num_queued += 1
-            self._commands.append(_AddRequest(request_id, prompt, params, subscriber, accepted))
+            self._commands.append(_AddRequest(request_id, prompt, params, subscriber, accepted,
+                                              max_tokens_within_context))
             self._wakeup.notify()
         try:
             await accepted
@@ -308,7 +312,8 @@ class EngineDriver:
 
     def _add(self, command: _AddRequest) -> None:
         try:
-            self._engine.add_request(command.prompt, command.params, command.request_id)
+            self._engine.add_request(command.prompt, command.params, command.request_id,
+                                     command.max_tokens_within_context)
         except Exception as e:  # ValueError: a bad request (the handler turns it into a 400)
             self._resolve(command.accepted, e)
             return

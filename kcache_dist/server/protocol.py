@@ -199,6 +199,12 @@ class ChatCompletionRequest(_GenerationRequest):
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def max_tokens_field(self) -> Optional[str]:
+        """The field that gave `requested_max_tokens`, or None."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return None if self.max_tokens is None else "max_tokens"
+
     def template_messages(self) -> list[dict[str, str]]:
         return [m.for_template() for m in self.messages]
 
