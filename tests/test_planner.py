@@ -617,3 +617,28 @@ def test_facts_on_this_machine():
     assert device is None
     assert host.numa_node is None and host.ranks_on_node == 1
     assert host.node_available_bytes is None or 0 < host.node_available_bytes
+
+
+def test_cpu_device_cache_and_host_v_pool_share_the_node_memory(tiny_llama_dir, monkeypatch):
+    """On a CPU device the cache (`cpu_kv_cache_gb`) and the V pool take the same host memory: the
+    engine plans the pool in what the cache leaves, so both fit the node's available bytes, where
+    planning the pool against all of them (as before) overshoots."""
+    from kcache_dist import LLM
+    from kcache_dist.engine import model_runner
+
+    kcache = KCacheConfig(mode="kcache", top_n=8, dense_layers=1, sink_tokens=2, recent_window=4)
+    args = dict(device="cpu", model=tiny_llama_dir, kcache=kcache, host_memory_gb=1000, max_model_len=256,
+                max_num_seqs=64)
+    unbounded = LLM(**args).engine.runner.cache_plan
+    g = unbounded.geometry
+    per_seq = unbounded.blocks_per_seq * (g.gpu_bytes_per_block + g.host_bytes_per_layer_block * g.num_sparse_layers)
+    available = unbounded.hot_gpu_bytes + 6 * per_seq  # room for six sequences' cache and V, not 64
+    node = HostMemoryFacts(numa_node=None, node_available_bytes=available, memlock_limit_bytes=None, ranks_on_node=1)
+    monkeypatch.setattr(model_runner, "host_memory_facts", lambda device_index, local_world_size: node)
+
+    plan = LLM(**args).engine.runner.cache_plan
+    assert plan.gpu_cache_bytes + plan.host_pool_bytes <= available
+    assert plan.num_full_length_seqs >= 5
+    against_all = agree([plan_rank(0, memory_facts.cpu_device_facts(4 * GIB), node, g,
+                                   dataclasses.replace(plan.knobs, gpu_memory_utilization=1.0))])
+    assert against_all.gpu_cache_bytes + against_all.host_pool_bytes > available

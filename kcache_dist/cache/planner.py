@@ -426,6 +426,19 @@ class RankBudget:
         return f"rank {self.rank} ({where}, NUMA node {node})"
 
 
+def host_facts_beside_cpu_cache(host: HostMemoryFacts, geometry: CacheGeometry, max_num_seqs: int) -> HostMemoryFacts:
+    """On a CPU device the "device" cache (`cpu_kv_cache_gb`) and the V pool take the same host
+    memory: `host` with the node's available bytes cut to the V pool's share, so that a rank's
+    blocks (their cache bytes and their V bytes) and its hot rows fit its share of the node
+    together. Unchanged where the node's memory is unknown or the host holds no V."""
+    host_per_block = geometry.host_bytes_per_layer_block * geometry.num_sparse_layers
+    if host.node_available_bytes is None or not host_per_block:
+        return host
+    rank_share = host.node_available_bytes // host.ranks_on_node - geometry.hot_gpu_bytes(max_num_seqs)
+    pool_share = max(0, rank_share) * host_per_block // (geometry.gpu_bytes_per_block + host_per_block)
+    return replace(host, node_available_bytes=pool_share * host.ranks_on_node)
+
+
 def _rank_budget(rank: int, device: DeviceMemoryFacts, host: HostMemoryFacts, geometry: CacheGeometry,
                  knobs: PlannerKnobs) -> RankBudget:
     by_utilization = int(knobs.gpu_memory_utilization * device.total_bytes) - device.weight_bytes \

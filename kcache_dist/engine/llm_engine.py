@@ -28,7 +28,8 @@ from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
-from ..parallel import RankLostError, init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled, wait_for_device
+from ..parallel import (RankLostError, init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled,
+                        wait_for_device)
 from ..sampling_params import RequestOutputKind, SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
@@ -221,9 +222,9 @@ class LLMEngine:
 
         A plan whose forward raises ends the loop with that error, unless `survive_step_errors`
         (the server's policy, where the scheduling rank drops the step's requests and serves on):
-        then the error is logged and the next plan runs. A lost rank always ends the loop. A
-        failure that struck the ranks at different points leaves a collective unmatched; that one
-        ends in the collective timeout, as a lost rank."""
+        then the error is logged and the next plan runs. A lost rank always ends the loop. (A
+        failure that struck the ranks at different points leaves a collective unmatched, which the
+        collective timeout is meant to end as a lost rank; not tested.)"""
         while (message := tp_broadcast_object(None)) is not None:
             if not isinstance(message, StepPlan):
                 continue

@@ -12,7 +12,7 @@ import torch
 from ..cache.full_kv_cache import FullKVCache
 from ..cache.kcache_kv_cache import KCacheKVCache
 from ..cache.memory_facts import cpu_device_facts, gather_memory_facts, host_memory_facts
-from ..cache.planner import CacheGeometry, CachePlan, PlannerKnobs, agree, plan_rank
+from ..cache.planner import CacheGeometry, CachePlan, PlannerKnobs, agree, host_facts_beside_cpu_cache, plan_rank
 from ..config import EngineConfig
 from ..forward_context import ForwardContext
 from ..kcache.selection import SelectionSpec
@@ -120,7 +120,12 @@ class ModelRunner:
         else:
             device = cpu_device_facts(int(cfg.cpu_kv_cache_gb * GIB))
             knobs = dataclasses.replace(knobs, gpu_memory_utilization=1.0)
-            host = host_memory_facts(None, state.local_world_size)
+            node = host_memory_facts(None, state.local_world_size)
+            host = host_facts_beside_cpu_cache(node, geometry, knobs.max_num_seqs)
+            if host.node_available_bytes != node.node_available_bytes:
+                logger.info("CPU device: the V pools plan with %d of the node's %d available bytes, the rest "
+                            "left for the cpu_kv_cache_gb caches, which take the same memory",
+                            host.node_available_bytes, node.node_available_bytes)
         plan = agree(plan_rank(state.rank, device, host, geometry, knobs, state.world_size), all_reduce_min)
         logger.info("cache plan:\n%s", plan.table())
         return plan

@@ -549,10 +549,10 @@ def _accumulate(acc, z, m, s, v, lse, RENORM: tl.constexpr):
 
 
 @triton.jit
-def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART, M_PART,
-                       sink, window, top_n, Cs, hot_rows, picks_per_part, qk_scale, bt_stride, HKV: tl.constexpr,
-                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RENORM: tl.constexpr,
-                       HAS_FAR_ROW: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr,
+def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, SEQ, SLOTS, OUT, OUT_PART, Z_PART,
+                       M_PART, sink, window, top_n, Cs, hot_rows, picks_per_part, qk_scale, bt_stride,
+                       HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                       RENORM: tl.constexpr, HAS_FAR_ROW: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr,
                        EXACT_K: tl.constexpr, W: tl.constexpr, FAR_SCALED: tl.constexpr, BS: tl.constexpr):
     """grid (rows, PARTS). o[g] = sum_j p[g, j] v_j over the hot rows (VHOT [slots, HKV, hot_rows, D])
     and the fetched far rows (VFAR [rows, top_n, W], or with HAS_FAR_ROW VFAR [any, W] and pick j of
@@ -560,8 +560,9 @@ def _sparse_out_kernel(S, LSE, IDX, VFAR, FAR_ROW, V_SCALES, BT, VHOT, Q, KHOT, 
     p / sum p from exp2(S - max S) over the row's hot rows and picks (`_accumulate`). With EXACT_K
     (fp8 scoring keys, RENORM) S only picked: the scores are q . k * qk_scale of q (Q [B, HKV*G, D])
     against the exact K, from KHOT [slots, HKV, hot_rows, D] for the hot rows and from the first D
-    columns of a far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8 and the pick at
-    position p of sequence b, KV head h is multiplied by its scale before use (in VHOT's dtype):
+    columns of a far row (its V the last D). With FAR_SCALED (fp8 host values) a far row is float8
+    and the pick at position p of sequence b, KV head h is multiplied by its scale before use (in
+    VHOT's dtype):
     V_SCALES [NB, HKV, BS] float32 at block BT[b, p // BS] (BT [B, bt_stride] int32). Part k
     takes the picks [k, k + 1) * picks_per_part (part 0 also the hot rows). PARTS == 1: OUT
     [B, HKV*G, D] directly; else each part writes its fp32 sums OUT_PART [PARTS, B*HKV*G, D] and
