@@ -7,8 +7,9 @@ mid-stream ends that stream with an error, new requests and /health get 503 nami
 and every process exits non-zero within 30 s. On forkserver
 ranks (tests/dist_scripts/multiprocess.py): idle workers outlive the collective timeout through
 rank 0's keepalives, a worker whose rank 0 died exits with a message (and rank 0 whose worker
-died), a step that fails on every rank fails its requests while the server serves on, and a job
-of more processes than the tensor parallel size is refused. Every wait is bounded."""
+died), a step that fails on every rank fails its requests while the server serves on, one that
+fails on a worker only ends the job within the collective timeout, and a job of more processes
+than the tensor parallel size is refused. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -307,6 +308,52 @@ def test_a_step_that_fails_on_every_rank_fails_its_requests_and_the_server_serve
     assert "step failed on this rank; the scheduling rank drops its requests" in outcomes[1].output, report
     want = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert tokens == want.outputs[0].token_ids
+
+
+def _a_step_fails_on_the_worker_only(model_dir: str, collective_timeout_s: float):
+    """Rank 1's third forward raises before its first collective; rank 0's does not (it waits in
+    that collective): rank 0 serves one request, then tries another."""
+    from kcache_dist.server.engine_driver import EngineDriver, EngineFailure
+    from kcache_dist.server.worker_rank import serve_as_worker
+
+    engine = _engine(model_dir, collective_timeout_s)
+    if not engine.is_scheduler:
+        forwards = itertools.count(1)
+
+        def execute_failing_third(plan, execute=engine.runner.execute):
+            if next(forwards) == 3:
+                raise RuntimeError("injected fault in this rank's third forward")
+            return execute(plan)
+        engine.runner.execute = execute_failing_third
+        return serve_as_worker(engine)
+    driver = EngineDriver(engine).start()
+    errors, start = [], time.monotonic()
+    for _ in range(2):
+        try:
+            _generate_through_driver(driver, PROMPTS[0], 8)
+            errors.append(None)
+        except EngineFailure as e:
+            errors.append(str(e))
+    return errors, time.monotonic() - start
+
+
+def test_a_step_that_fails_on_one_worker_ends_the_job_within_the_collective_timeout(tiny_llama_dir):
+    timeout_s = 4.0
+    outcomes = run_rank_outcomes(_a_step_fails_on_the_worker_only, 2, None, args=(tiny_llama_dir, timeout_s),
+                                 timeout_s=120, stop_on_first_error=False)
+    report = describe(outcomes)
+    assert [o.exitcode for o in outcomes] == [0, 1], report
+    errors, elapsed_s = outcomes[0].result
+    # both ranks wait 4 s (rank 0 in the all-reduce, rank 1 for the next plan); rank 0 names rank 1
+    # as timed out, or as exited when rank 1's own timeout came first
+    lost = re.compile(r"the engine failed: rank 0: (tp_all_reduce over the tensor-parallel group \(global ranks "
+                      r"\[0, 1\]\) failed: .*rank\(s\) that may be lost: \[1\]|lost rank\(s\) \[1\] of the "
+                      r"tensor-parallel group \(global ranks \[0, 1\]\) during tp_all_reduce)")  # rank 1 named
+    assert len(errors) == 2 and all(e is not None and lost.match(e) for e in errors), report
+    assert elapsed_s < 3 * timeout_s, report
+    assert "step failed on this rank; the scheduling rank drops its requests" in outcomes[1].output, report
+    assert re.search(r"kcache_dist: rank 1: (tp_broadcast_object over the tensor-parallel group .*|lost rank\(s\) "
+                     r"\[0\] .* during tp_broadcast_object.*); exiting with status 1", outcomes[1].output), report
 
 
 def _rank0_dies_after_a_request(model_dir: str):

@@ -222,9 +222,9 @@ class LLMEngine:
 
         A plan whose forward raises ends the loop with that error, unless `survive_step_errors`
         (the server's policy, where the scheduling rank drops the step's requests and serves on):
-        then the error is logged and the next plan runs. A lost rank always ends the loop. (A
-        failure that struck the ranks at different points leaves a collective unmatched, which the
-        collective timeout is meant to end as a lost rank; not tested.)"""
+        then the error is logged and the next plan runs. A lost rank always ends the loop. A
+        failure on some ranks only leaves a collective unmatched, which the collective timeout ends
+        as a lost rank."""
         while (message := tp_broadcast_object(None)) is not None:
             if not isinstance(message, StepPlan):
                 continue
