@@ -286,7 +286,8 @@ BAD_REQUESTS = [
     ('{"model": MODEL, "prompt": [1, 99999]}', "prompt", "prompt token ids must be in"),
     ('{"model": MODEL, "prompt": LONG}', "prompt", f"but max_model_len is {MAX_MODEL_LEN}"),
     ('{"model": MODEL, "prompt": [1, 2, 3], "max_tokens": ' + str(MAX_MODEL_LEN - 2) + '}', "max_tokens",
-     f"max_tokens is too large: {MAX_MODEL_LEN - 2}. This model's maximum context length is {MAX_MODEL_LEN} "
+     f"'max_tokens' or 'max_completion_tokens' is too large: {MAX_MODEL_LEN - 2}. This model's maximum context "
+     f"length is {MAX_MODEL_LEN} "
      f"tokens and your request has 3 input tokens ({MAX_MODEL_LEN - 2} > {MAX_MODEL_LEN} - 3)"),
 ]
 

@@ -173,9 +173,9 @@ class LLMEngine:
                              "(the prompt and at least one generated token must fit)")
         if max_tokens_within_context and len(token_ids) + params.max_tokens > self.max_model_len:
             raise ContextLengthExceeded(
-                f"max_tokens is too large: {params.max_tokens}. This model's maximum context length is "
-                f"{self.max_model_len} tokens and your request has {len(token_ids)} input tokens "
-                f"({params.max_tokens} > {self.max_model_len} - {len(token_ids)})")
+                f"'max_tokens' or 'max_completion_tokens' is too large: {params.max_tokens}. This model's "
+                f"maximum context length is {self.max_model_len} tokens and your request has "
+                f"{len(token_ids)} input tokens ({params.max_tokens} > {self.max_model_len} - {len(token_ids)})")
         return text, token_ids
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None,
