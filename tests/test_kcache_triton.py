@@ -517,8 +517,8 @@ STRIDED_QUERY_SCRIPT = textwrap.dedent("""
 
 RENORM_GAP_SCRIPT = textwrap.dedent("""
     import torch
-    from test_kcache_reference import paged_inputs
-    from kcache_dist.kcache.reference import kcache_decode_reference
+    from test_kcache_reference import fp8_scoring_inputs, paged_inputs
+    from kcache_dist.kcache.reference import kcache_decode_fp8_scoring_reference, kcache_decode_reference
     from kcache_dist.kcache.selection import SelectionSpec
     from kcache_dist.kcache.triton_kcache import (KPassConfig, gather_far_rows_zero_copy, kcache_decode_triton,
                                                   score_and_select, sparse_output)
@@ -555,6 +555,21 @@ RENORM_GAP_SCRIPT = textwrap.dedent("""
                       parts=parts, rows_per_step=16)
         err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
         assert not out.isnan().any() and err < 1e-5, (parts, err)
+    # the same with fp8 scoring keys (weights from the exact K of each row), lens whose parts hold no picks
+    lens = [300, 20, 1, 45]
+    inputs = paged_inputs(4, 2, 3, 16, lens, 8, spec, torch.float32, seed=seed + 1)
+    q = inputs[0] * 40
+    k8, ks, host_rows, kh = fp8_scoring_inputs(q, *inputs[1:7], spec)
+    ref = kcache_decode_fp8_scoring_reference(q, k8, ks, host_rows, kh, inputs[3], inputs[4], lens, inputs[5], spec,
+                                              0.25)
+    sel = score_and_select(q, k8, inputs[4], torch.tensor(lens), max(lens), spec, 0.25, cfg, k_scales=ks)
+    kvfar = gather_far_rows_zero_copy(host_rows, inputs[4], sel.idx)
+    for parts in (1, 2, 3):
+        out = torch.full_like(q, float("nan"))
+        sparse_output(sel, kvfar, inputs[3], torch.tensor(lens), torch.tensor(inputs[5]), spec, q.shape[1], out=out,
+                      parts=parts, rows_per_step=16, q=q, k_hot=kh, scale=0.25)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert not out.isnan().any() and err < 1e-5, ("fp8 scoring keys", parts, err)
     print("interpreter ok")
 """)
 
@@ -563,7 +578,8 @@ RENORM_GAP_SCRIPT = textwrap.dedent("""
 def test_renormalised_output_where_the_picks_lie_far_below_a_heads_softmax_under_interpreter():
     """Renormalised, the output kernel weighs the hot rows and picks by a softmax over themselves
     (against their own largest score), so a head whose group's picks hold almost none of its mass
-    still gets their weighted mean, in float32 and float16, whole and split over programs."""
+    still gets their weighted mean, in float32 and float16, whole and split over programs (some
+    holding no picks), also with fp8 scoring keys' exact-K weights."""
     seed = fresh_seed()
     run_under_triton_interpreter(RENORM_GAP_SCRIPT.format(seed=seed), seed, timeout_s=180)
 
