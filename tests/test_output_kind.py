@@ -1,5 +1,5 @@
 """SamplingParams.output_kind: DELTA outputs add up to the CUMULATIVE ones (stop strings cut
-included), FINAL_ONLY gives the last CUMULATIVE output alone, CUMULATIVE outputs stay as they were
+included; a CUMULATIVE text never takes back what an earlier one showed), FINAL_ONLY gives the last CUMULATIVE output alone, CUMULATIVE outputs stay as they were
 returned, and LLM.generate gives whole outputs whatever the kind."""
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(llm, stop_params, with_stop
     if with_stop:
         assert cumulative["2"][-1].outputs[0].stop_reason == params.stop[0]  # the string was cut out
     for request_id, want in cumulative.items():
+        cumulative_texts = [o.outputs[0].text for o in want]  # each extends the one before: nothing taken back
+        assert all(b.startswith(a) for a, b in zip(cumulative_texts, cumulative_texts[1:])), cumulative_texts
         got = delta[request_id]
         assert len(got) == len(want) and [o.finished for o in got] == [o.finished for o in want]
         assert all(len(o.outputs[0].token_ids) == 1 for o in got)  # one new token a step
