@@ -1,6 +1,7 @@
 """SamplingParams.output_kind: DELTA outputs add up to the CUMULATIVE ones (stop strings cut
-included; a CUMULATIVE text never takes back what an earlier one showed), FINAL_ONLY gives the last CUMULATIVE output alone, CUMULATIVE outputs stay as they were
-returned, and LLM.generate gives whole outputs whatever the kind."""
+included; a CUMULATIVE text never takes back what an earlier one showed), FINAL_ONLY gives the
+last CUMULATIVE output alone, CUMULATIVE outputs stay as they were returned, and LLM.generate
+gives whole outputs whatever the kind."""
 
 from __future__ import annotations
 
