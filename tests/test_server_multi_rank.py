@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import time
+from typing import Optional
 
 import httpx
 import openai
@@ -269,28 +270,40 @@ def test_idle_workers_outlive_the_collective_timeout(tiny_llama_dir, offline):
     assert tokens == want.outputs[0].token_ids
 
 
-def _a_step_fails_on_every_rank(model_dir: str):
-    """Both ranks' third forward raises (as an out-of-memory error of one batch would on every
-    rank); rank 0 serves a request that step breaks, then another one."""
-    from kcache_dist.server.engine_driver import EngineDriver, EngineFailure
-    from kcache_dist.server.worker_rank import serve_as_worker
-
-    engine = _engine(model_dir, 60.0)
+def _fail_third_forward(engine, message: str) -> None:
+    """Make this rank's third forward raise RuntimeError(message)."""
     forwards = itertools.count(1)
 
     def execute_failing_third(plan, execute=engine.runner.execute):
         if next(forwards) == 3:
-            raise RuntimeError("injected fault in the third forward")
+            raise RuntimeError(message)
         return execute(plan)
     engine.runner.execute = execute_failing_third
+
+
+def _error_of_a_request(driver) -> Optional[str]:
+    """Serve one request through `driver`: None if it succeeds, else its EngineFailure's message."""
+    from kcache_dist.server.engine_driver import EngineFailure
+
+    try:
+        _generate_through_driver(driver, PROMPTS[0], 8)
+    except EngineFailure as e:
+        return str(e)
+    return None
+
+
+def _a_step_fails_on_every_rank(model_dir: str):
+    """Both ranks' third forward raises (as an out-of-memory error of one batch would on every
+    rank); rank 0 serves a request that step breaks, then another one."""
+    from kcache_dist.server.engine_driver import EngineDriver
+    from kcache_dist.server.worker_rank import serve_as_worker
+
+    engine = _engine(model_dir, 60.0)
+    _fail_third_forward(engine, "injected fault in the third forward")
     if not engine.is_scheduler:
         return serve_as_worker(engine)
     driver = EngineDriver(engine).start()
-    try:
-        _generate_through_driver(driver, PROMPTS[0], 8)
-        error = None
-    except EngineFailure as e:
-        error = str(e)
+    error = _error_of_a_request(driver)
     tokens = _generate_through_driver(driver, PROMPTS[0], 8)
     assert driver.shutdown(timeout_s=REQUEST_TIMEOUT_S)
     engine.stop_workers()
@@ -313,27 +326,16 @@ def test_a_step_that_fails_on_every_rank_fails_its_requests_and_the_server_serve
 def _a_step_fails_on_the_worker_only(model_dir: str, collective_timeout_s: float):
     """Rank 1's third forward raises before its first collective; rank 0's does not (it waits in
     that collective): rank 0 serves one request, then tries another."""
-    from kcache_dist.server.engine_driver import EngineDriver, EngineFailure
+    from kcache_dist.server.engine_driver import EngineDriver
     from kcache_dist.server.worker_rank import serve_as_worker
 
     engine = _engine(model_dir, collective_timeout_s)
     if not engine.is_scheduler:
-        forwards = itertools.count(1)
-
-        def execute_failing_third(plan, execute=engine.runner.execute):
-            if next(forwards) == 3:
-                raise RuntimeError("injected fault in this rank's third forward")
-            return execute(plan)
-        engine.runner.execute = execute_failing_third
+        _fail_third_forward(engine, "injected fault in this rank's third forward")
         return serve_as_worker(engine)
     driver = EngineDriver(engine).start()
-    errors, start = [], time.monotonic()
-    for _ in range(2):
-        try:
-            _generate_through_driver(driver, PROMPTS[0], 8)
-            errors.append(None)
-        except EngineFailure as e:
-            errors.append(str(e))
+    start = time.monotonic()
+    errors = [_error_of_a_request(driver) for _ in range(2)]
     return errors, time.monotonic() - start
 
 

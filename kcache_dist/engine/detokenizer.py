@@ -93,9 +93,14 @@ class StreamedText:
         self.stop = tuple(stop)
         self.num_chars_sent = 0
 
+    def shown(self, text: str, finished: bool) -> str:
+        """What of the cumulative `text` (final when `finished`) may be reported now: all of it
+        but a tail that may start a stop string."""
+        return text if finished else text[:len(text) - held_back_length(text, self.stop)]
+
     def next_piece(self, text: str, finished: bool) -> str:
         """The new text to report, given the cumulative `text` (final when `finished`)."""
-        end = len(text) if finished else len(text) - held_back_length(text, self.stop)
+        end = len(self.shown(text, finished))
         if end <= self.num_chars_sent:
             return ""
         piece = text[self.num_chars_sent:end]

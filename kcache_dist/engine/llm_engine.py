@@ -31,7 +31,7 @@ from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import (RankLostError, init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled,
                         wait_for_device)
 from ..sampling_params import RequestOutputKind, SamplingParams
-from .detokenizer import IncrementalDetokenizer, find_stop, held_back_length
+from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
 from .model_runner import ModelRunner
 from .sampler import sample
@@ -353,10 +353,7 @@ class LLMEngine:
             return cls._output(seq, text, token_ids)
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
-        if not finished and seq.params.stop:  # CUMULATIVE: hold back what may start a stop string (vLLM)
-            text = seq.output_text
-            return cls._output(seq, text[:len(text) - held_back_length(text, seq.params.stop)])
-        return cls._output(seq)
+        return cls._output(seq, seq.streamed_text.shown(seq.output_text, finished))  # as vLLM: no stop start
 
     @staticmethod
     def _output(seq: Sequence, text: Optional[str] = None, token_ids: Optional[list[int]] = None) -> RequestOutput:
