@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -56,6 +57,12 @@ def parse_host_memory_gb(text: str) -> Union[float, str]:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_int(value: Any) -> Optional[int]:
+    """`value` as a Python int when it is an integer, numpy's included (any `numbers.Integral`),
+    else None. A bool (Python's or numpy's) is not an integer here."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
 
 
 def is_number(value: Any) -> bool:

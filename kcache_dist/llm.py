@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from .config import EngineConfig, KCacheConfig
 from .engine.llm_engine import LLMEngine, Prompt
@@ -55,13 +58,13 @@ class LLM:
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:
         """Run every prompt (a string, a list of token ids, or vLLM's prompt dicts {"prompt": text} and
-        {"prompt_token_ids": ids}) to completion; outputs in input order.
+        {"prompt_token_ids": ids}) to completion; outputs in input order. Token ids may be numpy's
+        integers, and a 1-D numpy array of them is one prompt (a 2-D one a batch of prompts).
 
         In a launched job, call it on every rank with the same arguments: the prompts are shared
         out over the data-parallel replicas and every output comes back on global rank 0 (the
         other ranks return an empty list)."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                 and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or _is_one_token_prompt(prompts):
             prompts = [prompts]
         prompts = [_plain_prompt(p) for p in prompts]
         if sampling_params is None:
@@ -123,12 +126,22 @@ class LLM:
         return outputs
 
 
+def _is_one_token_prompt(prompts) -> bool:
+    """Whether `generate`'s `prompts` is one prompt of token ids rather than a batch: a 1-D numpy
+    array, or a list or tuple whose first item is a number (a float there is a bad token id, which
+    the engine's validation names, not a prompt of its own)."""
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], numbers.Number)
+
+
 def _plain_prompt(prompt):
     """A prompt as the engine takes it: vLLM's TextPrompt / TokensPrompt dicts unwrapped."""
     if not isinstance(prompt, dict):
         return prompt
     if set(prompt) == {"prompt_token_ids"}:
-        return list(prompt["prompt_token_ids"])
+        token_ids = prompt["prompt_token_ids"]
+        return token_ids if isinstance(token_ids, np.ndarray) else list(token_ids)  # the engine reads arrays
     if set(prompt) == {"prompt"}:
         return prompt["prompt"]
     raise ValueError(f"a prompt dict holds either 'prompt' (text) or 'prompt_token_ids', got keys {sorted(prompt)}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-from .config import is_int as _is_int, is_number as _is_number
+import numpy as np
+
+from .config import as_int as _as_int, is_int as _is_int, is_number as _is_number
 
 
 # Temperatures below this sample greedily: dividing float32 logits by them overflows (and one below
@@ -28,9 +30,11 @@ class SamplingParams:
 
     temperature 0 (or below GREEDY_TEMPERATURE, as in vLLM) means greedy. top_k <= 0 and top_p == 1 disable those filters. `stop` strings
     end the output and are cut from its text (the token that completed one stays in token_ids);
-    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it too. `seed` makes sampling
-    reproducible whatever else runs in the same batch. `output_kind` says which outputs the engine
-    returns (`RequestOutputKind`; `LLM.generate` asks for FINAL_ONLY).
+    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it too. `stop` is a string or a
+    list (or tuple) of strings; `stop_token_ids` a list, tuple or 1-D numpy array of integers (numpy's
+    integers kept as Python ints). `seed` makes sampling reproducible whatever else runs in the same
+    batch. `output_kind` says which outputs the engine returns (`RequestOutputKind`; `LLM.generate`
+    asks for FINAL_ONLY).
     """
 
     n: int = 1
@@ -46,9 +50,8 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "stop", _stop_tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", _stop_token_ids_tuple(self.stop_token_ids))
         if not (_is_int(self.n) and self.n == 1):
             raise ValueError(f"n must be 1 (one completion per request), got {self.n!r}")
         if not (_is_number(self.temperature) and self.temperature >= 0):
@@ -64,9 +67,13 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+        stop_token_ids = []
         for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
+            value = _as_int(t)
+            if value is None or value < 0:
                 raise ValueError(f"stop_token_ids must hold integers >= 0, got {t!r}")
+            stop_token_ids.append(value)
+        object.__setattr__(self, "stop_token_ids", tuple(stop_token_ids))  # numpy's integers as Python ints
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.skip_special_tokens, bool):
@@ -79,3 +86,26 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+
+def _stop_tuple(stop: Any) -> tuple:
+    """`SamplingParams.stop` as a tuple (its strings are checked after); ValueError for a value that
+    is neither a string nor a list or tuple (e.g. 5, which `tuple` would refuse with a TypeError)."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (list, tuple)):
+        return tuple(stop)
+    raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+
+
+def _stop_token_ids_tuple(stop_token_ids: Any) -> tuple:
+    """`SamplingParams.stop_token_ids` as a tuple (its ids are checked after); ValueError for a value
+    that is neither a list or tuple nor a 1-D numpy array."""
+    if stop_token_ids is None:
+        return ()
+    if isinstance(stop_token_ids, np.ndarray) and stop_token_ids.ndim == 1:
+        return tuple(stop_token_ids.tolist())
+    if isinstance(stop_token_ids, (list, tuple)):
+        return tuple(stop_token_ids)
+    raise ValueError(f"stop_token_ids must be a list of integers, got {type(stop_token_ids).__name__}")

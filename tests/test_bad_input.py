@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from kcache_dist import LLM, EngineConfig, KCacheConfig, SamplingParams
@@ -42,6 +43,41 @@ def test_token_ids_outside_vocabulary(llm):
         llm.generate([[1, 400, -1]], SamplingParams())
 
 
+def test_numpy_token_ids_are_token_ids(llm):
+    """numpy's integers are token ids: a 1-D array or a list of them is one prompt (a
+    2-D array a batch), run as the same list of Python ints."""
+    params = SamplingParams(temperature=0, max_tokens=3)
+    want = llm.generate([1, 2, 3], params)[0].outputs[0].token_ids
+    for prompt in (np.array([1, 2, 3]), [np.int64(1), np.int32(2), np.uint16(3)],
+                   {"prompt_token_ids": np.array([1, 2, 3], dtype=np.int32)}):
+        [out] = llm.generate(prompt, params)
+        assert out.prompt_token_ids == [1, 2, 3] and all(type(t) is int for t in out.prompt_token_ids)
+        assert out.outputs[0].token_ids == want
+    assert [o.prompt_token_ids for o in llm.generate(np.array([[1, 2, 3], [4, 5, 6]]), params)] == [[1, 2, 3],
+                                                                                                      [4, 5, 6]]
+    request_id = llm.engine.add_request(np.array([7, 8], dtype=np.int64), params)
+    assert llm.engine.abort_request(request_id).prompt_token_ids == [7, 8]
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("token_ids, message", [
+    ([1, 1.5, 2], r"got 1\.5 \(float\) at position 1"),
+    ([1.5, 2], r"got 1\.5 \(float\) at position 0"),
+    ([1, "2"], r"got '2' \(str\) at position 1"),
+    ([1, 2, True], r"got True \(bool\) at position 2"),
+    ([3, None], r"got None \(NoneType\) at position 1"),
+    (np.array([1.0, 2.0]), r"got 1\.0 \(float\) at position 0"),
+])
+def test_token_ids_that_are_not_integers(llm, token_ids, message):
+    message = r"^prompt token ids must be integers; " + message + "$"
+    for prompt in (token_ids, [token_ids], {"prompt_token_ids": token_ids}):
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, SamplingParams())
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request(token_ids, SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
     ({"temperature": -0.1}, "temperature must be a number >= 0, got -0.1"),
@@ -50,6 +86,14 @@ def test_token_ids_outside_vocabulary(llm):
     ({"top_k": -2}, r"top_k must be an integer >= -1 \(-1 or 0 disable it\), got -2"),
     ({"n": 2}, r"n must be 1 \(one completion per request\), got 2"),
     ({"stop": [""]}, "stop must hold non-empty strings, got ''"),
+    ({"stop": 5}, "stop must be a string or a list of strings, got int"),
+    ({"stop": b"end"}, "stop must be a string or a list of strings, got bytes"),
+    ({"stop": [1]}, "stop must hold non-empty strings, got 1"),
+    ({"stop": ["a", 3]}, "stop must hold non-empty strings, got 3"),
+    ({"stop_token_ids": 5}, "stop_token_ids must be a list of integers, got int"),
+    ({"stop_token_ids": np.array([[1, 2]])}, "stop_token_ids must be a list of integers, got ndarray"),
+    ({"stop_token_ids": [2, 1.5]}, "stop_token_ids must hold integers >= 0, got 1.5"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids must hold integers >= 0, got -1"),
     ({"seed": 1.5}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None, got 1.5"),
     ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None, got 18446744073709551616"),
     ({"output_kind": 1}, r"output_kind must be a RequestOutputKind \(CUMULATIVE, DELTA or FINAL_ONLY\), got 1"),
@@ -59,6 +103,12 @@ def test_token_ids_outside_vocabulary(llm):
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         SamplingParams(**kwargs)
+
+
+def test_numpy_stop_token_ids_become_ints():
+    for stop_token_ids in (np.array([2, 7]), [np.int64(2), np.uint8(7)], (2, 7)):
+        params = SamplingParams(stop_token_ids=stop_token_ids)
+        assert params.stop_token_ids == (2, 7) and all(type(t) is int for t in params.stop_token_ids)
 
 
 def test_unknown_config_keys():

@@ -275,6 +275,7 @@ BAD_REQUESTS = [
     ('{"model": MODEL, "prompt": "Hi", "max_tokens": 0}', "max_tokens", "max_tokens must be an integer >= 1"),
     ('{"model": MODEL, "prompt": "Hi", "n": 2}', "n", "n must be 1"),
     ('{"model": MODEL, "prompt": "Hi", "stop": [1]}', "stop", "stop must be a string or a list of strings"),
+    ('{"model": MODEL, "prompt": "Hi", "stop": 5}', "stop", "stop must be a string or a list of strings, got 5"),
     ('{"model": MODEL, "prompt": "Hi", "stop": ' + json.dumps(["s"] * 17) + '}', "stop",
      "stop holds 17 strings; at most 16 are allowed"),
     ('{"model": MODEL, "prompt": "Hi", "stop": "' + "x" * 257 + '"}', "stop",

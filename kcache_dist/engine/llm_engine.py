@@ -17,15 +17,17 @@ import gc
 import itertools
 import logging
 import os
+import reprlib
 import time
 import weakref
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
 from ..cache.block_manager import BlockManager
-from ..config import EngineConfig
+from ..config import EngineConfig, as_int
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import (RankLostError, init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled,
@@ -142,22 +144,31 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
-        """(prompt text or None, prompt token ids), validated against the model."""
+        """(prompt text or None, prompt token ids), validated against the model. Token ids come as a
+        list or tuple of integers or a 1-D numpy array of them; numpy's integers count as integers
+        and become Python ints. A token id that is not an integer is named with its position."""
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt) if prompt else []
             if not token_ids:
                 raise ValueError("prompt is empty: give at least one token")
             return prompt, token_ids
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                            for t in prompt):
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0:
             raise ValueError("prompt is empty: give at least one token")
+        token_ids = [as_int(t) for t in prompt]
+        if None in token_ids:
+            position = token_ids.index(None)
+            value = prompt[position]
+            raise ValueError(f"prompt token ids must be integers; got {reprlib.repr(value)} "
+                             f"({type(value).__name__}) at position {position}")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
+        bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
-        return None, list(prompt)
+        return None, token_ids
 
     def validate(self, prompt: Prompt, params: SamplingParams,
                  max_tokens_within_context: bool = False) -> tuple[Optional[str], list[int]]:
