@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -68,6 +69,35 @@ def test_silent_rank_makes_the_other_exit_after_the_timeout():
     assert timeout_s <= outcomes[0].seconds < timeout_s + 10, report
     assert "rank 0: tp_all_reduce over the tensor-parallel group (global ranks [0, 1]) failed" in outcomes[0].output
     assert "collective timeout of 2 s; rank(s) that may be lost: [1]" in outcomes[0].output, report
+
+
+def _die_while_rank0_waits_on_the_device() -> str:
+    from kcache_dist.parallel import all_reduce_min, current_state, exit_on_lost_rank
+    from kcache_dist.parallel.collectives import wait_until
+
+    with exit_on_lost_rank():
+        all_reduce_min(current_state().rank)  # both ranks are up
+        if current_state().rank == 1:
+            os._exit(9)
+        # rank 0 stands in for a GPU step whose all-reduce spins on the lost peer: done never comes
+        wait_until(lambda: False, 60.0, "a step's forward")
+    return "the wait ended without the device's work"
+
+
+def test_peer_that_exits_during_a_device_wait_is_named_within_a_second():
+    """NCCL's (and the two-shot all-reduce's) kernels spin on a lost peer: the scheduling rank's wait
+    for a step's device work names a peer on its host whose process has exited, long before the
+    collective timeout."""
+    outcomes = run_rank_outcomes(_die_while_rank0_waits_on_the_device, 2, 2, timeout_s=30,
+                                 pg_timeout_s=COLLECTIVE_TIMEOUT_S, stop_on_first_error=False)
+    report = describe(outcomes)
+    assert outcomes[1].exitcode == 9, report
+    assert outcomes[0].exitcode == 1, report
+    assert outcomes[0].seconds < COLLECTIVE_TIMEOUT_S, report
+    assert re.search(r"kcache_dist: rank 0: lost rank\(s\) \[1\] of the tensor-parallel group \(global ranks "
+                     r"\[0, 1\]\) during a step's forward \(rank 1: process \d+ on host .* has exited\); cause: the "
+                     r"peer's process exited while this rank waited \d+\.\d s for the device; exiting with status 1",
+                     outcomes[0].output), report
 
 
 def _miss_the_rendezvous() -> str:

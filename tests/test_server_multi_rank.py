@@ -1,4 +1,5 @@
-"""The server as one tensor-parallel group of two CPU ranks.
+"""The server as one tensor-parallel group of two CPU ranks (one case also on two GPUs, where a
+machine has them).
 
 Real launches (`launch/serve.py` under `deepspeed --num_gpus 2` and `mpirun -np 2`, a free
 127.0.0.1 port, the official `openai` client): greedy chat equals the one-process answer, a
@@ -26,6 +27,7 @@ import httpx
 import openai
 import psutil
 import pytest
+import torch
 
 from conftest import PROMPTS
 from dist_scripts.launchers import clean_launch_env, launcher_tool
@@ -91,14 +93,16 @@ def chat_then_sigterm_mid_stream(server: ServerProcess, offline: LLM, model: str
     return status
 
 
-def deepspeed_tp2_server(model_dir: str, tmp_path) -> ServerProcess:
-    """A (not yet ready) CPU server of `model_dir` under `deepspeed --num_gpus 2` on loopback; skips
-    the test without the launcher."""
+def deepspeed_tp2_server(model_dir: str, tmp_path, device: str = "cpu") -> ServerProcess:
+    """A (not yet ready) server of `model_dir` on `device` under `deepspeed --num_gpus 2` on
+    loopback; skips the test without the launcher (or, for "cuda", without two GPUs)."""
     deepspeed = launcher_tool("deepspeed")
     if deepspeed is None:
         pytest.skip("no `deepspeed` launcher: `pip install deepspeed`")
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, this machine has {torch.cuda.device_count()}")
     launcher = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return ServerProcess(["--model", model_dir, "--device", "cpu"], str(tmp_path / "server.log"),
+    return ServerProcess(["--model", model_dir, "--device", device], str(tmp_path / "server.log"),
                          launcher=launcher, env=clean_launch_env(MASTER_ADDR="127.0.0.1"))
 
 
@@ -151,15 +155,18 @@ def test_mpirun_tp2_server_answers_chat_and_every_rank_exits_0_after_sigterm(tin
         server.stop()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_deepspeed_tp2_worker_killed_mid_stream_gives_503_then_every_process_exits_nonzero(tiny_llama_dir,
-                                                                                          tmp_path):
+                                                                                          tmp_path, device):
     """SIGKILL to the worker while a stream runs: the stream ends with an error event naming the lost
     rank; new requests and /health get 503 naming it while rank 0 waits out its grace period (the
     launcher's SIGTERM meanwhile is only logged; if it reaches rank 0 before rank 0 has seen the
     lost rank, rank 0 drains instead, as its log must then show); then rank 0 exits 1 with the
     message and the launcher exits non-zero, all within LOST_RANK_EXIT_S of the kill. (mpirun kills
-    rank 0 as soon as a rank dies: under it there are no 503s to see.)"""
-    server = deepspeed_tp2_server(tiny_llama_dir, tmp_path)
+    rank 0 as soon as a rank dies: under it there are no 503s to see.) On two GPUs rank 0 is then
+    mostly inside a step whose NCCL all-reduce spins on the lost worker: its wait for the step's
+    device work names the lost rank."""
+    server = deepspeed_tp2_server(tiny_llama_dir, tmp_path, device)
     lost = r"lost rank\(s\) \[1\] of the tensor-parallel group"
     try:
         server.wait_ready(START_TIMEOUT_S)

@@ -30,8 +30,7 @@ from ..cache.block_manager import BlockManager
 from ..config import EngineConfig, as_int
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
-from ..parallel import (RankLostError, init_parallel, tp_broadcast_object, two_shot_all_reduce_enabled,
-                        wait_for_device)
+from ..parallel import RankLostError, init_parallel, tp_broadcast_object, wait_for_device
 from ..sampling_params import RequestOutputKind, SamplingParams
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .engine_snapshot import EngineSnapshot
@@ -310,7 +309,9 @@ class LLMEngine:
         plan.micro_batches = self.decode_micro_batches  # the runner splits decode-only steps only
         self._send_to_workers(plan)
         logits = self.runner.execute(plan)
-        if two_shot_all_reduce_enabled(self.runner.device):  # its kernels wait for lost peers forever
+        if self.runner.device.type == "cuda" and self.parallel.tp_size > 1:
+            # the all-reduces' kernels wait on a lost peer without a deadline of their own: wait here,
+            # where a lost peer is named (the workers wait in the next plan's broadcast, over gloo)
             wait_for_device(self.runner.device, self.config.parallel.collective_timeout_s, "a step's forward")
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
         tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import RankLostError, mark_rank_lost, peer_failures_as_rank_lost
+from .errors import (RankLostError, current_peers, find_lost_ranks, mark_rank_lost, peer_failures_as_rank_lost,
+                     rank_lost_error)
 from .state import current_groups, current_state
 
 TP_GROUP = "the tensor-parallel group"
@@ -128,22 +129,34 @@ def two_shot_all_reduce_enabled(device: torch.device) -> bool:
 
 def wait_for_device(device: torch.device, timeout_s: float, what: str) -> None:
     """Wait until the work queued on `device`'s current stream so far has run, at most `timeout_s`:
-    past it, raise `RankLostError`. For GPU work that waits on peer ranks without a timeout of its
-    own (the two-shot all-reduce spins until every peer's signal comes), so that a lost peer ends
-    the job instead of hanging it."""
+    past it, or as soon as a peer of the TP group on this host has exited, raise `RankLostError`.
+    For GPU work that waits on peer ranks without a deadline of its own: NCCL's kernels spin on a
+    lost peer until torch's watchdog aborts the process at the collective timeout (without naming
+    the rank), the two-shot all-reduce's until every peer's signal comes."""
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(device))
     wait_until(done.query, timeout_s, what)
 
 
+PEER_CHECK_INTERVAL_S = 0.5  # how often `wait_until` looks for exited peers on this host
+
+
 def wait_until(done: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 2e-5) -> None:
-    """Poll `done()` every `poll_s` seconds (sleeping, so other threads run) until it is true; past
-    `timeout_s`, raise `RankLostError` naming `what` and the TP group's ranks."""
-    deadline = time.monotonic() + timeout_s
+    """Poll `done()` every `poll_s` seconds (sleeping, so other threads run) until it is true. Every
+    PEER_CHECK_INTERVAL_S, a peer of the TP group on this host whose process has exited raises
+    `RankLostError` naming it; past `timeout_s`, one naming `what` and the TP group's ranks."""
+    ranks = current_state().tp_group_ranks
+    start = time.monotonic()
+    next_peer_check = start + PEER_CHECK_INTERVAL_S
     while not done():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > next_peer_check:
+            next_peer_check = now + PEER_CHECK_INTERVAL_S
+            if find_lost_ranks(ranks, current_peers(), grace_s=0.0):
+                raise rank_lost_error(what, ranks, TP_GROUP, RuntimeError(
+                    f"the peer's process exited while this rank waited {now - start:.1f} s for the device"))
+        if now > start + timeout_s:
             mark_rank_lost()
-            ranks = current_state().tp_group_ranks
             raise RankLostError(f"{what} did not finish within the collective timeout of {timeout_s:g} s; a rank of "
                                 f"the tensor-parallel group (ranks {list(ranks)}) may be lost", group_ranks=ranks)
         time.sleep(poll_s)
