@@ -141,7 +141,9 @@ def _plain_prompt(prompt):
         return prompt
     if set(prompt) == {"prompt_token_ids"}:
         token_ids = prompt["prompt_token_ids"]
-        return token_ids if isinstance(token_ids, np.ndarray) else list(token_ids)  # the engine reads arrays
+        if not isinstance(token_ids, (list, tuple, np.ndarray)):  # a string here is no text prompt
+            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {type(token_ids).__name__}")
+        return list(token_ids) if isinstance(token_ids, tuple) else token_ids  # the engine checks the ids
     if set(prompt) == {"prompt"}:
         return prompt["prompt"]
     raise ValueError(f"a prompt dict holds either 'prompt' (text) or 'prompt_token_ids', got keys {sorted(prompt)}")

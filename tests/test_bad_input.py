@@ -38,6 +38,13 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_prompt_token_ids_that_are_no_list(llm):
+    for prompt in ({"prompt_token_ids": 5}, {"prompt_token_ids": "1 2"}):
+        with pytest.raises(ValueError, match=r"^'prompt_token_ids' must be a list of token ids, got (int|str)$"):
+            llm.generate(prompt, SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_token_ids_outside_vocabulary(llm):
     with pytest.raises(ValueError, match=r"^prompt token ids must be in \[0, 400\); got \[400, -1\]$"):
         llm.generate([[1, 400, -1]], SamplingParams())
