@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -30,8 +31,8 @@ class SamplingParams:
 
     temperature 0 (or below GREEDY_TEMPERATURE, as in vLLM) means greedy. top_k <= 0 and top_p == 1 disable those filters. `stop` strings
     end the output and are cut from its text (the token that completed one stays in token_ids);
-    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it too. `stop` is a string or a
-    list (or tuple) of strings; `stop_token_ids` a list, tuple or 1-D numpy array of integers (numpy's
+    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it too. `stop` is a string or an
+    iterable of strings; `stop_token_ids` an iterable of integers (a numpy array if 1-D; numpy's
     integers kept as Python ints). `seed` makes sampling reproducible whatever else runs in the same
     batch. `output_kind` says which outputs the engine returns (`RequestOutputKind`; `LLM.generate`
     asks for FINAL_ONLY).
@@ -88,24 +89,25 @@ class SamplingParams:
 
 
 def _stop_tuple(stop: Any) -> tuple:
-    """`SamplingParams.stop` as a tuple (its strings are checked after); ValueError for a value that
-    is neither a string nor a list or tuple (e.g. 5, which `tuple` would refuse with a TypeError)."""
+    """`SamplingParams.stop` as a tuple (its strings are checked after): a string, or any iterable
+    of them as vLLM takes; ValueError for anything else (e.g. 5 or b"end")."""
     if stop is None:
         return ()
     if isinstance(stop, str):
         return (stop,)
-    if isinstance(stop, (list, tuple)):
+    if isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray)):
         return tuple(stop)
     raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
 
 
 def _stop_token_ids_tuple(stop_token_ids: Any) -> tuple:
-    """`SamplingParams.stop_token_ids` as a tuple (its ids are checked after); ValueError for a value
-    that is neither a list or tuple nor a 1-D numpy array."""
+    """`SamplingParams.stop_token_ids` as a tuple (its ids are checked after): any iterable of
+    integers as vLLM takes, a numpy array if 1-D; ValueError for anything else (e.g. 5 or "12")."""
     if stop_token_ids is None:
         return ()
-    if isinstance(stop_token_ids, np.ndarray) and stop_token_ids.ndim == 1:
-        return tuple(stop_token_ids.tolist())
-    if isinstance(stop_token_ids, (list, tuple)):
+    if isinstance(stop_token_ids, np.ndarray):
+        if stop_token_ids.ndim == 1:
+            return tuple(stop_token_ids.tolist())
+    elif isinstance(stop_token_ids, Iterable) and not isinstance(stop_token_ids, (str, bytes, bytearray)):
         return tuple(stop_token_ids)
     raise ValueError(f"stop_token_ids must be a list of integers, got {type(stop_token_ids).__name__}")

@@ -98,6 +98,7 @@ def test_token_ids_that_are_not_integers(llm, token_ids, message):
     ({"stop": [1]}, "stop must hold non-empty strings, got 1"),
     ({"stop": ["a", 3]}, "stop must hold non-empty strings, got 3"),
     ({"stop_token_ids": 5}, "stop_token_ids must be a list of integers, got int"),
+    ({"stop_token_ids": "12"}, "stop_token_ids must be a list of integers, got str"),
     ({"stop_token_ids": np.array([[1, 2]])}, "stop_token_ids must be a list of integers, got ndarray"),
     ({"stop_token_ids": [2, 1.5]}, "stop_token_ids must hold integers >= 0, got 1.5"),
     ({"stop_token_ids": [-1]}, "stop_token_ids must hold integers >= 0, got -1"),
@@ -112,10 +113,15 @@ def test_bad_sampling_params(kwargs, message):
         SamplingParams(**kwargs)
 
 
-def test_numpy_stop_token_ids_become_ints():
-    for stop_token_ids in (np.array([2, 7]), [np.int64(2), np.uint8(7)], (2, 7)):
+def test_stop_and_stop_token_ids_take_any_iterable():
+    """As vLLM (which takes list(stop)): sets, ranges, generators, numpy arrays; numpy's integers
+    become Python ints."""
+    for stop_token_ids in (np.array([2, 7]), [np.int64(2), np.uint8(7)], (2, 7), range(2, 8, 5), {2, 7},
+                           (t for t in (2, 7))):
         params = SamplingParams(stop_token_ids=stop_token_ids)
-        assert params.stop_token_ids == (2, 7) and all(type(t) is int for t in params.stop_token_ids)
+        assert sorted(params.stop_token_ids) == [2, 7] and all(type(t) is int for t in params.stop_token_ids)
+    for stop in ({"a", "b"}, (s for s in "ab"), np.array(["a", "b"]), {"a": 1, "b": 2}.keys()):
+        assert sorted(SamplingParams(stop=stop).stop) == ["a", "b"]
 
 
 def test_unknown_config_keys():

@@ -84,7 +84,7 @@ def _die_while_rank0_waits_on_the_device() -> str:
     return "the wait ended without the device's work"
 
 
-def test_peer_that_exits_during_a_device_wait_is_named_within_a_second():
+def test_peer_that_exits_during_a_device_wait_is_named_before_the_collective_timeout():
     """NCCL's (and the two-shot all-reduce's) kernels spin on a lost peer: the scheduling rank's wait
     for a step's device work names a peer on its host whose process has exited, long before the
     collective timeout."""
@@ -115,6 +115,26 @@ def test_rank_that_never_joins_is_named():
     report = describe(outcomes)
     assert outcomes[0].exitcode == 1, report
     assert "rank 0: rank(s) [1] of 2 did not join the job within 2 s" in outcomes[0].output, report
+
+
+def test_only_peers_whose_pids_this_process_sees_are_looked_up():
+    """A rank in another pid namespace (a container of its own, sharing the host name under host
+    networking) is not looked up by pid: its pid here may be no process, or another one."""
+    import socket
+    import subprocess
+
+    from kcache_dist.parallel.errors import PeerDirectory, find_lost_ranks
+    from kcache_dist.parallel.process_group import pid_space
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here = socket.gethostname()
+    for spaces, lost in [((pid_space(), pid_space()), [1]), ((pid_space(), "another/1"), []), ((), [1])]:
+        peers = PeerDirectory(0, (here, here), (os.getpid(), gone.pid), 10.0, spaces)
+        assert find_lost_ranks([0, 1], peers, grace_s=0.0) == lost, spaces
+    other_host = PeerDirectory(0, (here, here + "-other"), (os.getpid(), gone.pid), 10.0)
+    assert find_lost_ranks([0, 1], other_host, grace_s=0.0) == []
+    assert pid_space().count("/") == 1  # this machine's /proc tells both parts
 
 
 def test_peer_failure_classification():

@@ -68,6 +68,21 @@ def test_tiny_temperatures_are_greedy():
     assert tokens == logits.argmax(-1).tolist()
 
 
+def test_the_device_wait_runs_once_before_any_token_is_read_back():
+    """The engine's wait with a deadline (tensor parallelism on CUDA) comes after the argmax is
+    queued, once, and an error from it (a lost rank) reaches the caller with no token taken."""
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3)]
+    calls = []
+    tokens = sample(logits, params, [None, None], torch.Generator().manual_seed(0), lambda: calls.append(1))
+    assert calls == [1] and tokens[0] == 1 and tokens[1] in (0, 1, 2)
+
+    def lost():
+        raise RuntimeError("lost rank")
+    with pytest.raises(RuntimeError, match="^lost rank$"):
+        sample(logits, params, [None, None], torch.Generator().manual_seed(0), lost)
+
+
 def test_filter_logits_scales_after_subtracting_the_max():
     logits = torch.tensor([3e38, -3e38, 0.0])  # divided first by 0.5, the max would overflow to inf (NaN after)
     assert filter_logits(logits, SamplingParams(temperature=0.5)).softmax(-1).tolist() == [1.0, 0.0, 0.0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
@@ -309,12 +310,15 @@ class LLMEngine:
         plan.micro_batches = self.decode_micro_batches  # the runner splits decode-only steps only
         self._send_to_workers(plan)
         logits = self.runner.execute(plan)
+        wait = None
         if self.runner.device.type == "cuda" and self.parallel.tp_size > 1:
-            # the all-reduces' kernels wait on a lost peer without a deadline of their own: wait here,
-            # where a lost peer is named (the workers wait in the next plan's broadcast, over gloo)
-            wait_for_device(self.runner.device, self.config.parallel.collective_timeout_s, "a step's forward")
+            # the all-reduces' kernels wait on a lost peer without a deadline of their own: wait with
+            # one, naming a lost peer (the workers wait in the next plan's broadcast, over gloo)
+            wait = functools.partial(wait_for_device, self.runner.device, self.config.parallel.collective_timeout_s,
+                                     "a step's forward")
         sampled_seqs = [self._seqs[sid] for sid, s in zip(plan.seq_ids, plan.sample) if s]
-        tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator)
+        tokens = sample(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs], self.generator,
+                        wait)
         for sid, n in zip(plan.seq_ids, plan.num_new_tokens):
             self._seqs[sid].num_computed_tokens += n
         outputs = []

@@ -6,7 +6,7 @@ runs in the batch; the others share the engine's generator.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -32,12 +32,17 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[Optional[torch.Generator]], default_generator: torch.Generator) -> list[int]:
+           generators: Sequence[Optional[torch.Generator]], default_generator: torch.Generator,
+           wait_for_device: Optional[Callable[[], None]] = None) -> list[int]:
     """logits [S, V] float32 (any device) -> one token id per row.
 
     Greedy rows take their argmax where the logits are (only S ids cross to the host); only the
-    rows that sample move to the host, where the generators live."""
-    tokens = logits.argmax(-1).tolist()
+    rows that sample move to the host, where the generators live. `wait_for_device`, if given, is
+    called once the argmax is queued and before anything is read back (a wait with a deadline)."""
+    greedy_ids = logits.argmax(-1)
+    if wait_for_device is not None:
+        wait_for_device()
+    tokens = greedy_ids.tolist()
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return tokens

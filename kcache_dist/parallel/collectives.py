@@ -135,7 +135,7 @@ def wait_for_device(device: torch.device, timeout_s: float, what: str) -> None:
     the rank), the two-shot all-reduce's until every peer's signal comes."""
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(device))
-    wait_until(done.query, timeout_s, what)
+    wait_until(done.query, timeout_s, what, poll_s=0.0)  # yields the GIL, spins as a stream sync does
 
 
 PEER_CHECK_INTERVAL_S = 0.5  # how often `wait_until` looks for exited peers on this host

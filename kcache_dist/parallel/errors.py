@@ -79,12 +79,19 @@ def _process_gone(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class PeerDirectory:
-    """Who is who in the job: this rank, every rank's host name and pid, the collective timeout."""
+    """Who is who in the job: this rank, every rank's host name and pid, the collective timeout, and
+    where each pid means something (`process_group.pid_space`; empty: on the same host name, here)."""
 
     rank: int
     hostnames: tuple[str, ...]
     pids: tuple[int, ...]
     timeout_s: float
+    pid_spaces: tuple[str, ...] = ()
+
+    def pid_visible(self, rank: int) -> bool:
+        """Whether `rank`'s pid names a process this one can look up: same host, same pid space."""
+        return (self.hostnames[rank] == socket.gethostname()
+                and (not self.pid_spaces or self.pid_spaces[rank] == self.pid_spaces[self.rank]))
 
 
 def current_peers() -> Optional[PeerDirectory]:
@@ -92,17 +99,17 @@ def current_peers() -> Optional[PeerDirectory]:
     groups = current_groups()
     if groups is None or not groups.pids:
         return None
-    return PeerDirectory(current_state().rank, groups.hostnames, groups.pids, groups.timeout_s)
+    return PeerDirectory(current_state().rank, groups.hostnames, groups.pids, groups.timeout_s, groups.pid_spaces)
 
 
 def find_lost_ranks(group_ranks: Sequence[int], peers: Optional[PeerDirectory],
                     grace_s: float = _PEER_EXIT_GRACE_S) -> list[int]:
     """Ranks of `group_ranks` (other than this one) on this host whose process is gone, waiting up to
-    `grace_s` for a dying peer to finish exiting. Ranks on other hosts cannot be checked."""
+    `grace_s` for a dying peer to finish exiting. Ranks on other hosts, or in another pid namespace
+    (a container of their own), cannot be checked."""
     if peers is None:
         return []
-    here = socket.gethostname()
-    local_peers = [r for r in group_ranks if r != peers.rank and peers.hostnames[r] == here]
+    local_peers = [r for r in group_ranks if r != peers.rank and peers.pid_visible(r)]
     deadline = time.monotonic() + grace_s
     while True:
         lost = [r for r in local_peers if _process_gone(peers.pids[r])]

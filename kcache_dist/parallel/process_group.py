@@ -76,12 +76,24 @@ def _open_store(host: str, port: int, rank: int, world: int, is_host: bool, time
             from error
 
 
-def _exchange_identity(store, rank: int, world: int, timeout_s: float, where: str) -> tuple[list[str], list[int]]:
-    """Every rank's (host name, pid), through the store. RankLostError names ranks that never post."""
+def pid_space() -> str:
+    """Where this process's pid means something: the kernel's boot id and the pid namespace ("" when
+    /proc does not tell). Ranks in containers of one machine may share a host name, not their pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            return f"{boot_id.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _exchange_identity(store, rank: int, world: int, timeout_s: float,
+                       where: str) -> tuple[list[str], list[int], list[str]]:
+    """Every rank's (host name, pid, `pid_space`), through the store. RankLostError names ranks that
+    never post."""
     keys = [_IDENTITY_KEY.format(rank=r) for r in range(world)]
     timeout = timedelta(seconds=timeout_s)
     try:
-        store.set(keys[rank], f"{socket.gethostname()}\n{os.getpid()}")
+        store.set(keys[rank], f"{socket.gethostname()}\n{os.getpid()}\n{pid_space()}")
         store.wait(keys, timeout)
         identities = [store.get(key).decode().split("\n") for key in keys]
         # Everyone has read them before anyone goes on: a rank that then fails the layout check (all
@@ -98,7 +110,7 @@ def _exchange_identity(store, rank: int, world: int, timeout_s: float, where: st
                 f"a rank left the rendezvous before it finished (waited up to {timeout_s:g} s)")
         raise RankLostError(f"rank {rank}: {what} (rendezvous at {where}); cause: {' '.join(str(error).split())}",
                             lost_ranks=missing, group_ranks=tuple(range(world))) from error
-    return [host for host, _ in identities], [int(pid) for _, pid in identities]
+    return [i[0] for i in identities], [int(i[1]) for i in identities], [i[2] for i in identities]
 
 
 def _rendezvous(info: LaunchInfo, tp_size: int, timeout_s: float, allow_cross_node_tp: bool):
@@ -227,7 +239,7 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
     _init_generation += 1
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     raw_store, store = store, dist.PrefixStore(f"kcache_dist/{restart}.{_init_generation}", store)
-    hostnames, pids = _exchange_identity(store, rank, world, timeout_s, where)
+    hostnames, pids, pid_spaces = _exchange_identity(store, rank, world, timeout_s, where)
     layout = plan_layout(world, tensor_parallel_size, hostnames, allow_cross_node_tp)
     host_local_rank, local_world = local_position(hostnames, rank)
     local_rank = info.local_rank if info.local_rank is not None else host_local_rank
@@ -246,7 +258,7 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
     except Exception as error:
         if not is_peer_failure(error):
             raise
-        peers = PeerDirectory(rank, tuple(hostnames), tuple(pids), timeout_s)
+        peers = PeerDirectory(rank, tuple(hostnames), tuple(pids), timeout_s, tuple(pid_spaces))
         raise rank_lost_error("building the process groups", range(world), "the world", error, peers) from error
     if device_type == "cuda":
         _hand_groups_to_deepspeed(timeout_s)
@@ -257,7 +269,8 @@ def init_parallel(tensor_parallel_size: int, device_type: str = "cpu", timeout_s
                           tp_group_ranks=layout.tp_group_ranks(rank // tp_size), backend=backend,
                           launcher=info.launcher, device_type=device_type)
     _set(state, ProcessGroups(tp_group=tp_group, dp_leaders_group=leaders_group, timeout_s=timeout_s,
-                              hostnames=tuple(hostnames), pids=tuple(pids), store=raw_store, keys=store))
+                              hostnames=tuple(hostnames), pids=tuple(pids), pid_spaces=tuple(pid_spaces),
+                              store=raw_store, keys=store))
     if not _atexit_registered:
         atexit.register(shutdown_parallel)
         _atexit_registered = True

@@ -42,8 +42,9 @@ class ProcessGroups:
     """The torch.distributed handles behind a ParallelState (private to this package).
 
     tp_group / dp_leaders_group: None when this rank is not a member or no group is needed.
-    hostnames / pids: every rank's host name and process id, exchanged at init, so a failed
-    collective can tell which peer process has gone.
+    hostnames / pids / pid_spaces: every rank's host name, process id and where that id means
+    something (`process_group.pid_space`), exchanged at init, so a failed collective can tell
+    which peer process has gone.
     """
 
     tp_group: Any = None
@@ -51,6 +52,7 @@ class ProcessGroups:
     timeout_s: float = 60.0
     hostnames: tuple[str, ...] = ()
     pids: tuple[int, ...] = ()
+    pid_spaces: tuple[str, ...] = ()
     store: Any = None
     keys: Any = None  # the store under this init's prefix: small keys the ranks share (e.g. replica progress)
     lost_rank: bool = False  # a collective failed: the groups can no longer be torn down cleanly
