@@ -131,8 +131,9 @@ def _is_one_token_prompt(prompts) -> bool:
     array, or a list or tuple whose first item is a number (a float there is a bad token id, which
     the engine's validation names, not a prompt of its own)."""
     if isinstance(prompts, np.ndarray):
-        return prompts.ndim == 1
-    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], numbers.Number)
+        return prompts.ndim <= 1  # a 0-d array goes to the engine's check as one (bad) prompt
+    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0],
+                                                                                   (numbers.Number, np.bool_))
 
 
 def _plain_prompt(prompt):
@@ -141,8 +142,9 @@ def _plain_prompt(prompt):
         return prompt
     if set(prompt) == {"prompt_token_ids"}:
         token_ids = prompt["prompt_token_ids"]
-        if not isinstance(token_ids, (list, tuple, np.ndarray)):  # a string here is no text prompt
-            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {type(token_ids).__name__}")
+        if not isinstance(token_ids, (list, tuple, np.ndarray)) or getattr(token_ids, "ndim", 1) != 1:
+            what = f"a {token_ids.ndim}-D array" if isinstance(token_ids, np.ndarray) else type(token_ids).__name__
+            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {what}")  # a string is no text
         return list(token_ids) if isinstance(token_ids, tuple) else token_ids  # the engine checks the ids
     if set(prompt) == {"prompt"}:
         return prompt["prompt"]

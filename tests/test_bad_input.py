@@ -39,9 +39,15 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
 
 
 def test_prompt_token_ids_that_are_no_list(llm):
-    for prompt in ({"prompt_token_ids": 5}, {"prompt_token_ids": "1 2"}):
-        with pytest.raises(ValueError, match=r"^'prompt_token_ids' must be a list of token ids, got (int|str)$"):
+    for prompt, got in (({"prompt_token_ids": 5}, "int"), ({"prompt_token_ids": "1 2"}, "str"),
+                        ({"prompt_token_ids": np.array([[1, 2]])}, "a 2-D array")):
+        with pytest.raises(ValueError, match=f"^'prompt_token_ids' must be a list of token ids, got {got}$"):
             llm.generate(prompt, SamplingParams())
+    with pytest.raises(ValueError, match="^a prompt must be a string or a list of token ids, got a 0-D array$"):
+        llm.generate(np.array(5), SamplingParams())
+    bad_first_id = r"^prompt token ids must be integers; got (np\.)?True_? \(bool_?\) at position 0$"
+    with pytest.raises(ValueError, match=bad_first_id):
+        llm.generate([np.bool_(True), 1], SamplingParams())  # one prompt with a bad id, not a batch
     assert not llm.engine.has_unfinished_requests()
 
 

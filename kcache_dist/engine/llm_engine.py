@@ -155,7 +155,8 @@ class LLMEngine:
         if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            what = f"a {prompt.ndim}-D array" if isinstance(prompt, np.ndarray) else type(prompt).__name__
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {what}")
         if len(prompt) == 0:
             raise ValueError("prompt is empty: give at least one token")
         token_ids = [as_int(t) for t in prompt]
