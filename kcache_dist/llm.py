@@ -127,9 +127,9 @@ class LLM:
 
 
 def _is_one_token_prompt(prompts) -> bool:
-    """Whether `generate`'s `prompts` is one prompt of token ids rather than a batch: a 1-D numpy
-    array, or a list or tuple whose first item is a number (a float there is a bad token id, which
-    the engine's validation names, not a prompt of its own)."""
+    """Whether `generate`'s `prompts` is one prompt of token ids rather than a batch: a numpy array
+    of at most one dimension, or a list or tuple whose first item is a number (a float or a bool
+    there is a bad token id, which the engine's validation names, not a prompt of its own)."""
     if isinstance(prompts, np.ndarray):
         return prompts.ndim <= 1  # a 0-d array goes to the engine's check as one (bad) prompt
     return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0],
