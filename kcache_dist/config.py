@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+import numpy as np
+
 from .cache.planner import HOST_MEMORY_AUTO, host_rows_per_position
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
@@ -63,6 +65,11 @@ def as_int(value: Any) -> Optional[int]:
     """`value` as a Python int when it is an integer, numpy's included (any `numbers.Integral`),
     else None. A bool (Python's or numpy's) is not an integer here."""
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+
+
+def kind_of(value: Any) -> str:
+    """How an error message names what it got: "a 2-D array" for a numpy array, else the type's name."""
+    return f"a {value.ndim}-D array" if isinstance(value, np.ndarray) else type(value).__name__
 
 
 def is_number(value: Any) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .config import EngineConfig, KCacheConfig
+from .config import EngineConfig, KCacheConfig, kind_of
 from .engine.llm_engine import LLMEngine, Prompt
 from .outputs import RequestOutput
 from .parallel import ReplicaProgress, dp_gather_objects, rank_was_lost
@@ -142,9 +142,9 @@ def _plain_prompt(prompt):
         return prompt
     if set(prompt) == {"prompt_token_ids"}:
         token_ids = prompt["prompt_token_ids"]
+        # (a string here is no text prompt)
         if not isinstance(token_ids, (list, tuple, np.ndarray)) or getattr(token_ids, "ndim", 1) != 1:
-            what = f"a {token_ids.ndim}-D array" if isinstance(token_ids, np.ndarray) else type(token_ids).__name__
-            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {what}")  # a string is no text
+            raise ValueError(f"'prompt_token_ids' must be a list of token ids, got {kind_of(token_ids)}")
         return list(token_ids) if isinstance(token_ids, tuple) else token_ids  # the engine checks the ids
     if set(prompt) == {"prompt"}:
         return prompt["prompt"]

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..cache.block_manager import BlockManager
-from ..config import EngineConfig, as_int
+from ..config import EngineConfig, as_int, kind_of
 from ..models.model_config import ModelConfig, load_model_config
 from ..outputs import CompletionOutput, RequestOutput
 from ..parallel import RankLostError, init_parallel, tp_broadcast_object, wait_for_device
@@ -155,8 +155,7 @@ class LLMEngine:
         if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
-            what = f"a {prompt.ndim}-D array" if isinstance(prompt, np.ndarray) else type(prompt).__name__
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {what}")
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {kind_of(prompt)}")
         if len(prompt) == 0:
             raise ValueError("prompt is empty: give at least one token")
         token_ids = [as_int(t) for t in prompt]
