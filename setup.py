@@ -26,8 +26,9 @@ setup(
         # mpich: an MPI runtime for mpi4py on machines without one.
         # openai, httpx: the server tests talk to a real server with the official client and raw HTTP;
         # hypothesis: property-based fuzzing of the HTTP API (tests/test_server_fuzz.py);
-        # triton: the KCache kernels also run on CPU under TRITON_INTERPRET=1 (the version on the GPU image).
+        # triton: the KCache kernels also run on CPU under TRITON_INTERPRET=1 (the version on the GPU image);
+        # matplotlib: the benchmarks' PNG plots (tests/test_throughput_benchmark.py checks they are written).
         "test": ["pytest", "accelerate", "mpich", "openai>=1.0", "httpx", "hypothesis>=6.100",
-                 "triton==3.6.0"],
+                 "triton==3.6.0", "matplotlib"],
     },
 )

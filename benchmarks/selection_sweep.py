@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Launch settings of the K pass and the exact top-N selection (`KPassConfig`: K tile, split,
-pipeline stages, warps, count bins, register cap, row vs fused) timed on the GPU, at batch x context
-points of the Llama-3-8B attention shape (bf16, sink 4, window 128):
+pipeline stages, warps, count bins, register cap, and where the selection runs: row, fused, split,
+fused with its late rows split) timed on the GPU, at batch x context points of the Llama-3-8B
+attention shape (bf16, sink 4, window 128):
 
     python benchmarks/selection_sweep.py OUT.json                       # selection variants, top_n 1024 and 256
     python benchmarks/selection_sweep.py OUT.json --variants kpass --keys fp8 --points 66x8192,27x32768
+    python benchmarks/selection_sweep.py OUT.json --names row,split_w4,fused_late128 --kernel-times
 
 --variants selection: the selection's settings; kpass: the K pass's launch shape and, with fp8 K,
 its dot's dtype (f16dot, model_dot: `KPassConfig.fp8_dot`), each also timed alone (without selecting), top_n
@@ -35,7 +37,8 @@ from kernels import (D, DT, HKV, HQ, SINK, WINDOW, baselines, bench, check_selec
                      tables, warm_up)
 
 POINTS = "32x8192,72x8192,32x32768,21x32768"  # 72 @ 8K and 21 @ 32K: the engine's KCache batches
-SELECTION_VARIANTS = {"row": KPassConfig(select_mode="row"), "row_w4": KPassConfig(select_mode="row", select_warps=4),
+SELECTION_VARIANTS = {"default": KPassConfig(), "row": KPassConfig(select_mode="row"),
+                      "row_w4": KPassConfig(select_mode="row", select_warps=4),
                       "row_w16": KPassConfig(select_mode="row", select_warps=16),
                       "row_bins16": KPassConfig(select_mode="row", bins=16),
                       "row_bins64": KPassConfig(select_mode="row", bins=64),
@@ -43,7 +46,15 @@ SELECTION_VARIANTS = {"row": KPassConfig(select_mode="row"), "row_w4": KPassConf
                       "row_stg4": KPassConfig(select_mode="row", select_stages=4),
                       "row_nocap": KPassConfig(select_mode="row", maxnreg=0),
                       "row_w16_stg2": KPassConfig(select_mode="row", select_warps=16, select_stages=2),
-                      "fused": KPassConfig(select_mode="fused")}
+                      "fused": KPassConfig(select_mode="fused", late_rows=0),
+                      "split": KPassConfig(select_mode="split"),
+                      "split_w4": KPassConfig(select_mode="split", select_warps=4),
+                      "split_w4_p1": KPassConfig(select_mode="split", select_warps=4, split_parts=1),
+                      "split_w4_p16": KPassConfig(select_mode="split", select_warps=4, split_parts=16),
+                      "fused_late16": KPassConfig(select_mode="fused", late_rows=16),
+                      "fused_late32": KPassConfig(select_mode="fused", late_rows=32),
+                      "fused_late64": KPassConfig(select_mode="fused", late_rows=64),
+                      "fused_late128": KPassConfig(select_mode="fused", late_rows=128)}
 KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn256": KPassConfig(block_n=256),
                   "bn256_split2048": KPassConfig(block_n=256, split=2048), "split2048": KPassConfig(split=2048),
                   "stg4": KPassConfig(num_stages=4), "bn256_stg2": KPassConfig(block_n=256, num_stages=2),
@@ -53,9 +64,25 @@ KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn
                   "f16dot_bn256": KPassConfig(block_n=256, fp8_dot="float16")}
 
 
+def kernel_times_us(fn, calls: int = 10) -> dict:
+    """Device time (us) per call of each kernel fn launches, from the profiler over `calls` calls."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] = times.get(event.name, 0.0) + event.device_time / calls
+    return times
+
+
 def sweep_point(B: int, C: int, d2d_GBps: float, dev: torch.device, keys: str, variants: dict,
-                kpass: bool) -> dict:
-    """kpass: the variants are K-pass launch shapes (top_n 1024 only, each also timed without selecting)."""
+                kpass: bool, kernel_times: bool = False) -> dict:
+    """kpass: the variants are K-pass launch shapes (top_n 1024 only, each also timed without selecting).
+    kernel_times: each variant's per-kernel device time too (top_n 1024)."""
     gen = torch.Generator().manual_seed(B * 7 + C)
     bt, sl, lens = tables(B, C, 256, dev, gen)
     kc = torch.randn(B * (C // 256), HKV, 256, D, device=dev, dtype=DT)
@@ -89,6 +116,9 @@ def sweep_point(B: int, C: int, d2d_GBps: float, dev: torch.device, keys: str, v
             if kpass:
                 entry["kpass_alone_ms"] = bench(lambda: run(spec, cfg, select=False))
                 alone = f"  (K pass alone {entry['kpass_alone_ms']:.4f} ms {pct(entry['kpass_alone_ms']):5.1f}%)"
+            if kernel_times and top_n == 1024:
+                entry["kernel_us"] = kernel_times_us(lambda: run(spec, cfg))
+                alone += "  kernels: " + ", ".join(f"{k} {v:.1f} us" for k, v in entry["kernel_us"].items())
             point[f"n{top_n}_{name}"] = entry
             print(f"  n{top_n} {name:15s} {ms:.4f} ms {entry['pct_d2d']:5.1f}%  select +{entry['select_us']:6.1f} us  "
                   f"same={same}{alone}", flush=True)
@@ -103,6 +133,7 @@ def main() -> None:
     ap.add_argument("--keys", choices=("model", "fp8"), default="model")
     ap.add_argument("--variants", choices=("selection", "kpass"), default="selection")
     ap.add_argument("--names", default=None, help="only these variants, comma separated")
+    ap.add_argument("--kernel-times", action="store_true", help="each variant's per-kernel device time (profiler)")
     args = ap.parse_args()
     variants = SELECTION_VARIANTS if args.variants == "selection" else KPASS_VARIANTS
     if args.names:
@@ -114,8 +145,8 @@ def main() -> None:
     base = baselines(dev)
     points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     result = {"card": torch.cuda.get_device_name(dev), "baseline": base, "keys": args.keys, "variants": args.variants,
-              "points": [sweep_point(B, C, base["d2d_GBps"], dev, args.keys, variants, args.variants == "kpass")
-                         for B, C in points]}
+              "points": [sweep_point(B, C, base["d2d_GBps"], dev, args.keys, variants, args.variants == "kpass",
+                                     args.kernel_times) for B, C in points]}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

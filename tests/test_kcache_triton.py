@@ -75,7 +75,12 @@ CASES = [  # (batch, hkv, group, head_dim, lens, block_size, spec, dtype)
     (5, 2, 4, 128, [40, 132, 133, 300, 64], 16, SelectionSpec(128, 4, 128, False, "max"), torch.float16),
     (2, 8, 4, 128, [8192, 7000], 256, SelectionSpec(1024, 4, 128, True, "max"), torch.bfloat16),
 ]
-MODE_CASES = [(c, "fused") for c in CASES] + [(CASES[i], "row") for i in (0, 2, 7)]
+SELECT_MODES = {  # test id -> KPassConfig fields: where the selection runs
+    "fused": dict(select_mode="fused"), "row": dict(select_mode="row"), "split": dict(select_mode="split"),
+    "fused-late": dict(select_mode="fused", late_rows=3),  # the last 3 rows split after the K pass
+}
+MODE_CASES = ([(c, "fused") for c in CASES] + [(CASES[i], m) for i in (0, 2, 7) for m in ("row", "split")]
+              + [(CASES[i], "fused-late") for i in (2, 4, 7)])
 
 
 def _case_id(c):
@@ -93,10 +98,10 @@ def test_triton_matches_reference(case, mode):
     q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(batch, hkv, group, head_dim, lens, bs, spec, dtype, seed)
     scale = head_dim ** -0.5
     ref = kcache_decode_reference(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], lens, cpu[5], spec, scale)
-    cfgs = [KPassConfig(select_mode=mode)]
+    cfgs = [KPassConfig(**SELECT_MODES[mode])]
     if CASES.index(case) == 0:  # small splits, tiles and scratch: several CTAs per row, several count passes
         cfgs.append(KPassConfig(split=256, block_n=64, sel_tile=256, key_tile=512, bins=8, scratch_extra=16,
-                                select_mode=mode))
+                                **SELECT_MODES[mode]))
     for cfg in cfgs:
         torch.cuda.synchronize()
         out = torch.full_like(q, float("nan"))
@@ -111,7 +116,7 @@ def test_triton_matches_reference(case, mode):
 
 
 @cuda
-@pytest.mark.parametrize("mode", ["fused", "row"])
+@pytest.mark.parametrize("mode", list(SELECT_MODES))
 def test_selection_exact_on_hard_rows(mode):
     """Near-uniform scores (q tiny: keys distinct but within a few ulps of each other: every key in
     one coarse bin, several count passes), peaked scores (q large: the n-th key far below the row's
@@ -125,7 +130,7 @@ def test_selection_exact_on_hard_rows(mode):
     q, kc, vh, vhot, bt, sl, slots, cpu = _cuda_inputs(3, 2, 4, 128, lens, 16, spec, torch.bfloat16, seed)
     for q_scale in (1e-4, 40.0, 1.0, 0.0):
         for extra in (8, 2048):
-            cfg = KPassConfig(select_mode=mode, scratch_extra=extra)
+            cfg = KPassConfig(**SELECT_MODES[mode], scratch_extra=extra)
             note = f"seed {seed} q x {q_scale} scratch_extra {extra}"
             sel = score_and_select(q * q_scale, kc, bt, sl, max(lens), spec, 0.1, cfg)
             check_selection(sel, lens, 2, spec, note)
@@ -136,7 +141,7 @@ def test_selection_exact_on_hard_rows(mode):
 
 
 @cuda
-@pytest.mark.parametrize("mode", ["fused", "row"])
+@pytest.mark.parametrize("mode", list(SELECT_MODES))
 def test_selection_exact_with_keys_on_coarse_bin_edges(mode):
     """Scores on a grid of the coarse bin width (half a log2 unit), many tied: the n-th key and its
     neighbours lie on or within an ulp of a bin edge, where the float histogram and the integer keys
@@ -159,7 +164,7 @@ def test_selection_exact_with_keys_on_coarse_bin_edges(mode):
         spec = SelectionSpec(top_n, 4, 64, True, "max")
         for ulps in (0, 1, -1):
             scale = (1.0 + ulps * 2.0 ** -23) / LOG2E  # log2-domain scores of -level / 2, give or take ulps
-            sel = score_and_select(q, kc, bt, sl, max(lens), spec, scale, KPassConfig(select_mode=mode))
+            sel = score_and_select(q, kc, bt, sl, max(lens), spec, scale, KPassConfig(**SELECT_MODES[mode]))
             check_selection(sel, lens, hkv, spec, f"seed {seed} top_n {top_n} ulps {ulps}")
 
 
@@ -225,8 +230,10 @@ def test_copy_engine_fetch_equals_zero_copy():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 def test_select_mode_auto_and_bad_mode():
     """"auto" selects inside the K pass from FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device,
-    in its own kernel below that and off CUDA; an unknown mode (or fp8 dot dtype) is refused by name."""
-    from kcache_dist.kcache.triton_kcache import (FUSED_SELECT_ROWS_PER_SM, KPassConfig, _resolve_select_mode,
+    in its own kernel below that and off CUDA; the rows split after the K pass; an unknown mode (or fp8
+    dot dtype) is refused by name."""
+    from kcache_dist.kcache.triton_kcache import (FUSED_SELECT_ROWS_PER_SM, LATE_ROWS, LATE_ROWS_FROM_CONTEXT,
+                                                  KPassConfig, _late_row_count, _resolve_select_mode,
                                                   score_and_select)
 
     assert _resolve_select_mode("auto", 10 ** 6, torch.device("cpu")) == "row"
@@ -236,8 +243,16 @@ def test_select_mode_auto_and_bad_mode():
         cuda_dev = torch.device("cuda", 0)
         assert _resolve_select_mode("auto", FUSED_SELECT_ROWS_PER_SM * sms, cuda_dev) == "fused"
         assert _resolve_select_mode("auto", FUSED_SELECT_ROWS_PER_SM * sms - 1, cuda_dev) == "row"
+    # rows selected split after the K pass: every row with "split"; with "fused" the last LATE_ROWS from
+    # LATE_ROWS_FROM_CONTEXT positions up (by default), or as many as asked
+    assert _late_row_count(KPassConfig(), "split", 300, 100) == 300
+    assert _late_row_count(KPassConfig(), "row", 300, 10 ** 6) == 0
+    assert _late_row_count(KPassConfig(), "fused", 300, LATE_ROWS_FROM_CONTEXT - 1) == 0
+    assert _late_row_count(KPassConfig(), "fused", 300, LATE_ROWS_FROM_CONTEXT) == min(300, LATE_ROWS)
+    assert _late_row_count(KPassConfig(late_rows=7), "fused", 300, 100) == 7
+    assert _late_row_count(KPassConfig(late_rows=0), "fused", 300, 10 ** 6) == 0
     spec = SelectionSpec(top_n=4, sink_tokens=0, recent_window=0, renormalize=True, group_reduce="max")
-    with pytest.raises(ValueError, match="select_mode must be 'auto', 'row' or 'fused', not 'topk'"):
+    with pytest.raises(ValueError, match="^select_mode must be 'auto', 'row', 'fused' or 'split', not 'topk'$"):
         score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
                          torch.tensor([4]), 4, spec, 1.0, KPassConfig(select_mode="topk"))
     with pytest.raises(ValueError, match="^fp8_dot must be 'model' or 'float16', not 'int8'$"):
@@ -324,10 +339,19 @@ def test_fp8_scoring_triton_matches_reference(case):
     assert relative_error(model_dot.cpu(), out.cpu()) < TOL[dtype], f"fp8_dot model (seed {seed})"
 
 
+# tiny shapes for the kernels under TRITON_INTERPRET=1: (batch, hkv, group, head_dim, lens, block_size,
+# spec, dtype, scratch_extra, bins, q scale)
+INTERPRETER_CASES = [
+    (2, 2, 2, 16, [70, 9], 4, SelectionSpec(5, 2, 6, True, "max"), torch.float32, 64, 8, 1.0),
+    (3, 2, 3, 16, [130, 40, 33], 8, SelectionSpec(9, 0, 3, False, "sum"), torch.float16, 4, 4, 1.0),
+    (2, 1, 4, 16, [100, 1], 16, SelectionSpec(3, 4, 0, True, "sum"), torch.float32, 64, 4, 1.0),
+    (1, 2, 1, 32, [190], 16, SelectionSpec(20, 0, 0, False, "max"), torch.float32, 4, 8, 1e-4),
+    (1, 2, 4, 16, [150], 8, SelectionSpec(6, 1, 2, True, "max"), torch.float32, 64, 8, 60.0),
+]
 INTERPRET_SCRIPT = textwrap.dedent("""
     import torch
     from test_kcache_reference import paged_inputs
-    from test_kcache_triton import check_selection
+    from test_kcache_triton import INTERPRETER_CASES, check_selection
     from kcache_dist.kcache.reference import kcache_decode_reference
     from kcache_dist.kcache.selection import SelectionSpec
     from kcache_dist.kcache.triton_kcache import KPassConfig, kcache_decode_triton, score_and_select
@@ -337,14 +361,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     from selection_check import TAILS, buffer_rows, replay, replay_saved
     import dataclasses
     seed = {seed}
-    # (batch, hkv, group, head_dim, lens, block_size, spec, dtype, scratch_extra, bins, q scale)
-    cases = [
-        (2, 2, 2, 16, [70, 9], 4, SelectionSpec(5, 2, 6, True, "max"), torch.float32, 64, 8, 1.0),
-        (3, 2, 3, 16, [130, 40, 33], 8, SelectionSpec(9, 0, 3, False, "sum"), torch.float16, 4, 4, 1.0),
-        (2, 1, 4, 16, [100, 1], 16, SelectionSpec(3, 4, 0, True, "sum"), torch.float32, 64, 4, 1.0),
-        (1, 2, 1, 32, [190], 16, SelectionSpec(20, 0, 0, False, "max"), torch.float32, 4, 8, 1e-4),
-        (1, 2, 4, 16, [150], 8, SelectionSpec(6, 1, 2, True, "max"), torch.float32, 64, 8, 60.0),
-    ]
+    cases = INTERPRETER_CASES
     for mode in ("fused", "row"):
         for i, (b, hkv, g, d, lens, bs, spec, dt, extra, bins, qs) in enumerate(cases):
             q, kp, vp, vh, bt, slots, _, _ = paged_inputs(b, hkv, g, d, lens, bs, spec, dt, seed=seed + i)
@@ -387,6 +404,32 @@ INTERPRET_SCRIPT = textwrap.dedent("""
                               select_mode=mode, select_warps=4)
             sel = score_and_select(q * 0, kp, bt, torch.tensor([90, 50]), 90, spec, 0.25, cfg)
             assert (sel.idx == torch.arange(3, 10, dtype=torch.int32)).all(), (mode, extra, sel.idx)
+    print("interpreter ok")
+""")
+
+
+SPLIT_SELECT_SCRIPT = textwrap.dedent("""
+    import torch
+    from test_kcache_reference import paged_inputs
+    from test_kcache_triton import INTERPRETER_CASES, check_selection
+    from kcache_dist.kcache.triton_kcache import KPassConfig, score_and_select
+    seed = {seed}
+    cases = INTERPRETER_CASES
+    tiles = dict(split=32, block_n=16, sel_tile=16, key_tile=32, select_warps=4)
+    # (select_mode, late_rows, split_parts): every row split, in the default parts and in 3 (parts of
+    # several tiles, some empty); the last 2 rows of the K pass split, the others fused; every row late
+    for mode, late, parts in (("split", 0, 0), ("split", 0, 3), ("fused", 2, 2), ("fused", 100, 0)):
+        for i, (b, hkv, g, d, lens, bs, spec, dt, extra, bins, qs) in enumerate(cases):
+            q, kp, vp, vh, bt, slots, _, _ = paged_inputs(b, hkv, g, d, lens, bs, spec, dt, seed=seed + i)
+            q = (q.double() * qs).to(dt)
+            cfg = KPassConfig(**tiles, bins=bins, scratch_extra=extra, select_mode=mode, late_rows=late,
+                              split_parts=parts)
+            poisoned = torch.full((b * hkv * spec.top_n,), -7, dtype=torch.int32)
+            sel = score_and_select(q, kp, bt, torch.tensor(lens), max(lens), spec, d ** -0.5, cfg, idx_out=poisoned)
+            check_selection(sel, lens, hkv, spec, (mode, late, parts, i))
+            row = score_and_select(q, kp, bt, torch.tensor(lens), max(lens), spec, d ** -0.5,
+                                   KPassConfig(**tiles, bins=bins, scratch_extra=extra, select_mode="row", late_rows=0))
+            assert torch.equal(sel.idx, row.idx), (mode, late, parts, i)
     print("interpreter ok")
 """)
 
@@ -606,6 +649,15 @@ def test_fp8_scoring_keys_kernels_under_interpreter():
     output weighed by the exact K give the fp8 scoring reference's output."""
     seed = fresh_seed()
     run_under_triton_interpreter(FP8_SCRIPT.format(seed=seed), seed, timeout_s=180)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_selection_split_over_several_ctas_under_interpreter():
+    """The selection of a row split over several CTAs after the K pass (every row, or the last rows
+    of the K pass to finish while the others select inside it) picks the positions of the one-CTA
+    selection: through the candidates, a scratch too small for them, and peaked and near-uniform rows."""
+    seed = fresh_seed()
+    run_under_triton_interpreter(SPLIT_SELECT_SCRIPT.format(seed=seed), seed, timeout_s=180)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

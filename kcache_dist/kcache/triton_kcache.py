@@ -28,7 +28,14 @@ Same math as `reference.kcache_decode_reference` (see its docstring). Three stag
    - "row": one CTA per row after the K pass;
    - "fused": inside the K pass, the last CTA of each row (atomic ticket) selects the row while
      other rows' K still streams, reading the row's S back from L2. 4% faster than "row" at B=128
-     x 8 KV heads @ 32K (H200), 8% slower at B=32 (benchmarks/notes/kcache_triton.md);
+     x 8 KV heads @ 32K (H200), 8% slower at B=32 (benchmarks/notes/kcache_triton.md). The last
+     `late_rows` rows to finish (an atomic count of finished rows) are left to the split selection
+     after the K pass instead, so that their selections, one CTA each, do not run on alone after
+     it (by default LATE_ROWS from LATE_ROWS_FROM_CONTEXT positions up);
+   - "split": every row after the K pass by several CTAs: each part of the row writes its keys and
+     coarse histogram (`_split_keys_kernel`); then each part sums the parts' histograms (integers,
+     the same in every part), copies its candidates to its own region, and the row's last part to
+     finish joins the regions in position order and finishes as above (`_split_select_kernel`);
    - "auto" (default): "fused" from FUSED_SELECT_ROWS_PER_SM rows per SM up, else "row".
    Output: idx [rows, top_n] int32 far positions ascending, -1 padded; lse [rows, G] (log2 domain).
    Fixed fault: in engine runs about one row in 10^5 - 10^6 came out with the top_n-th position
@@ -82,6 +89,10 @@ COARSE_BINS = 64           # keys pass: histogram bins below the row's key bound
 COARSE_BINS_PER_LOG2 = 2.0  # ... of 1/2 log2 unit; the last bin takes every key 31.5 units down or more
 FUSED_SELECT_ROWS_PER_SM = 4  # "auto" selects inside the K pass from this many rows (sequence x KV head) per SM:
 #                               ahead of "row" there on an H100, behind below (benchmarks/notes/kcache_triton.md)
+SPLIT_CTAS_PER_SM = 4  # the split selection's default parts a row: this many CTAs per SM over its rows
+LATE_ROWS = 128  # "fused" selects this many rows, the last of the K pass to finish, split after it ...
+LATE_ROWS_FROM_CONTEXT = 16384  # ... where the longest context reaches this: at 32K, 1.2 points more of D2D at
+#                                 B=128 (H100); at 8K 0.5 less at B=72 (benchmarks/notes/kcache_triton.md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,24 +340,115 @@ def _fill_all(out, sink_end, far, top_n, TK: tl.constexpr):
 
 
 @triton.jit
-def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cs,
+def _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G: tl.constexpr, GQ: tl.constexpr, NSP: tl.constexpr,
+                GROUP_SUM: tl.constexpr, CM: tl.constexpr):
+    """The row's lse [GQ] (stored to LSE, then read back) and key bound (stored to KTOP) from its
+    split partials. Every thread takes the stored lse: the threads' register copies of this float
+    reduction can differ in the last bits (seen: two values 2 ulps apart, half the CTA each), and the
+    key bound and the bin edges must be the same numbers in every thread, and in every CTA that
+    selects a part of the row (module docstring, "Fixed")."""
+    lse, m = _row_lse(MP, LP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, CM)
+    gq = tl.arange(0, GQ)
+    tl.store(LSE + row * G + gq, lse, mask=gq < G)
+    tl.debug_barrier()
+    lse = tl.load(LSE + row * G + gq, mask=gq < G, other=0.0)
+    ktop = _row_key_bound(m, lse, G, GROUP_SUM)
+    tl.store(KTOP + row, ktop)
+    return lse, ktop
+
+
+@triton.jit
+def _far_range(L, sink, window, TK: tl.constexpr):
+    """(sink_end, window_start, far, a0, a1) of a row of L positions: its far positions [sink_end,
+    window_start), far of them, inside the whole key tiles [a0, a1)."""
+    sink_end = tl.minimum(sink, L)
+    window_start = tl.maximum(sink_end, L - window)
+    a0 = (sink_end // TK) * TK
+    a1 = a0 + tl.cdiv(window_start - a0, TK) * TK
+    return sink_end, window_start, window_start - sink_end, a0, a1
+
+
+@triton.jit
+def _keys_and_coarse(srow, krow, t0, t1, sink_end, window_start, lse_row, ktop, Cs, G: tl.constexpr,
+                     TS: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr, NSTG: tl.constexpr,
+                     GROUP_SUM: tl.constexpr, CM: tl.constexpr):
+    """Keys pass over the whole tiles [t0, t1): the group keys as sortable int32 to krow (KEY_NONE
+    outside the far range) and their coarse histogram [NB1] below the row's key bound ktop."""
+    ts = tl.arange(0, TS)
+    coarse = tl.zeros([NB1], tl.int32)
+    for start in tl.range(t0, t1, TS, num_stages=NSTG):
+        offs = start + ts
+        key = _tile_keys(srow, offs, Cs, lse_row, G, TS, GROUP_SUM, CM)
+        valid = (offs >= sink_end) & (offs < window_start)
+        tl.store(krow + offs, tl.where(valid, _sortable(key), KEY_NONE))
+        coarse += tl.histogram(tl.where(valid, _coarse_bin(key, ktop, NB1, BPL), 0), NB1, mask=valid)
+    return coarse
+
+
+@triton.jit
+def _coarse_pick(coarse, top_n, NB1: tl.constexpr):
+    """(b*, keys in bins 0..b*) of a coarse histogram [NB1]: b* the bin holding the top_n-th key."""
+    csum = tl.cumsum(coarse, 0)
+    bstar = tl.sum((csum < top_n).to(tl.int32), 0)
+    return bstar, tl.sum(tl.where(tl.arange(0, NB1) == bstar, csum, 0), 0)
+
+
+@triton.jit
+def _select_candidates(SP, SK, cnt, ktop, bstar, out, top_n, scr_cap, TK: tl.constexpr, NB: tl.constexpr,
+                       NB1: tl.constexpr, BPL: tl.constexpr, NSTG: tl.constexpr):
+    """The row's selection from the candidates in the scratch, cnt keys >= the lower edge of coarse
+    bin b*, ascending by position: count passes narrow the n-th key down from b*'s [min, max]. The
+    float histogram only picked the candidates: the keys above b* and b*'s [min, max] are counted
+    again on the integer keys that every later step compares (a key on a bin edge must not count on
+    one side and compare on the other). Returns 1 if the selection was written, 0 where that count
+    does not hold the n-th key in b* (the caller then falls back)."""
+    top = _coarse_edge(ktop, bstar - 1, NB1, BPL)   # keys >= top lie in the bins above b*
+    n_scr = tl.minimum(cnt, scr_cap)
+    tk = tl.arange(0, TK)
+    bmin = tl.full([TK], KEY_MAX, tl.int32)
+    bmax = tl.full([TK], KEY_NONE, tl.int32)
+    n_in = 0
+    for start in range(0, n_scr, TK):
+        i = start + tk
+        k = tl.load(SK + i, mask=i < n_scr, other=KEY_MAX)
+        inb = (i < n_scr) & (k < top)
+        bmin = tl.minimum(bmin, tl.where(inb, k, KEY_MAX))
+        bmax = tl.maximum(bmax, tl.where(inb, k, KEY_NONE))
+        n_in += tl.sum(inb.to(tl.int32), 0)
+    above = cnt - n_in
+    done = 0
+    if (cnt <= scr_cap) & (above < top_n) & (cnt >= top_n):
+        _finish_from_scratch(SP, SK, cnt, tl.min(bmin, 0), tl.max(bmax, 0), above, out, top_n, TK, NB, NSTG)
+        done = 1
+    return done
+
+
+@triton.jit
+def _select_by_narrowing(krow, SP, SK, out, a0, a1, far, top_n, scr_cap, TK: tl.constexpr, NB: tl.constexpr,
+                         NSTG: tl.constexpr):
+    """The fallback where the n-th key lies 31.5 log2 units or more below the bound, or its coarse bin
+    overfills the scratch: exact narrowing over the row's keys from their [min, max]."""
+    tk = tl.arange(0, TK)
+    vmin = tl.full([TK], KEY_MAX, tl.int32)
+    vmax = tl.full([TK], KEY_NONE, tl.int32)
+    for start in tl.range(a0, a1, TK, num_stages=NSTG):
+        k = tl.load(krow + start + tk)
+        vmin = tl.minimum(vmin, tl.where(k == KEY_NONE, KEY_MAX, k))
+        vmax = tl.maximum(vmax, k)
+    _select_from_keys(krow, SP, SK, out, a0, a1, tl.min(vmin, 0), tl.max(vmax, 0), far, top_n, scr_cap,
+                      TK, NB, NSTG)
+
+
+@triton.jit
+def _row_select(S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cs,
                 sink, window, top_n, scr_cap,
                 G: tl.constexpr, GQ: tl.constexpr, NSP: tl.constexpr, TS: tl.constexpr, TK: tl.constexpr,
                 NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr, NSTG: tl.constexpr,
                 GROUP_SUM: tl.constexpr, CM: tl.constexpr):
     """Selection of one row (b, h) by one CTA from its scores and partials; see the module docstring.
     CM: cache modifier of the loads of data other CTAs wrote (".cg" inside the K pass)."""
-    lse, m = _row_lse(MP, LP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, CM)
-    gq = tl.arange(0, GQ)
-    tl.store(LSE + row * G + gq, lse, mask=gq < G)
-    tl.debug_barrier()
-    # Every thread takes the stored lse: the threads' register copies of this float reduction can
-    # differ in the last bits (seen: two values 2 ulps apart, half the CTA each), and the key bound
-    # and the bin edges below must be the same numbers in every thread (module docstring, "Fixed")
-    lse = tl.load(LSE + row * G + gq, mask=gq < G, other=0.0)
-    sink_end = tl.minimum(sink, L)
-    window_start = tl.maximum(sink_end, L - window)
-    far = window_start - sink_end
+    lse, ktop = _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, GROUP_SUM, CM)
+    sink_end, window_start, far, a0, a1 = _far_range(L, sink, window, TK)
     out = IDX + row.to(tl.int64) * top_n
     if top_n > 0:
         if far <= top_n:
@@ -354,68 +456,23 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
         else:
             _guard_selected(out, top_n, sink_end, window_start, True, TK)
             tl.debug_barrier()
-            a0 = (sink_end // TK) * TK
-            a1 = a0 + tl.cdiv(window_start - a0, TK) * TK
             krow = KEYS + row.to(tl.int64) * Cs
             srow = S + (row * G).to(tl.int64) * Cs
             scr = row.to(tl.int64) * scr_cap
-            ktop = _row_key_bound(m, lse, G, GROUP_SUM)
-            # a: keys of whole tiles [a0, a1) (KEY_NONE outside the far range) and their coarse histogram
-            #    below the row's key bound
-            ts = tl.arange(0, TS)
-            coarse = tl.zeros([NB1], tl.int32)
-            for start in tl.range(a0, a1, TS, num_stages=NSTG):
-                offs = start + ts
-                key = _tile_keys(srow, offs, Cs, LSE + row * G, G, TS, GROUP_SUM, CM)
-                valid = (offs >= sink_end) & (offs < window_start)
-                tl.store(krow + offs, tl.where(valid, _sortable(key), KEY_NONE))
-                coarse += tl.histogram(tl.where(valid, _coarse_bin(key, ktop, NB1, BPL), 0), NB1, mask=valid)
+            coarse = _keys_and_coarse(srow, krow, a0, a1, sink_end, window_start, LSE + row * G, ktop, Cs, G, TS,
+                                      NB1, BPL, NSTG, GROUP_SUM, CM)
             tl.debug_barrier()
-            csum = tl.cumsum(coarse, 0)
-            bstar = tl.sum((csum < top_n).to(tl.int32), 0)
-            ncand = tl.sum(tl.where(tl.arange(0, NB1) == bstar, csum, 0), 0)
+            bstar, ncand = _coarse_pick(coarse, top_n, NB1)
             SP = SCR_POS + scr
             SK = SCR_KEY + scr
             done = 0
             if (bstar < NB1 - 1) & (ncand <= scr_cap):
-                # c: the keys of the coarse bins down to bstar, the one holding the n-th key. The float
-                #    histogram only picks these candidates: the keys above bstar and bstar's [min, max]
-                #    are counted again on the integer keys that every later step compares (a key on a
-                #    bin edge must not count on one side and compare on the other), and a count that
-                #    does not hold the n-th key in bstar falls back to the narrowing below
-                edge = _coarse_edge(ktop, bstar, NB1, BPL)
-                cnt = _collect(krow, a0, a1, edge, SP, SK, scr_cap, TK, NSTG)
+                # the keys of the coarse bins down to b*, the one holding the n-th key
+                cnt = _collect(krow, a0, a1, _coarse_edge(ktop, bstar, NB1, BPL), SP, SK, scr_cap, TK, NSTG)
                 tl.debug_barrier()
-                top = _coarse_edge(ktop, bstar - 1, NB1, BPL)   # keys >= top lie in the bins above bstar
-                n_scr = tl.minimum(cnt, scr_cap)
-                tk = tl.arange(0, TK)
-                bmin = tl.full([TK], KEY_MAX, tl.int32)
-                bmax = tl.full([TK], KEY_NONE, tl.int32)
-                n_in = 0
-                for start in range(0, n_scr, TK):
-                    i = start + tk
-                    k = tl.load(SK + i, mask=i < n_scr, other=KEY_MAX)
-                    inb = (i < n_scr) & (k < top)
-                    bmin = tl.minimum(bmin, tl.where(inb, k, KEY_MAX))
-                    bmax = tl.maximum(bmax, tl.where(inb, k, KEY_NONE))
-                    n_in += tl.sum(inb.to(tl.int32), 0)
-                above = cnt - n_in
-                if (cnt <= scr_cap) & (above < top_n) & (cnt >= top_n):
-                    _finish_from_scratch(SP, SK, cnt, tl.min(bmin, 0), tl.max(bmax, 0), above, out, top_n, TK, NB,
-                                         NSTG)
-                    done = 1
+                done = _select_candidates(SP, SK, cnt, ktop, bstar, out, top_n, scr_cap, TK, NB, NB1, BPL, NSTG)
             if done == 0:
-                # the n-th key lies 31.5 log2 units or more below the bound, or its bin overfills the
-                # scratch: exact narrowing over the row's keys from their [min, max]
-                tk = tl.arange(0, TK)
-                vmin = tl.full([TK], KEY_MAX, tl.int32)
-                vmax = tl.full([TK], KEY_NONE, tl.int32)
-                for start in tl.range(a0, a1, TK, num_stages=NSTG):
-                    k = tl.load(krow + start + tk)
-                    vmin = tl.minimum(vmin, tl.where(k == KEY_NONE, KEY_MAX, k))
-                    vmax = tl.maximum(vmax, k)
-                _select_from_keys(krow, SP, SK, out, a0, a1, tl.min(vmin, 0), tl.max(vmax, 0), far, top_n, scr_cap,
-                                  TK, NB, NSTG)
+                _select_by_narrowing(krow, SP, SK, out, a0, a1, far, top_n, scr_cap, TK, NB, NSTG)
             tl.debug_barrier()
             _guard_selected(out, top_n, sink_end, window_start, False, TK)
 
@@ -424,18 +481,22 @@ def _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSP
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SCR_KEY,
-                  qk_scale, sink, window, top_n, stride_bt, Cs, NSPLIT_MAX, scr_cap,
+def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, CNT, SCR_POS, SCR_KEY, DONE, LATE,
+                  qk_scale, sink, window, top_n, stride_bt, Cs, NSPLIT_MAX, scr_cap, n_late,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
                   BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
                   TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr,
-                  NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr,
+                  NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr, DEFER: tl.constexpr,
                   HAS_SCALES: tl.constexpr, F16_DOT: tl.constexpr):
     """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D] (with HAS_SCALES float8, KS
     [NB, HKV, BS] float32 its scales; F16_DOT: q and the float8 tiles in float16); BT [B, stride_bt] int32;
     SEQ [B] int64. S [rows, G, Cs] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
-    With FUSED_SELECT the last CTA of each row runs `_row_select` (CNT [rows] int32 tickets, zero on
-    entry and reset to zero on exit; KEYS [rows, Cs], SCR_POS/SCR_KEY [rows, scr_cap] int32 scratch)."""
+    With FUSED_SELECT or DEFER the last CTA of each row (CNT [rows] int32 tickets, zero on entry and
+    reset to zero on exit) finishes it: with DEFER, the last n_late rows to finish (DONE [1] int32, zero
+    on entry, counts them) get their lse and key bound (LSE, KTOP [rows] fp32) and are listed in
+    LATE [n_late] int32 in finishing order, for the split selection after this kernel; with
+    FUSED_SELECT the others run `_row_select` here (KEYS [rows, Cs], SCR_POS/SCR_KEY [rows, scr_cap]
+    int32 scratch)."""
     split = tl.program_id(0)
     row = tl.program_id(1)
     b = row // HKV
@@ -469,25 +530,135 @@ def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KEYS, IDX, CNT, SCR_POS, SC
             m_i = m_new
         tl.store(MP + (row * G + gi) * NSPLIT_MAX + split, m_i, mask=gmask)
         tl.store(LP + (row * G + gi) * NSPLIT_MAX + split, l_i, mask=gmask)
-        if FUSED_SELECT:
+        if FUSED_SELECT or DEFER:
             tl.debug_barrier()
             ticket = tl.atomic_add(CNT + row, 1, sem="acq_rel")
             if ticket == nsplit - 1:
                 tl.store(CNT + row, 0)
-                _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX, Cs,
-                            sink, window, top_n, scr_cap, G, GQ, NSP, TS, TK, NB, NB1, BPL, NSTG, GROUP_SUM, ".cg")
+                late = 0
+                if DEFER:
+                    slot = tl.atomic_add(DONE, 1, sem="acq_rel") - (tl.num_programs(1) - n_late)
+                    if slot >= 0:
+                        _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, GROUP_SUM, ".cg")
+                        tl.store(LATE + slot, row)
+                        late = 1
+                if FUSED_SELECT:
+                    if late == 0:
+                        _row_select(S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nsplit, NSPLIT_MAX,
+                                    Cs, sink, window, top_n, scr_cap, G, GQ, NSP, TS, TK, NB, NB1, BPL, NSTG,
+                                    GROUP_SUM, ".cg")
 
 
 @triton.jit
-def _select_kernel(SEQ, S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, sink, window, top_n, Cs, NSPLIT_MAX,
+def _select_kernel(SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, sink, window, top_n, Cs, NSPLIT_MAX,
                    scr_cap, HKV: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, SPLIT: tl.constexpr,
                    NSP: tl.constexpr, TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr,
                    BPL: tl.constexpr, NSTG: tl.constexpr, GROUP_SUM: tl.constexpr):
     """"row" selection: grid (rows,), after `_kpass_kernel` with FUSED_SELECT=False."""
     row = tl.program_id(0)
     L = tl.load(SEQ + row // HKV).to(tl.int32)
-    _row_select(S, MP, LP, LSE, KEYS, IDX, SCR_POS, SCR_KEY, row, L, tl.cdiv(L, SPLIT), NSPLIT_MAX, Cs,
+    _row_select(S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, row, L, tl.cdiv(L, SPLIT), NSPLIT_MAX, Cs,
                 sink, window, top_n, scr_cap, G, GQ, NSP, TS, TK, NB, NB1, BPL, NSTG, GROUP_SUM, "")
+
+
+@triton.jit
+def _split_part(SEQ, LATE, t, p, parts, sink, window, HKV: tl.constexpr, TK: tl.constexpr):
+    """(row, sink_end, window_start, far, a0, a1, c0, c1) of listed row t (row -1: none) and its part p
+    of `parts`: the whole key tiles [c0, c1) of the row's [a0, a1)."""
+    row = tl.load(LATE + t)
+    L = tl.load(SEQ + tl.maximum(row, 0) // HKV).to(tl.int32)
+    sink_end, window_start, far, a0, a1 = _far_range(L, sink, window, TK)
+    per = tl.cdiv(tl.cdiv(a1 - a0, TK), parts) * TK
+    c0 = tl.minimum(a0 + p * per, a1)
+    return row, sink_end, window_start, far, a0, a1, c0, tl.minimum(c0 + per, a1)
+
+
+@triton.jit
+def _split_keys_kernel(SEQ, S, LSE, KTOP, KEYS, LATE, PART_HIST, sink, window, top_n, Cs, parts,
+                       HKV: tl.constexpr, G: tl.constexpr, TS: tl.constexpr, TK: tl.constexpr, NB1: tl.constexpr,
+                       BPL: tl.constexpr, NSTG: tl.constexpr, GROUP_SUM: tl.constexpr):
+    """Split selection, first half: grid (parts, n_late). Part p of listed row t (LATE [n_late], -1:
+    none) writes its tiles' keys to KEYS [rows, Cs] and their coarse histogram to PART_HIST
+    [n_late, parts, NB1] int32, from S and the row's LSE and KTOP, stored by `_kpass_kernel`."""
+    p = tl.program_id(0)
+    t = tl.program_id(1)
+    row, sink_end, window_start, far, a0, a1, c0, c1 = _split_part(SEQ, LATE, t, p, parts, sink, window, HKV, TK)
+    if (row >= 0) & (top_n > 0) & (far > top_n):
+        coarse = _keys_and_coarse(S + (row * G).to(tl.int64) * Cs, KEYS + row.to(tl.int64) * Cs, c0, c1, sink_end,
+                                  window_start, LSE + row * G, tl.load(KTOP + row), Cs, G, TS, NB1, BPL, NSTG,
+                                  GROUP_SUM, "")
+        tl.store(PART_HIST + (t * parts + p) * NB1 + tl.arange(0, NB1), coarse)
+
+
+@triton.jit
+def _split_select_kernel(SEQ, KTOP, KEYS, IDX, LATE, PART_HIST, PART_CNT, TICKET, PART_POS, PART_KEY,
+                         SCR_POS, SCR_KEY, sink, window, top_n, Cs, parts, part_cap, scr_cap,
+                         HKV: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr,
+                         BPL: tl.constexpr, NSTG: tl.constexpr, PARTS: tl.constexpr):
+    """Split selection, second half: grid (parts, n_late), after `_split_keys_kernel`. Every part of a
+    row sums the parts' coarse histograms (integers: the same b* in every part) and copies its
+    candidates, ascending, to its own region of PART_POS/PART_KEY [n_late, parts, part_cap] (count in
+    PART_CNT [n_late, parts]); the last part to finish (TICKET [n_late] int32, zero on entry and reset
+    on exit) joins the regions in part order into the row's scratch and selects from it as
+    `_row_select` does, or by narrowing over the whole row's keys where that fails."""
+    p = tl.program_id(0)
+    t = tl.program_id(1)
+    row, sink_end, window_start, far, a0, a1, c0, c1 = _split_part(SEQ, LATE, t, p, parts, sink, window, HKV, TK)
+    if row >= 0:
+        out = IDX + row.to(tl.int64) * top_n
+        if top_n > 0:
+            if far <= top_n:
+                if p == 0:
+                    _fill_all(out, sink_end, far, top_n, TK)
+            else:
+                ktop = tl.load(KTOP + row)
+                pi = tl.arange(0, PARTS)
+                hist = tl.load(PART_HIST + (t * parts + pi)[:, None] * NB1 + tl.arange(0, NB1)[None, :],
+                               mask=(pi < parts)[:, None], other=0)
+                bstar, ncand = _coarse_pick(tl.sum(hist, 0), top_n, NB1)
+                fast = (bstar < NB1 - 1) & (ncand <= scr_cap)
+                krow = KEYS + row.to(tl.int64) * Cs
+                region = (t * parts + p).to(tl.int64) * part_cap
+                if fast:
+                    cnt = _collect(krow, c0, c1, _coarse_edge(ktop, bstar, NB1, BPL), PART_POS + region,
+                                   PART_KEY + region, part_cap, TK, NSTG)
+                    tl.store(PART_CNT + t * parts + p, cnt)
+                tl.debug_barrier()
+                if tl.atomic_add(TICKET + t, 1, sem="acq_rel") == parts - 1:
+                    tl.store(TICKET + t, 0)
+                    _guard_selected(out, top_n, sink_end, window_start, True, TK)
+                    SP = SCR_POS + row.to(tl.int64) * scr_cap
+                    SK = SCR_KEY + row.to(tl.int64) * scr_cap
+                    done = 0
+                    if fast:
+                        counts = tl.load(PART_CNT + t * parts + pi, mask=pi < parts, other=0, cache_modifier=".cg")
+                        cnt = tl.sum(counts, 0)
+                        if (tl.max(counts, 0) <= part_cap) & (cnt <= scr_cap):
+                            _join_parts(PART_POS, PART_KEY, PART_CNT, t * parts, parts, part_cap, SP, SK, TK)
+                            tl.debug_barrier()
+                            done = _select_candidates(SP, SK, cnt, ktop, bstar, out, top_n, scr_cap, TK, NB, NB1,
+                                                      BPL, NSTG)
+                    if done == 0:
+                        _select_by_narrowing(krow, SP, SK, out, a0, a1, far, top_n, scr_cap, TK, NB, NSTG)
+                    tl.debug_barrier()
+                    _guard_selected(out, top_n, sink_end, window_start, False, TK)
+
+
+@triton.jit
+def _join_parts(PART_POS, PART_KEY, PART_CNT, first, parts, part_cap, SP, SK, TK: tl.constexpr):
+    """Copy the candidates of regions first .. first + parts - 1 (written by other CTAs), in order, to
+    SP/SK."""
+    tk = tl.arange(0, TK)
+    at = 0
+    for part in range(0, parts):
+        n = tl.load(PART_CNT + first + part, cache_modifier=".cg")
+        src = (first + part).to(tl.int64) * part_cap
+        for start in range(0, n, TK):
+            i = start + tk
+            m = i < n
+            tl.store(SP + at + i, tl.load(PART_POS + src + i, mask=m, other=0, cache_modifier=".cg"), mask=m)
+            tl.store(SK + at + i, tl.load(PART_KEY + src + i, mask=m, other=0, cache_modifier=".cg"), mask=m)
+        at += n
 
 
 @triton.jit
@@ -681,8 +852,13 @@ class KPassConfig:
     num_warps: int = 4
     num_stages: int = 3
     select_mode: str = "auto"  # "row": one CTA per row after the K pass; "fused": the last CTA of a row,
-    #                            inside the K pass (see the module docstring); "auto": fused from
+    #                            inside the K pass (see the module docstring); "split": each row by
+    #                            split_parts CTAs after the K pass; "auto": fused from
     #                            FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device up, else row
+    late_rows: int = -1      # "fused": the last rows of the K pass to finish are selected as "split" after it
+    #                          (their selections would otherwise run on after the K pass, one CTA each);
+    #                          -1: LATE_ROWS where the longest context reaches LATE_ROWS_FROM_CONTEXT, else 0
+    split_parts: int = 0     # CTAs per row of the split selection (0: SPLIT_CTAS_PER_SM per SM over the rows)
     sel_tile: int = 0        # positions per step of the keys pass over S (0: 128 per warp of the CTA)
     key_tile: int = 0        # keys per step of the passes over keys, a multiple of sel_tile (0: 256 per
     #                          warp; 4 warps with larger tiles need more than 128 registers)
@@ -732,12 +908,12 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     G = Hq // Hkv
     rows = B * Hkv
     dev = q.device
-    if cfg.select_mode not in ("auto", "fused", "row"):
-        raise ValueError(f"select_mode must be 'auto', 'row' or 'fused', not {cfg.select_mode!r}")
+    if cfg.select_mode not in ("auto", "fused", "row", "split"):
+        raise ValueError(f"select_mode must be 'auto', 'row', 'fused' or 'split', not {cfg.select_mode!r}")
     if cfg.fp8_dot not in ("model", "float16"):
         raise ValueError(f"fp8_dot must be 'model' or 'float16', not {cfg.fp8_dot!r}")
     mode = _resolve_select_mode(cfg.select_mode, rows, dev) if select else "none"
-    warps = cfg.select_warps if mode == "row" else cfg.num_warps
+    warps = cfg.select_warps if mode in ("row", "split") else cfg.num_warps
     ts, tk = cfg.sel_tile or 128 * warps, cfg.key_tile or 256 * warps
     if tk % ts:
         raise ValueError("key_tile must be a multiple of sel_tile")
@@ -753,28 +929,61 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     lse = torch.empty(rows, G, dtype=torch.float32, device=dev)
     n_idx = rows * max(top_n, 1)
     idx = (torch.empty(n_idx, **i32) if idx_out is None else idx_out.view(-1)[:n_idx]).view(rows, max(top_n, 1))
-    keys = torch.empty(rows * cs if mode == "fused" else 1, **i32)  # "row": `select_from_partials` has its own
-    scr_pos = torch.empty(rows * scr_cap if mode == "fused" else 1, **i32)
+    n_late = _late_row_count(cfg, mode, rows, cmax)
+    in_kernel = mode in ("fused", "split")  # "row": `select_from_partials` has its own buffers
+    keys = torch.empty(rows * cs if in_kernel else 1, **i32)
+    scr_pos = torch.empty(rows * scr_cap if in_kernel else 1, **i32)
     scr_key = torch.empty_like(scr_pos)
-    cnt = torch.zeros(rows if mode == "fused" else 1, **i32)
+    ktop = torch.empty(rows, dtype=torch.float32, device=dev)
+    counters = torch.zeros(rows + 1 + n_late, **i32)  # tickets of the rows, DONE, tickets of the late rows
+    late = torch.full((max(n_late, 1),), -1, **i32)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     sel_shape = dict(G=G, GQ=triton.next_power_of_2(G), NSP=triton.next_power_of_2(nsplit_max), TS=ts, TK=tk,
                      NB=cfg.bins, NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
                      GROUP_SUM=spec.group_reduce == "sum")
     extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
+    fused_rows = mode == "fused" and n_late < rows
     _kpass_kernel[(nsplit_max, rows)](
-        q, k_cache, k_scales if k_scales is not None else k_cache, bt, seq, S, MP, LP, lse, keys, idx, cnt, scr_pos,
-        scr_key,
-        scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap,
+        q, k_cache, k_scales if k_scales is not None else k_cache, bt, seq, S, MP, LP, lse, ktop, keys, idx,
+        counters, scr_pos, scr_key, counters[rows:], late,
+        scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap, n_late,
         HKV=Hkv, GP=max(16, triton.next_power_of_2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-        FUSED_SELECT=mode == "fused", HAS_SCALES=k_scales is not None,
+        FUSED_SELECT=fused_rows, DEFER=n_late > 0, HAS_SCALES=k_scales is not None,
         F16_DOT=k_scales is not None and cfg.fp8_dot == "float16" and q.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
-        **(extra if mode == "fused" else {}))
+        **(extra if fused_rows else {}))
     if mode == "row":
         return select_from_partials(S[:, :, :cmax], MP, LP, seq, spec, cfg, Hkv, idx_out=idx)
+    if n_late:
+        parts = cfg.split_parts or max(1, min(triton.cdiv(SPLIT_CTAS_PER_SM * _sm_count_or(dev, 4), n_late),
+                                              cs // tk))
+        part_cap = min(scr_cap, triton.cdiv(cs // tk, parts) * tk)
+        part_hist = torch.empty(n_late * parts * COARSE_BINS, **i32)
+        part_cnt = torch.empty(n_late * parts, **i32)
+        part_pos = torch.empty(n_late * parts * part_cap, **i32)
+        part_key = torch.empty_like(part_pos)
+        _split_keys_kernel[(parts, n_late)](
+            seq, S, lse, ktop, keys, late, part_hist, spec.sink_tokens, spec.recent_window, top_n, cs, parts,
+            HKV=Hkv, G=G, TS=ts, TK=tk, NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
+            GROUP_SUM=spec.group_reduce == "sum", num_warps=warps, **extra)
+        _split_select_kernel[(parts, n_late)](
+            seq, ktop, keys, idx, late, part_hist, part_cnt, counters[rows + 1:], part_pos, part_key, scr_pos,
+            scr_key, spec.sink_tokens, spec.recent_window, top_n, cs, parts, part_cap, scr_cap,
+            HKV=Hkv, TK=tk, NB=cfg.bins, NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
+            PARTS=triton.next_power_of_2(parts), num_warps=warps, **extra)
     return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n], MP, LP)
+
+
+def _late_row_count(cfg: KPassConfig, mode: str, rows: int, max_seq_len: int) -> int:
+    """How many rows the split selection takes after the K pass: all with "split"; with "fused" the
+    last `cfg.late_rows` to finish (-1: LATE_ROWS from LATE_ROWS_FROM_CONTEXT positions up, else none)."""
+    if mode == "split":
+        return rows
+    if mode != "fused":
+        return 0
+    late = cfg.late_rows if cfg.late_rows >= 0 else LATE_ROWS if max_seq_len >= LATE_ROWS_FROM_CONTEXT else 0
+    return min(rows, late)
 
 
 def _resolve_select_mode(select_mode: str, rows: int, device: torch.device) -> str:
@@ -784,6 +993,10 @@ def _resolve_select_mode(select_mode: str, rows: int, device: torch.device) -> s
     if device.type != "cuda":
         return "row"
     return "fused" if rows >= FUSED_SELECT_ROWS_PER_SM * _sm_count(device) else "row"
+
+
+def _sm_count_or(device: torch.device, default: int) -> int:
+    return _sm_count(device) if device.type == "cuda" else default
 
 
 def _sm_count(device: torch.device) -> int:
@@ -819,9 +1032,10 @@ def select_from_partials(scores: torch.Tensor, split_max: torch.Tensor, split_su
     keys = torch.empty(rows * cs, **i32)
     scr_pos = torch.empty(rows * scr_cap, **i32)
     scr_key = torch.empty_like(scr_pos)
+    ktop = torch.empty(rows, dtype=torch.float32, device=dev)
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
     extra = dict(maxnreg=cfg.maxnreg) if (cfg.maxnreg and dev.type == "cuda") else {}
-    _select_kernel[(rows,)](seq, scores, split_max, split_sum, lse, keys, idx, scr_pos, scr_key, spec.sink_tokens,
+    _select_kernel[(rows,)](seq, scores, split_max, split_sum, lse, ktop, keys, idx, scr_pos, scr_key, spec.sink_tokens,
                             spec.recent_window, top_n, cs, nsplit_max, scr_cap, HKV=num_kv_heads, SPLIT=cfg.split,
                             G=G, GQ=triton.next_power_of_2(G), NSP=triton.next_power_of_2(nsplit_max), TS=ts,
                             TK=tk, NB=cfg.bins, NB1=COARSE_BINS, BPL=COARSE_BINS_PER_LOG2, NSTG=cfg.select_stages,
