@@ -52,7 +52,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _stop_tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", _stop_token_ids_tuple(self.stop_token_ids))
+        given_stop_token_ids = _stop_token_ids_tuple(self.stop_token_ids)  # set once its ids are checked, below
         if not (_is_int(self.n) and self.n == 1):
             raise ValueError(f"n must be 1 (one completion per request), got {self.n!r}")
         if not (_is_number(self.temperature) and self.temperature >= 0):
@@ -69,7 +69,7 @@ class SamplingParams:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
         stop_token_ids = []
-        for t in self.stop_token_ids:
+        for t in given_stop_token_ids:
             value = _as_int(t)
             if value is None or value < 0:
                 raise ValueError(f"stop_token_ids must hold integers >= 0, got {t!r}")

@@ -342,11 +342,11 @@ def _fill_all(out, sink_end, far, top_n, TK: tl.constexpr):
 @triton.jit
 def _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G: tl.constexpr, GQ: tl.constexpr, NSP: tl.constexpr,
                 GROUP_SUM: tl.constexpr, CM: tl.constexpr):
-    """The row's lse [GQ] (stored to LSE, then read back) and key bound (stored to KTOP) from its
-    split partials. Every thread takes the stored lse: the threads' register copies of this float
-    reduction can differ in the last bits (seen: two values 2 ulps apart, half the CTA each), and the
-    key bound and the bin edges must be the same numbers in every thread, and in every CTA that
-    selects a part of the row (module docstring, "Fixed")."""
+    """The row's key bound (returned, and stored to KTOP) and its lse [G] (stored to LSE) from its
+    split partials. The bound is made from the stored lse read back: the threads' register copies of
+    this float reduction can differ in the last bits (seen: two values 2 ulps apart, half the CTA
+    each), and the key bound and the bin edges must be the same numbers in every thread, and in
+    every CTA that selects a part of the row (module docstring, "Fixed")."""
     lse, m = _row_lse(MP, LP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, CM)
     gq = tl.arange(0, GQ)
     tl.store(LSE + row * G + gq, lse, mask=gq < G)
@@ -354,7 +354,7 @@ def _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G: tl.constexpr, GQ:
     lse = tl.load(LSE + row * G + gq, mask=gq < G, other=0.0)
     ktop = _row_key_bound(m, lse, G, GROUP_SUM)
     tl.store(KTOP + row, ktop)
-    return lse, ktop
+    return ktop
 
 
 @triton.jit
@@ -447,7 +447,7 @@ def _row_select(S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nspli
                 GROUP_SUM: tl.constexpr, CM: tl.constexpr):
     """Selection of one row (b, h) by one CTA from its scores and partials; see the module docstring.
     CM: cache modifier of the loads of data other CTAs wrote (".cg" inside the K pass)."""
-    lse, ktop = _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, GROUP_SUM, CM)
+    ktop = _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, GROUP_SUM, CM)
     sink_end, window_start, far, a0, a1 = _far_range(L, sink, window, TK)
     out = IDX + row.to(tl.int64) * top_n
     if top_n > 0:
