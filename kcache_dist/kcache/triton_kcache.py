@@ -93,6 +93,8 @@ SPLIT_CTAS_PER_SM = 4  # the split selection's default parts a row: this many CT
 LATE_ROWS = 128  # "fused" selects this many rows, the last of the K pass to finish, split after it ...
 LATE_ROWS_FROM_CONTEXT = 16384  # ... where the longest context reaches this: at 32K, 1.2 points more of D2D at
 #                                 B=128 (H100); at 8K 0.5 less at B=72 (benchmarks/notes/kcache_triton.md)
+SCAN_ROW = tl.constexpr(4)  # keys a thread scans in a row in the passes that copy keys in order (`_ranks_in_tile`):
+#                            the candidates' copy 20-30% faster than one flat scan (H100); 8 a little slower, 16 slower
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,20 +217,36 @@ def _hist_row(krow, a0, a1, lo, hi, shift, TK: tl.constexpr, NB: tl.constexpr, N
 
 
 @triton.jit
+def _tile_offsets(TK: tl.constexpr):
+    """Offsets [TK / SCAN_ROW, SCAN_ROW] of a tile of TK keys, in order row by row (see `_ranks_in_tile`)."""
+    return tl.arange(0, TK // SCAN_ROW)[:, None] * SCAN_ROW + tl.arange(0, SCAN_ROW)[None, :]
+
+
+@triton.jit
+def _ranks_in_tile(x):
+    """Exclusive prefix sums of x [R, SCAN_ROW] (int32) in row-major order: a scan along each row, then
+    one over the R row sums. Cheaper than one scan of the flat tile, whose every element a thread
+    holds is a warp scan of its own (benchmarks/notes/kcache_triton.md, "Where a row's selection
+    spends its time")."""
+    per_row = tl.sum(x, 1)
+    return (tl.cumsum(per_row, 0) - per_row)[:, None] + tl.cumsum(x, 1) - x
+
+
+@triton.jit
 def _collect(krow, a0, a1, lo, SP, SK, cap, TK: tl.constexpr, NSTG: tl.constexpr):
     """Copy the keys >= lo of krow[a0:a1] with their positions, in ascending position order, into the
     scratch (SK keys, SP positions; the first `cap` of them). Returns the count of keys >= lo (which
     may exceed cap)."""
-    tk = tl.arange(0, TK)
+    offs = _tile_offsets(TK)
     cnt = 0
     for start in tl.range(a0, a1, TK, num_stages=NSTG):
-        k = tl.load(krow + start + tk)
+        k = tl.load(krow + start + offs)
         c = k >= lo
         ci = c.to(tl.int32)
-        slot = cnt + tl.cumsum(ci, 0) - 1
-        tl.store(SP + slot, start + tk, mask=c & (slot < cap))
+        slot = cnt + _ranks_in_tile(ci)
+        tl.store(SP + slot, start + offs, mask=c & (slot < cap))
         tl.store(SK + slot, k, mask=c & (slot < cap))
-        cnt += tl.sum(ci, 0)
+        cnt += tl.sum(tl.sum(ci, 1), 0)
     return cnt
 
 
@@ -253,11 +271,11 @@ def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr
     """Write, in source order, the positions with key > kappa and the first n_eq with key == kappa
     to out[0:]. Source: the row's keys SK[n_lo:n_hi] (FROM_ROW; positions = indices, whole tiles) or
     scratch entries [n_lo, n_hi) of (SK keys, SP positions)."""
-    tk = tl.arange(0, TK)
+    offs = _tile_offsets(TK)
     cnt = 0
     eq_taken = 0
     for start in tl.range(n_lo, n_hi, TK, num_stages=NSTG):
-        i = start + tk
+        i = start + offs
         if FROM_ROW:
             k = tl.load(SK + i)
             pos = i
@@ -266,12 +284,10 @@ def _write_selected(SK, SP, n_lo, n_hi, kappa, n_eq, out, FROM_ROW: tl.constexpr
             k = tl.load(SK + i, mask=m, other=KEY_NONE)
             pos = tl.load(SP + i, mask=m, other=0)
         eq = (k == kappa).to(tl.int32)
-        eq_rank = eq_taken + tl.cumsum(eq, 0) - eq
-        sel = ((k > kappa) | ((eq > 0) & (eq_rank < n_eq))).to(tl.int32)
-        slot = cnt + tl.cumsum(sel, 0) - 1
-        tl.store(out + slot, pos, mask=sel > 0)
-        cnt += tl.sum(sel, 0)
-        eq_taken += tl.sum(eq, 0)
+        sel = ((k > kappa) | ((eq > 0) & (eq_taken + _ranks_in_tile(eq) < n_eq))).to(tl.int32)
+        tl.store(out + cnt + _ranks_in_tile(sel), pos, mask=sel > 0)
+        cnt += tl.sum(tl.sum(sel, 1), 0)
+        eq_taken += tl.sum(tl.sum(eq, 1), 0)
 
 
 @triton.jit
@@ -859,7 +875,8 @@ class KPassConfig:
     #                          (their selections would otherwise run on after the K pass, one CTA each);
     #                          -1: LATE_ROWS where the longest context reaches LATE_ROWS_FROM_CONTEXT, else 0
     split_parts: int = 0     # CTAs per row of the split selection (0: SPLIT_CTAS_PER_SM per SM over the rows)
-    sel_tile: int = 0        # positions per step of the keys pass over S (0: 128 per warp of the CTA)
+    sel_tile: int = 0        # positions per step of the keys pass over S (0: 256 per warp of a CTA of 8 warps or
+    #                          more, 128 below: the keys pass 8-19% faster in 8 warps at 2048 than at 1024, H100)
     key_tile: int = 0        # keys per step of the passes over keys, a multiple of sel_tile (0: 256 per
     #                          warp; 4 warps with larger tiles need more than 128 registers)
     bins: int = 32           # bins per count pass (the interval narrows 16-32x a pass)
@@ -914,9 +931,7 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
         raise ValueError(f"fp8_dot must be 'model' or 'float16', not {cfg.fp8_dot!r}")
     mode = _resolve_select_mode(cfg.select_mode, rows, dev) if select else "none"
     warps = cfg.select_warps if mode in ("row", "split") else cfg.num_warps
-    ts, tk = cfg.sel_tile or 128 * warps, cfg.key_tile or 256 * warps
-    if tk % ts:
-        raise ValueError("key_tile must be a multiple of sel_tile")
+    ts, tk = selection_tiles(cfg, warps)
     cmax = max(1, int(max_seq_len))
     cs = triton.cdiv(cmax, tk) * tk          # row stride of S and of the keys: whole key tiles
     nsplit_max = triton.cdiv(cmax, cfg.split)
@@ -975,6 +990,16 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n], MP, LP)
 
 
+def selection_tiles(cfg: KPassConfig, warps: int) -> tuple:
+    """(positions per step of the keys pass, keys per step of the passes over keys) of a selecting CTA
+    of `warps` warps: `KPassConfig.sel_tile`, `key_tile` or their defaults."""
+    ts = cfg.sel_tile or (256 if warps >= 8 else 128) * warps
+    tk = cfg.key_tile or 256 * warps
+    if tk % ts:
+        raise ValueError("key_tile must be a multiple of sel_tile")
+    return ts, tk
+
+
 def _late_row_count(cfg: KPassConfig, mode: str, rows: int, max_seq_len: int) -> int:
     """How many rows the split selection takes after the K pass: all with "split"; with "fused" the
     last `cfg.late_rows` to finish (-1: LATE_ROWS from LATE_ROWS_FROM_CONTEXT positions up, else none)."""
@@ -1018,7 +1043,7 @@ def select_from_partials(scores: torch.Tensor, split_max: torch.Tensor, split_su
     selection on saved inputs. idx_out: as in `score_and_select`."""
     rows, G, cmax = scores.shape
     cs = scores.stride(1)
-    ts, tk = cfg.sel_tile or 128 * cfg.select_warps, cfg.key_tile or 256 * cfg.select_warps
+    ts, tk = selection_tiles(cfg, cfg.select_warps)
     if cs % tk or scores.stride(2) != 1 or scores.stride(0) != G * cs:
         raise ValueError(f"scores need a row stride that is a multiple of the key tile {tk}, got {scores.stride()}")
     nsplit_max = split_max.shape[2]
