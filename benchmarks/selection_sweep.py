@@ -54,7 +54,12 @@ SELECTION_VARIANTS = {"default": KPassConfig(), "row": KPassConfig(select_mode="
                       "fused_late16": KPassConfig(select_mode="fused", late_rows=16),
                       "fused_late32": KPassConfig(select_mode="fused", late_rows=32),
                       "fused_late64": KPassConfig(select_mode="fused", late_rows=64),
-                      "fused_late128": KPassConfig(select_mode="fused", late_rows=128)}
+                      "fused_late128": KPassConfig(select_mode="fused", late_rows=128),
+                      # keys-pass tiles of 256 positions a warp in the fused K pass's 4 warps (default 128)
+                      "fused_ts1024": KPassConfig(select_mode="fused", late_rows=0, sel_tile=1024),
+                      "fused_late128_ts1024": KPassConfig(select_mode="fused", late_rows=128, sel_tile=1024),
+                      "fused_late128_ts1024_nocap": KPassConfig(select_mode="fused", late_rows=128, sel_tile=1024,
+                                                                maxnreg=0)}
 KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn256": KPassConfig(block_n=256),
                   "bn256_split2048": KPassConfig(block_n=256, split=2048), "split2048": KPassConfig(split=2048),
                   "stg4": KPassConfig(num_stages=4), "bn256_stg2": KPassConfig(block_n=256, num_stages=2),
