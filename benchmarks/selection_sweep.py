@@ -59,9 +59,7 @@ SELECTION_VARIANTS = {"default": KPassConfig(), "row": KPassConfig(select_mode="
                       "fused_ts1024": KPassConfig(select_mode="fused", late_rows=0, sel_tile=1024),
                       "fused_late128_ts1024": KPassConfig(select_mode="fused", late_rows=128, sel_tile=1024),
                       "fused_late128_ts1024_nocap": KPassConfig(select_mode="fused", late_rows=128, sel_tile=1024,
-                                                                maxnreg=0),
-                      "cooperative": KPassConfig(select_mode="cooperative"),
-                      "cooperative_nocap": KPassConfig(select_mode="cooperative", maxnreg=0)}
+                                                                maxnreg=0)}
 KPASS_VARIANTS = {"default": KPassConfig(), "bn64": KPassConfig(block_n=64), "bn256": KPassConfig(block_n=256),
                   "bn256_split2048": KPassConfig(block_n=256, split=2048), "split2048": KPassConfig(split=2048),
                   "stg4": KPassConfig(num_stages=4), "bn256_stg2": KPassConfig(block_n=256, num_stages=2),

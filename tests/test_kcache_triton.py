@@ -78,10 +78,8 @@ CASES = [  # (batch, hkv, group, head_dim, lens, block_size, spec, dtype)
 SELECT_MODES = {  # test id -> KPassConfig fields: where the selection runs
     "fused": dict(select_mode="fused"), "row": dict(select_mode="row"), "split": dict(select_mode="split"),
     "fused-late": dict(select_mode="fused", late_rows=3),  # the last 3 rows split after the K pass
-    "cooperative": dict(select_mode="cooperative"),  # every row by all the CTAs of its K pass
 }
-MODE_CASES = ([(c, "fused") for c in CASES] + [(c, "cooperative") for c in CASES]
-              + [(CASES[i], m) for i in (0, 2, 7) for m in ("row", "split")]
+MODE_CASES = ([(c, "fused") for c in CASES] + [(CASES[i], m) for i in (0, 2, 7) for m in ("row", "split")]
               + [(CASES[i], "fused-late") for i in (2, 4, 7)])
 
 
@@ -102,8 +100,8 @@ def test_triton_matches_reference(case, mode):
     ref = kcache_decode_reference(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], lens, cpu[5], spec, scale)
     cfgs = [KPassConfig(**SELECT_MODES[mode])]
     if CASES.index(case) == 0:  # small splits, tiles and scratch: several CTAs per row, several count passes
-        cfgs.append(KPassConfig(split=256, block_n=64, sel_tile=256, key_tile=256 if mode == "cooperative" else 512,
-                                bins=8, scratch_extra=16, **SELECT_MODES[mode]))
+        cfgs.append(KPassConfig(split=256, block_n=64, sel_tile=256, key_tile=512, bins=8, scratch_extra=16,
+                                **SELECT_MODES[mode]))
     for cfg in cfgs:
         torch.cuda.synchronize()
         out = torch.full_like(q, float("nan"))
@@ -240,21 +238,11 @@ def test_select_mode_auto_and_bad_mode():
 
     assert _resolve_select_mode("auto", 10 ** 6, torch.device("cpu")) == "row"
     assert _resolve_select_mode("fused", 1, torch.device("cpu")) == "fused"
-    # "cooperative" needs CUDA and every CTA of a row resident at once; else the rows split after the K pass
-    assert _resolve_select_mode("cooperative", 1, torch.device("cpu"), 1) == "split"
     if torch.cuda.is_available():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         cuda_dev = torch.device("cuda", 0)
         assert _resolve_select_mode("auto", FUSED_SELECT_ROWS_PER_SM * sms, cuda_dev) == "fused"
         assert _resolve_select_mode("auto", FUSED_SELECT_ROWS_PER_SM * sms - 1, cuda_dev) == "row"
-        assert _resolve_select_mode("cooperative", 1, cuda_dev, sms) == "cooperative"
-        assert _resolve_select_mode("cooperative", 1, cuda_dev, sms + 1) == "split"
-        with pytest.raises(ValueError, match="^select_mode 'cooperative' needs a split that is a multiple of the "
-                                             "key tile 1024$"):
-            score_and_select(torch.zeros(1, 2, 16, device=cuda_dev), torch.zeros(1, 1, 4, 16, device=cuda_dev),
-                             torch.zeros(1, 1, dtype=torch.int32, device=cuda_dev), torch.tensor([4], device=cuda_dev),
-                             4, SelectionSpec(top_n=4, sink_tokens=0, recent_window=0, renormalize=True,
-                                              group_reduce="max"), 1.0, KPassConfig(select_mode="cooperative", split=512))
     # rows selected split after the K pass: every row with "split"; with "fused" the last LATE_ROWS from
     # LATE_ROWS_FROM_CONTEXT positions up (by default), or as many as asked
     assert _late_row_count(KPassConfig(), "split", 300, 100) == 300
@@ -264,8 +252,7 @@ def test_select_mode_auto_and_bad_mode():
     assert _late_row_count(KPassConfig(late_rows=7), "fused", 300, 100) == 7
     assert _late_row_count(KPassConfig(late_rows=0), "fused", 300, 10 ** 6) == 0
     spec = SelectionSpec(top_n=4, sink_tokens=0, recent_window=0, renormalize=True, group_reduce="max")
-    with pytest.raises(ValueError, match="^select_mode must be 'auto', 'row', 'fused', 'split' or 'cooperative', "
-                                         "not 'topk'$"):
+    with pytest.raises(ValueError, match="^select_mode must be 'auto', 'row', 'fused' or 'split', not 'topk'$"):
         score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
                          torch.tensor([4]), 4, spec, 1.0, KPassConfig(select_mode="topk"))
     with pytest.raises(ValueError, match="^fp8_dot must be 'model' or 'float16', not 'int8'$"):

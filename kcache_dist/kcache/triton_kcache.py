@@ -140,7 +140,7 @@ def _tile_keys(srow, offs, Cs, lse_row, G: tl.constexpr, TS: tl.constexpr, GROUP
     mx = tl.full([TS], float("-inf"), tl.float32)
     acc = tl.zeros([TS], tl.float32)
     for g in tl.static_range(G):
-        x = tl.load(srow + g * Cs + offs, cache_modifier=CM) - tl.load(lse_row + g, cache_modifier=CM)
+        x = tl.load(srow + g * Cs + offs, cache_modifier=CM) - tl.load(lse_row + g)
         if GROUP_SUM:
             m_new = tl.maximum(mx, x)
             acc = acc * tl.exp2(mx - m_new) + tl.exp2(x - m_new)
@@ -493,96 +493,17 @@ def _row_select(S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, row, L, nspli
             _guard_selected(out, top_n, sink_end, window_start, False, TK)
 
 
-@triton.jit
-def _wait_until(FLAG, value):
-    """Spin until *FLAG >= value, set by other CTAs of the same row with release semantics (their
-    writes before it are then visible here; read them with ".cg" loads: L1 is not coherent)."""
-    seen = tl.atomic_add(FLAG, 0, sem="acquire")
-    while seen < value:
-        seen = tl.atomic_add(FLAG, 0, sem="acquire")
-
-
-@triton.jit
-def _count_at_least(krow, c0, c1, lo, TK: tl.constexpr):
-    """How many of the keys krow[c0:c1] (whole tiles) are >= lo."""
-    tk = tl.arange(0, TK)
-    n = 0
-    for start in range(c0, c1, TK):
-        n += tl.sum((tl.load(krow + start + tk) >= lo).to(tl.int32), 0)
-    return n
-
-
-@triton.jit
-def _cooperative_select(S, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, SYNC, PART_HIST, PART_CNT, row, split, nsplit,
-                        L, NSPLIT_MAX, Cs, sink, window, top_n, scr_cap, G: tl.constexpr, SPLIT: tl.constexpr,
-                        NSP: tl.constexpr, TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr,
-                        NB1: tl.constexpr, BPL: tl.constexpr, NSTG: tl.constexpr, GROUP_SUM: tl.constexpr):
-    """"cooperative" selection of row `row` by all nsplit CTAs of its K pass, each the part of the row
-    its split scored (SPLIT a multiple of TK), after the row's last CTA stored its lse and key bound
-    and raised SYNC[row, 1]. Three waits on counters of the row (SYNC [rows, 5] int32, zero on entry
-    and reset on exit): every part writes its keys and coarse histogram (PART_HIST [rows, NSPLIT_MAX,
-    NB1]; SYNC[row, 2]), counts its candidates (PART_CNT [rows, NSPLIT_MAX]; SYNC[row, 3]) and copies
-    them into the row's scratch after the parts before it; the last part to finish (SYNC[row, 4])
-    selects from the scratch as `_row_select` does, or by narrowing over the row's keys. The row's
-    CTAs must all be resident at once (`score_and_select` checks that the splits fit the SMs)."""
-    sink_end, window_start, far, a0, a1 = _far_range(L, sink, window, TK)
-    sync = SYNC + row * 5
-    _wait_until(sync + 1, 1)
-    ktop = tl.load(KTOP + row, cache_modifier=".cg")
-    krow = KEYS + row.to(tl.int64) * Cs
-    c0 = tl.minimum(tl.maximum(split * SPLIT, a0), a1)
-    c1 = tl.minimum(tl.maximum(split * SPLIT + SPLIT, a0), a1)
-    coarse = _keys_and_coarse(S + (row * G).to(tl.int64) * Cs, krow, c0, c1, sink_end, window_start, LSE + row * G,
-                              ktop, Cs, G, TS, NB1, BPL, NSTG, GROUP_SUM, ".cg")
-    parts = row * NSPLIT_MAX
-    tl.store(PART_HIST + (parts + split) * NB1 + tl.arange(0, NB1), coarse)
-    tl.debug_barrier()
-    tl.atomic_add(sync + 2, 1, sem="release")
-    _wait_until(sync + 2, nsplit)
-    pi = tl.arange(0, NSP)
-    hist = tl.load(PART_HIST + (parts + pi)[:, None] * NB1 + tl.arange(0, NB1)[None, :],
-                   mask=(pi < nsplit)[:, None], other=0, cache_modifier=".cg")
-    bstar, ncand = _coarse_pick(tl.sum(hist, 0), top_n, NB1)
-    fast = (bstar < NB1 - 1) & (ncand <= scr_cap)
-    edge = _coarse_edge(ktop, bstar, NB1, BPL)
-    if fast:
-        tl.store(PART_CNT + parts + split, _count_at_least(krow, c0, c1, edge, TK))
-    tl.debug_barrier()
-    tl.atomic_add(sync + 3, 1, sem="release")
-    _wait_until(sync + 3, nsplit)
-    counts = tl.load(PART_CNT + parts + pi, mask=pi < nsplit, other=0, cache_modifier=".cg")
-    SP = SCR_POS + row.to(tl.int64) * scr_cap
-    SK = SCR_KEY + row.to(tl.int64) * scr_cap
-    cnt = tl.sum(counts, 0)
-    fast = fast & (cnt <= scr_cap)
-    if fast:
-        before = tl.sum(tl.where(pi < split, counts, 0), 0)
-        _collect(krow, c0, c1, edge, SP + before, SK + before, scr_cap - before, TK, NSTG)
-    tl.debug_barrier()
-    if tl.atomic_add(sync + 4, 1, sem="acq_rel") == nsplit - 1:
-        out = IDX + row.to(tl.int64) * top_n
-        done = 0
-        if fast:
-            done = _select_candidates(SP, SK, cnt, ktop, bstar, out, top_n, scr_cap, TK, NB, NB1, BPL, NSTG)
-        if done == 0:
-            _select_by_narrowing(krow, SP, SK, out, a0, a1, far, top_n, scr_cap, TK, NB, NSTG)
-        tl.debug_barrier()
-        _guard_selected(out, top_n, sink_end, window_start, False, TK)
-        for i in tl.static_range(1, 5):
-            tl.store(sync + i, 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, CNT, SCR_POS, SCR_KEY, DONE, LATE,
-                  SYNC, PART_HIST, PART_CNT, qk_scale, sink, window, top_n, stride_bt, Cs, NSPLIT_MAX, scr_cap, n_late,
+                  qk_scale, sink, window, top_n, stride_bt, Cs, NSPLIT_MAX, scr_cap, n_late,
                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
                   BS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
                   TS: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr, NB1: tl.constexpr, BPL: tl.constexpr,
                   NSTG: tl.constexpr, GROUP_SUM: tl.constexpr, FUSED_SELECT: tl.constexpr, DEFER: tl.constexpr,
-                  COOP: tl.constexpr, HAS_SCALES: tl.constexpr, F16_DOT: tl.constexpr):
+                  HAS_SCALES: tl.constexpr, F16_DOT: tl.constexpr):
     """grid (NSPLIT_MAX, B * HKV). Q [B, HKV*G, D]; K [NB, HKV, BS, D] (with HAS_SCALES float8, KS
     [NB, HKV, BS] float32 its scales; F16_DOT: q and the float8 tiles in float16); BT [B, stride_bt] int32;
     SEQ [B] int64. S [rows, G, Cs] fp32 log2-domain scores; MP/LP [rows, G, NSPLIT_MAX] partials.
@@ -591,8 +512,7 @@ def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, CNT, SCR_P
     on entry, counts them) get their lse and key bound (LSE, KTOP [rows] fp32) and are listed in
     LATE [n_late] int32 in finishing order, for the split selection after this kernel; with
     FUSED_SELECT the others run `_row_select` here (KEYS [rows, Cs], SCR_POS/SCR_KEY [rows, scr_cap]
-    int32 scratch). With COOP every CTA of a row selects its part after the row's last CTA stored the
-    row's lse and key bound (`_cooperative_select`; SYNC, PART_HIST, PART_CNT its buffers)."""
+    int32 scratch)."""
     split = tl.program_id(0)
     row = tl.program_id(1)
     b = row // HKV
@@ -626,25 +546,6 @@ def _kpass_kernel(Q, K, KS, BT, SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, CNT, SCR_P
             m_i = m_new
         tl.store(MP + (row * G + gi) * NSPLIT_MAX + split, m_i, mask=gmask)
         tl.store(LP + (row * G + gi) * NSPLIT_MAX + split, l_i, mask=gmask)
-        if COOP:
-            tl.debug_barrier()
-            ticket = tl.atomic_add(SYNC + row * 5, 1, sem="acq_rel")
-            sink_end, window_start, far, a0, a1 = _far_range(L, sink, window, TK)
-            select = (top_n > 0) & (far > top_n)
-            if ticket == nsplit - 1:
-                tl.store(SYNC + row * 5, 0)
-                _row_bounds(MP, LP, LSE, KTOP, row, nsplit, NSPLIT_MAX, G, GQ, NSP, GROUP_SUM, ".cg")
-                out = IDX + row.to(tl.int64) * top_n
-                if select:
-                    _guard_selected(out, top_n, sink_end, window_start, True, TK)
-                    tl.debug_barrier()
-                    tl.atomic_xchg(SYNC + row * 5 + 1, 1, sem="release")
-                elif top_n > 0:
-                    _fill_all(out, sink_end, far, top_n, TK)
-            if select:
-                _cooperative_select(S, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY, SYNC, PART_HIST, PART_CNT, row, split,
-                                    nsplit, L, NSPLIT_MAX, Cs, sink, window, top_n, scr_cap, G, SPLIT, NSP, TS, TK,
-                                    NB, NB1, BPL, NSTG, GROUP_SUM)
         if FUSED_SELECT or DEFER:
             tl.debug_barrier()
             ticket = tl.atomic_add(CNT + row, 1, sem="acq_rel")
@@ -968,10 +869,8 @@ class KPassConfig:
     num_stages: int = 3
     select_mode: str = "auto"  # "row": one CTA per row after the K pass; "fused": the last CTA of a row,
     #                            inside the K pass (see the module docstring); "split": each row by
-    #                            split_parts CTAs after the K pass; "cooperative": each row by all the CTAs
-    #                            of its K pass, inside it (as "split" where a row's splits outnumber the SMs
-    #                            or without CUDA); "auto": fused from FUSED_SELECT_ROWS_PER_SM rows per SM
-    #                            of a CUDA device up, else row
+    #                            split_parts CTAs after the K pass; "auto": fused from
+    #                            FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device up, else row
     late_rows: int = -1      # "fused": the last rows of the K pass to finish are selected as "split" after it
     #                          (their selections would otherwise run on after the K pass, one CTA each);
     #                          -1: LATE_ROWS where the longest context reaches LATE_ROWS_FROM_CONTEXT, else 0
@@ -1026,23 +925,18 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     G = Hq // Hkv
     rows = B * Hkv
     dev = q.device
-    if cfg.select_mode not in ("auto", "fused", "row", "split", "cooperative"):
-        raise ValueError(f"select_mode must be 'auto', 'row', 'fused', 'split' or 'cooperative', not "
-                         f"{cfg.select_mode!r}")
+    if cfg.select_mode not in ("auto", "fused", "row", "split"):
+        raise ValueError(f"select_mode must be 'auto', 'row', 'fused' or 'split', not {cfg.select_mode!r}")
     if cfg.fp8_dot not in ("model", "float16"):
         raise ValueError(f"fp8_dot must be 'model' or 'float16', not {cfg.fp8_dot!r}")
-    cmax = max(1, int(max_seq_len))
-    nsplit_max = triton.cdiv(cmax, cfg.split)
-    mode = _resolve_select_mode(cfg.select_mode, rows, dev, nsplit_max) if select else "none"
+    mode = _resolve_select_mode(cfg.select_mode, rows, dev) if select else "none"
     warps = cfg.select_warps if mode in ("row", "split") else cfg.num_warps
     ts, tk = selection_tiles(cfg, warps)
+    cmax = max(1, int(max_seq_len))
     cs = triton.cdiv(cmax, tk) * tk          # row stride of S and of the keys: whole key tiles
-    if mode == "cooperative" and cfg.split % tk:
-        raise ValueError(f"select_mode 'cooperative' needs a split that is a multiple of the key tile {tk}")
+    nsplit_max = triton.cdiv(cmax, cfg.split)
     top_n = max(0, int(spec.top_n))
     scr_cap = top_n + cfg.scratch_extra
-    if mode == "cooperative":  # rows' scratch in whole 128-byte lines: no line holds two rows, written by
-        scr_cap = triton.cdiv(scr_cap, 32) * 32  # other CTAs, that another row's CTA could have cached in L1
     i32 = dict(dtype=torch.int32, device=dev)
     S = torch.empty(rows, G, cs, dtype=torch.float32, device=dev)
     MP = torch.empty(rows, G, nsplit_max, dtype=torch.float32, device=dev)
@@ -1051,16 +945,12 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     n_idx = rows * max(top_n, 1)
     idx = (torch.empty(n_idx, **i32) if idx_out is None else idx_out.view(-1)[:n_idx]).view(rows, max(top_n, 1))
     n_late = _late_row_count(cfg, mode, rows, cmax)
-    in_kernel = mode in ("fused", "split", "cooperative")  # "row": `select_from_partials` has its own buffers
+    in_kernel = mode in ("fused", "split")  # "row": `select_from_partials` has its own buffers
     keys = torch.empty(rows * cs if in_kernel else 1, **i32)
     scr_pos = torch.empty(rows * scr_cap if in_kernel else 1, **i32)
     scr_key = torch.empty_like(scr_pos)
     ktop = torch.empty(rows, dtype=torch.float32, device=dev)
     counters = torch.zeros(rows + 1 + n_late, **i32)  # tickets of the rows, DONE, tickets of the late rows
-    coop = mode == "cooperative"
-    sync = torch.zeros(rows * 5 if coop else 1, **i32)
-    coop_hist = torch.empty(rows * nsplit_max * COARSE_BINS if coop else 1, **i32)
-    coop_cnt = torch.empty(rows * nsplit_max if coop else 1, **i32)
     late = torch.full((max(n_late, 1),), -1, **i32)
     bt = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
     seq = seq_lens if seq_lens.dtype == torch.int64 else seq_lens.long()
@@ -1071,13 +961,13 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     fused_rows = mode == "fused" and n_late < rows
     _kpass_kernel[(nsplit_max, rows)](
         q, k_cache, k_scales if k_scales is not None else k_cache, bt, seq, S, MP, LP, lse, ktop, keys, idx,
-        counters, scr_pos, scr_key, counters[rows:], late, sync, coop_hist, coop_cnt,
+        counters, scr_pos, scr_key, counters[rows:], late,
         scale * LOG2E, spec.sink_tokens, spec.recent_window, top_n, bt.stride(0), cs, nsplit_max, scr_cap, n_late,
         HKV=Hkv, GP=max(16, triton.next_power_of_2(G)), D=D, BS=bs, SPLIT=cfg.split, BLOCK_N=cfg.block_n,
-        FUSED_SELECT=fused_rows, DEFER=n_late > 0, COOP=coop, HAS_SCALES=k_scales is not None,
+        FUSED_SELECT=fused_rows, DEFER=n_late > 0, HAS_SCALES=k_scales is not None,
         F16_DOT=k_scales is not None and cfg.fp8_dot == "float16" and q.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **sel_shape,
-        **(extra if fused_rows or coop else {}))
+        **(extra if fused_rows else {}))
     if mode == "row":
         return select_from_partials(S[:, :, :cmax], MP, LP, seq, spec, cfg, Hkv, idx_out=idx)
     if n_late:
@@ -1121,12 +1011,8 @@ def _late_row_count(cfg: KPassConfig, mode: str, rows: int, max_seq_len: int) ->
     return min(rows, late)
 
 
-def _resolve_select_mode(select_mode: str, rows: int, device: torch.device, splits: int = 1) -> str:
-    """"auto" -> "fused" where the rows fill FUSED_SELECT_ROWS_PER_SM per SM of a CUDA device, else "row".
-    "cooperative" -> "split" off CUDA (the interpreter runs CTAs one by one, and a row's CTAs wait for
-    each other) or where a row's `splits` K-pass CTAs outnumber the SMs (they must all be resident)."""
-    if select_mode == "cooperative":
-        return select_mode if device.type == "cuda" and splits <= _sm_count(device) else "split"
+def _resolve_select_mode(select_mode: str, rows: int, device: torch.device) -> str:
+    """"auto" -> "fused" where the rows fill FUSED_SELECT_ROWS_PER_SM per SM of a CUDA device, else "row"."""
     if select_mode != "auto":
         return select_mode
     if device.type != "cuda":
