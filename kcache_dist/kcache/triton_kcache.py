@@ -990,7 +990,7 @@ def score_and_select(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch
     return SelectResult(S[:, :, :cmax], lse, idx[:, :top_n], MP, LP)
 
 
-def selection_tiles(cfg: KPassConfig, warps: int) -> tuple:
+def selection_tiles(cfg: KPassConfig, warps: int) -> tuple[int, int]:
     """(positions per step of the keys pass, keys per step of the passes over keys) of a selecting CTA
     of `warps` warps: `KPassConfig.sel_tile`, `key_tile` or their defaults."""
     ts = cfg.sel_tile or (256 if warps >= 8 else 128) * warps
