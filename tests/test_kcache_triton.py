@@ -231,7 +231,7 @@ def test_copy_engine_fetch_equals_zero_copy():
 def test_select_mode_auto_and_bad_mode():
     """"auto" selects inside the K pass from FUSED_SELECT_ROWS_PER_SM rows per SM of a CUDA device,
     in its own kernel below that and off CUDA; the rows split after the K pass; an unknown mode (or fp8
-    dot dtype) is refused by name."""
+    dot dtype), and a keys-pass tile that does not divide the key tile, are refused by name."""
     from kcache_dist.kcache.triton_kcache import (FUSED_SELECT_ROWS_PER_SM, LATE_ROWS, LATE_ROWS_FROM_CONTEXT,
                                                   KPassConfig, _late_row_count, _resolve_select_mode,
                                                   score_and_select)
@@ -255,6 +255,9 @@ def test_select_mode_auto_and_bad_mode():
     with pytest.raises(ValueError, match="^select_mode must be 'auto', 'row', 'fused' or 'split', not 'topk'$"):
         score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
                          torch.tensor([4]), 4, spec, 1.0, KPassConfig(select_mode="topk"))
+    with pytest.raises(ValueError, match="^key_tile 2048 must be a multiple of sel_tile 768$"):  # "row": 8 warps
+        score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
+                         torch.tensor([4]), 4, spec, 1.0, KPassConfig(select_mode="row", sel_tile=768))
     with pytest.raises(ValueError, match="^fp8_dot must be 'model' or 'float16', not 'int8'$"):
         score_and_select(torch.zeros(1, 2, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32),
                          torch.tensor([4]), 4, spec, 1.0, KPassConfig(fp8_dot="int8"))

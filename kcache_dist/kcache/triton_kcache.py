@@ -996,7 +996,7 @@ def selection_tiles(cfg: KPassConfig, warps: int) -> tuple[int, int]:
     ts = cfg.sel_tile or (256 if warps >= 8 else 128) * warps
     tk = cfg.key_tile or 256 * warps
     if tk % ts:
-        raise ValueError("key_tile must be a multiple of sel_tile")
+        raise ValueError(f"key_tile {tk} must be a multiple of sel_tile {ts}")
     return ts, tk
 
 
