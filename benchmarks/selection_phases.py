@@ -135,6 +135,9 @@ def phased_select(sel, seq_lens, spec: SelectionSpec, cfg: tk.KPassConfig, rows_
     rows, G, _ = S.shape
     cs = S.stride(1)
     ts, tkk = tk.selection_tiles(cfg, cfg.select_warps)
+    if cs % tkk:
+        raise SystemExit(f"context {S.shape[2]}: its score rows ({cs}) are not whole key tiles of {tkk}; "
+                         "take a multiple of 4096")
     scr_cap = spec.top_n + cfg.scratch_extra
     i32 = dict(dtype=torch.int32, device=S.device)
     idx = torch.empty(rows, spec.top_n, **i32)
