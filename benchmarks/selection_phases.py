@@ -11,9 +11,9 @@ its keys and coarse histogram), collect (the candidates of the coarse bins down 
 scratch), finish (count passes down to the n-th key and the ordered write), fallback (narrowing
 over the whole row, where the finish could not). Variants (VARIANTS): the library's launch, other
 key tiles (`KPassConfig.sel_tile`, `key_tile`) and warps, and the candidates' copy scanning each
-tile as [TK / PT, PT] keys (`_collect_rows`; PT = 1: one flat scan of the tile, as the library did
-before `triton_kcache.SCAN_ROW`). Each variant's positions are
-checked equal to the library's "row" selection; its launch is timed too (stream events, median of 20).
+tile as [TK / PT, PT] keys (`_collect`'s ROW; the library's is `triton_kcache.SCAN_ROW`; PT = 1: one
+flat scan of the tile, as the library did before). Each variant's positions are checked equal to
+the library's "row" selection; its launch is timed too (stream events, median of 20).
 """
 
 from __future__ import annotations
@@ -40,28 +40,11 @@ from kcache_dist.kcache.selection import SelectionSpec  # noqa: E402
 from kernels import D, DT, HKV, HQ, SINK, WINDOW, bench, tables, warm_up  # noqa: E402
 
 PHASES = ("bounds", "keys", "collect", "finish", "fallback")
-VARIANTS = {  # name -> (KPassConfig fields, PT: keys a row of the candidates' scan, 0: the library's `_collect`)
-    "library": ({}, 0), "flat_scan": ({}, 1), "rows_of8": ({}, 8), "sel_tile1024": (dict(sel_tile=1024), 0),
-    "key_tile4096": (dict(key_tile=4096), 0), "warps4": (dict(select_warps=4), 0),
+ROW = int(tk.SCAN_ROW)
+VARIANTS = {  # name -> (KPassConfig fields, keys a thread scans in a row in the candidates' copy: `_collect`'s ROW)
+    "library": ({}, ROW), "flat_scan": ({}, 1), "rows_of8": ({}, 8), "sel_tile1024": (dict(sel_tile=1024), ROW),
+    "key_tile4096": (dict(key_tile=4096), ROW), "warps4": (dict(select_warps=4), ROW),
     "warps4_flat_scan": (dict(select_warps=4), 1)}
-
-
-@triton.jit
-def _collect_rows(krow, a0, a1, lo, SP, SK, cap, TK: tl.constexpr, PT: tl.constexpr, NSTG: tl.constexpr):
-    """`_collect` with each tile of TK keys scanned as [TK / PT, PT]: along each row of PT keys, then over
-    the rows' counts (a scan of TK / PT elements across the threads instead of TK)."""
-    offs = tl.arange(0, TK // PT)[:, None] * PT + tl.arange(0, PT)[None, :]
-    cnt = 0
-    for start in tl.range(a0, a1, TK, num_stages=NSTG):
-        k = tl.load(krow + start + offs)
-        c = k >= lo
-        ci = c.to(tl.int32)
-        per_row = tl.sum(ci, 1)
-        slot = cnt + (tl.cumsum(per_row, 0) - per_row)[:, None] + tl.cumsum(ci, 1) - 1
-        tl.store(SP + slot, start + offs, mask=c & (slot < cap))
-        tl.store(SK + slot, k, mask=c & (slot < cap))
-        cnt += tl.sum(per_row, 0)
-    return cnt
 
 
 @triton.jit
@@ -99,7 +82,7 @@ def _phased_select_kernel(SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY
     tl.store(t + 1, _clock(row))
     krow = KEYS + row.to(tl.int64) * Cs
     coarse = _keys_and_coarse(S + (row * G).to(tl.int64) * Cs, krow, a0, a1, sink_end, window_start,
-                                 LSE + row * G, ktop, Cs, G, TS, NB1, BPL, NSTG, False, "")
+                              LSE + row * G, ktop, Cs, G, TS, NB1, BPL, NSTG, False, "")
     tl.debug_barrier()
     tl.store(t + 2, _clock(row))
     bstar, ncand = _coarse_pick(coarse, top_n, NB1)
@@ -108,10 +91,7 @@ def _phased_select_kernel(SEQ, S, MP, LP, LSE, KTOP, KEYS, IDX, SCR_POS, SCR_KEY
     fast = (bstar < NB1 - 1) & (ncand <= scr_cap)
     cnt = 0
     if fast:
-        if PT > 0:
-            cnt = _collect_rows(krow, a0, a1, _coarse_edge(ktop, bstar, NB1, BPL), SP, SK, scr_cap, TK, PT, NSTG)
-        else:
-            cnt = _collect(krow, a0, a1, _coarse_edge(ktop, bstar, NB1, BPL), SP, SK, scr_cap, TK, NSTG)
+        cnt = _collect(krow, a0, a1, _coarse_edge(ktop, bstar, NB1, BPL), SP, SK, scr_cap, TK, NSTG, PT)
     tl.debug_barrier()
     tl.store(t + 3, _clock(row))
     done = 0

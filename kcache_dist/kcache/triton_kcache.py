@@ -217,14 +217,14 @@ def _hist_row(krow, a0, a1, lo, hi, shift, TK: tl.constexpr, NB: tl.constexpr, N
 
 
 @triton.jit
-def _tile_offsets(TK: tl.constexpr):
-    """Offsets [TK / SCAN_ROW, SCAN_ROW] of a tile of TK keys, in order row by row (see `_ranks_in_tile`)."""
-    return tl.arange(0, TK // SCAN_ROW)[:, None] * SCAN_ROW + tl.arange(0, SCAN_ROW)[None, :]
+def _tile_offsets(TK: tl.constexpr, ROW: tl.constexpr = SCAN_ROW):
+    """Offsets [TK / ROW, ROW] of a tile of TK keys, in order row by row (see `_ranks_in_tile`)."""
+    return tl.arange(0, TK // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
 
 
 @triton.jit
 def _ranks_in_tile(x):
-    """Exclusive prefix sums of x [R, SCAN_ROW] (int32) in row-major order: a scan along each row, then
+    """Exclusive prefix sums of x [R, ROW] (int32) in row-major order: a scan along each row, then
     one over the R row sums. Cheaper than one scan of the flat tile, whose every element a thread
     holds is a warp scan of its own (benchmarks/notes/kcache_triton.md, "Where a row's selection
     spends its time")."""
@@ -233,11 +233,11 @@ def _ranks_in_tile(x):
 
 
 @triton.jit
-def _collect(krow, a0, a1, lo, SP, SK, cap, TK: tl.constexpr, NSTG: tl.constexpr):
+def _collect(krow, a0, a1, lo, SP, SK, cap, TK: tl.constexpr, NSTG: tl.constexpr, ROW: tl.constexpr = SCAN_ROW):
     """Copy the keys >= lo of krow[a0:a1] with their positions, in ascending position order, into the
     scratch (SK keys, SP positions; the first `cap` of them). Returns the count of keys >= lo (which
-    may exceed cap)."""
-    offs = _tile_offsets(TK)
+    may exceed cap). ROW: keys a thread scans in a row (`_ranks_in_tile`)."""
+    offs = _tile_offsets(TK, ROW)
     cnt = 0
     for start in tl.range(a0, a1, TK, num_stages=NSTG):
         k = tl.load(krow + start + offs)
