@@ -17,9 +17,7 @@ slowed by its launches counts as slow) and the host time until the call returns.
 Under tensor parallelism the ranks meet at a barrier before each timed step, and every path is also
 timed with the all-reduces left out (graphs captured without them; the logits' gather too, so each
 rank runs on its own). That gives what the all-reduces cost a step, whole and split, and the
-fraction of that cost the split hides, for the eager steps and for the graphs (the split graph
-also with its all-reduces on the micro-batches' compute streams instead of their high-priority
-collective streams, `MicroBatchStreams`); with
+fraction of that cost the split hides, for the eager steps and for the graphs; with
 --two-shot-all-reduce also for the graphs of the step whole and split whose all-reduces go through
 torch's symmetric-memory two-shot kernel (`ParallelConfig.all_reduce="two_shot"`) instead of
 NCCL, and the share of the NCCL all-reduces' cost that this cuts; and ("overall") what each split
@@ -46,7 +44,6 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,7 +54,6 @@ from kcache_dist.config import (HOST_VALUES, SCORING_KEYS, EngineConfig, KCacheC
                                parse_host_memory_gb)
 from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
-from kcache_dist.engine.micro_batches import MicroBatchStreams  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
@@ -154,10 +150,6 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
     return out
 
 
-# path-name suffix of a split step whose all-reduces run on the micro-batches' compute streams
-COMPUTE_STREAM = "_all_reduce_on_compute_stream"
-
-
 def _without_all_reduce(run):
     """`run` with the model's tensor-parallel all-reduces replaced by nothing and the logits'
     gather by copies of the rank's own part (every rank alike), so that no rank waits for another
@@ -215,19 +207,18 @@ def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
     m = micro_batches
     return {**all_reduce_overlap(step_ms, "eager", f"eager_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
-            **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches{COMPUTE_STREAM}"),
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
             **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot")}
 
 
-def graph_path(runner, micro_batches: int, own_graphs: bool, streams: Optional[MicroBatchStreams] = None):
+def graph_path(runner, micro_batches: int, own_graphs: bool):
     """plan -> logits from CUDA graphs of the step in `micro_batches` micro-batches: the runner's
     graphs, or (own_graphs) graphs of their own, so that a variant captured without all-reduces
-    does not replace the runner's; those run on `streams` (default: the runner's)."""
+    does not replace the runner's."""
     graphs = runner.decode_graphs
     if own_graphs:
         graphs = DecodeGraphs(runner.model, runner.kv_cache, graphs.max_num_seqs, runner.max_model_len,
-                              runner.block_size, runner.device, streams or runner.micro_batch_streams)
+                              runner.block_size, runner.device, runner.micro_batch_streams)
 
     def run(plan):
         tables = runner.block_table_rows.gather(plan.hot_slots)
@@ -272,9 +263,6 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             paths[name] = graph_path(runner, count, own_graphs=False)
             if tp:  # captured with the all-reduces left out
                 paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
-        if tp and m > 1:  # the split's all-reduces on the micro-batches' compute streams (no collective streams)
-            paths[f"cuda_graph_{m}_micro_batches{COMPUTE_STREAM}"] = graph_path(
-                runner, m, own_graphs=True, streams=MicroBatchStreams(dev, collective_streams=False))
         if tp and args.two_shot_all_reduce:  # graphs of their own captured with the two-shot all-reduce
             for count in counts:
                 name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"
@@ -294,9 +282,8 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     medians = {name: t["device_ms_median"] for name, t in timings.items()}
     per_rank = tp_gather_objects(medians)  # a rank slower than the others would pass for all-reduce cost
     step_ms = dict(medians)
-    for suffix in ("_two_shot", COMPUTE_STREAM):  # the same step without all-reduces
-        for name in [n for n in medians if n.endswith(suffix)]:
-            step_ms[name + "_no_all_reduce"] = medians[name.removesuffix(suffix) + "_no_all_reduce"]
+    for name in [n for n in medians if n.endswith("_two_shot")]:  # the same step without all-reduces
+        step_ms[name + "_no_all_reduce"] = medians[name.removesuffix("_two_shot") + "_no_all_reduce"]
     overlap = all_reduce_overlaps(step_ms, m)
     if before_step is not None:
         before_step()  # the profiled step misses as the timed ones do

@@ -76,12 +76,10 @@ class RowEcho(torch.nn.Module):
 def test_interleaved_blocks_run_in_turn_and_rejoin_the_streams_on_an_error(monkeypatch):
     """run_interleaved runs block 1 of every micro-batch, then block 2 of every one, ...; the side
     streams start after the current one and it continues after them, also when a block raises (else
-    the next step could reuse memory that a side stream still reads); each micro-batch's all-reduces
-    use its own slot and collective stream."""
+    the next step could reuse memory that a side stream still reads)."""
     from kcache_dist.engine import micro_batches
-    from kcache_dist.parallel import collectives
 
-    order, slots = [], []
+    order = []
 
     class Ctx(str):  # a micro-batch's name, standing in for its ForwardContext
         positions = None
@@ -92,7 +90,6 @@ def test_interleaved_blocks_run_in_turn_and_rejoin_the_streams_on_an_error(monke
                 if ctx == "fails" and block == 1:
                     raise RuntimeError("out of memory in block 1")
                 order.append((ctx, block))
-                slots.append((collectives._slot, collectives._slot_stream))
                 yield ids + block
 
     class Stream:  # records the streams it was told to wait for
@@ -108,13 +105,7 @@ def test_interleaved_blocks_run_in_turn_and_rejoin_the_streams_on_an_error(monke
     out = run_interleaved(Model(), [(ids, Ctx("a")), (ids, Ctx("b"))], [main, side])
     assert [o.tolist() for o in out] == [[2.0, 2.0], [2.0, 2.0]]
     assert order == [(c, b) for b in range(3) for c in ("a", "b")]
-    assert slots == [(0, None), (1, None)] * 3  # no collective streams: the all-reduces on the compute streams
     assert (main.waited_for, side.waited_for) == (["side"], ["main"])
-    slots.clear()
-    run_interleaved(Model(), [(ids, Ctx("a")), (ids, Ctx("b"))], [Stream("main"), Stream("side")],
-                    ["collective a", "collective b"])
-    assert slots == [(0, "collective a"), (1, "collective b")] * 3  # each micro-batch's all-reduces on its own
-    assert (collectives._slot, collectives._slot_stream) == (0, None)
     order.clear()
     main, side = Stream("main"), Stream("side")
     with pytest.raises(RuntimeError, match="out of memory in block 1"):

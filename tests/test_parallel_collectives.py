@@ -3,8 +3,6 @@ same computation done in one process; plus the single-process fast paths."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -160,49 +158,3 @@ def test_two_shot_all_reduce_refusals_and_the_step_deadline():
                                "the tensor-parallel group (ranks [0, 1]) may be lost")
         assert out["group"] == (0, 1) and out["polls"] == 3 and out["enabled"] is False
         assert out["lost_before_after"] == (False, True)
-
-
-def test_all_reduce_on_a_collective_stream_forks_and_joins(monkeypatch):
-    """Inside all_reduce_slot(i, stream) a CUDA all-reduce runs on `stream`, which first waits for the
-    current stream; the current stream waits for it afterwards, also when the sum raises (else later
-    work on the current stream could read the buffer before the sum lands). Stand-in streams record
-    the order (no GPU here)."""
-    from kcache_dist.parallel import collectives
-
-    log = []
-
-    class Stream:
-        def __init__(self, name):
-            self.name, self.device = name, None
-
-        def wait_stream(self, other):
-            log.append(f"{self.name} waits for {other.name}")
-
-    @contextlib.contextmanager
-    def on(stream):
-        log.append(f"on {stream.name}")
-        yield
-        log.append(f"off {stream.name}")
-
-    current, side = Stream("compute"), Stream("collective")
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    with collectives._forked_to(side):
-        log.append("sum")
-    assert log == ["collective waits for compute", "on collective", "sum", "off collective",
-                   "compute waits for collective"]
-    log.clear()
-    with pytest.raises(RuntimeError, match="peer lost"):
-        with collectives._forked_to(side):
-            raise RuntimeError("peer lost")
-    assert log[0] == "collective waits for compute" and log[-1] == "compute waits for collective"
-    log.clear()
-    with collectives._forked_to(None):
-        log.append("sum")
-    assert log == ["sum"]
-    with collectives.all_reduce_slot(2, side):
-        assert (collectives._slot, collectives._slot_stream) == (2, side)
-        with collectives.all_reduce_slot(0):
-            assert (collectives._slot, collectives._slot_stream) == (0, None)
-        assert (collectives._slot, collectives._slot_stream) == (2, side)
-    assert (collectives._slot, collectives._slot_stream) == (0, None)

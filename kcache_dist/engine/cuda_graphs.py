@@ -154,8 +154,7 @@ class DecodeGraphs:
         inputs = []
         for a, b in zip(bounds, bounds[1:]):
             inputs.append((ids[a:b], self._context(slice(a, b), context)))
-        return torch.cat(run_interleaved(self.model, inputs, self.streams.get(len(inputs)),
-                                         self.streams.collectives(len(inputs))))
+        return torch.cat(run_interleaved(self.model, inputs, self.streams.get(len(inputs))))
 
     def _capture(self, batch: int, context: int, micro_batches: int) -> _Graph:
         self.forward_static(batch, context, micro_batches)  # eager run of the same shapes: compiles, picks kernels

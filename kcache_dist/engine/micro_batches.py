@@ -23,56 +23,34 @@ def part_bounds(num_rows: int, parts: int) -> list[int]:
     return [num_rows * i // parts for i in range(parts + 1)]
 
 
-# torch maps a priority past the device's range to its highest (lower numbers run first)
-HIGHEST_STREAM_PRIORITY = -1000
-
-
 class MicroBatchStreams:
-    """The streams micro-batch i runs on: its compute stream (the current stream for i = 0, side
-    streams made once per device for the rest) and, with `collective_streams`, a stream of the
-    highest priority for its tensor-parallel all-reduces (`parallel.all_reduce_slot`), so that an
-    all-reduce that becomes ready starts on the SMs the next kernels free, ahead of the other
-    micro-batches' kernels queued before it (its peers' kernels wait for it). None on CPU, and for
-    the collective streams when they are off (the all-reduces then run on the compute stream)."""
+    """The streams micro-batch i runs on: the current stream for i = 0, side streams made once per
+    device for the rest (None on CPU)."""
 
-    def __init__(self, device: torch.device, collective_streams: bool = True):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.collective_streams = collective_streams
         self._side: list = []
-        self._collective: list = []
 
     def get(self, count: int) -> list[Optional[torch.cuda.Stream]]:
-        """The compute streams of `count` micro-batches."""
         if self.device.type != "cuda":
             return [None] * count
         while len(self._side) < count - 1:
             self._side.append(torch.cuda.Stream(self.device))
         return [torch.cuda.current_stream(self.device)] + self._side[: count - 1]
 
-    def collectives(self, count: int) -> list[Optional[torch.cuda.Stream]]:
-        """The all-reduce streams of `count` micro-batches (None: on their compute stream)."""
-        if self.device.type != "cuda" or not self.collective_streams:
-            return [None] * count
-        while len(self._collective) < count:
-            self._collective.append(torch.cuda.Stream(self.device, priority=HIGHEST_STREAM_PRIORITY))
-        return self._collective[:count]
-
 
 def run_interleaved(model, inputs: Sequence[tuple[torch.Tensor, ForwardContext]],
-                    streams: Sequence[Optional[torch.cuda.Stream]],
-                    collective_streams: Optional[Sequence[Optional[torch.cuda.Stream]]] = None) -> list[torch.Tensor]:
+                    streams: Sequence[Optional[torch.cuda.Stream]]) -> list[torch.Tensor]:
     """The final hidden states [T_i, hidden] of each micro-batch i, given its (input ids [T_i],
     context), run through `model.blocks` one block of each in turn, micro-batch i on streams[i]
-    (streams[0] is the current stream) with its all-reduces on collective_streams[i] (None or
-    missing: on streams[i]; `MicroBatchStreams`). The side streams start after the work already
-    issued on the current stream (the inputs were made there) and the current stream continues
-    after theirs, so later work on any stream follows this step; the same holds inside a CUDA-graph
-    capture, and also when a block raises (the side streams rejoin before the error goes on, so that nothing
+    (streams[0] is the current stream). The side streams start after the work already issued on the
+    current stream (the inputs were made there) and the current stream continues after theirs, so
+    later work on any stream follows this step; the same holds inside a CUDA-graph capture, and
+    also when a block raises (the side streams rejoin before the error goes on, so that nothing
     freed on the current stream is reused while a side stream still reads it)."""
     main, side = streams[0], [s for s in streams[1:] if s is not None]
     for stream in side:
         stream.wait_stream(main)
-    collective_streams = list(collective_streams or [None] * len(inputs))
     steps = [model.blocks(ids, ctx.positions, ctx) for ids, ctx in inputs]
     last: list = [None] * len(inputs)
     try:
@@ -80,7 +58,7 @@ def run_interleaved(model, inputs: Sequence[tuple[torch.Tensor, ForwardContext]]
         while running:
             running = False
             for i, blocks in enumerate(steps):
-                with _on_stream(streams[i]), all_reduce_slot(i, collective_streams[i]):
+                with _on_stream(streams[i]), all_reduce_slot(i):
                     hidden = next(blocks, None)
                 if hidden is not None:
                     last[i], running = hidden, True

@@ -198,12 +198,10 @@ class ModelRunner:
 
     def _execute_micro_batches(self, parts: list[StepPlan]) -> torch.Tensor:
         """Run the plans `parts` (the micro-batches of one decode step) op by op, interleaved block
-        by block, part i on stream i and its all-reduces on collective stream i
-        (`micro_batches.run_interleaved`). Logits in part order."""
+        by block, part i on stream i (`micro_batches.run_interleaved`). Logits in part order."""
         prepared = [self._prepare(part) for part in parts]
-        streams = self.micro_batch_streams
-        last = run_interleaved(self.model, [(ids, ctx) for ids, ctx, _ in prepared], streams.get(len(parts)),
-                               streams.collectives(len(parts)))
+        last = run_interleaved(self.model, [(ids, ctx) for ids, ctx, _ in prepared],
+                               self.micro_batch_streams.get(len(parts)))
         hidden = torch.cat([h[rows] for h, (_, _, rows) in zip(last, prepared)])
         return self.model.compute_logits(hidden)
 

@@ -40,8 +40,7 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     out = x if x.is_contiguous() else x.contiguous()
     two_shot = _two_shot_buffers.get(out.device.index) if two_shot_all_reduce_enabled(out.device) else None
     buffer = two_shot.buffers[_slot] if two_shot is not None and _slot < len(two_shot.buffers) else None
-    side = _slot_stream if out.is_cuda else None
-    with peer_failures_as_rank_lost("tp_all_reduce", state.tp_group_ranks, TP_GROUP), _forked_to(side):
+    with peer_failures_as_rank_lost("tp_all_reduce", state.tp_group_ranks, TP_GROUP):
         if (buffer is not None and out.dtype == buffer.dtype and out.numel() <= buffer.numel()
                 and out.numel() * out.element_size() % TWO_SHOT_ALIGNMENT_BYTES == 0):
             staged = buffer[: out.numel()]
@@ -53,42 +52,20 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Which two-shot buffer `tp_all_reduce` uses, and on which stream it runs: micro-batches whose
-# all-reduces run at once on different streams (`engine.micro_batches.run_interleaved`) each take
-# their own buffer, and their all-reduces run on a collective stream of their own (None: the current).
+# Which two-shot buffer `tp_all_reduce` uses: micro-batches whose all-reduces run at once on
+# different streams (`engine.micro_batches.run_interleaved`) each take their own.
 _slot = 0
-_slot_stream = None
 
 
 @contextlib.contextmanager
-def all_reduce_slot(slot: int, stream=None):
-    """Inside: `tp_all_reduce` stages two-shot sums in buffer `slot` (past the last buffer: NCCL),
-    and with a CUDA `stream` given sums CUDA tensors on it: the stream starts after the work issued
-    so far on the current stream, and the current stream continues after the sum (also inside a
-    CUDA-graph capture, where this forks and joins the graph). A stream of high priority lets the
-    sum's kernels take SMs as they free up, ahead of other micro-batches' queued kernels."""
-    global _slot, _slot_stream
-    saved, _slot, _slot_stream = (_slot, _slot_stream), slot, stream
+def all_reduce_slot(slot: int):
+    """Inside: `tp_all_reduce` stages two-shot sums in buffer `slot` (past the last buffer: NCCL)."""
+    global _slot
+    saved, _slot = _slot, slot
     try:
         yield
     finally:
-        _slot, _slot_stream = saved
-
-
-@contextlib.contextmanager
-def _forked_to(stream):
-    """Inside: CUDA work goes to `stream`, which first waits for the current stream; the current
-    stream waits for it on the way out (also on an error). None: nothing changes."""
-    if stream is None:
-        yield
-        return
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
-    try:
-        with torch.cuda.stream(stream):
-            yield
-    finally:
-        current.wait_stream(stream)
+        _slot = saved
 
 
 @dataclass(frozen=True)
