@@ -22,9 +22,11 @@ fraction of that cost the split hides, for the eager steps and for the graphs; w
 torch's symmetric-memory two-shot kernel (`ParallelConfig.all_reduce="two_shot"`) instead of
 NCCL, and the share of the NCCL all-reduces' cost that this cuts; and ("overall") what each split
 step pays over the faster of the steps without all-reduces, against what they add to the whole
-step. The times are rank 0's; every rank times every path, and each rank's medians are listed
-(`per_rank_device_ms_median`): with the all-reduces every rank waits for the slowest, so a slow
-rank would pass for all-reduce cost.
+step. The CUDA-graph steps are also timed with each all-reduce replaced by one of a single
+element, which splits what the all-reduces cost into the ranks' waiting for each other at each
+all-reduce and the bytes moved. The times are rank 0's; every rank times every path, and each
+rank's medians are listed (`per_rank_device_ms_median`): with the all-reduces every rank waits for
+the slowest, so a slow rank would pass for all-reduce cost.
 
 The row cache's hit rate is over the timed steps. For the eager forward also the `torch.profiler`
 table of device time per kernel name (an op and the kernels it launches are both listed, so the
@@ -150,6 +152,9 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
     return out
 
 
+SYNC_ONLY = "_meeting_only"  # path-name suffix: the step with one-element all-reduces (`_meeting_only`)
+
+
 def _without_all_reduce(run):
     """`run` with the model's tensor-parallel all-reduces replaced by nothing and the logits'
     gather by copies of the rank's own part (every rank alike), so that no rank waits for another
@@ -164,6 +169,26 @@ def _without_all_reduce(run):
         finally:
             linear.tp_all_reduce, embedding.tp_all_reduce, embedding.tp_gather_last_dim = saved
     return run_without
+
+
+def _meeting_only(run):
+    """`run` with each of the model's tensor-parallel all-reduces replaced by an all-reduce of one
+    element (`SYNC_ONLY` paths): the ranks still meet as often, but move none of the activations
+    (wrong sums, right timing). So a step with all-reduces minus this one is what their bytes cost,
+    and this one minus the step without any is the ranks' waiting for each other at each meeting
+    (plus the one-element all-reduces' own latency)."""
+    def run_meeting_only(plan):
+        saved = (linear.tp_all_reduce, embedding.tp_all_reduce)
+
+        def meet(x):
+            saved[0](x.new_zeros(1))
+            return x
+        linear.tp_all_reduce = embedding.tp_all_reduce = meet
+        try:
+            return run(plan)
+        finally:
+            linear.tp_all_reduce, embedding.tp_all_reduce = saved
+    return run_meeting_only
 
 
 def _with_two_shot(run, runner, slots: int):
@@ -201,11 +226,24 @@ def all_reduce_overlap(step_ms: dict, whole: str, split: str) -> dict:
     return out
 
 
+def all_reduce_waiting(step_ms: dict, name: str) -> dict:
+    """What the all-reduces of path `name` cost (with - without them, from `step_ms`) split into the
+    ranks' waiting for each other (the step meeting by one-element all-reduces - without) and the
+    bytes (with - meeting only); empty when a timing is missing."""
+    with_, meeting, without = (step_ms.get(name + suffix) for suffix in ("", SYNC_ONLY, "_no_all_reduce"))
+    if None in (with_, meeting, without):
+        return {}
+    return {f"all_reduce_waiting_ms_{name}": meeting - without, f"all_reduce_bytes_ms_{name}": with_ - meeting}
+
+
 def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
     """`all_reduce_overlap` of every pair profile_mode times: micro-batches against the whole step
-    (eager and graphs), the two-shot all-reduce against NCCL's, and both against the two-shot alone."""
+    (eager and graphs), the two-shot all-reduce against NCCL's, and both against the two-shot alone;
+    and `all_reduce_waiting` of the graphs, whole and split."""
     m = micro_batches
-    return {**all_reduce_overlap(step_ms, "eager", f"eager_{m}_micro_batches"),
+    return {**all_reduce_waiting(step_ms, "cuda_graph"),
+            **all_reduce_waiting(step_ms, f"cuda_graph_{m}_micro_batches"),
+            **all_reduce_overlap(step_ms, "eager", f"eager_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
             **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot")}
@@ -261,8 +299,9 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
         for count in counts:
             name = "cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches"
             paths[name] = graph_path(runner, count, own_graphs=False)
-            if tp:  # captured with the all-reduces left out
+            if tp:  # captured with the all-reduces left out, and with one-element all-reduces instead
                 paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
+                paths[name + SYNC_ONLY] = _meeting_only(graph_path(runner, count, own_graphs=True))
         if tp and args.two_shot_all_reduce:  # graphs of their own captured with the two-shot all-reduce
             for count in counts:
                 name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"

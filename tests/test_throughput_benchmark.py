@@ -185,6 +185,11 @@ def test_profile_all_reduce_overlap_from_timings():
     assert faster["all_reduce_ms_cuda_graph_2_micro_batches_overall"] == pytest.approx(8.0)
     assert all_reduce_overlap(ms, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
     assert all_reduce_overlaps(ms, 2) == pytest.approx({**split, **two_shot})
+    # with one-element all-reduces instead (the ranks meet, no bytes move): 10 ms = 7 waiting + 3 bytes
+    meeting = {**ms, "cuda_graph_meeting_only": 27.0, "cuda_graph_2_micro_batches_meeting_only": 25.0}
+    assert all_reduce_overlaps(meeting, 2) == pytest.approx({
+        **split, **two_shot, "all_reduce_waiting_ms_cuda_graph": 7.0, "all_reduce_bytes_ms_cuda_graph": 3.0,
+        "all_reduce_waiting_ms_cuda_graph_2_micro_batches": 1.0, "all_reduce_bytes_ms_cuda_graph_2_micro_batches": 1.0})
 
 
 def test_profile_steps_without_collectives(monkeypatch):
@@ -211,6 +216,34 @@ def test_profile_steps_without_collectives(monkeypatch):
     with pytest.raises(RuntimeError, match="step failed"):
         profile_decode._without_all_reduce(step)("fail")
     assert (linear.tp_all_reduce, embedding.tp_all_reduce, embedding.tp_gather_last_dim) == originals
+
+
+def test_profile_steps_meeting_only(monkeypatch):
+    """benchmarks/profile_decode.py: in the steps "meeting only" each of the layers' all-reduces is
+    replaced by an all-reduce of one zero element (the ranks meet as often, no activations move) and
+    the activations pass unchanged; the layers' all-reduces are back afterwards, also when the step
+    raises."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_decode
+    from kcache_dist.layers import embedding, linear
+
+    summed = []
+    monkeypatch.setattr(linear, "tp_all_reduce", lambda t: summed.append(t.clone()) or t)
+    monkeypatch.setattr(embedding, "tp_all_reduce", linear.tp_all_reduce)
+    originals = (linear.tp_all_reduce, embedding.tp_all_reduce)
+    x = torch.randn(3, 5, dtype=torch.bfloat16)
+
+    def step(plan):
+        assert linear.tp_all_reduce(x) is x and embedding.tp_all_reduce(x) is x
+        if plan == "fail":
+            raise RuntimeError("step failed")
+        return plan
+
+    assert profile_decode._meeting_only(step)("plan") == "plan"
+    assert [(t.shape, t.dtype, t.item()) for t in summed] == [(torch.Size([1]), torch.bfloat16, 0.0)] * 2
+    with pytest.raises(RuntimeError, match="step failed"):
+        profile_decode._meeting_only(step)("fail")
+    assert (linear.tp_all_reduce, embedding.tp_all_reduce) == originals
 
 
 def test_profile_fills_float8_key_pools():
