@@ -11,7 +11,7 @@ forward itself stubbed out (CPU, no GPU needed).
 An engine on the `tiny-llama` shape (block size 16, as full mode on a GPU) gets --batch prompts of
 --prompt-tokens random tokens; its runner builds each step's inputs (`ModelRunner._prepare`: positions,
 cache slots, padded block tables) and returns random logits, so prefill and decode cost no compute. Once every sequence decodes, --steps decode steps are timed. What is left is what a
-GPU step pays on top of its forward at that batch (README, Throughput: "The engine's host step").
+GPU step pays on top of its forward at that batch (benchmarks/notes/throughput.md: "The engine's host step").
 The step plan that tensor-parallel workers would get, its block tables as the blocks each plan adds
 (`BlockTableRows`), is also pickled and unpickled and timed, against the same plan with whole tables.
 """
