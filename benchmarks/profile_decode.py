@@ -152,7 +152,7 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
     return out
 
 
-SYNC_ONLY = "_meeting_only"  # path-name suffix: the step with one-element all-reduces (`_meeting_only`)
+MEETING_ONLY = "_meeting_only"  # path-name suffix: the step with one-element all-reduces (`_meeting_only`)
 
 
 def _without_all_reduce(run):
@@ -173,7 +173,7 @@ def _without_all_reduce(run):
 
 def _meeting_only(run):
     """`run` with each of the model's tensor-parallel all-reduces replaced by an all-reduce of one
-    element (`SYNC_ONLY` paths): the ranks still meet as often, but move none of the activations
+    element (`MEETING_ONLY` paths): the ranks still meet as often, but move none of the activations
     (wrong sums, right timing). So a step with all-reduces minus this one is what their bytes cost,
     and this one minus the step without any is the ranks' waiting for each other at each meeting
     (plus the one-element all-reduces' own latency)."""
@@ -230,7 +230,7 @@ def all_reduce_waiting(step_ms: dict, name: str) -> dict:
     """What the all-reduces of path `name` cost (with - without them, from `step_ms`) split into the
     ranks' waiting for each other (the step meeting by one-element all-reduces - without) and the
     bytes (with - meeting only); empty when a timing is missing."""
-    with_, meeting, without = (step_ms.get(name + suffix) for suffix in ("", SYNC_ONLY, "_no_all_reduce"))
+    with_, meeting, without = (step_ms.get(name + suffix) for suffix in ("", MEETING_ONLY, "_no_all_reduce"))
     if None in (with_, meeting, without):
         return {}
     return {f"all_reduce_waiting_ms_{name}": meeting - without, f"all_reduce_bytes_ms_{name}": with_ - meeting}
@@ -301,7 +301,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             paths[name] = graph_path(runner, count, own_graphs=False)
             if tp:  # captured with the all-reduces left out, and with one-element all-reduces instead
                 paths[name + "_no_all_reduce"] = _without_all_reduce(graph_path(runner, count, own_graphs=True))
-                paths[name + SYNC_ONLY] = _meeting_only(graph_path(runner, count, own_graphs=True))
+                paths[name + MEETING_ONLY] = _meeting_only(graph_path(runner, count, own_graphs=True))
         if tp and args.two_shot_all_reduce:  # graphs of their own captured with the two-shot all-reduce
             for count in counts:
                 name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"
