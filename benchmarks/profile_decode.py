@@ -23,10 +23,12 @@ torch's symmetric-memory two-shot kernel (`ParallelConfig.all_reduce="two_shot"`
 NCCL, and the share of the NCCL all-reduces' cost that this cuts; and ("overall") what each split
 step pays over the faster of the steps without all-reduces, against what they add to the whole
 step. The CUDA-graph steps are also timed with each all-reduce replaced by one of a single
-element, which splits what the all-reduces cost into the ranks' waiting for each other at each
-all-reduce and the bytes moved. The times are rank 0's; every rank times every path, and each
-rank's medians are listed (`per_rank_device_ms_median`): with the all-reduces every rank waits for
-the slowest, so a slow rank would pass for all-reduce cost.
+element, which splits what the all-reduces cost into what meeting costs (the ranks' waiting for
+each other, and whatever holds an all-reduce kernel back from starting) and the bytes moved;
+--trace-graphs tells those apart (the GPU's idle time before each all-reduce kernel). The times
+are rank 0's; every rank times every path, and each rank's medians are listed
+(`per_rank_device_ms_median`): with the all-reduces every rank waits for the slowest, so a slow
+rank would pass for all-reduce cost.
 
 The row cache's hit rate is over the timed steps. For the eager forward also the `torch.profiler`
 table of device time per kernel name (an op and the kernels it launches are both listed, so the
@@ -59,6 +61,7 @@ from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
+from kernel_gaps import timeline_summary, trace_kernels  # noqa: E402
 from kcache_dist.parallel import (barrier, current_state, disable_two_shot_all_reduce,  # noqa: E402
                                   enable_two_shot_all_reduce, init_parallel, launched_world_size,
                                   strip_local_rank_arg, tp_gather_objects)
@@ -93,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=2,
                    help="also time the eager step split into this many micro-batches on as many streams (1: not)")
     p.add_argument("--rows", type=int, default=25, help="profiler rows to print")
+    p.add_argument("--trace-graphs", action="store_true",
+                   help="also trace one replay of each CUDA-graph path per rank (benchmarks/kernel_gaps.py): the "
+                        "GPU's idle time, and before each all-reduce kernel; with --out each rank's kernels go to "
+                        "OUT.MODE.rankR.trace.json")
     p.add_argument("--out", default=None, help="JSON path")
     return p.parse_args(argv)
 
@@ -175,8 +182,9 @@ def _meeting_only(run):
     """`run` with each of the model's tensor-parallel all-reduces replaced by an all-reduce of one
     element (`MEETING_ONLY` paths): the ranks still meet as often, but move none of the activations
     (wrong sums, right timing). So a step with all-reduces minus this one is what their bytes cost,
-    and this one minus the step without any is the ranks' waiting for each other at each meeting
-    (plus the one-element all-reduces' own latency)."""
+    and this one minus the step without any is what meeting costs: the ranks' waiting for each
+    other, anything that holds an all-reduce kernel back, and the one-element all-reduces' own
+    latency."""
     def run_meeting_only(plan):
         saved = (linear.tp_all_reduce, embedding.tp_all_reduce)
 
@@ -226,23 +234,23 @@ def all_reduce_overlap(step_ms: dict, whole: str, split: str) -> dict:
     return out
 
 
-def all_reduce_waiting(step_ms: dict, name: str) -> dict:
-    """What the all-reduces of path `name` cost (with - without them, from `step_ms`) split into the
-    ranks' waiting for each other (the step meeting by one-element all-reduces - without) and the
-    bytes (with - meeting only); empty when a timing is missing."""
+def all_reduce_meeting(step_ms: dict, name: str) -> dict:
+    """What the all-reduces of path `name` cost (with - without them, from `step_ms`) split into
+    meeting (the step meeting by one-element all-reduces - without) and the bytes (with - meeting
+    only); empty when a timing is missing."""
     with_, meeting, without = (step_ms.get(name + suffix) for suffix in ("", MEETING_ONLY, "_no_all_reduce"))
     if None in (with_, meeting, without):
         return {}
-    return {f"all_reduce_waiting_ms_{name}": meeting - without, f"all_reduce_bytes_ms_{name}": with_ - meeting}
+    return {f"all_reduce_meeting_ms_{name}": meeting - without, f"all_reduce_bytes_ms_{name}": with_ - meeting}
 
 
 def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
     """`all_reduce_overlap` of every pair profile_mode times: micro-batches against the whole step
     (eager and graphs), the two-shot all-reduce against NCCL's, and both against the two-shot alone;
-    and `all_reduce_waiting` of the graphs, whole and split."""
+    and `all_reduce_meeting` of the graphs, whole and split."""
     m = micro_batches
-    return {**all_reduce_waiting(step_ms, "cuda_graph"),
-            **all_reduce_waiting(step_ms, f"cuda_graph_{m}_micro_batches"),
+    return {**all_reduce_meeting(step_ms, "cuda_graph"),
+            **all_reduce_meeting(step_ms, f"cuda_graph_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "eager", f"eager_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
@@ -262,6 +270,28 @@ def graph_path(runner, micro_batches: int, own_graphs: bool):
         tables = runner.block_table_rows.gather(plan.hot_slots)
         return runner.model.compute_logits(graphs.run(dataclasses.replace(plan, micro_batches=micro_batches), tables))
     return run
+
+
+def trace_graph_paths(paths: dict, plan: StepPlan, dev: torch.device, before_step, args: argparse.Namespace,
+                      mode: str) -> dict:
+    """One traced replay of each CUDA-graph path on every rank (after `before_step` and a barrier,
+    as a timed step): rank 0's timeline summaries (`kernel_gaps.timeline_summary`: the GPU's idle
+    time, and before each all-reduce kernel) and every rank's idle time before its all-reduce
+    kernels; with --out each rank's kernels to OUT.MODE.rankR.trace.json."""
+    kernels = {}
+    for name, run in paths.items():
+        if name.startswith("cuda_graph"):
+            (before_step or (lambda: None))()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            barrier()
+            kernels[name] = trace_kernels(lambda: run(plan), dev)
+    summaries = {name: timeline_summary(k) for name, k in kernels.items()}
+    if args.out:
+        with open(f"{args.out}.{mode}.rank{current_state().rank}.trace.json", "w") as f:
+            json.dump({name: [[n, round(s, 1), round(d, 1)] for n, s, d in k] for name, k in kernels.items()}, f)
+    per_rank = tp_gather_objects({name: s["idle_before_matched_ms"] for name, s in summaries.items()})
+    return {"graph_timelines": summaries, "per_rank_idle_before_all_reduce_ms": per_rank}
 
 
 def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str) -> dict:
@@ -324,6 +354,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     for name in [n for n in medians if n.endswith("_two_shot")]:  # the same step without all-reduces
         step_ms[name + "_no_all_reduce"] = medians[name.removesuffix("_two_shot") + "_no_all_reduce"]
     overlap = all_reduce_overlaps(step_ms, m)
+    timelines = trace_graph_paths(paths, plan, dev, before_step, args, mode) if args.trace_graphs else {}
     if before_step is not None:
         before_step()  # the profiled step misses as the timed ones do
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -339,7 +370,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
               "row_cache_hit_rate_measured": hit_rate,
               **{f"{name}_{k}": v for name, t in timings.items() for k, v in t.items()},
               "per_rank_device_ms_median": {name: [rank[name] for rank in per_rank] for name in medians},
-              "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows, **overlap}
+              "profiled_device_ms_total": total_us / 1e3, "eager_profile": rows, **overlap, **timelines}
     if rank0:
         cached = f", row cache hit rate {hit_rate:.3f}" if hit_rate is not None else ""
         print(f"\n== {mode} batch {batch} @ {args.context}, TP={current_state().tp_size}{cached}: " + "; ".join(
@@ -350,6 +381,11 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
                                             for name in medians), flush=True)
         if overlap:
             print("  all-reduce: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in overlap.items()),
+                  flush=True)
+        for name, t in timelines.get("graph_timelines", {}).items():
+            idle_before = " / ".join(f"{rank[name]:.2f}" for rank in timelines["per_rank_idle_before_all_reduce_ms"])
+            print(f"  timeline {name}: span {t['span_ms']:.2f} ms, GPU idle {t['idle_ms']:.2f} ms; {t['matched']} "
+                  f"all-reduce kernels {t['matched_ms']:.2f} ms, GPU idle before them {idle_before} ms (per rank)",
                   flush=True)
         for r in rows:
             print(f"  {r['device_ms']:9.3f} ms {100 * r['share']:5.1f}%  x{r['calls']:<5d} {r['name']}")

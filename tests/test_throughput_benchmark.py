@@ -185,11 +185,11 @@ def test_profile_all_reduce_overlap_from_timings():
     assert faster["all_reduce_ms_cuda_graph_2_micro_batches_overall"] == pytest.approx(8.0)
     assert all_reduce_overlap(ms, "eager", "eager_2_micro_batches") == {}  # one GPU: no "no all-reduce" runs
     assert all_reduce_overlaps(ms, 2) == pytest.approx({**split, **two_shot})
-    # with one-element all-reduces instead (the ranks meet, no bytes move): 10 ms = 7 waiting + 3 bytes
+    # with one-element all-reduces instead (the ranks meet, no bytes move): 10 ms = 7 meeting + 3 bytes
     meeting = {**ms, "cuda_graph_meeting_only": 27.0, "cuda_graph_2_micro_batches_meeting_only": 25.0}
     assert all_reduce_overlaps(meeting, 2) == pytest.approx({
-        **split, **two_shot, "all_reduce_waiting_ms_cuda_graph": 7.0, "all_reduce_bytes_ms_cuda_graph": 3.0,
-        "all_reduce_waiting_ms_cuda_graph_2_micro_batches": 1.0, "all_reduce_bytes_ms_cuda_graph_2_micro_batches": 1.0})
+        **split, **two_shot, "all_reduce_meeting_ms_cuda_graph": 7.0, "all_reduce_bytes_ms_cuda_graph": 3.0,
+        "all_reduce_meeting_ms_cuda_graph_2_micro_batches": 1.0, "all_reduce_bytes_ms_cuda_graph_2_micro_batches": 1.0})
 
 
 def test_profile_steps_without_collectives(monkeypatch):
@@ -244,6 +244,67 @@ def test_profile_steps_meeting_only(monkeypatch):
     with pytest.raises(RuntimeError, match="step failed"):
         profile_decode._meeting_only(step)("fail")
     assert (linear.tp_all_reduce, embedding.tp_all_reduce) == originals
+
+
+def test_kernel_gaps_idle_time_before_all_reduce_kernels(tmp_path, capsys):
+    """benchmarks/kernel_gaps.py: the GPU's idle time in a timeline (work on two streams overlaps)
+    and before each all-reduce kernel: from the end of all work started before it, 0 where that
+    work still ran; read back from a trace file as profile_decode.py --trace-graphs writes it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from kernel_gaps import idle_before, main, timeline_summary
+
+    ar = "ncclDevKernel_AllReduce_Sum_bf16_RING_LL"
+    kernels = [("gemm", 0.0, 10.0), ("side_store", 5.0, 20.0),  # a side stream's kernel runs until 25
+               (ar, 30.0, 5.0),  # 5 us idle before it
+               ("rms_norm", 35.0, 2.0), ("attention", 37.0, 100.0), ("gemm", 137.0, 8.0),
+               (ar, 845.0, 30.0),  # 700 us idle before it
+               (ar, 880.0, 4.0)]  # 5 us after the last one
+    assert idle_before(kernels, "ncclDevKernel_AllReduce") == [5.0, 700.0, 5.0]
+    assert idle_before(list(reversed(kernels)), "ncclDevKernel_AllReduce") == [5.0, 700.0, 5.0]
+    assert idle_before([("gemm", 0.0, 10.0), (ar, 4.0, 30.0)], "ncclDevKernel") == [0.0]  # overlapped
+    summary = timeline_summary(kernels)
+    assert summary == pytest.approx({"span_ms": 0.884, "busy_ms": 0.174, "idle_ms": 0.71, "kernels": 8,
+                                     "matched": 3, "matched_ms": 0.039, "idle_before_matched_ms": 0.71,
+                                     "idle_before_matched_us": [5.0, 700.0, 5.0]})
+    assert timeline_summary([])["span_ms"] == 0.0
+    trace = tmp_path / "out.json.kcache.rank0.trace.json"
+    trace.write_text(json.dumps({"cuda_graph": [list(k) for k in kernels]}))
+    main([str(trace)])
+    assert capsys.readouterr().out.strip() == (
+        f"{trace} cuda_graph: span 0.88 ms, busy 0.17, idle 0.71; 3 x ncclDevKernel_AllReduce: own 0.04 ms, "
+        "idle before them 0.71 ms")
+
+
+def test_profile_traces_each_graph_path_once(tmp_path, monkeypatch):
+    """benchmarks/profile_decode.py --trace-graphs: one traced replay of each CUDA-graph path (not
+    the eager ones), after the step's before_step; rank 0's summaries, every rank's idle time before
+    its all-reduce kernels, and the rank's kernels written beside --out."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_decode
+    from kcache_dist.parallel import ParallelState
+
+    calls = []
+    ar = "ncclDevKernel_AllReduce_Sum_bf16_RING_LL"
+    timelines = {"cuda_graph": [("gemm", 0.0, 10.0), (ar, 710.0, 30.0)],
+                 "cuda_graph_no_all_reduce": [("gemm", 0.0, 10.0)]}
+
+    def trace(run, device):
+        return timelines[run()]
+    monkeypatch.setattr(profile_decode, "trace_kernels", trace)
+    monkeypatch.setattr(profile_decode, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(profile_decode, "tp_gather_objects", lambda obj: [obj, {k: v + 1 for k, v in obj.items()}])
+    monkeypatch.setattr(profile_decode, "current_state", lambda: ParallelState(tp_size=2))
+    paths = {name: (lambda plan, name=name: calls.append(plan) or name) for name in ["eager", *timelines]}
+    args = SimpleNamespace(out=str(tmp_path / "p.json"))
+    out = profile_decode.trace_graph_paths(paths, "plan", torch.device("cpu"), lambda: calls.append("forget"),
+                                           args, "kcache")
+    assert calls == ["forget", "barrier", "plan"] * 2
+    assert out["graph_timelines"]["cuda_graph"]["idle_before_matched_us"] == [700.0]
+    assert out["graph_timelines"]["cuda_graph_no_all_reduce"]["matched"] == 0
+    assert out["per_rank_idle_before_all_reduce_ms"] == [{"cuda_graph": 0.7, "cuda_graph_no_all_reduce": 0.0},
+                                                         {"cuda_graph": 1.7, "cuda_graph_no_all_reduce": 1.0}]
+    written = json.loads((tmp_path / "p.json.kcache.rank0.trace.json").read_text())
+    assert written == {name: [list(k) for k in kernels] for name, kernels in timelines.items()}
 
 
 def test_profile_fills_float8_key_pools():
