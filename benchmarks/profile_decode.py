@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from kcache_dist.cache.store_rows import store_rows  # noqa: E402
 from kcache_dist.config import (HOST_VALUES, SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
                                parse_host_memory_gb)
 from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402
@@ -96,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=2,
                    help="also time the eager step split into this many micro-batches on as many streams (1: not)")
     p.add_argument("--rows", type=int, default=25, help="profiler rows to print")
+    p.add_argument("--host-writes-to-device", action="store_true",
+                   help="KCache: also time the CUDA-graph step (whole; under tensor parallelism also without "
+                        "all-reduces) with the decode's writes of the new rows to the host pool sent to a device "
+                        "buffer instead (timing only)")
     p.add_argument("--trace-graphs", action="store_true",
                    help="also trace one replay of each CUDA-graph path per rank (benchmarks/kernel_gaps.py): the "
                         "GPU's idle time, and before each all-reduce kernel; with --out each rank's kernels go to "
@@ -160,6 +165,29 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
 
 
 MEETING_ONLY = "_meeting_only"  # path-name suffix: the step with one-element all-reduces (`_meeting_only`)
+
+
+HOST_WRITES_TO_DEVICE = "_host_writes_to_device"  # path-name suffix (`_host_writes_to_device`)
+
+
+def _host_writes_to_device(run, cache):
+    """`run` with the KCache decode's writes of the new rows to the host pool
+    (`KCacheKVCache._offload`) sent instead to a device pool of one block per sparse layer, on the
+    compute stream (the rows overwrite each other: wrong host rows, right timing otherwise), so
+    that the step stores nothing to host memory."""
+    scratch = [torch.zeros((1, *pool.shape[1:]), dtype=pool.dtype, device=cache.device) for pool in cache.host_rows]
+
+    def offload(sparse, rows, slot_mapping):
+        pool = scratch[sparse]
+        store_rows(pool, rows, torch.where(slot_mapping >= 0, slot_mapping % pool.shape[2], slot_mapping))
+
+    def run_with_device_writes(plan):
+        cache._offload = offload  # shadows the method for this call (and the capture it makes)
+        try:
+            return run(plan)
+        finally:
+            del cache._offload
+    return run_with_device_writes
 
 
 def _without_all_reduce(run):
@@ -246,15 +274,17 @@ def all_reduce_meeting(step_ms: dict, name: str) -> dict:
 
 def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
     """`all_reduce_overlap` of every pair profile_mode times: micro-batches against the whole step
-    (eager and graphs), the two-shot all-reduce against NCCL's, and both against the two-shot alone;
-    and `all_reduce_meeting` of the graphs, whole and split."""
+    (eager and graphs), the two-shot all-reduce against NCCL's, both against the two-shot alone, and
+    the step whose new rows go to a device buffer instead of host memory against the whole step; and
+    `all_reduce_meeting` of the graphs, whole and split."""
     m = micro_batches
     return {**all_reduce_meeting(step_ms, "cuda_graph"),
             **all_reduce_meeting(step_ms, f"cuda_graph_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "eager", f"eager_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
-            **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot")}
+            **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot"),
+            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + HOST_WRITES_TO_DEVICE)}
 
 
 def graph_path(runner, micro_batches: int, own_graphs: bool):
@@ -336,6 +366,12 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             for count in counts:
                 name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"
                 paths[name] = _with_two_shot(graph_path(runner, count, own_graphs=True), runner, m)
+        if args.host_writes_to_device and mode == "kcache":  # graphs captured without stores to host memory
+            name = "cuda_graph" + HOST_WRITES_TO_DEVICE
+            paths[name] = _host_writes_to_device(graph_path(runner, 1, own_graphs=True), runner.kv_cache)
+            if tp:
+                paths[name + "_no_all_reduce"] = _without_all_reduce(
+                    _host_writes_to_device(graph_path(runner, 1, own_graphs=True), runner.kv_cache))
     row_cache = getattr(runner.kv_cache, "row_cache", None)
     before_step = None
     if row_cache is not None and args.row_cache_hit_rate < 1.0:

@@ -307,6 +307,47 @@ def test_profile_traces_each_graph_path_once(tmp_path, monkeypatch):
     assert written == {name: [list(k) for k in kernels] for name, kernels in timelines.items()}
 
 
+def test_profile_steps_with_host_writes_to_device(monkeypatch):
+    """benchmarks/profile_decode.py --host-writes-to-device: inside the step the KCache cache's
+    writes of new rows go to a device pool of one block per sparse layer (slots wrapped into the
+    block, skipped rows still skipped), never to the host pool; the cache's own method is back
+    afterwards, also when the step raises."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_decode
+
+    class Cache:
+        device = torch.device("cpu")
+        host_rows = [torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8)]
+
+        def _offload(self, sparse, rows, slot_mapping):
+            raise AssertionError("wrote to the host pool")
+
+    cache = Cache()
+    rows = torch.arange(3 * 2 * 8, dtype=torch.float32).view(3, 2, 8)
+
+    def step(plan):
+        cache._offload(1, rows, torch.tensor([9, -1, 2]))  # block 2 slot 1; skipped; block 0 slot 2
+        if plan == "fail":
+            raise RuntimeError("step failed")
+        return plan
+
+    run = profile_decode._host_writes_to_device(step, cache)
+    stores = []
+    store = profile_decode.store_rows
+    monkeypatch.setattr(profile_decode, "store_rows",
+                        lambda pool, r, slots: stores.append(pool) or store(pool, r, slots))
+    assert run("plan") == "plan"
+    assert all(not pool.any() for pool in cache.host_rows)
+    (pool,) = stores
+    assert pool.shape == (1, 2, 4, 8) and torch.equal(pool[0, :, 1], rows[0]) and torch.equal(pool[0, :, 2], rows[2])
+    assert not pool[0, :, [0, 3]].any()  # the skipped row is not stored
+    with pytest.raises(RuntimeError, match="step failed"):
+        run("fail")
+    assert "_offload" not in vars(cache)
+    with pytest.raises(AssertionError, match="wrote to the host pool"):
+        step("plan")
+
+
 def test_profile_fills_float8_key_pools():
     """benchmarks/profile_decode.py: the pools of fp8 scoring keys (float8 K, which has no normal_,
     and its float32 scales) get random keys and unit scales like the 16-bit pools."""
