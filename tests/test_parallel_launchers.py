@@ -133,3 +133,22 @@ def test_cuda_device_of_each_rank():
         cuda_device_of_rank(5, 1, 1, None)
     with pytest.raises(ValueError, match="local rank 2 but this host shows 2 GPU"):
         cuda_device_of_rank(2, 2, 2, "0,1")
+
+
+@pytest.mark.parametrize("version, tools, flags", [
+    ("HYDRA build details:\n    Version:                                 5.0.2", [], []),
+    ("mpirun (Open MPI) 4.1.2\n\nReport bugs to http://www.open-mpi.org/community/help/", ["ssh"],
+     ["--allow-run-as-root", "--oversubscribe"]),
+    ("mpirun (Open MPI) 4.1.2\n", [], ["--allow-run-as-root", "--oversubscribe", "--mca", "plm", "^rsh"]),
+    ("mpirun (Open MPI) 4.1.2\n", ["rsh"], ["--allow-run-as-root", "--oversubscribe"]),
+    ("mpirun (Open MPI) 5.0.3\n", [], ["--allow-run-as-root", "--oversubscribe"]),
+])
+def test_mpirun_flags_by_mpi_and_remote_shell(tmp_path, monkeypatch, version, tools, flags):
+    """MPICH needs no flags; Open MPI may run as root with more ranks than cores, and Open MPI 4
+    leaves out its rsh launcher when neither ssh nor rsh is installed (a one-machine job needs
+    neither, but it refuses to start without them)."""
+    for name, text in [("mpirun", f"#!/bin/sh\necho '{version}'\n"), *[(t, "#!/bin/sh\n") for t in tools]]:
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert mpirun_flags(str(tmp_path / "mpirun")) == flags

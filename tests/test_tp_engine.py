@@ -20,6 +20,7 @@ from dist_scripts.generate import PROMPTS, generate
 from dist_scripts.multiprocess import free_port, run_rank_outcomes
 from kcache_dist.config import ParallelConfig
 from kcache_dist.models.named_shapes import write_shape_dir
+from kcache_dist.parallel.launcher import mpirun_flags
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
@@ -176,7 +177,8 @@ SCRIPT = os.path.join("tests", "dist_scripts", "generate.py")
 def test_mpirun_two_ranks_equal_one_process(tiny_llama_dir):
     mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
     reference = generate(tiny_llama_dir, 1, None, 16)
-    assert _launch([mpirun, "-np", "2", sys.executable, SCRIPT, "--model", tiny_llama_dir, "--tp", "2"]) == reference
+    assert _launch([mpirun, *mpirun_flags(mpirun), "-np", "2", sys.executable, SCRIPT, "--model", tiny_llama_dir,
+                    "--tp", "2"]) == reference
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="no deepspeed launcher on this machine")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -126,7 +127,13 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None, argv: Optional[Sequ
 
 
 def mpirun_flags(mpirun: str = "mpirun") -> list[str]:
-    """Flags for starting `mpirun` here: Open MPI refuses root and more ranks than cores without
-    them; MPICH needs none."""
+    """Flags for starting `mpirun` on this machine: Open MPI refuses root and more ranks than cores
+    without them, and Open MPI 4 fails to start even a one-machine job when neither ssh nor rsh is
+    installed (as in many containers) unless its rsh launcher is left out; MPICH needs none."""
     version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
-    return ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []
+    if "Open MPI" not in version:
+        return []
+    flags = ["--allow-run-as-root", "--oversubscribe"]
+    if re.search(r"Open MPI\)? 4\.", version) and shutil.which("ssh") is None and shutil.which("rsh") is None:
+        flags += ["--mca", "plm", "^rsh"]
+    return flags
