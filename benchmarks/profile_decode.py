@@ -62,10 +62,10 @@ from kcache_dist.engine.llm_engine import LLMEngine  # noqa: E402
 from kcache_dist.engine.step_plan import StepPlan  # noqa: E402
 from kcache_dist.layers import embedding, linear  # noqa: E402
 from kcache_dist.models.named_shapes import write_shape_dir  # noqa: E402
-from kernel_gaps import timeline_summary, trace_kernels  # noqa: E402
 from kcache_dist.parallel import (barrier, current_state, disable_two_shot_all_reduce,  # noqa: E402
                                   enable_two_shot_all_reduce, init_parallel, launched_world_size,
                                   strip_local_rank_arg, tp_gather_objects)
+from kernel_gaps import timeline_summary, trace_kernels  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
