@@ -101,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KCache: also time the CUDA-graph step (whole; under tensor parallelism also without "
                         "all-reduces) with the decode's writes of the new rows to the host pool sent to a device "
                         "buffer instead (timing only)")
+    p.add_argument("--defer-host-writes", action="store_true",
+                   help="KCache: also time the CUDA-graph step (whole; under tensor parallelism also without "
+                        "all-reduces) with KCacheKVCache.defer_decode_host_writes on")
     p.add_argument("--trace-graphs", action="store_true",
                    help="also trace one replay of each CUDA-graph path per rank (benchmarks/kernel_gaps.py): the "
                         "GPU's idle time, and before each all-reduce kernel; with --out each rank's kernels go to "
@@ -190,6 +193,22 @@ def _host_writes_to_device(run, cache):
     return run_with_device_writes
 
 
+DEFERRED_HOST_WRITES = "_deferred_host_writes"  # path-name suffix (`_with_deferred_host_writes`)
+
+
+def _with_deferred_host_writes(run, cache):
+    """`run` with the KCache cache's `defer_decode_host_writes` on (the decode's host writes of the
+    new rows issued at the end of the forward, after the layers' all-reduces) for this call and
+    the capture it makes."""
+    def run_deferred(plan):
+        cache.defer_decode_host_writes = True
+        try:
+            return run(plan)
+        finally:
+            cache.defer_decode_host_writes = False
+    return run_deferred
+
+
 def _without_all_reduce(run):
     """`run` with the model's tensor-parallel all-reduces replaced by nothing and the logits'
     gather by copies of the rank's own part (every rank alike), so that no rank waits for another
@@ -275,7 +294,8 @@ def all_reduce_meeting(step_ms: dict, name: str) -> dict:
 def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
     """`all_reduce_overlap` of every pair profile_mode times: micro-batches against the whole step
     (eager and graphs), the two-shot all-reduce against NCCL's, both against the two-shot alone, and
-    the step whose new rows go to a device buffer instead of host memory against the whole step; and
+    the steps whose new rows go to a device buffer instead of host memory or to host memory at the
+    end of the forward against the whole step; and
     `all_reduce_meeting` of the graphs, whole and split."""
     m = micro_batches
     return {**all_reduce_meeting(step_ms, "cuda_graph"),
@@ -284,7 +304,8 @@ def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
             **all_reduce_overlap(step_ms, "cuda_graph", f"cuda_graph_{m}_micro_batches"),
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
             **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot"),
-            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + HOST_WRITES_TO_DEVICE)}
+            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + HOST_WRITES_TO_DEVICE),
+            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + DEFERRED_HOST_WRITES)}
 
 
 def graph_path(runner, micro_batches: int, own_graphs: bool):
@@ -366,12 +387,14 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
             for count in counts:
                 name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"
                 paths[name] = _with_two_shot(graph_path(runner, count, own_graphs=True), runner, m)
-        if args.host_writes_to_device and mode == "kcache":  # graphs captured without stores to host memory
-            name = "cuda_graph" + HOST_WRITES_TO_DEVICE
-            paths[name] = _host_writes_to_device(graph_path(runner, 1, own_graphs=True), runner.kv_cache)
-            if tp:
-                paths[name + "_no_all_reduce"] = _without_all_reduce(
-                    _host_writes_to_device(graph_path(runner, 1, own_graphs=True), runner.kv_cache))
+        host_write_variants = [(HOST_WRITES_TO_DEVICE, _host_writes_to_device, args.host_writes_to_device),
+                               (DEFERRED_HOST_WRITES, _with_deferred_host_writes, args.defer_host_writes)]
+        for suffix, variant, wanted in host_write_variants:
+            if wanted and mode == "kcache":  # graphs of their own, the decode's host writes elsewhere or later
+                paths["cuda_graph" + suffix] = variant(graph_path(runner, 1, own_graphs=True), runner.kv_cache)
+                if tp:
+                    paths["cuda_graph" + suffix + "_no_all_reduce"] = _without_all_reduce(
+                        variant(graph_path(runner, 1, own_graphs=True), runner.kv_cache))
     row_cache = getattr(runner.kv_cache, "row_cache", None)
     before_step = None
     if row_cache is not None and args.row_cache_hit_rate < 1.0:

@@ -92,3 +92,22 @@ def test_graph_steps_between_prefill_chunks_equal_eager(tiny_llama_dir, mode):
     graphs = graph_llm.generate(PROMPT_LIST, params)
     assert graph_llm.engine.runner.decode_graphs.num_captured > 0
     assert token_ids(graphs) == token_ids(eager)
+
+
+@cuda
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_graphs_with_deferred_host_writes_equal_eager(tiny_llama_dir, micro_batches):
+    """`KCacheKVCache.defer_decode_host_writes`: the graphs issue the decode's host writes at the
+    end of the captured forward; the tokens and the far rows read are those of eager steps that
+    write them in their layers."""
+    eager_llm, eager = _generate(tiny_llama_dir, MODES["kcache"], enforce_eager=True)
+    llm = LLM(model=tiny_llama_dir, dtype="float32", device="cuda", kcache=MODES["kcache"], enforce_eager=False,
+              max_model_len=512, max_num_seqs=8, decode_micro_batches=micro_batches)
+    cache = llm.engine.runner.kv_cache
+    cache.defer_decode_host_writes = True
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
+    graphs = llm.generate(PROMPT_LIST, params)
+    assert llm.engine.runner.decode_graphs.num_captured >= 4
+    assert token_ids(graphs) == token_ids(eager)
+    assert cache.v_rows_fetched == eager_llm.engine.runner.kv_cache.v_rows_fetched > 0
+    assert cache._deferred_host_writes == []

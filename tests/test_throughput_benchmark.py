@@ -348,6 +348,28 @@ def test_profile_steps_with_host_writes_to_device(monkeypatch):
         step("plan")
 
 
+def test_profile_steps_with_deferred_host_writes():
+    """benchmarks/profile_decode.py --defer-host-writes: the cache defers the decode's host writes
+    for the step (and the capture it makes) only; off again afterwards, also when the step raises."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_decode
+
+    cache = SimpleNamespace(defer_decode_host_writes=False)
+    seen = []
+
+    def step(plan):
+        seen.append(cache.defer_decode_host_writes)
+        if plan == "fail":
+            raise RuntimeError("step failed")
+        return plan
+
+    run = profile_decode._with_deferred_host_writes(step, cache)
+    assert run("plan") == "plan" and seen == [True] and cache.defer_decode_host_writes is False
+    with pytest.raises(RuntimeError, match="step failed"):
+        run("fail")
+    assert seen == [True, True] and cache.defer_decode_host_writes is False
+
+
 def test_profile_fills_float8_key_pools():
     """benchmarks/profile_decode.py: the pools of fp8 scoring keys (float8 K, which has no normal_,
     and its float32 scales) get random keys and unit scales like the 16-bit pools."""

@@ -100,6 +100,11 @@ class KCacheKVCache:
         self._far_rows_counted = 0  # without a row cache: far V rows the decode steps read (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
+        # Decode-only steps with a recent window read their new rows from v_hot, so their host
+        # writes may wait for the end of the forward (`issue_deferred_host_writes`), after the
+        # layers' collectives: being measured (benchmarks/profile_decode.py --defer-host-writes).
+        self.defer_decode_host_writes = False
+        self._deferred_host_writes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.prefill_reads = PrefillHostReads(device)
 
     def device_bytes(self) -> int:
@@ -136,7 +141,11 @@ class KCacheKVCache:
         if self.fp8_host_values:
             host_v, v_scale = quantize_rows(v)
             store_rows(self.v_scales[sparse][..., None], v_scale[..., None], ctx.slot_mapping)
-        self._offload(sparse, torch.cat([k, v], dim=-1) if fp8 else host_v, ctx.slot_mapping)
+        host_rows_new = torch.cat([k, v], dim=-1) if fp8 else host_v
+        if self.defer_decode_host_writes and ctx.decode_only and self.spec.recent_window:
+            self._deferred_host_writes.append((sparse, host_rows_new, ctx.slot_mapping))
+        else:
+            self._offload(sparse, host_rows_new, ctx.slot_mapping)
         out = torch.empty_like(q)
         nd = ctx.num_decodes
         if nd:
@@ -198,11 +207,21 @@ class KCacheKVCache:
         cache: its misses, read from the device)."""
         return self._far_rows_counted if self.row_cache is None else int(self.row_cache.misses.sum())
 
+    def issue_deferred_host_writes(self) -> None:
+        """Issue the host writes that this forward's decode deferred (`defer_decode_host_writes`),
+        in layer order, as `attend` would have. The model runner calls it after each forward (and
+        `join_offload` first of all), so nothing stays deferred past its step."""
+        deferred, self._deferred_host_writes = self._deferred_host_writes, []
+        for sparse, rows, slot_mapping in deferred:
+            self._offload(sparse, rows, slot_mapping)
+
     def join_offload(self) -> None:
-        """The current stream waits, on the device, for every host write issued so far. Outside a
-        capture, host-side reads then wait for the same point; inside one, the capture's offload
-        branch is joined back (a capture must end with every stream it forked joined). The model
-        runner calls it before capturing or replaying a decode graph and at the end of a capture."""
+        """The current stream waits, on the device, for every host write issued so far (deferred
+        ones issued first). Outside a capture, host-side reads then wait for the same point; inside
+        one, the capture's offload branch is joined back (a capture must end with every stream it
+        forked joined). The model runner calls it before capturing or replaying a decode graph and
+        at the end of a capture."""
+        self.issue_deferred_host_writes()
         if self.offload_stream is None:
             return
         stream = torch.cuda.current_stream(self.device)
