@@ -135,6 +135,16 @@ def fill_device_pools(cache) -> None:
         t.fill_(1.0)
 
 
+def _start_step(before_step, dev: torch.device) -> None:
+    """What precedes each timed (or traced) step: `before_step()` (if any), the device's earlier
+    work done, and the ranks met at a barrier."""
+    if before_step is not None:
+        before_step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    barrier()
+
+
 def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=None, misses=None) -> dict:
     """Median device time (CUDA events) and host time until `run(plan)` returns, after two warm-up
     calls; `before_step()` (untimed) runs before each call. Under tensor parallelism the ranks meet
@@ -149,9 +159,7 @@ def time_step(run, plan: StepPlan, steps: int, dev: torch.device, before_step=No
     device_ms, host_ms = [], []
     misses_before = misses() if misses else 0
     for _ in range(steps):
-        before_step()
-        torch.cuda.synchronize(dev)
-        barrier()
+        _start_step(before_step, dev)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
@@ -332,10 +340,7 @@ def trace_graph_paths(paths: dict, plan: StepPlan, dev: torch.device, before_ste
     kernels = {}
     for name, run in paths.items():
         if name.startswith("cuda_graph"):
-            (before_step or (lambda: None))()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            barrier()
+            _start_step(before_step, dev)
             kernels[name] = trace_kernels(lambda: run(plan), dev)
     summaries = {name: timeline_summary(k) for name, k in kernels.items()}
     if args.out:
