@@ -183,14 +183,18 @@ HOST_WRITES_TO_DEVICE = "_host_writes_to_device"  # path-name suffix (`_host_wri
 
 def _host_writes_to_device(run, cache):
     """`run` with the KCache decode's writes of the new rows to the host pool
-    (`KCacheKVCache._offload`) sent instead to a device pool of one block per sparse layer, on the
-    compute stream (the rows overwrite each other: wrong host rows, right timing otherwise), so
-    that the step stores nothing to host memory."""
+    (`KCacheKVCache._offload`) sent instead to a device pool of one block per sparse layer, by the
+    cache's own offload (its stream and events) (the rows overwrite each other: wrong host rows,
+    right timing otherwise), so that the step stores nothing to host memory."""
     scratch = [torch.zeros((1, *pool.shape[1:]), dtype=pool.dtype, device=cache.device) for pool in cache.host_rows]
 
     def offload(sparse, rows, slot_mapping):
-        pool = scratch[sparse]
-        store_rows(pool, rows, torch.where(slot_mapping >= 0, slot_mapping % pool.shape[2], slot_mapping))
+        wrapped = torch.where(slot_mapping >= 0, slot_mapping % scratch[sparse].shape[2], slot_mapping)
+        host_rows, cache.host_rows = cache.host_rows, scratch
+        try:
+            type(cache)._offload(cache, sparse, rows, wrapped)
+        finally:
+            cache.host_rows = host_rows
 
     def run_with_device_writes(plan):
         cache._offload = offload  # shadows the method for this call (and the capture it makes)
