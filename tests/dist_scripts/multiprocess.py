@@ -50,7 +50,8 @@ class RankOutcome:
     result: Any = None
     error: Optional[str] = None  # traceback text of an exception raised by the function
     output: str = ""  # the rank's stdout + stderr
-    seconds: float = 0.0  # from start to exit (or to the deadline)
+    seconds: float = 0.0  # from start until the rank reported or its process ended (else the deadline)
+    ended_monotonic: float = 0.0  # the same moment on time.monotonic()'s clock (shared by the ranks)
 
 
 def _rank_main(target: Callable, pickled_args: bytes, rank: int, world: int, tp_size: Optional[int], port: int,
@@ -105,6 +106,8 @@ def run_rank_outcomes(target: Callable, world_size: int, tp_size: Optional[int] 
         while pending and time.monotonic() < deadline and not (failed and stop_on_first_error):
             for reader in wait(list(pending), timeout=max(0.0, deadline - time.monotonic())):
                 rank = pending.pop(reader)
+                outcomes[rank].ended_monotonic = time.monotonic()  # its report, or its end (EOF)
+                outcomes[rank].seconds = outcomes[rank].ended_monotonic - start
                 try:
                     status, payload = pickle.loads(reader.recv_bytes())
                 except EOFError:  # the rank died without reporting
@@ -124,7 +127,9 @@ def run_rank_outcomes(target: Callable, world_size: int, tp_size: Optional[int] 
                 outcomes[rank].exitcode = None
             else:
                 outcomes[rank].exitcode = proc.exitcode
-            outcomes[rank].seconds = time.monotonic() - start
+            if rank in pending.values():  # never reported nor ended before the deadline or the first error
+                outcomes[rank].ended_monotonic = time.monotonic()
+                outcomes[rank].seconds = outcomes[rank].ended_monotonic - start
             log_path = os.path.join(out_dir, f"rank{rank}.log")
             if os.path.exists(log_path):  # absent when the rank died before it started
                 with open(log_path, errors="replace") as log:
