@@ -101,9 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KCache: also time the CUDA-graph step (whole; under tensor parallelism also without "
                         "all-reduces) with the decode's writes of the new rows to the host pool sent to a device "
                         "buffer instead (timing only)")
-    p.add_argument("--defer-host-writes", action="store_true",
+    p.add_argument("--direct-host-writes", action="store_true",
                    help="KCache: also time the CUDA-graph step (whole; under tensor parallelism also without "
-                        "all-reduces) with KCacheKVCache.defer_decode_host_writes on")
+                        "all-reduces) with the decode's new rows stored into host memory by a kernel in each "
+                        "layer (KCacheKVCache.decode_stage off: the path before the staged copies)")
     p.add_argument("--trace-graphs", action="store_true",
                    help="also trace one replay of each CUDA-graph path per rank (benchmarks/kernel_gaps.py): the "
                         "GPU's idle time, and before each all-reduce kernel; with --out each rank's kernels go to "
@@ -182,10 +183,10 @@ HOST_WRITES_TO_DEVICE = "_host_writes_to_device"  # path-name suffix (`_host_wri
 
 
 def _host_writes_to_device(run, cache):
-    """`run` with the KCache decode's writes of the new rows to the host pool
-    (`KCacheKVCache._offload`) sent instead to a device pool of one block per sparse layer, by the
-    cache's own offload (its stream and events) (the rows overwrite each other: wrong host rows,
-    right timing otherwise), so that the step stores nothing to host memory."""
+    """`run` with the KCache decode storing its new rows by a kernel in each layer (`decode_stage`
+    off, as `_with_direct_host_writes`) into a device pool of one block per sparse layer instead of
+    the host pool, by the cache's own offload (its stream and events) (the rows overwrite each other:
+    wrong host rows, right timing otherwise), so that the step writes nothing to host memory."""
     scratch = [torch.zeros((1, *pool.shape[1:]), dtype=pool.dtype, device=cache.device) for pool in cache.host_rows]
 
     def offload(sparse, rows, slot_mapping):
@@ -202,23 +203,51 @@ def _host_writes_to_device(run, cache):
             return run(plan)
         finally:
             del cache._offload
-    return run_with_device_writes
+    return _with_direct_host_writes(run_with_device_writes, cache)
 
 
-DEFERRED_HOST_WRITES = "_deferred_host_writes"  # path-name suffix (`_with_deferred_host_writes`)
+DIRECT_HOST_WRITES = "_direct_host_writes"  # path-name suffix (`_with_direct_host_writes`)
 
 
-def _with_deferred_host_writes(run, cache):
-    """`run` with the KCache cache's `defer_decode_host_writes` on (the decode's host writes of the
-    new rows issued at the end of the forward, after the layers' all-reduces) for this call and
-    the capture it makes."""
-    def run_deferred(plan):
-        cache.defer_decode_host_writes = True
+def _with_direct_host_writes(run, cache):
+    """`run` with the KCache cache's decode storing its new rows into host memory by a kernel in
+    each layer (`decode_stage` off) for this call and the capture it makes."""
+    stage = cache.decode_stage
+
+    def run_direct(plan):
+        cache.decode_stage = None
         try:
             return run(plan)
         finally:
-            cache.defer_decode_host_writes = False
-    return run_deferred
+            cache.decode_stage = stage
+    return run_direct
+
+
+def _with_staged_row_copies(run, runner):
+    """`run`, then, where the KCache cache stages the decode's new rows (`DecodeRowsStage`), the
+    copies to the host pool of the chunks the step closes, joined into the step so that its time
+    counts them (in the engine they run beside the host's work between steps). Every sequence of
+    the plan is at one position, so each closes a chunk every C steps in turn: 1/C of the
+    sequences a step, as in a batch whose positions differ."""
+    turn = iter(range(1 << 62))
+
+    def run_and_copy(plan):
+        out = run(plan)
+        cache = runner.kv_cache
+        stage = getattr(cache, "decode_stage", None)
+        if stage is not None:
+            t, c = next(turn), stage.chunk_rows
+            copies = []
+            for i in range(plan.num_decodes):
+                if (i + t) % c == 0:
+                    slot, position = plan.hot_slots[i], plan.num_computed_tokens[i]
+                    first = position // c * c
+                    block = runner.block_table_rows.block(slot, position // stage.block_size)
+                    copies += stage.copies(slot, block, first, position + 1 - first)
+            cache.issue_staged_copies(copies)
+            cache.join_offload()
+        return out
+    return run_and_copy
 
 
 def _without_all_reduce(run):
@@ -306,8 +335,8 @@ def all_reduce_meeting(step_ms: dict, name: str) -> dict:
 def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
     """`all_reduce_overlap` of every pair profile_mode times: micro-batches against the whole step
     (eager and graphs), the two-shot all-reduce against NCCL's, both against the two-shot alone, and
-    the steps whose new rows go to a device buffer instead of host memory or to host memory at the
-    end of the forward against the whole step; and
+    the steps whose new rows go to a device buffer instead of host memory or to host memory by a
+    kernel in each layer against the whole step; and
     `all_reduce_meeting` of the graphs, whole and split."""
     m = micro_batches
     return {**all_reduce_meeting(step_ms, "cuda_graph"),
@@ -317,7 +346,7 @@ def all_reduce_overlaps(step_ms: dict, micro_batches: int) -> dict:
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph_two_shot"),
             **all_reduce_overlap(step_ms, "cuda_graph_two_shot", f"cuda_graph_{m}_micro_batches_two_shot"),
             **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + HOST_WRITES_TO_DEVICE),
-            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + DEFERRED_HOST_WRITES)}
+            **all_reduce_overlap(step_ms, "cuda_graph", "cuda_graph" + DIRECT_HOST_WRITES)}
 
 
 def graph_path(runner, micro_batches: int, own_graphs: bool):
@@ -332,7 +361,7 @@ def graph_path(runner, micro_batches: int, own_graphs: bool):
     def run(plan):
         tables = runner.block_table_rows.gather(plan.hot_slots)
         return runner.model.compute_logits(graphs.run(dataclasses.replace(plan, micro_batches=micro_batches), tables))
-    return run
+    return _with_staged_row_copies(run, runner)
 
 
 def trace_graph_paths(paths: dict, plan: StepPlan, dev: torch.device, before_step, args: argparse.Namespace,
@@ -377,7 +406,7 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
     runner.block_table_rows.write(plan)  # every path below reads the plan's block tables from the runner
     m = args.micro_batches
     tp = current_state().tp_size > 1
-    eager = runner._execute_eager
+    eager = _with_staged_row_copies(runner._execute_eager, runner)
     paths = {"eager": eager}
     if m > 1:
         paths[f"eager_{m}_micro_batches"] = lambda p: eager(dataclasses.replace(p, micro_batches=m))
@@ -397,9 +426,9 @@ def profile_mode(mode: str, batch: int, args: argparse.Namespace, model_dir: str
                 name = ("cuda_graph" if count == 1 else f"cuda_graph_{count}_micro_batches") + "_two_shot"
                 paths[name] = _with_two_shot(graph_path(runner, count, own_graphs=True), runner, m)
         host_write_variants = [(HOST_WRITES_TO_DEVICE, _host_writes_to_device, args.host_writes_to_device),
-                               (DEFERRED_HOST_WRITES, _with_deferred_host_writes, args.defer_host_writes)]
+                               (DIRECT_HOST_WRITES, _with_direct_host_writes, args.direct_host_writes)]
         for suffix, variant, wanted in host_write_variants:
-            if wanted and mode == "kcache":  # graphs of their own, the decode's host writes elsewhere or later
+            if wanted and mode == "kcache":  # graphs of their own, the decode's host writes elsewhere or direct
                 paths["cuda_graph" + suffix] = variant(graph_path(runner, 1, own_graphs=True), runner.kv_cache)
                 if tp:
                     paths["cuda_graph" + suffix + "_no_all_reduce"] = _without_all_reduce(

@@ -96,18 +96,24 @@ def test_graph_steps_between_prefill_chunks_equal_eager(tiny_llama_dir, mode):
 
 @cuda
 @pytest.mark.parametrize("micro_batches", [1, 3])
-def test_graphs_with_deferred_host_writes_equal_eager(tiny_llama_dir, micro_batches):
-    """`KCacheKVCache.defer_decode_host_writes`: the graphs issue the decode's host writes at the
-    end of the captured forward; the tokens and the far rows read are those of eager steps that
-    write them in their layers."""
-    eager_llm, eager = _generate(tiny_llama_dir, MODES["kcache"], enforce_eager=True)
-    llm = LLM(model=tiny_llama_dir, dtype="float32", device="cuda", kcache=MODES["kcache"], enforce_eager=False,
-              max_model_len=512, max_num_seqs=8, decode_micro_batches=micro_batches)
-    cache = llm.engine.runner.kv_cache
-    cache.defer_decode_host_writes = True
+@pytest.mark.parametrize("host_values", ["model", "fp8"])
+def test_staged_decode_rows_equal_direct_host_writes(tiny_llama_dir, micro_batches, host_values):
+    """`DecodeRowsStage` on CUDA (a window of 16: chunks of 8 copied by the copy engine after the
+    step that closes them): eager steps and graph replays give the tokens and read the far rows of
+    eager steps whose decode stores every new row into the host pool in its layer."""
+    kcache = KCacheConfig(mode="kcache", top_n=16, dense_layers=1, sink_tokens=2, recent_window=16,
+                          host_values=host_values)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
-    graphs = llm.generate(PROMPT_LIST, params)
-    assert llm.engine.runner.decode_graphs.num_captured >= 4
-    assert token_ids(graphs) == token_ids(eager)
-    assert cache.v_rows_fetched == eager_llm.engine.runner.kv_cache.v_rows_fetched > 0
-    assert cache._deferred_host_writes == []
+    results = {}
+    for name, eager, staged in (("direct", True, False), ("staged_eager", True, True), ("staged_graphs", False, True)):
+        llm = LLM(model=tiny_llama_dir, dtype="float32", device="cuda", kcache=kcache, enforce_eager=eager,
+                  max_model_len=512, max_num_seqs=8, decode_micro_batches=micro_batches)
+        cache = llm.engine.runner.kv_cache
+        assert cache.decode_stage.chunk_rows == 8
+        if not staged:
+            cache.decode_stage = None
+        results[name] = (token_ids(llm.generate(PROMPT_LIST, params)), cache.v_rows_fetched)
+        if not eager:
+            assert llm.engine.runner.decode_graphs.num_captured >= 4
+    assert results["staged_eager"] == results["staged_graphs"] == results["direct"]
+    assert results["direct"][1] > 0

@@ -131,29 +131,22 @@ def test_cpu_host_pool_is_said_once_to_be_unpinned(tiny_llama_dir, caplog):
 @pytest.mark.parametrize("engine_args", [{}, {"decode_micro_batches": 2},
                                          {"block_size": 8, "num_kv_blocks": 14, "max_model_len": 112,
                                           "max_num_batched_tokens": 7}], ids=["whole", "micro_batches", "preempted"])
-def test_deferred_decode_host_writes_give_the_same_tokens(tiny_llama_dir, engine_args):
-    """`KCacheKVCache.defer_decode_host_writes`: a decode step's writes of its new rows to the host
-    pool wait for the end of its forward (the rows are read from the recent window's device rows
-    meanwhile) and are issued every step, so a small budget that picks far rows written by decode
-    steps gives the same tokens, through micro-batches, chunked prefill and preemption. Without a
-    recent window nothing is deferred (the step reads its new row from the host pool)."""
-    for kcache in (KCacheConfig(mode="kcache", top_n=4, dense_layers=1, sink_tokens=2, recent_window=4),
-                   KCacheConfig(mode="kcache", top_n=4, dense_layers=1, sink_tokens=2, recent_window=0)):
-        reference = token_ids(LLM(device="cpu", model=tiny_llama_dir, kcache=kcache, **engine_args).generate(
-            PROMPTS, GREEDY_64))
-        llm = LLM(device="cpu", model=tiny_llama_dir, kcache=kcache, **engine_args)
-        cache = llm.engine.runner.kv_cache
-        cache.defer_decode_host_writes = True
-        deferred_per_call = []
-        issue = cache.issue_deferred_host_writes
-
-        def counting_issue():
-            deferred_per_call.append(len(cache._deferred_host_writes))
-            issue()
-        cache.issue_deferred_host_writes = counting_issue
-        assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == reference, kcache
-        assert cache.v_rows_fetched > 0 and cache._deferred_host_writes == []
-        if kcache.recent_window:  # every sparse layer (1 of 2) of a decode step, once per micro-batch
-            assert max(deferred_per_call) == engine_args.get("decode_micro_batches", 1)
-        else:
-            assert max(deferred_per_call) == 0
+def test_staged_decode_rows_give_the_tokens_of_direct_host_writes(tiny_llama_dir, engine_args):
+    """`DecodeRowsStage`: with a recent window of 16 a decode's new rows are staged and copied to
+    the host pool in chunks of 8 after the step that closes them; a small budget that picks far
+    rows written by decode steps gives the tokens of an engine whose decode stores every new row
+    straight into the host pool, through micro-batches, chunked prefill and preemption (without
+    the copies the tokens differ)."""
+    kcache = KCacheConfig(mode="kcache", top_n=4, dense_layers=1, sink_tokens=2, recent_window=16)
+    direct = LLM(device="cpu", model=tiny_llama_dir, kcache=kcache, **engine_args)
+    direct.engine.runner.kv_cache.decode_stage = None
+    reference = token_ids(direct.generate(PROMPTS, GREEDY_64))
+    llm = LLM(device="cpu", model=tiny_llama_dir, kcache=kcache, **engine_args)
+    stage = llm.engine.runner.kv_cache.decode_stage
+    assert stage.chunk_rows == 8
+    copies = []
+    issue = stage.issue
+    stage.issue = lambda batch, stream: copies.extend(batch) or issue(batch, stream)
+    assert token_ids(llm.generate(PROMPTS, GREEDY_64)) == reference
+    assert len(copies) >= len(PROMPTS) * 64 // 8 - len(PROMPTS)  # a chunk a sequence every 8 tokens
+    assert llm.engine.runner.kv_cache.v_rows_fetched > 0

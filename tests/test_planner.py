@@ -425,13 +425,14 @@ def test_agree_rejects_incomplete_or_mismatched_plans():
 @pytest.mark.parametrize("scoring_keys, row_cache_factor, host_values", [
     ("model", 0, "model"), ("model", 1.5, "model"), ("fp8", 0, "model"), ("fp8", 2, "model"), ("model", 0, "fp8"),
     ("model", 2, "fp8")])
+@pytest.mark.parametrize("recent_window", [5, 16])  # 16: staged decode rows where a chunk of 8 divides the block
 def test_geometry_matches_what_the_caches_allocate(kv_heads, block_size, num_blocks, scoring_keys, row_cache_factor,
-                                                   host_values):
+                                                   host_values, recent_window):
     """The planner's bytes equal the tensors the caches really allocate (small head_dim and layer
     counts keep the CPU allocation small; the arithmetic is the same)."""
     layers, dense, head_dim, num_seqs, max_len = 6, 2, 16, 3, 40
     config = EngineConfig(block_size=block_size, kcache=KCacheConfig(
-        mode="kcache", top_n=8, dense_layers=dense, sink_tokens=2, recent_window=5, scoring_keys=scoring_keys,
+        mode="kcache", top_n=8, dense_layers=dense, sink_tokens=2, recent_window=recent_window, scoring_keys=scoring_keys,
         row_cache_factor=row_cache_factor, host_values=host_values))
     geometry = CacheGeometry.from_engine_config(config, layers, kv_heads, head_dim, 4, max_model_len=max_len)
     kc = config.kcache
@@ -440,6 +441,7 @@ def test_geometry_matches_what_the_caches_allocate(kv_heads, block_size, num_blo
                           torch.device("cpu"), row_cache_rows=kc.row_cache_rows, max_model_len=max_len,
                           fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values)
     assert cache.device_bytes() == geometry.gpu_cache_bytes(num_blocks, num_seqs)
+    assert (cache.decode_stage is not None) == (recent_window == 16 and block_size == 16)
     assert cache.host_pool.num_bytes == geometry.host_pool_bytes(num_blocks)
     assert sum(t.numel() * t.element_size() for t in cache.host_rows) == \
         num_blocks * block_size * geometry.host_bytes_per_token
@@ -491,7 +493,9 @@ def test_inputs_from_engine_config_and_their_checks():
                           kcache=KCacheConfig(mode="kcache", dense_layers=3, sink_tokens=8, recent_window=64,
                                               row_cache_factor=0))
     geometry = CacheGeometry.from_engine_config(config, num_layers=32, num_kv_heads=4, head_dim=128, dtype_bytes=2)
-    assert geometry == CacheGeometry("kcache", 32, 3, 4, 128, 2, 256, 72)
+    # staged decode rows: two chunks of 32 (window 64), a row of 4 KV heads x 128 x 2 bytes
+    assert geometry == CacheGeometry("kcache", 32, 3, 4, 128, 2, 256, 72, stage_rows=64)
+    assert geometry.hot_gpu_bytes(0) == 29 * (72 + 64) * 1024  # the spare slot alone
     knobs = PlannerKnobs.from_engine_config(config, max_model_len=8192)
     assert knobs == PlannerKnobs(32, 8192, 0.8, 48, "rank", None, False)
     assert PlannerKnobs.from_engine_config(config, 8192, host_memory_per="node").host_memory_per == "node"

@@ -320,8 +320,10 @@ def test_profile_steps_with_host_writes_to_device(monkeypatch):
     class Cache:
         device = torch.device("cpu")
         host_rows = [torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8)]
+        decode_stage = "stage"
 
         def _offload(self, sparse, rows, slot_mapping):
+            assert self.decode_stage is None  # the decode stores its rows in each layer meanwhile
             stores.append(self.host_rows[sparse])
             profile_decode.store_rows(self.host_rows[sparse], rows, slot_mapping)
 
@@ -347,30 +349,57 @@ def test_profile_steps_with_host_writes_to_device(monkeypatch):
     with pytest.raises(RuntimeError, match="step failed"):
         run("fail")
     assert "_offload" not in vars(cache) and same_pools(cache.host_rows, host_pools)
+    assert cache.decode_stage == "stage"
+    cache.decode_stage = None
     step("plan")
     assert stores[-1] is host_pools[1] and host_pools[1].any()  # the cache's own offload writes the host pool again
 
 
-def test_profile_steps_with_deferred_host_writes():
-    """benchmarks/profile_decode.py --defer-host-writes: the cache defers the decode's host writes
-    for the step (and the capture it makes) only; off again afterwards, also when the step raises."""
+def test_profile_steps_with_direct_host_writes():
+    """benchmarks/profile_decode.py --direct-host-writes: the cache's decode stores its new rows in
+    each layer (no stage) for the step (and the capture it makes) only; the stage is back
+    afterwards, also when the step raises."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import profile_decode
 
-    cache = SimpleNamespace(defer_decode_host_writes=False)
+    cache = SimpleNamespace(decode_stage="stage")
     seen = []
 
     def step(plan):
-        seen.append(cache.defer_decode_host_writes)
+        seen.append(cache.decode_stage)
         if plan == "fail":
             raise RuntimeError("step failed")
         return plan
 
-    run = profile_decode._with_deferred_host_writes(step, cache)
-    assert run("plan") == "plan" and seen == [True] and cache.defer_decode_host_writes is False
+    run = profile_decode._with_direct_host_writes(step, cache)
+    assert run("plan") == "plan" and seen == [None] and cache.decode_stage == "stage"
     with pytest.raises(RuntimeError, match="step failed"):
         run("fail")
-    assert seen == [True, True] and cache.defer_decode_host_writes is False
+    assert seen == [None, None] and cache.decode_stage == "stage"
+
+
+def test_profile_steps_join_the_copies_of_one_chunk_in_c():
+    """benchmarks/profile_decode.py: after each step, the copies of the staged rows of the
+    sequences whose turn it is (every sequence at position 63, chunks of 4: sequence i at steps
+    t with (i + t) % 4 == 0, rows 60-63 of its block 3), issued and joined into the step; none
+    without a stage."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_decode
+
+    calls = []
+    stage = SimpleNamespace(chunk_rows=4, block_size=16,
+                            copies=lambda slot, block, first, rows: [(slot, block, first, rows)])
+    cache = SimpleNamespace(decode_stage=stage, issue_staged_copies=lambda copies: calls.append(("issue", copies)),
+                            join_offload=lambda: calls.append("join"))
+    runner = SimpleNamespace(kv_cache=cache, block_table_rows=SimpleNamespace(block=lambda slot, i: 100 * slot + i))
+    plan = SimpleNamespace(num_decodes=8, hot_slots=[10, 11, 12, 13, 14, 15, 16, 17], num_computed_tokens=[63] * 8)
+    run = profile_decode._with_staged_row_copies(lambda p: calls.append("step") or "logits", runner)
+    assert [run(plan) for _ in range(2)] == ["logits", "logits"]
+    assert calls == ["step", ("issue", [(10, 1003, 60, 4), (14, 1403, 60, 4)]), "join",
+                     "step", ("issue", [(13, 1303, 60, 4), (17, 1703, 60, 4)]), "join"]
+    cache.decode_stage = None
+    calls.clear()
+    assert run(plan) == "logits" and calls == ["step"]
 
 
 def test_profile_fills_float8_key_pools():

@@ -21,8 +21,8 @@ class FullKVCache:
     def join_offload(self) -> None:
         """Nothing to join: full-KV mode writes no host memory (KCacheKVCache.join_offload)."""
 
-    def issue_deferred_host_writes(self) -> None:
-        """Nothing deferred: full-KV mode writes no host memory."""
+    def copy_staged_rows(self, plan, block_of) -> None:
+        """Nothing staged: full-KV mode writes no host memory (KCacheKVCache.copy_staged_rows)."""
 
     def count_decode_fetch(self, seq_lens: list[int]) -> None:
         """Nothing to count: full-KV mode reads no V from host memory."""

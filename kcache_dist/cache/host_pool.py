@@ -96,6 +96,11 @@ class HostPool:
         self._offset = start + num_bytes
         return self._buffer[start:start + num_bytes].view(dtype).view(shape)
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The whole pool as a flat uint8 tensor: the tensors `take` hands out are views of it."""
+        return self._buffer
+
     @staticmethod
     def bytes_for(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
         """Buffer size that `take` needs for these shapes, alignment included."""

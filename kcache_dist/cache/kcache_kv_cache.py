@@ -7,6 +7,9 @@ A sparse layer keeps:
   v hot    [num_slots + 1, Hkv, sink + window, D] device: each running sequence's sink rows and a
                                               ring of its last `recent_window` rows (the last
                                               slot is spare: CUDA-graph padding rows write it)
+  stage     [num_slots + 1, Hkv, 2C', D]  device, with a recent window of 16 or more: each
+                                              sequence's last new rows on their way to the host
+                                              pool in chunks of C' (`DecodeRowsStage`)
   row cache [num_slots + 1, Hkv, C, D]    device, with `row_cache_rows` = C > 0 only: the far V rows
                                               each sequence picked most recently (`FarRowCache`),
                                               forgotten when a sequence starts (`start_sequences`)
@@ -35,8 +38,11 @@ group; the decode gathers the whole group's queries before picking and keeps its
 
 On CUDA, new V rows go to the host pool on a separate offload stream, ordered by events: the
 compute stream does not wait for the write, and a later read of that layer's host pool waits for
-it on the GPU (the decode's fetch, and the copy of a prefill chunk's earlier rows). A decode-only
-step makes no host synchronisation, so it can be captured in a CUDA graph: inside a capture the
+it on the GPU (the decode's fetch, and the copy of a prefill chunk's earlier rows). A prefill
+chunk's rows are stored by a kernel; with a recent window of at least 16 positions a decode's new
+rows are staged in device memory and copied in chunks by the copy engine after the step
+(`decode_rows_stage.py`: SM stores to host memory slowed tensor-parallel steps). A decode-only
+step makes no host synchronisation, so it can be captured in a CUDA graph: inside a capture an
 offload branch forks from the capture stream and `join_offload` joins it back before the capture
 ends; a replay is preceded by `join_offload` for earlier writes.
 """
@@ -44,7 +50,7 @@ ends; a replay is preceded by `join_offload` for earlier writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -55,6 +61,7 @@ from ..kcache.row_cache import FarRowCache
 from ..kcache.selection import SelectionSpec
 from ..layers.paged_attention import gather_context, prefill_attention
 from ..parallel import KVHeadReplicas
+from .decode_rows_stage import Copy3D, DecodeRowsStage, stage_chunk_rows
 from .full_kv_cache import dense_attend
 from .host_pool import HostPool
 from .planner import host_rows_per_position
@@ -100,18 +107,20 @@ class KCacheKVCache:
         self._far_rows_counted = 0  # without a row cache: far V rows the decode steps read (count_decode_fetch)
         self.offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._offload_done: list[Optional[_OffloadDone]] = [None] * num_sparse
-        # Decode-only steps with a recent window read their new rows from v_hot, so their host
-        # writes may wait for the end of the forward (`issue_deferred_host_writes`), after the
-        # layers' collectives: being measured (benchmarks/profile_decode.py --defer-host-writes).
-        self.defer_decode_host_writes = False
-        self._deferred_host_writes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._offload_forked_in_capture = False  # a write in the current capture forked the offload stream
+        chunk_rows = stage_chunk_rows(spec.recent_window, block_size)
+        self.decode_stage = (DecodeRowsStage(self.host_rows, self.host_pool.buffer, num_slots, chunk_rows, device)
+                             if chunk_rows and num_sparse else None)
         self.prefill_reads = PrefillHostReads(device)
 
     def device_bytes(self) -> int:
-        """Device memory of the cache's tensors (blocks, hot rows, row cache), as the planner counts it."""
+        """Device memory of the cache's tensors (blocks, hot rows, staged decode rows, row cache), as
+        the planner counts it."""
         tensors = [*self.k_caches, *self.k_scales, *self.v_scales, *self.dense_v_caches, *self.v_hot, *self.k_hot]
         if self.row_cache is not None:
             tensors += self.row_cache.tensors()
+        if self.decode_stage is not None:
+            tensors.append(self.decode_stage.stage)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -142,16 +151,21 @@ class KCacheKVCache:
             host_v, v_scale = quantize_rows(v)
             store_rows(self.v_scales[sparse][..., None], v_scale[..., None], ctx.slot_mapping)
         host_rows_new = torch.cat([k, v], dim=-1) if fp8 else host_v
-        if self.defer_decode_host_writes and ctx.decode_only and self.spec.recent_window:
-            self._deferred_host_writes.append((sparse, host_rows_new, ctx.slot_mapping))
-        else:
-            self._offload(sparse, host_rows_new, ctx.slot_mapping)
-        out = torch.empty_like(q)
         nd = ctx.num_decodes
+        staged = 0
+        if self.decode_stage is not None and nd:
+            # the stage's copies issued so far have read it before it is written again
+            self._wait_for_host_writes(earlier_writes, on_device=q.is_cuda)
+            staged = len(host_rows_new) if ctx.decode_only else nd  # with a graph's padding rows
+            self.decode_stage.store(sparse, host_rows_new[:staged], ctx.positions[:staged], ctx.hot_slots[:staged])
+        if staged < len(host_rows_new):
+            self._offload(sparse, host_rows_new[staged:], ctx.slot_mapping[staged:])
+        out = torch.empty_like(q)
         if nd:
-            # With a recent window the new row is read from v_hot, so only earlier writes must land first.
-            self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
-                                       on_device=q.is_cuda)
+            if not staged:  # (staged: waited for above)
+                # With a recent window the new row is read from v_hot, so only earlier writes must land first.
+                self._wait_for_host_writes(earlier_writes if self.spec.recent_window else self._offload_done[sparse],
+                                           on_device=q.is_cuda)
             replicas = self.kv_head_replicas  # a replicated KV head picks from its whole query group
             group_out = kcache_decode(replicas.whole_groups(q[:nd]), k_cache, host_rows, v_hot, ctx.block_tables[:nd],
                                       ctx.seq_lens[:nd], ctx.hot_slots[:nd], ctx.seq_lens_list[:nd],
@@ -207,26 +221,47 @@ class KCacheKVCache:
         cache: its misses, read from the device)."""
         return self._far_rows_counted if self.row_cache is None else int(self.row_cache.misses.sum())
 
-    def issue_deferred_host_writes(self) -> None:
-        """Issue the host writes that this forward's decode deferred (`defer_decode_host_writes`),
-        in layer order, as `attend` would have. The model runner calls it after each forward (and
-        `join_offload` first of all), so nothing stays deferred past its step."""
-        deferred, self._deferred_host_writes = self._deferred_host_writes, []
-        for sparse, rows, slot_mapping in deferred:
-            self._offload(sparse, rows, slot_mapping)
+    def copy_staged_rows(self, plan, block_of: Callable[[int, int], int]) -> None:
+        """After a step's forward (the model runner calls it, outside any CUDA graph): copy the
+        chunks of staged decode rows that the step closed to the host pool (`DecodeRowsStage`), on
+        the offload stream after the step's work; later reads of the host pool wait for them.
+        plan: the step's `StepPlan`; block_of(hot slot, i): block i of the table of the slot's sequence."""
+        if self.decode_stage is None:
+            return
+        copies = self.decode_stage.copies_after_step(plan.hot_slots, plan.num_computed_tokens,
+                                                     plan.num_new_tokens, plan.num_decodes, block_of)
+        self.issue_staged_copies(copies)
+
+    def issue_staged_copies(self, copies: list[Copy3D]) -> None:
+        """Run copies of staged decode rows to the host pool: on CUDA on the offload stream after
+        the work queued so far on the current stream, recorded as every sparse layer's last host
+        write (so later reads wait for them); elsewhere at once."""
+        if not copies:
+            return
+        if self.offload_stream is None:
+            self.decode_stage.issue(copies, None)
+            return
+        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.decode_stage.issue(copies, self.offload_stream)
+        done = _OffloadDone(torch.cuda.Event(), captured=False)
+        done.event.record(self.offload_stream)
+        self._offload_done = [done] * len(self._offload_done)
 
     def join_offload(self) -> None:
-        """The current stream waits, on the device, for every host write issued so far (deferred
-        ones issued first). Outside a capture, host-side reads then wait for the same point; inside
-        one, the capture's offload branch is joined back (a capture must end with every stream it
-        forked joined). The model runner calls it before capturing or replaying a decode graph and
-        at the end of a capture."""
-        self.issue_deferred_host_writes()
+        """The current stream waits, on the device, for every host write issued so far. Outside a
+        capture, host-side reads then wait for the same point; inside one, the capture's offload
+        branch, if its writes forked one, is joined back (a capture must end with every stream it
+        forked joined, and may not wait on work outside it). The model runner calls it before
+        capturing or replaying a decode graph and at the end of a capture."""
         if self.offload_stream is None:
+            return
+        capturing = _capturing_on(self.device)
+        forked, self._offload_forked_in_capture = self._offload_forked_in_capture, False
+        if capturing and not forked:
             return
         stream = torch.cuda.current_stream(self.device)
         stream.wait_stream(self.offload_stream)
-        done = _OffloadDone(torch.cuda.Event(), captured=_capturing_on(self.device))
+        done = _OffloadDone(torch.cuda.Event(), captured=capturing)
         done.event.record(stream)
         self._offload_done = [done] * len(self._offload_done)
 
@@ -237,6 +272,7 @@ class KCacheKVCache:
             store_rows(self.host_rows[sparse], rows, slot_mapping)
             return
         self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._offload_forked_in_capture |= _capturing_on(self.device)
         with torch.cuda.stream(self.offload_stream):
             store_rows(self.host_rows[sparse], rows, slot_mapping)
             done = _OffloadDone(torch.cuda.Event(), captured=_capturing_on(self.device))

@@ -13,6 +13,8 @@ layer's K or V on this rank's KV heads: num_kv_heads x head_dim x dtype_bytes):
                           (fixed; the extra slot takes the padding rows of CUDA-graph batches)
                         + with kcache.row_cache_factor: (max_num_seqs + 1) x the far-row cache of
                           one sequence slot (`far_row_cache_slot_bytes`)
+                        + staged decode rows: sparse layers x (max_num_seqs + 1) x 2 x the stage's
+                          chunk rows, as the host pool stores them (`decode_rows_stage.py`)
                   host: n x block_size x (num_layers - dense_layers) rows   (V of sparse layers; each
                         layer's view aligned to 4 KiB, as `HostPool.take` lays it out)
     kcache with   a sparse layer's K on the GPU is float8 plus a float32 scale per KV head
@@ -60,6 +62,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence, Union
+
+from .decode_rows_stage import stage_chunk_rows
 
 GIB = 1 << 30
 HOST_POOL_ALIGNMENT_BYTES = 4096  # HostPool.take starts each layer's view on a 4 KiB boundary
@@ -185,6 +189,8 @@ class CacheGeometry:
     dtype_bytes: bytes of one cache element (2 for bf16/fp16).
     hot_rows: V rows per (sequence, KV head, sparse layer) kept on the GPU: sink + recent window.
     row_cache_slot_bytes: GPU bytes of the far-row cache of one sequence slot (0: no row cache).
+    stage_rows: the decode's new rows staged on the GPU per (sequence slot, sparse layer), each
+    as the host pool stores it (`DecodeRowsStage`; 0: none).
     fp8_scoring_keys: kcache.scoring_keys="fp8" (module docstring).
     fp8_host_values: kcache.host_values="fp8": the sparse layers' V in host memory as float8 (one
     byte an element), with a float32 scale per (position, KV head) on the GPU.
@@ -199,6 +205,7 @@ class CacheGeometry:
     block_size: int
     hot_rows: int = 0
     row_cache_slot_bytes: int = 0
+    stage_rows: int = 0
     fp8_scoring_keys: bool = False
     fp8_host_values: bool = False
 
@@ -210,6 +217,7 @@ class CacheGeometry:
         _check_int("CacheGeometry.dense_layers", self.dense_layers, 0)
         _check_int("CacheGeometry.hot_rows", self.hot_rows, 0)
         _check_int("CacheGeometry.row_cache_slot_bytes", self.row_cache_slot_bytes, 0)
+        _check_int("CacheGeometry.stage_rows", self.stage_rows, 0)
         if self.mode == "kcache" and self.dense_layers > self.num_layers:
             raise ValueError(f"kcache.dense_layers={self.dense_layers} exceeds the model's {self.num_layers} layers")
 
@@ -229,6 +237,7 @@ class CacheGeometry:
         return cls(mode=kc.mode, num_layers=num_layers, dense_layers=kc.dense_layers, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, dtype_bytes=dtype_bytes, block_size=config.resolved_block_size,
                    hot_rows=kc.sink_tokens + kc.recent_window if kcache else 0, row_cache_slot_bytes=row_cache,
+                   stage_rows=2 * stage_chunk_rows(kc.recent_window, config.resolved_block_size) if kcache else 0,
                    fp8_scoring_keys=kc.fp8_scoring_keys, fp8_host_values=kc.fp8_host_values)
 
     @property
@@ -288,10 +297,10 @@ class CacheGeometry:
 
     def hot_gpu_bytes(self, max_num_seqs: int) -> int:
         """The GPU buffers kept per sequence slot: sink + window V rows (per sparse layer; with fp8
-        scoring keys their K too) and the far-row cache, one slot per running sequence and a spare
-        one (written by the padding rows of CUDA-graph batches)."""
-        return (max_num_seqs + 1) * (self.num_sparse_layers * self.hot_rows * self.host_rows_per_token
-                                     * self.row_bytes + self.row_cache_slot_bytes)
+        scoring keys their K too), the staged decode rows and the far-row cache, one slot per
+        running sequence and a spare one (written by the padding rows of CUDA-graph batches)."""
+        per_layer = self.hot_rows * self.host_rows_per_token * self.row_bytes + self.stage_rows * self.host_row_bytes
+        return (max_num_seqs + 1) * (self.num_sparse_layers * per_layer + self.row_cache_slot_bytes)
 
     def gpu_cache_bytes(self, num_blocks: int, max_num_seqs: int) -> int:
         """GPU bytes of `num_blocks` blocks plus the hot V rows."""

@@ -49,6 +49,10 @@ class BlockTableRows:
                 self._num_blocks[slot] = end
                 self._seq_ids[slot] = seq_id
 
+    def block(self, hot_slot: int, index: int) -> int:
+        """Block `index` of the table of the sequence in `hot_slot`."""
+        return int(self._rows[hot_slot, index])
+
     def gather(self, hot_slots: list[int]) -> np.ndarray:
         """The tables of the sequences in `hot_slots`, int32 [len(hot_slots), longest of them]
         padded with block 0 (a copy: later writes leave it as it is)."""

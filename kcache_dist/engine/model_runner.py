@@ -184,6 +184,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         else:
             logits = self._execute_eager(plan)
+        self.kv_cache.copy_staged_rows(plan, self.block_table_rows.block)
         self.kv_cache.count_decode_fetch([plan.num_computed_tokens[i] + 1 for i in range(plan.num_decodes)])
         return logits
 
@@ -194,9 +195,7 @@ class ModelRunner:
             return self._execute_micro_batches(plan.split(plan.micro_batches))
         input_ids, ctx, last_rows = self._prepare(plan)
         hidden = self.model(input_ids, ctx.positions, ctx)
-        logits = self.model.compute_logits(hidden[last_rows])
-        self.kv_cache.issue_deferred_host_writes()  # after the step's collectives
-        return logits
+        return self.model.compute_logits(hidden[last_rows])
 
     def _execute_micro_batches(self, parts: list[StepPlan]) -> torch.Tensor:
         """Run the plans `parts` (the micro-batches of one decode step) op by op, interleaved block
@@ -205,9 +204,7 @@ class ModelRunner:
         last = run_interleaved(self.model, [(ids, ctx) for ids, ctx, _ in prepared],
                                self.micro_batch_streams.get(len(parts)))
         hidden = torch.cat([h[rows] for h, (_, _, rows) in zip(last, prepared)])
-        logits = self.model.compute_logits(hidden)
-        self.kv_cache.issue_deferred_host_writes()  # after the step's collectives
-        return logits
+        return self.model.compute_logits(hidden)
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
         """(input ids [T], the forward context, rows [S] of the T new tokens whose logits are sampled)
