@@ -2,9 +2,10 @@
 
 A decode step makes one new V row (K | V with fp8 scoring keys) per (sequence, KV head, sparse
 layer). Stored into pinned host memory by a kernel (SM stores, as prefill chunks still are), those
-rows slowed the kernels and the all-reduces around them on tensor-parallel ranks (two H200s: the
-stores took up to 0.8 ms instead of 6 us, the K pass beside them up to 1.5 ms instead of 0.75;
-benchmarks/notes/multi_gpu.md), while on one GPU they cost nothing. A new row is read from the
+rows slowed the kernels and the all-reduces around them on tensor-parallel ranks (two H200s at
+8K: a step's longest store 0.5-1.1 ms instead of ~6 us, the K pass beside it up to 1.8 ms instead
+of 0.75, the step 62.7 ms against 60.3 with nothing written to host memory and 60.5 staged;
+benchmarks/results/decode_rows_stage_h200), while on one GPU they cost nothing. A new row is read from the
 recent window's device rows (`v_hot`) for `recent_window` steps, so its host copy can wait:
 
   stage [num_sparse, num_slots + 1, Hkv, 2C, W]   device, host dtype: each sequence slot's last
@@ -98,12 +99,16 @@ _driver: Optional[ctypes.CDLL] = None
 
 def copy_3d_cuda(copy: Copy3D, stream: torch.cuda.Stream) -> None:
     """`copy` from device memory to pinned host memory by the copy engine, on `stream` (the
-    driver's cuMemcpy3DAsync; the calling thread's current context is the device's, as torch's
-    own launches leave it)."""
+    driver's cuMemcpy3DAsync, in the calling thread's current context: the device's primary
+    context, which torch's runtime uses, made current first where the thread has none)."""
     global _driver
     if _driver is None:
         _driver = ctypes.CDLL("libcuda.so.1")
         _driver.cuMemcpy3DAsync_v2.argtypes = [ctypes.POINTER(_CudaMemcpy3D), ctypes.c_void_p]
+    context = ctypes.c_void_p()
+    if _driver.cuCtxGetCurrent(ctypes.byref(context)) == 0 and not context.value:
+        _driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), ctypes.c_int(stream.device.index))
+        _driver.cuCtxSetCurrent(context)
     params = _CudaMemcpy3D(
         srcXInBytes=copy.src_x_bytes, srcY=copy.src_y, srcMemoryType=_CU_MEMORYTYPE_DEVICE,
         srcDevice=copy.src_base, srcPitch=copy.src_pitch, srcHeight=copy.src_rows_per_slice,
