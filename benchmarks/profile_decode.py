@@ -30,6 +30,8 @@ are rank 0's; every rank times every path, and each rank's medians are listed
 (`per_rank_device_ms_median`): with the all-reduces every rank waits for the slowest, so a slow
 rank would pass for all-reduce cost.
 
+A KCache step whose decode stages its new rows (`cache/decode_rows_stage.py`) also issues the
+copies of the chunks it closes, 1/C of the sequences a step, joined into the timed step.
 The row cache's hit rate is over the timed steps. For the eager forward also the `torch.profiler`
 table of device time per kernel name (an op and the kernels it launches are both listed, so the
 shares overlap). Printed and written to --out. The batch is cut to what the plan's blocks hold
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import os
@@ -229,7 +232,7 @@ def _with_staged_row_copies(run, runner):
     counts them (in the engine they run beside the host's work between steps). Every sequence of
     the plan is at one position, so each closes a chunk every C steps in turn: 1/C of the
     sequences a step, as in a batch whose positions differ."""
-    turn = iter(range(1 << 62))
+    turn = itertools.count()
 
     def run_and_copy(plan):
         out = run(plan)
