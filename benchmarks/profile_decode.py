@@ -57,7 +57,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from kcache_dist.cache.store_rows import store_rows  # noqa: E402
 from kcache_dist.config import (HOST_VALUES, SCORING_KEYS, EngineConfig, KCacheConfig, ParallelConfig,  # noqa: E402
                                parse_host_memory_gb)
 from kcache_dist.engine.cuda_graphs import DecodeGraphs  # noqa: E402

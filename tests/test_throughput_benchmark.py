@@ -14,6 +14,7 @@ import torch
 
 from kcache_dist.cache.decode_traffic import DecodeStepBytes, decode_step_bytes
 from kcache_dist.cache.planner import CacheGeometry
+from kcache_dist.cache.store_rows import store_rows
 from kcache_dist.kcache.selection import SelectionSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,7 +326,7 @@ def test_profile_steps_with_host_writes_to_device(monkeypatch):
         def _offload(self, sparse, rows, slot_mapping):
             assert self.decode_stage is None  # the decode stores its rows in each layer meanwhile
             stores.append(self.host_rows[sparse])
-            profile_decode.store_rows(self.host_rows[sparse], rows, slot_mapping)
+            store_rows(self.host_rows[sparse], rows, slot_mapping)
 
     cache = Cache()
     host_pools = list(cache.host_rows)

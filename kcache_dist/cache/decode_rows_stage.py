@@ -195,8 +195,9 @@ class DecodeRowsStage:
     def issue(self, copies: list[Copy3D], stream: Optional[torch.cuda.Stream]) -> None:
         """Run the copies: on CUDA by the copy engine on `stream` (ordered after the step by the
         caller), else at once."""
+        stage_bytes = self.stage.view(-1).view(torch.uint8)
         for copy in copies:
             if stream is None:
-                copy_3d_reference(self.stage.view(-1).view(torch.uint8), self.host_buffer, copy)
+                copy_3d_reference(stage_bytes, self.host_buffer, copy)
             else:
                 copy_3d_cuda(copy, stream)

@@ -241,10 +241,7 @@ class KCacheKVCache:
         if self.offload_stream is None:
             self.decode_stage.issue(copies, None)
             return
-        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.decode_stage.issue(copies, self.offload_stream)
-        done = _OffloadDone(torch.cuda.Event(), captured=False)
-        done.event.record(self.offload_stream)
+        done = self._on_offload_stream(lambda: self.decode_stage.issue(copies, self.offload_stream))
         self._offload_done = [done] * len(self._offload_done)
 
     def join_offload(self) -> None:
@@ -271,15 +268,23 @@ class KCacheKVCache:
         if self.offload_stream is None:
             store_rows(self.host_rows[sparse], rows, slot_mapping)
             return
-        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
-        self._offload_forked_in_capture |= _capturing_on(self.device)
-        with torch.cuda.stream(self.offload_stream):
-            store_rows(self.host_rows[sparse], rows, slot_mapping)
-            done = _OffloadDone(torch.cuda.Event(), captured=_capturing_on(self.device))
-            done.event.record(self.offload_stream)
+        done = self._on_offload_stream(lambda: store_rows(self.host_rows[sparse], rows, slot_mapping))
         rows.record_stream(self.offload_stream)  # keep the rows' memory until the write has read them
         slot_mapping.record_stream(self.offload_stream)
         self._offload_done[sparse] = done
+
+    def _on_offload_stream(self, write: Callable[[], None]) -> "_OffloadDone":
+        """Run `write()` (a write of the host pool) on the offload stream after the work queued so
+        far on the current stream; the event after it (inside a capture, the fork is noted for
+        `join_offload`)."""
+        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        capturing = _capturing_on(self.device)
+        self._offload_forked_in_capture |= capturing
+        with torch.cuda.stream(self.offload_stream):
+            write()
+            done = _OffloadDone(torch.cuda.Event(), captured=capturing)
+            done.event.record(self.offload_stream)
+        return done
 
     def _wait_for_host_writes(self, done: Optional["_OffloadDone"], on_device: bool) -> None:
         """Order a read of the host pool after the write `done`: the current stream waits for it
