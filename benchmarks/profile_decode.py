@@ -82,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host-memory-gb", type=parse_host_memory_gb, default="auto",
                    help="per rank, or 'auto' (EngineConfig.host_memory_gb)")
     p.add_argument("--row-cache-factor", type=float, default=KCacheConfig().row_cache_factor,
-                   help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA; the steps repeat one "
-                        "position: after the first, every pick hits)")
+                   help="KCacheConfig.row_cache_factor (default: the engine's; on CUDA 2, from 16K tokens 4; the "
+                        "steps repeat one position: after the first, every pick hits)")
     p.add_argument("--row-cache-hit-rate", type=float, default=1.0,
                    help="with a row cache: before every step forget a random 1 - this share of its rows, so that "
                         "the step's repeated picks hit at about this rate (e.g. 0.89, the default model's rate at "

@@ -132,8 +132,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--group-reduce", default=kcache_defaults.group_reduce, choices=["max", "sum"])
     p.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=kcache_defaults.renormalize)
     p.add_argument("--row-cache-factor", type=float, default=kcache_defaults.row_cache_factor,
-                   help="KCacheConfig.row_cache_factor (default: the engine's, 2 on CUDA); with a row cache the "
-                   "roofline's PCIe bytes are its misses")
+                   help="KCacheConfig.row_cache_factor (default: the engine's; on CUDA 2, from a context of 16K "
+                   "tokens 4); with a row cache the roofline's PCIe bytes are its misses")
     p.add_argument("--scoring-keys", default=kcache_defaults.scoring_keys, choices=list(SCORING_KEYS),
                    help="KCacheConfig.scoring_keys")
     p.add_argument("--host-values", default=kcache_defaults.host_values, choices=list(HOST_VALUES),
@@ -339,6 +339,7 @@ def build_at_plan_max(args: argparse.Namespace, source: ModelSource, mode: str, 
     plan = engine.runner.cache_plan
     facts = {"mode": mode, "context": context, "max_batch": plan.num_full_length_seqs,
              "probe_upper_bound": upper, "max_num_seqs_refused": tried, "binding": plan.binding,
+             "row_cache_factor": engine.config.kcache.row_cache_factor if mode == "kcache" else 0.0,
              "num_blocks": plan.num_blocks, "block_size": plan.block_size,
              "gpu_cache_bytes": plan.gpu_cache_bytes, "hot_v_bytes": plan.hot_gpu_bytes,
              "host_v_pool_bytes": plan.host_pool_bytes, "gpu_bytes_per_token": plan.gpu_bytes_per_token,
@@ -872,7 +873,8 @@ def run(args: argparse.Namespace, scratch_dir: str) -> Optional[dict]:
                    or "cpu", "world_size": world_size, "tensor_parallel_size": tp, "launcher": launcher},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "plot_only")},  # no machine's paths
-        "kcache_config": dataclasses.asdict(kcache_knobs(args).for_device(device.type)),
+        # row_cache_factor None: the engine's default for the device and context, in each plan
+        "kcache_config": dataclasses.asdict(kcache_knobs(args)),
         "bandwidth": bandwidth,
         "plans": plans,
         "points": points,

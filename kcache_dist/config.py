@@ -37,8 +37,21 @@ ALL_REDUCES = ("nccl", "two_shot")  # ParallelConfig.all_reduce
 
 # The far-row cache by default on CUDA: 2 x top_n rows held 89% of a step's picks on the default
 # model at 8K; on one H100 at 8K it gave 803 against 684 tok/s even with random weights, whose
-# picks repeat least (README, Throughput).
+# picks repeat least (README, Throughput). From LONG_CONTEXT_TOKENS of max_model_len up, 4 x top_n
+# (96% held): its rows are a smaller share of a longer sequence's memory, and the fewer misses touch
+# fewer of the host pool's 64 KiB pieces, whose address translation sets the fetch's cost. One H200,
+# Llama-3-8B shape, decode steps at the plans' batches and these hit rates, tokens/s of 4 against 2:
+# 8K -3%, 16K +2.4%, 32K +8.4% (benchmarks/results/row_cache_factor_by_context_h200).
 GPU_ROW_CACHE_FACTOR = 2.0
+LONG_CONTEXT_ROW_CACHE_FACTOR = 4.0
+LONG_CONTEXT_TOKENS = 16384
+
+
+def default_row_cache_factor(device_type: str, max_model_len: int) -> float:
+    """`KCacheConfig.row_cache_factor` where it is None: 0 off CUDA, else by max_model_len."""
+    if device_type != "cuda":
+        return 0.0
+    return LONG_CONTEXT_ROW_CACHE_FACTOR if max_model_len >= LONG_CONTEXT_TOKENS else GPU_ROW_CACHE_FACTOR
 
 
 def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
@@ -86,8 +99,10 @@ class KCacheConfig:
     row_cache_factor: a factor f >= 1 keeps, per running sequence, sparse layer and KV head, the
     ceil(f * top_n) far V rows picked most recently in device memory and fetches only the picks it
     does not hold (`kcache/row_cache.py`; benchmarks/notes/selection_reuse.md has the hit rates it
-    was sized by); 0 fetches every step's far V rows from host memory; None (default) is
-    GPU_ROW_CACHE_FACTOR on CUDA and 0 on CPU, where host memory is the device's (`for_device`).
+    was sized by); 0 fetches every step's far V rows from host memory; None (default) is, on CUDA,
+    GPU_ROW_CACHE_FACTOR below a max_model_len of LONG_CONTEXT_TOKENS and
+    LONG_CONTEXT_ROW_CACHE_FACTOR from there up, and 0 on CPU, where host memory is the device's
+    (`for_device`).
     scoring_keys: the K that scores and picks the far positions of a sparse layer. "model" (default):
     K in the model's dtype in device memory. "fp8": K in device memory as float8 e4m3 with a float32
     scale per (position, KV head) (`kcache/fp8_keys.py`), used only to pick; the exact K lives beside
@@ -131,11 +146,12 @@ class KCacheConfig:
         """`host_rows_per_position` of this config's scoring keys."""
         return host_rows_per_position(self.fp8_scoring_keys)
 
-    def for_device(self, device_type: str) -> "KCacheConfig":
-        """This config with a row_cache_factor of None made the default of `device_type`."""
+    def for_device(self, device_type: str, max_model_len: int) -> "KCacheConfig":
+        """This config with a row_cache_factor of None made the default of `device_type` for
+        sequences of up to `max_model_len` tokens."""
         if self.row_cache_factor is not None:
             return self
-        return dataclasses.replace(self, row_cache_factor=GPU_ROW_CACHE_FACTOR if device_type == "cuda" else 0.0)
+        return dataclasses.replace(self, row_cache_factor=default_row_cache_factor(device_type, max_model_len))
 
     @property
     def row_cache_rows(self) -> int:

@@ -55,14 +55,40 @@ def test_llm_keywords_override_the_config_file(tiny_llama_dir, tmp_path):
     assert llm.engine.max_model_len == 80
 
 
-def test_row_cache_factor_defaults_by_device(tiny_llama_dir):
-    """None until the device is known: 2 x top_n on CUDA, none on CPU (host memory is the device's)."""
+def test_row_cache_factor_defaults_by_device_and_context(tiny_llama_dir):
+    """None until the device and max_model_len are known: on CUDA 2 x top_n below 16K tokens, 4 x
+    from there; none on CPU (host memory is the device's)."""
     default = KCacheConfig(mode="kcache")
     assert default.row_cache_factor is None
-    assert default.for_device("cuda").row_cache_factor == 2.0 and default.for_device("cpu").row_cache_factor == 0
+    assert default.for_device("cuda", 8192).row_cache_factor == 2.0
+    assert default.for_device("cuda", 16383).row_cache_factor == 2.0
+    assert default.for_device("cuda", 16384).row_cache_factor == 4.0
+    assert default.for_device("cuda", 131072).row_cache_factor == 4.0
+    assert default.for_device("cpu", 8192).row_cache_factor == 0
+    assert default.for_device("cpu", 32768).row_cache_factor == 0
     explicit = KCacheConfig(mode="kcache", row_cache_factor=1.5)
-    assert explicit.for_device("cuda") is explicit and explicit.for_device("cpu") is explicit
+    assert explicit.for_device("cuda", 32768) is explicit and explicit.for_device("cpu", 8192) is explicit
     with pytest.raises(ValueError, match=r"kcache.row_cache_factor is None until the device is known"):
         default.row_cache_rows
     llm = LLM(device="cpu", model=tiny_llama_dir, kcache=dataclasses.replace(default, dense_layers=1))
     assert llm.config.kcache.row_cache_factor == 0 and llm.engine.runner.kv_cache.row_cache is None
+
+
+def test_engine_picks_the_default_row_cache_factor_for_its_max_model_len(tiny_llama_dir, monkeypatch):
+    """The engine resolves a None row_cache_factor with its device and its resolved max_model_len
+    (given, or the model's max_position_embeddings)."""
+    import kcache_dist.config as config_module
+
+    asked = []
+
+    def factor_by_length(device_type, max_model_len):
+        asked.append((device_type, max_model_len))
+        return 1.5 if max_model_len >= 256 else 0.0
+
+    monkeypatch.setattr(config_module, "default_row_cache_factor", factor_by_length)
+    kcache = KCacheConfig(mode="kcache", dense_layers=1)
+    short = LLM(device="cpu", model=tiny_llama_dir, max_model_len=128, kcache=kcache)
+    assert short.config.kcache.row_cache_factor == 0 and short.engine.runner.kv_cache.row_cache is None
+    whole = LLM(device="cpu", model=tiny_llama_dir, kcache=kcache)  # the model's 512 positions
+    assert whole.config.kcache.row_cache_factor == 1.5 and whole.engine.runner.kv_cache.row_cache is not None
+    assert asked == [("cpu", 128), ("cpu", 512)]

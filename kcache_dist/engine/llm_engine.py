@@ -90,7 +90,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         """Joins the job's ranks first (layers read their tensor-parallel rank when built)."""
         device_type = resolve_device_type(config.device)
-        config = dataclasses.replace(config, kcache=config.kcache.for_device(device_type))
         tp = config.parallel.tensor_parallel_size
         self.parallel = init_parallel(tp, device_type=device_type, timeout_s=config.parallel.collective_timeout_s,
                                       allow_cross_node_tp=config.parallel.allow_cross_node_tp)
@@ -99,7 +98,6 @@ class LLMEngine:
                              "(launched by deepspeed, torchrun or mpirun); this process runs alone")
         self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" \
             else torch.device("cpu")
-        self.config = config
         if config.model is None:
             from ..default_model import default_model_dir
             model_dir = default_model_dir()
@@ -113,6 +111,8 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
+        config = dataclasses.replace(config, kcache=config.kcache.for_device(device_type, self.max_model_len))
+        self.config = config
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

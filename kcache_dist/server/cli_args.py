@@ -80,8 +80,8 @@ KCACHE_FLAGS = [
     ("--group-reduce", "group_reduce", str, "GQA selection from the " + " | ".join(GROUP_REDUCES)
      + " of the query heads' probabilities (default max)"),
     ("--row-cache-factor", "row_cache_factor", float, "keep the ceil(F x top_n) far V rows picked most recently "
-     "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default 2 on CUDA, "
-     "0 on CPU; 0: none)"),
+     "per sequence, sparse layer and KV head in device memory and fetch only the other picks (default on CUDA 2, "
+     "from --max-model-len 16384 up 4; 0 on CPU; 0: none)"),
     ("--scoring-keys", "scoring_keys", str, "K that picks the far positions: model (default) | fp8 (K in device "
      "memory as float8, the exact K beside V in host memory)"),
     ("--host-values", "host_values", str, "how host memory keeps the V of sparse layers: model (default) | fp8 "
