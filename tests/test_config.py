@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -74,9 +75,9 @@ def test_row_cache_factor_defaults_by_device_and_context(tiny_llama_dir):
     assert llm.config.kcache.row_cache_factor == 0 and llm.engine.runner.kv_cache.row_cache is None
 
 
-def test_engine_picks_the_default_row_cache_factor_for_its_max_model_len(tiny_llama_dir, monkeypatch):
+def test_engine_picks_the_default_row_cache_factor_for_its_max_model_len(tiny_llama_dir, monkeypatch, caplog):
     """The engine resolves a None row_cache_factor with its device and its resolved max_model_len
-    (given, or the model's max_position_embeddings)."""
+    (given, or the model's max_position_embeddings), and says which cache it took."""
     import kcache_dist.config as config_module
 
     asked = []
@@ -87,8 +88,12 @@ def test_engine_picks_the_default_row_cache_factor_for_its_max_model_len(tiny_ll
 
     monkeypatch.setattr(config_module, "default_row_cache_factor", factor_by_length)
     kcache = KCacheConfig(mode="kcache", dense_layers=1)
+    caplog.set_level("INFO", logger="kcache_dist.engine.llm_engine")
     short = LLM(device="cpu", model=tiny_llama_dir, max_model_len=128, kcache=kcache)
     assert short.config.kcache.row_cache_factor == 0 and short.engine.runner.kv_cache.row_cache is None
+    assert "far-row cache" not in caplog.text  # no cache, nothing to say
     whole = LLM(device="cpu", model=tiny_llama_dir, kcache=kcache)  # the model's 512 positions
     assert whole.config.kcache.row_cache_factor == 1.5 and whole.engine.runner.kv_cache.row_cache is not None
     assert asked == [("cpu", 128), ("cpu", 512)]
+    assert (f"far-row cache: 1.5 x top_n = {math.ceil(1.5 * kcache.top_n)} rows per sequence, sparse layer and KV "
+            "head (row_cache_factor None: the default on cpu for max_model_len=512)") in caplog.text

@@ -111,8 +111,12 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
-        config = dataclasses.replace(config, kcache=config.kcache.for_device(device_type, self.max_model_len))
-        self.config = config
+        kcache = config.kcache.for_device(device_type, self.max_model_len)
+        if kcache.mode == "kcache" and config.kcache.row_cache_factor is None and kcache.row_cache_factor:
+            logger.info("far-row cache: %g x top_n = %d rows per sequence, sparse layer and KV head (row_cache_factor "
+                        "None: the default on %s for max_model_len=%d)", kcache.row_cache_factor,
+                        kcache.row_cache_rows, device_type, self.max_model_len)
+        config = self.config = dataclasses.replace(config, kcache=kcache)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
