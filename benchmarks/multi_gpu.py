@@ -115,7 +115,23 @@ def _env(**extra: str) -> dict:
     return env
 
 
+def shown_command(cmd: list[str], out_dir: str) -> str:
+    """cmd as a result keeps it, with no machine's paths: the interpreter as `python`, paths under
+    out_dir relative to it, paths in the repository relative to its root, other absolute paths (a
+    temporary model directory) by their last component."""
+    def shown(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        for base in (os.path.abspath(out_dir), ROOT):
+            if arg.startswith(base + os.sep):
+                return os.path.relpath(arg, base)
+        return os.path.basename(arg) if os.path.isabs(arg) else arg
+
+    return " ".join(shown(arg) for arg in cmd)
+
+
 def _run(cmd: list[str], log_path: str, timeout_s: float, env: dict) -> dict:
+    """Run cmd (in the repository root, output to log_path, which lies in the results folder)."""
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, cwd=ROOT)
@@ -124,7 +140,8 @@ def _run(cmd: list[str], log_path: str, timeout_s: float, env: dict) -> dict:
     print(f"$ {' '.join(cmd)}\n  -> exit {proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
     if proc.returncode != 0:
         print(tail, flush=True)
-    return {"cmd": " ".join(cmd), "exit_code": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"cmd": shown_command(cmd, os.path.dirname(log_path)), "exit_code": proc.returncode,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> list:
@@ -173,7 +190,7 @@ def part_serve(args, model_dir: str, expected: dict) -> dict:
     log = open(log_path, "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
                               start_new_session=True)
-    result = {"cmd": " ".join(cmd)}
+    result = {"cmd": shown_command(cmd, args.out_dir)}
     try:
         base = f"http://127.0.0.1:{port}"
         result["start_s"] = round(wait_until_healthy(base, server, log_path, SERVE_START_TIMEOUT_S), 1)

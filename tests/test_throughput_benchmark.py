@@ -452,3 +452,18 @@ def test_multi_gpu_tp_scaling_from_result_files(tmp_path):
     assert rows[2, "kcache"]["over_tp1"] == pytest.approx(1.5) and rows[2, "kcache"]["setup_differs_from_tp1"] == []
     assert rows[4, "kcache"]["over_tp1"] is None
     assert rows[4, "kcache"]["setup_differs_from_tp1"] == ["device", "host_values"]
+
+
+def test_multi_gpu_keeps_commands_without_machine_paths(tmp_path):
+    """benchmarks/multi_gpu.py records each command it ran with the interpreter as `python`, paths
+    in the results folder and the repository relative to them, and a temporary model directory by
+    its name."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from multi_gpu import shown_command
+
+    out_dir = tmp_path / "results"
+    script = os.path.join(ROOT, "benchmarks", "throughput.py")
+    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", sys.executable, script, "--model", "/tmp/abc123/model",
+           "--contexts", "8192", "--out", str(out_dir / "throughput_tp2_8192.json")]
+    assert shown_command(cmd, str(out_dir)) == ("mpirun --allow-run-as-root -np 2 python benchmarks/throughput.py "
+                                                "--model model --contexts 8192 --out throughput_tp2_8192.json")
