@@ -40,8 +40,9 @@ ALL_REDUCES = ("nccl", "two_shot")  # ParallelConfig.all_reduce
 # picks repeat least (README, Throughput). From LONG_CONTEXT_TOKENS of max_model_len up, 4 x top_n
 # (96% held): its rows are a smaller share of a longer sequence's memory, and the fewer misses touch
 # fewer of the host pool's 64 KiB pieces, whose address translation sets the fetch's cost. One H200,
-# Llama-3-8B shape, decode steps at the plans' batches and these hit rates, tokens/s of 4 against 2:
-# 8K -3%, 16K +2.4%, 32K +8.4% (benchmarks/results/row_cache_factor_by_context_h200).
+# Llama-3-8B shape, fp8 host values, decode steps at the plans' batches and these hit rates, tokens/s
+# of 4 against 2: 8K -3%, 16K +2.4%, 32K +8.4% (benchmarks/results/row_cache_factor_by_context_h200;
+# model-dtype host values not measured there).
 GPU_ROW_CACHE_FACTOR = 2.0
 LONG_CONTEXT_ROW_CACHE_FACTOR = 4.0
 LONG_CONTEXT_TOKENS = 16384
